@@ -1,0 +1,1342 @@
+#!/usr/bin/env python3
+"""claude_proxy.py: an OpenAI-compatible Chat Completions server over the local `claude` CLI.
+
+Any OpenAI client (the openai SDKs, LangChain, Continue, Open WebUI, Aider, ...) pointed at
+http://127.0.0.1:8082/v1 talks to the Claude the `claude` CLI is logged into, with no API key.
+Standard library only, one file, Python 3.9+:
+
+    python3 claude_proxy.py            # then: base_url="http://127.0.0.1:8082/v1"
+    python3 claude_proxy.py --help     # every option, with its environment variable
+
+Each request runs one headless `claude -p` process: the conversation goes in on stdin as a
+stream-json message, the reply comes back as stream-json events and is translated into an
+OpenAI response or SSE stream. The model is offered none of the CLI's own tools.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import base64
+import binascii
+import collections
+import hmac
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+
+# Defaults ###################################################################################
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8082
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MODELS = ("sonnet", "opus", "haiku")
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # base64 images make bodies large
+# Used when a request has no system/developer message. Without --system-prompt-file the CLI
+# would use Claude Code's own agent prompt, which talks about tools the model is not given.
+DEFAULT_SYSTEM_PROMPT = "You are Claude, a helpful AI assistant made by Anthropic."
+# The CLI retries 429/529/5xx by itself for minutes; the proxy answers 429/529 at the first
+# retry notice, and bounds the others (5xx, network) to a few seconds of retrying.
+DEFAULT_CLI_MAX_RETRIES = "2"
+STOP_GRACE_SECONDS = 1.5  # SIGTERM, then SIGKILL after this long
+REQUEST_SOCKET_TIMEOUT = 120.0  # a client that stalls mid-request or mid-read for this long is dropped
+
+# CLI effort levels, and what OpenAI's reasoning_effort values mean in them.
+CLI_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+REASONING_EFFORT_TO_CLI = {
+    "none": "low", "minimal": "low", "low": "low", "medium": "medium",
+    "high": "high", "xhigh": "xhigh", "max": "max",
+}
+# A model name goes into argv: it must never look like a flag, nor carry shell metacharacters
+# (on Windows claude.cmd runs under cmd.exe, which interprets & | ^ % and quotes).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]-]{0,127}$")
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(;[^,;]*)*?);base64,", re.I)
+
+# Errors #####################################################################################
+
+
+class ProxyError(Exception):
+    """An error with its HTTP status and OpenAI error envelope; raised anywhere, sent once."""
+
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None,
+                 headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def invalid(message, param=None, code=None):
+    """A 400 for a request the client must change; the SDKs must not retry it."""
+    return ProxyError(400, message, "invalid_request_error", param, code,
+                      {"x-should-retry": "false"})
+
+
+def rate_limited(retry_after, message):
+    return ProxyError(429, message, "rate_limit_error", None, "rate_limit_exceeded",
+                      {"Retry-After": str(retry_after)})
+
+
+def overloaded(retry_after, message):
+    return ProxyError(503, message, "server_error", None, "overloaded",
+                      {"Retry-After": str(retry_after)})
+
+
+def not_logged_in(detail):
+    # Not the client's key: the operator must log the CLI in. Retrying cannot help.
+    return ProxyError(
+        503, "The claude CLI behind this proxy is not logged in or its credentials were "
+        "refused (%s). On the proxy's machine, run `claude` and log in, then retry." % detail,
+        "server_error", None, "cli_not_logged_in", {"x-should-retry": "false"})
+
+
+def cli_failed(message, code="cli_error"):
+    return ProxyError(502, message, "server_error", None, code)
+
+
+def timed_out(seconds):
+    return ProxyError(504, "The claude CLI did not finish within %g s (CLAUDE_TIMEOUT)." % seconds,
+                      "server_error", None, "timeout")
+
+
+def retry_after_seconds(delay_ms, default=1):
+    """Whole seconds for Retry-After from the CLI's retry delay: at least 1."""
+    try:
+        return max(1, int(-(-float(delay_ms) // 1000)))
+    except (TypeError, ValueError):
+        return default
+
+
+def retry_error(event):
+    """A `system/api_retry` event -> the ProxyError to answer at once, or None to let the CLI retry.
+
+    Rate limits, overload and refused credentials are answered at the first notice: the CLI's
+    own retry loop would otherwise hold the client for minutes (CLI-FACTS)."""
+    status = event.get("error_status")
+    delay = retry_after_seconds(event.get("retry_delay_ms"))
+    if status == 429:
+        return rate_limited(delay, "Claude's API is rate limiting this account; retry after %d s." % delay)
+    if status == 529:
+        return overloaded(delay, "Claude's API is overloaded; retry after %d s." % delay)
+    if status in (401, 403):
+        return not_logged_in("API answered %s: %s" % (status, event.get("error") or "authentication failed"))
+    return None
+
+
+def result_error(result):
+    """A `result` event -> the ProxyError it stands for, or None for a successful run."""
+    if not result.get("is_error") and result.get("subtype") in ("success", None):
+        return None
+    status = result.get("api_error_status")
+    detail = str(result.get("result") or result.get("subtype") or "unknown error")[:500]
+    if status == 429:
+        return rate_limited(5, "Claude's API is rate limiting this account: %s" % detail)
+    if status in (529, 503):
+        return overloaded(5, "Claude's API is overloaded: %s" % detail)
+    if status in (401, 403) or "/login" in detail or "Not logged in" in detail:
+        return not_logged_in(detail)
+    if status == 404:
+        return ProxyError(404, "Claude's API did not find that: %s" % detail,
+                          "invalid_request_error", "model", "model_not_found",
+                          {"x-should-retry": "false"})
+    if status in (400, 413, 422):
+        return invalid("Claude's API refused the request: %s" % detail, None, "upstream_rejected")
+    if status:
+        return cli_failed("Claude's API answered %s: %s" % (status, detail), "upstream_error")
+    return cli_failed("The claude CLI reported an error: %s" % detail)
+
+
+# OpenAI request #############################################################################
+
+
+def _require(condition, message, param, code=None):
+    if not condition:
+        raise invalid(message, param, code)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def image_block(url, param):
+    """An OpenAI image_url -> an Anthropic base64 image block. Only data: URLs: fetching an
+    http(s) URL on a client's behalf would let any client reach the proxy's network."""
+    _require(isinstance(url, str) and url, "image_url.url must be a non-empty string", param)
+    if re.match(r"^(https?|ftp|file):", url, re.I):
+        raise invalid("Image URLs are not fetched by this proxy (no server-side requests); "
+                      "send the image inline as a data:image/...;base64, URL.", param,
+                      "image_url_not_supported")
+    match = DATA_URL.match(url)
+    _require(match, "image_url.url must be a data:image/...;base64, URL", param, "invalid_image_url")
+    media_type = match.group("type").lower()
+    if media_type == "image/jpg":
+        media_type = "image/jpeg"
+    _require(media_type in IMAGE_MEDIA_TYPES,
+             "Unsupported image type %s; use one of %s" % (media_type, ", ".join(IMAGE_MEDIA_TYPES)),
+             param, "invalid_image_format")
+    data = url[match.end():].strip()
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("The image's base64 data does not decode", param, "invalid_image_url")
+    _require(data, "The image data is empty", param, "invalid_image_url")
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def content_blocks(content, param, images=True):
+    """A message's OpenAI content (string, list of parts, or None) -> Anthropic-style blocks."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _require(isinstance(content, list), "content must be a string or an array of content parts", param)
+    blocks = []
+    for j, part in enumerate(content):
+        where = "%s[%d]" % (param, j)
+        if isinstance(part, str):  # some clients send bare strings in the array
+            blocks.append({"type": "text", "text": part})
+            continue
+        _require(isinstance(part, dict), "each content part must be an object", where)
+        kind = part.get("type")
+        if kind in ("text", "input_text", "refusal"):
+            text = part.get("text", part.get("refusal"))
+            _require(isinstance(text, str), "a %s part needs a string `%s`" % (kind, "refusal" if kind == "refusal" else "text"), where + ".text")
+            blocks.append({"type": "text", "text": text})
+        elif kind == "image_url" and images:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            blocks.append(image_block(url, where + ".image_url.url"))
+        elif kind == "image_url":
+            raise invalid("Images are only accepted in user messages", where + ".type")
+        elif kind in ("input_audio", "file", "audio", "input_file", "video_url"):
+            raise invalid("Content parts of type %r are not supported by this proxy; send text "
+                          "or data: URL images" % kind, where + ".type", "unsupported_content_type")
+        else:
+            raise invalid("Unknown content part type %r" % (kind,), where + ".type")
+    return blocks
+
+
+def blocks_text(blocks):
+    return "".join(b["text"] for b in blocks if b["type"] == "text")
+
+
+def render_tool_calls(tool_calls, param):
+    """An assistant message's tool_calls -> the text the transcript shows for them."""
+    _require(isinstance(tool_calls, list), "tool_calls must be an array", param)
+    lines = []
+    for k, call in enumerate(tool_calls):
+        where = "%s[%d]" % (param, k)
+        _require(isinstance(call, dict), "each tool call must be an object", where)
+        function = call.get("function")
+        _require(isinstance(function, dict) and isinstance(function.get("name"), str),
+                 "a tool call needs function.name", where + ".function")
+        arguments = function.get("arguments")
+        _require(arguments is None or isinstance(arguments, str),
+                 "function.arguments must be a JSON string", where + ".function.arguments")
+        lines.append('<tool_call id="%s" name="%s">%s</tool_call>'
+                     % (call.get("id") or "", function["name"], arguments or "{}"))
+    return "\n".join(lines)
+
+
+def messages_to_prompt(messages):
+    """OpenAI messages -> (system prompt text or None, content blocks of the one CLI user message).
+
+    system/developer messages become the system prompt. A lone user message goes through as it
+    is; with history, the earlier turns are rendered as a tagged transcript, oldest first, and
+    the last user message follows it, so the model answers that one. Images stay where they
+    were, as image blocks between the transcript's text."""
+    _require(isinstance(messages, list) and messages, "`messages` must be a non-empty array",
+             "messages")
+    system_parts, turns = [], []  # turns: (role, blocks, attributes)
+    for i, message in enumerate(messages):
+        param = "messages[%d]" % i
+        _require(isinstance(message, dict), "each message must be an object", param)
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            text = blocks_text(content_blocks(content, param + ".content", images=False))
+            if text.strip():
+                system_parts.append(text)
+        elif role == "user":
+            _require(content is not None, "a user message needs content", param + ".content")
+            turns.append(("user", content_blocks(content, param + ".content"), ""))
+        elif role == "assistant":
+            blocks = content_blocks(content, param + ".content", images=False)
+            if message.get("tool_calls"):
+                calls = render_tool_calls(message["tool_calls"], param + ".tool_calls")
+                blocks.append({"type": "text", "text": ("\n" if blocks_text(blocks) else "") + calls})
+            elif message.get("function_call"):
+                call = message["function_call"]
+                blocks.append({"type": "text", "text": render_tool_calls(
+                    [{"id": "", "function": call}], param + ".function_call")})
+            _require(content is not None or len(blocks), "an assistant message needs content or tool_calls",
+                     param + ".content")
+            turns.append(("assistant", blocks, ""))
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            _require(isinstance(call_id, str) and call_id, "a tool message needs `tool_call_id`",
+                     param + ".tool_call_id")
+            blocks = content_blocks(content, param + ".content", images=False)
+            turns.append(("tool", blocks, ' tool_call_id="%s"' % call_id))
+        elif role == "function":
+            name = message.get("name")
+            _require(isinstance(name, str) and name, "a function message needs `name`", param + ".name")
+            blocks = content_blocks(content, param + ".content", images=False)
+            turns.append(("tool", blocks, ' name="%s"' % name))
+        else:
+            raise invalid("Unknown role %r: use system, developer, user, assistant or tool" % (role,),
+                          param + ".role")
+    system_prompt = "\n\n".join(system_parts) or None
+    _require(turns, "`messages` needs at least one user message", "messages")
+    if len(turns) == 1 and turns[0][0] == "user":
+        final = [b for b in turns[0][1] if b["type"] != "text" or b["text"]]
+        _require(final, "the user message is empty", "messages[%d].content" % (len(messages) - 1))
+        return system_prompt, final
+    if turns[-1][0] == "user":
+        history, final = turns[:-1], [b for b in turns[-1][1] if b["type"] != "text" or b["text"]]
+        ask = "Reply as the assistant to the user's latest message, which follows."
+    else:
+        history, final = turns, []
+        ask = ("Continue the conversation as the assistant: reply to the last turn above"
+               + (", using the tool results." if turns[-1][0] == "tool" else "."))
+    blocks = [{"type": "text", "text": "The conversation so far, oldest turn first:\n\n<conversation>\n"}]
+    for role, turn_blocks, attributes in history:
+        blocks.append({"type": "text", "text": "<%s%s>\n" % (role, attributes)})
+        blocks.extend(turn_blocks)
+        blocks.append({"type": "text", "text": "\n</%s>\n" % role})
+    blocks.append({"type": "text", "text": "</conversation>\n\n" + ask})
+    # The last user message stays blocks of its own, after the transcript.
+    return system_prompt, merge_text_blocks(blocks) + final
+
+
+def merge_text_blocks(blocks):
+    """Adjacent text blocks joined into one; empty text blocks dropped (the API refuses them)."""
+    merged = []
+    for block in blocks:
+        if block["type"] == "text":
+            if not block["text"]:
+                continue
+            if merged and merged[-1]["type"] == "text":
+                merged[-1] = {"type": "text", "text": merged[-1]["text"] + block["text"]}
+                continue
+        merged.append(block)
+    return merged
+
+
+def parse_chat_request(body, default_model=None, default_effort=None):
+    """A Chat Completions request body -> the plan for one CLI run (a dict), or a 400.
+
+    Fields that would silently change the answer if ignored are refused; sampling knobs the
+    CLI cannot set (temperature, top_p, seed, penalties, ...) are accepted and ignored."""
+    _require(isinstance(body, dict), "The request body must be a JSON object", None)
+    if "messages" not in body and ("input" in body or "instructions" in body):
+        raise invalid("This is the Chat Completions endpoint, and the body looks like a Responses "
+                      "API request (`input`). Send `messages` instead.", "input", "unsupported_api")
+    if "messages" not in body and "prompt" in body:
+        raise invalid("This is the Chat Completions endpoint, and the body looks like a legacy "
+                      "Completions request (`prompt`). Send `messages` instead.", "prompt",
+                      "unsupported_api")
+    _require("messages" in body, "Missing required parameter: `messages`", "messages")
+    system_prompt, content = messages_to_prompt(body["messages"])
+
+    model = body.get("model")
+    if model is None or model == "":
+        model = default_model
+    else:
+        _require(isinstance(model, str) and MODEL_NAME.match(model),
+                 "Invalid model name %r" % (model,), "model", "model_not_found")
+
+    stream = body.get("stream", False)
+    _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
+    stream_options = body.get("stream_options") or {}
+    _require(isinstance(stream_options, dict), "`stream_options` must be an object", "stream_options")
+    include_usage = bool(stream) and stream_options.get("include_usage") is True
+
+    n = body.get("n")
+    _require(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
+             "`n` must be a positive integer", "n")
+    _require(n in (None, 1), "Only n=1 is supported: the CLI gives one reply per run", "n")
+    _require(not body.get("logprobs"), "logprobs are not available through the claude CLI", "logprobs")
+    _require(not body.get("top_logprobs"), "logprobs are not available through the claude CLI",
+             "top_logprobs")
+    modalities = body.get("modalities")
+    _require(not (isinstance(modalities, list) and "audio" in modalities) and not body.get("audio"),
+             "Audio output is not supported", "modalities")
+
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        effort = default_effort
+    else:
+        _require(effort in REASONING_EFFORT_TO_CLI, "`reasoning_effort` must be one of %s"
+                 % ", ".join(REASONING_EFFORT_TO_CLI), "reasoning_effort")
+        effort = REASONING_EFFORT_TO_CLI[effort]
+
+    max_tokens = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is not None:
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     "`%s` must be a positive integer" % name, name)
+            max_tokens = value if max_tokens is None else min(max_tokens, value)
+
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    _require(isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4,
+             "`stop` must be a string or an array of at most 4 strings", "stop")
+    stop = [s for s in stop if s]
+
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        _require(body.get(name) is None or _is_number(body[name]), "`%s` must be a number" % name, name)
+
+    for name in ("tools", "functions"):
+        _require(not body.get(name), "Function calling is not supported yet", name)
+    response_format = body.get("response_format")
+    _require(response_format is None or (isinstance(response_format, dict)
+             and response_format.get("type") in (None, "text")),
+             "Only response_format {\"type\": \"text\"} is supported yet", "response_format")
+
+    return {
+        "model": model,
+        "effort": effort,
+        "system_prompt": system_prompt,
+        "content": content,
+        "stream": bool(stream),
+        "include_usage": include_usage,
+        "max_tokens": max_tokens,
+        "stop": stop,
+    }
+
+
+# CLI run: argv, stdin, process ##############################################################
+
+
+def cli_argv(claude_path, plan, system_prompt_path):
+    """The argv of one run: headless, stream-json both ways, no built-in tools, no MCP servers
+    but ours, nothing persisted. Nothing from the prompt is ever in argv (`ps` shows argv, and
+    argv fails past ~128 KiB): the system prompt is a file, the conversation goes on stdin."""
+    argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+            "--verbose", "--include-partial-messages", "--no-session-persistence",
+            "--tools", "", "--strict-mcp-config", "--system-prompt-file", system_prompt_path]
+    if plan.get("model"):
+        argv += ["--model", plan["model"]]
+    if plan.get("effort"):
+        argv += ["--effort", plan["effort"]]
+    return argv
+
+
+def cli_env(base_env, plan):
+    """The child's environment: the proxy's own, minus what would stop or distract the CLI."""
+    env = dict(base_env)
+    # The CLI refuses to start "nested" inside another Claude Code session.
+    for name in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"):
+        env.pop(name, None)
+    # One request, one model call: no title-generation side call, telemetry or update check.
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
+    if plan.get("max_tokens"):
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
+    return env
+
+
+def cli_stdin(plan):
+    """The stream-json user message that carries the whole conversation."""
+    message = {"type": "user", "message": {"role": "user", "content": plan["content"]}}
+    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def find_claude(configured=None):
+    """The CLI's path: CLAUDE_PATH if given, else `claude` on PATH (shutil.which also finds
+    claude.cmd / claude.exe on Windows through PATHEXT). None when there is none."""
+    if configured:
+        return shutil.which(configured) or (configured if os.path.isfile(configured) else None)
+    return shutil.which("claude")
+
+
+def cli_version(claude_path, timeout=15.0):
+    """`claude --version`, or None when it cannot be run."""
+    if not claude_path:
+        return None
+    try:
+        done = subprocess.run([claude_path, "--version"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=timeout, env=cli_env(os.environ, {}))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = done.stdout.decode("utf-8", "replace").strip()
+    return text.splitlines()[0] if done.returncode == 0 and text else None
+
+
+class CliRun:
+    """One `claude -p` process: started in a private empty directory and its own process group,
+    fed one message, read event by event, and stopped (the whole group) whatever happens."""
+
+    def __init__(self, runner, argv, env, workdir, stdin_bytes, timeout):
+        self.runner = runner
+        self.workdir = workdir
+        self.timeout = timeout
+        self.cancelled = None  # why it was stopped early: "client_gone", "timeout", "shutdown", ...
+        self.garbage_lines = 0
+        self.stderr_tail = collections.deque(maxlen=40)
+        self.returncode = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True  # its own process group: stop it and its children
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, cwd=workdir, env=env, **kwargs)
+        self._timer = threading.Timer(timeout, self.cancel, ("timeout",))
+        self._timer.daemon = True
+        self._timer.start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        # Written from a thread: a large message must not deadlock against a CLI that writes
+        # its first events before it has read all of stdin.
+        threading.Thread(target=self._write_stdin, args=(stdin_bytes,), daemon=True).start()
+
+    def _write_stdin(self, data):
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass  # the CLI exited early; its stdout and exit status tell why
+
+    def _read_stderr(self):
+        for raw in iter(self.proc.stderr.readline, b""):
+            self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+
+    def events(self):
+        """Each JSON object the CLI prints, in order, until it exits or is stopped."""
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                yield event
+            else:
+                self.garbage_lines += 1
+                if self.garbage_lines <= 3:
+                    log("cli printed a line that is not a JSON event: %r" % line[:200])
+
+    def cancel(self, reason):
+        """Stop the run early, remembering why (first reason wins)."""
+        with self._lock:
+            if self.cancelled is None and not self._stopped:
+                self.cancelled = reason
+        self.stop()
+
+    def stop(self):
+        """Stop the process group: TERM, then KILL after a short grace. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._timer.cancel()
+        if self.proc.poll() is None:
+            signal_group(self.proc, hard=False)
+            try:
+                self.proc.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                signal_group(self.proc, hard=True)
+                self.proc.wait()
+        elif os.name != "nt":
+            # The CLI itself exited; anything it left behind in its group goes too.
+            signal_group(self.proc, hard=True)
+        self.returncode = self.proc.returncode
+        for stream in (self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.runner.forget(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def signal_group(proc, hard):
+    """TERM (or KILL) a run's whole process group; on Windows, its whole process tree."""
+    try:
+        if os.name == "nt":
+            if hard:
+                subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            else:
+                proc.terminate()
+        else:
+            os.killpg(proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
+    except (OSError, subprocess.SubprocessError):
+        pass  # already gone
+
+
+class CliRunner:
+    """Owns every CLI process the proxy starts: starts runs, and stops them all at shutdown."""
+
+    def __init__(self, claude_path, timeout=DEFAULT_TIMEOUT, env=None, log_prompts=False):
+        self.claude_path = claude_path
+        self.timeout = timeout
+        self.env = dict(os.environ if env is None else env)
+        self.log_prompts = log_prompts
+        self._runs = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, plan):
+        """Start a run for a parsed request; raises a 502 ProxyError if the CLI cannot start."""
+        if not self.claude_path:
+            raise cli_failed("The claude CLI was not found: install Claude Code, or set CLAUDE_PATH "
+                             "to its full path.", "cli_not_found")
+        workdir = tempfile.mkdtemp(prefix="claude-proxy-")  # 0700: private to this user
+        prompt_path = os.path.join(workdir, "system-prompt.txt")
+        with open(prompt_path, "w", encoding="utf-8") as f:
+            f.write(plan.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
+        stdin_bytes = cli_stdin(plan)
+        if self.log_prompts:
+            log("prompt: system=%r user=%s" % (plan.get("system_prompt"), stdin_bytes[:4000].decode("utf-8", "replace")))
+        try:
+            with self._lock:
+                if self._closed:
+                    raise overloaded(5, "The proxy is shutting down.")
+                run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path),
+                             cli_env(self.env, plan), workdir, stdin_bytes, self.timeout)
+                self._runs.add(run)
+        except OSError as e:
+            shutil.rmtree(workdir, ignore_errors=True)
+            log("cannot start the claude CLI at %s: %s" % (self.claude_path, e))
+            raise cli_failed("The claude CLI could not be started (%s); check CLAUDE_PATH."
+                             % e.strerror, "cli_not_found")
+        except ProxyError:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return run
+
+    def forget(self, run):
+        with self._lock:
+            self._runs.discard(run)
+
+    def active(self):
+        with self._lock:
+            return len(self._runs)
+
+    def stop_all(self):
+        """At shutdown: refuse new runs, stop every running one."""
+        with self._lock:
+            self._closed = True
+            runs = list(self._runs)
+        for run in runs:
+            run.cancel("shutdown")
+
+
+# CLI events #################################################################################
+
+
+def usage_from_cli(usage):
+    """Anthropic usage (as the CLI reports it) -> OpenAI usage. Cache reads and writes are
+    prompt tokens too; reads are reported as cached_tokens."""
+    usage = usage or {}
+    def count(name):
+        value = usage.get(name)
+        return value if isinstance(value, int) else 0
+    cached = count("cache_read_input_tokens")
+    prompt = count("input_tokens") + count("cache_creation_input_tokens") + cached
+    completion = count("output_tokens")
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def held_back(text, stops):
+    """How many characters at the end of `text` could be the start of a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class ReplyTranslator:
+    """CLI stream-json events -> OpenAI deltas, plus how the reply finished.
+
+    Pure state, no IO: feed() takes one event and returns the deltas it yields
+    ({"content": ...} or {"reasoning_content": ...}). After `done`, look at `error`,
+    `finish_reason`, `usage`, `model`."""
+
+    def __init__(self, stop=()):
+        self.stop = list(stop)
+        self.done = False
+        self.error = None
+        self.finish_reason = None
+        self.usage = None
+        self.model = None
+        self.result = None
+        self.stop_hit = False
+        self._pending = ""  # content held back while it may be the start of a stop sequence
+        self._text_sent = False
+        self._stream_usage = {}
+        self._stop_reason = None
+
+    def feed(self, event):
+        if self.done:
+            return []
+        kind = event.get("type")
+        if kind == "system":
+            return self._system(event)
+        if kind == "stream_event":
+            return self._stream_event(event.get("event") or {})
+        if kind == "result":
+            return self._result(event)
+        return []  # "assistant"/"user" repeat what the stream events already carried
+
+    def _system(self, event):
+        subtype = event.get("subtype")
+        if subtype == "init" and isinstance(event.get("model"), str):
+            self.model = event["model"]
+        elif subtype == "api_retry":
+            error = retry_error(event)
+            if error:
+                self.error, self.done = error, True
+        return []
+
+    def _stream_event(self, event):
+        kind = event.get("type")
+        if kind == "message_start":
+            usage = (event.get("message") or {}).get("usage") or {}
+            self._stream_usage.update(usage)
+        elif kind == "message_delta":
+            self._stream_usage.update(event.get("usage") or {})
+            reason = (event.get("delta") or {}).get("stop_reason")
+            if reason:
+                self._stop_reason = reason
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta" and delta.get("text"):
+                return self._content(delta["text"])
+            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                return [{"reasoning_content": delta["thinking"]}]
+        elif kind == "content_block_stop":
+            return self._flush()
+        return []
+
+    def _content(self, text):
+        if not self.stop:
+            self._text_sent = True
+            return [{"content": text}]
+        self._pending += text
+        cuts = [self._pending.find(s) for s in self.stop if s in self._pending]
+        if cuts:
+            before = self._pending[:min(cuts)]
+            self._pending = ""
+            self.stop_hit, self.finish_reason, self.done = True, "stop", True
+            self.usage = usage_from_cli(self._stream_usage)
+            return self._emit(before)
+        keep = held_back(self._pending, self.stop)
+        ready = self._pending[:len(self._pending) - keep]
+        self._pending = self._pending[len(ready):]
+        return self._emit(ready)
+
+    def _emit(self, text):
+        if not text:
+            return []
+        self._text_sent = True
+        return [{"content": text}]
+
+    def _flush(self):
+        text, self._pending = self._pending, ""
+        return self._emit(text)
+
+    def _result(self, event):
+        self.result = event
+        self.done = True
+        deltas = self._flush()
+        self.usage = usage_from_cli(event.get("usage") or self._stream_usage)
+        stop_reason = event.get("stop_reason") or self._stop_reason
+        if stop_reason == "max_tokens":
+            # The CLI may call hitting the output limit an error; for OpenAI it is "length".
+            self.finish_reason = "length"
+            return deltas
+        self.error = result_error(event)
+        if self.error:
+            return deltas
+        if not self._text_sent and isinstance(event.get("result"), str) and event["result"]:
+            # No partial-message events (an older CLI?): the result text is the whole reply.
+            deltas += self._content(event["result"]) if not self.stop_hit else []
+            deltas += self._flush()
+        self.finish_reason = self.finish_reason or "stop"
+        return deltas
+
+
+def run_failure(run, translator):
+    """Why a run that ended without a usable result failed, as a ProxyError."""
+    if run.cancelled == "timeout":
+        return timed_out(run.timeout)
+    if run.cancelled == "shutdown":
+        return overloaded(5, "The proxy is shutting down; the run was stopped.")
+    tail = " | ".join(list(run.stderr_tail)[-5:])
+    log("claude CLI ended without a result (exit %s, %d unreadable lines); stderr: %s"
+        % (run.returncode, run.garbage_lines, tail or "(empty)"))
+    if run.garbage_lines:
+        return cli_failed("The claude CLI printed output the proxy could not read (exit status %s)."
+                          % run.returncode, "cli_bad_output")
+    return cli_failed("The claude CLI exited (status %s) without a reply; the proxy's log has its "
+                      "error output." % run.returncode, "cli_crashed")
+
+
+# OpenAI response and SSE ####################################################################
+
+
+def completion_chunk(completion_id, created, model, delta, finish_reason=None, usage=False):
+    """One chat.completion.chunk. `usage=False` leaves the key out; None writes null."""
+    chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+             "model": model, "system_fingerprint": None,
+             "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                          "finish_reason": finish_reason}]}
+    if usage is not False:
+        chunk["usage"] = usage
+    return chunk
+
+
+def usage_chunk(completion_id, created, model, usage):
+    """The last chunk under stream_options.include_usage: no choices, just usage."""
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": None, "choices": [], "usage": usage}
+
+
+def chat_completion(completion_id, created, model, message, finish_reason, usage):
+    """The non-streaming response."""
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def merge_delta(message, delta):
+    """Fold one delta into an accumulating assistant message (the non-streaming path)."""
+    for key in ("content", "reasoning_content"):
+        if key in delta:
+            message[key] = (message.get(key) or "") + delta[key]
+    return message
+
+
+def sse_event(obj):
+    """One SSE event, exactly `data: <one-line JSON>\\n\\n`: no event:, id: or retry: lines,
+    which older openai SDKs mangle."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class StreamWriter:
+    """Writes one streamed completion: headers and the role chunk at the first delta (so that
+    errors before any output are still real HTTP statuses), then chunks, finish, usage, [DONE]."""
+
+    def __init__(self, handler, completion_id, created, model, include_usage):
+        self.handler = handler
+        self.id, self.created, self.model = completion_id, created, model
+        self.include_usage = include_usage
+        self.started = False
+
+    def _chunk(self, delta, finish_reason=None):
+        return completion_chunk(self.id, self.created, self.model, delta, finish_reason,
+                                None if self.include_usage else False)
+
+    def _write(self, data):
+        self.handler.wfile.write(data)
+        self.handler.wfile.flush()
+
+    def begin(self):
+        if self.started:
+            return
+        self.started = True
+        self.handler.send_response(200)
+        self.handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.handler.send_header("Cache-Control", "no-cache")
+        self.handler.send_header("X-Accel-Buffering", "no")
+        self.handler.send_header("Connection", "close")
+        self.handler.end_headers()
+        # openai-python concatenates `role` strings: send it exactly once.
+        self._write(sse_event(self._chunk({"role": "assistant", "content": ""})))
+
+    def delta(self, delta):
+        self.begin()
+        self._write(sse_event(self._chunk(delta)))
+
+    def finish(self, finish_reason, usage):
+        self.begin()
+        data = sse_event(self._chunk({}, finish_reason))
+        if self.include_usage:
+            data += sse_event(usage_chunk(self.id, self.created, self.model, usage))
+        self._write(data + SSE_DONE)
+
+    def fail(self, error):
+        """After the headers went out, an error is one `data: {"error": ...}` event, then the end."""
+        if not self.started:
+            raise error
+        self._write(sse_event(error.body()))
+
+
+class MessageCollector:
+    """The non-streaming counterpart of StreamWriter: gathers deltas into one message."""
+
+    def __init__(self, handler, completion_id, created, model):
+        self.handler = handler
+        self.id, self.created, self.model = completion_id, created, model
+        self.message = {"role": "assistant", "content": None}
+
+    def delta(self, delta):
+        merge_delta(self.message, delta)
+
+    def finish(self, finish_reason, usage):
+        if self.message["content"] is None:
+            self.message["content"] = ""
+        self.handler.send_json(200, chat_completion(self.id, self.created, self.model,
+                                                    self.message, finish_reason, usage))
+
+    def fail(self, error):
+        raise error
+
+
+# HTTP handler ###############################################################################
+
+
+_log_lock = threading.Lock()
+
+
+def log(message):
+    with _log_lock:
+        sys.stderr.write("%s claude-proxy: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), message))
+        sys.stderr.flush()
+
+
+def model_entry(model_id, created):
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "anthropic"}
+
+
+class ClientWatch:
+    """While a run is going, notice a client that hangs up (even when nothing is being written
+    to it: a non-streaming request, or a long silence) and stop the run at once."""
+
+    def __init__(self, sock, run):
+        self.sock, self.run = sock, run
+        # A socket pair wakes the watcher the moment the request is over (select() on Windows
+        # takes only sockets, so not a pipe).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._wake_w.send(b"x")
+        self._thread.join()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _watch(self):
+        try:
+            readable, _, _ = select.select([self.sock, self._wake_r], [], [])
+            if self._wake_r in readable:
+                return
+            if self.sock.recv(1, socket.MSG_PEEK) == b"":
+                self.run.cancel("client_gone")
+            # Data instead (a pipelined request?) is not a hang-up: stop watching.
+        except (OSError, ValueError):
+            self.run.cancel("client_gone")
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """Routes requests; every error leaves as an OpenAI error envelope, never an HTML page."""
+
+    server_version = "claude-proxy/" + __version__
+    # HTTP/1.0: one response per connection, so a stream ends when the connection closes and
+    # no Content-Length or chunked framing is needed for SSE.
+    protocol_version = "HTTP/1.0"
+    timeout = REQUEST_SOCKET_TIMEOUT
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self.dispatch("OPTIONS")
+
+    def route(self, method, path):
+        """(allowed methods, handler function) for a path, or None."""
+        path = path.split("?", 1)[0].rstrip("/") or "/"
+        if path in ("/v1/chat/completions", "/chat/completions"):
+            return ("POST",), self.chat_completions
+        if path in ("/v1/models", "/models"):
+            return ("GET",), self.list_models
+        if path.startswith(("/v1/models/", "/models/")):
+            model_id = path.split("/models/", 1)[1]
+            return ("GET",), lambda: self.get_model(model_id)
+        if path == "/health":
+            return ("GET",), self.health
+        return None
+
+    def dispatch(self, method):
+        self.started = time.monotonic()
+        self.log_model, self.log_usage, self.status = "-", None, None
+        try:
+            route = self.route(method, self.path)
+            if route is None:
+                raise ProxyError(404, "No route %s %s; the API is under /v1 (POST "
+                                 "/v1/chat/completions, GET /v1/models)." % (method, self.path.split("?")[0]),
+                                 "invalid_request_error", None, "not_found")
+            allowed, handler = route
+            if method == "OPTIONS":
+                return self.send_empty(204, {"Allow": ", ".join(allowed + ("OPTIONS",))})
+            if method not in allowed:
+                raise ProxyError(405, "Method %s is not allowed here; use %s." % (method, " or ".join(allowed)),
+                                 "invalid_request_error", None, "method_not_allowed",
+                                 {"Allow": ", ".join(allowed)})
+            handler()
+        except ProxyError as error:
+            self.send_error_body(error)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.status = self.status or 499  # the client left
+            self.close_connection = True
+        except Exception:
+            log("internal error on %s %s:\n%s" % (method, self.path, traceback.format_exc()))
+            self.send_error_body(ProxyError(500, "Internal proxy error; see the proxy's log.",
+                                            "server_error", None, "internal_error"))
+        finally:
+            self.log_access(method)
+
+    # --- responses
+
+    def send_json(self, status, obj, headers=None):
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_empty(self, status, headers):
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def send_error_body(self, error):
+        if self.status is not None:  # headers already sent: nothing more can be said
+            return
+        try:
+            self.send_json(error.status, error.body(), error.headers)
+        except OSError:
+            pass
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own errors (bad request line, header too long, ...) as JSON envelopes."""
+        self.started = getattr(self, "started", time.monotonic())
+        self.log_model, self.log_usage, self.status = "-", None, None
+        self.close_connection = True
+        self.send_error_body(ProxyError(code, message or "Bad request", "invalid_request_error"))
+
+    def send_response(self, code, message=None):
+        self.status = code
+        super().send_response(code, message)
+
+    def log_message(self, format, *args):
+        pass  # one access-log line per request instead, from log_access
+
+    def log_access(self, method):
+        usage = self.log_usage or {}
+        tokens = "%s+%s" % (usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
+        log('%s %s %s %s model=%s tokens=%s %.0fms' % (
+            self.client_address[0], method, self.path.split("?")[0], self.status or "-",
+            self.log_model, tokens, (time.monotonic() - self.started) * 1000))
+
+    # --- request bodies
+
+    def read_body(self):
+        limit = self.server.config.max_body
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self.read_chunked(limit)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ProxyError(411, "A Content-Length header is required", "invalid_request_error",
+                             None, "length_required")
+        try:
+            length = int(length)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            raise invalid("Content-Length is not a valid number", None, "invalid_content_length")
+        if length > limit:
+            self.close_connection = True
+            raise ProxyError(413, "The request body is %d bytes; this proxy accepts at most %d "
+                             "(CLAUDE_MAX_BODY)." % (length, limit), "invalid_request_error", None,
+                             "request_too_large")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise invalid("The request body ended early", None, "incomplete_body")
+        return body
+
+    def read_chunked(self, limit):
+        parts, size = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                chunk = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise invalid("Malformed chunked request body", None, "invalid_body")
+            if chunk == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            size += chunk
+            if size > limit:
+                self.close_connection = True
+                raise ProxyError(413, "The request body is over %d bytes (CLAUDE_MAX_BODY)." % limit,
+                                 "invalid_request_error", None, "request_too_large")
+            parts.append(self.rfile.read(chunk))
+            self.rfile.readline(1024)
+
+    def read_json(self):
+        raw = self.read_body()
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise invalid("The request body is not valid JSON: %s" % str(e)[:200], None, "invalid_json")
+
+    # --- endpoints
+
+    def health(self):
+        config = self.server.config
+        self.send_json(200 if config.claude_path else 503, {
+            "status": "ok" if config.claude_path else "cli_not_found",
+            "version": __version__,
+            "cli": {"path": config.claude_path, "found": bool(config.claude_path),
+                    "version": config.claude_version},
+            "default_model": config.model,
+            "default_effort": config.effort,
+            "active_runs": self.server.runner.active(),
+        })
+
+    def list_models(self):
+        config = self.server.config
+        self.send_json(200, {"object": "list",
+                             "data": [model_entry(m, config.started) for m in config.models]})
+
+    def get_model(self, model_id):
+        config = self.server.config
+        if model_id not in config.models and model_id != config.model:
+            raise ProxyError(404, "The model %r does not exist; GET /v1/models lists them." % model_id,
+                             "invalid_request_error", "model", "model_not_found")
+        self.send_json(200, model_entry(model_id, config.started))
+
+    def chat_completions(self):
+        config = self.server.config
+        plan = parse_chat_request(self.read_json(), config.model, config.effort)
+        completion_id = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        translator = ReplyTranslator(plan["stop"])
+        self.log_model = plan["model"] or "default"
+        if plan["stream"]:
+            sink = StreamWriter(self, completion_id, created, plan["model"], plan["include_usage"])
+        else:
+            sink = MessageCollector(self, completion_id, created, plan["model"])
+        with self.server.runner.start(plan) as run, ClientWatch(self.connection, run):
+            for event in run.events():
+                deltas = translator.feed(event)
+                # The init event comes first and names the model the CLI really runs: the
+                # response says that one when the request named none.
+                sink.model = plan["model"] or translator.model or "claude"
+                for delta in deltas:
+                    sink.delta(delta)
+                if translator.done:
+                    break
+        # The run is stopped by now, whatever happened.
+        if not translator.done:
+            if run.cancelled == "client_gone":
+                raise BrokenPipeError  # nobody is left to answer
+            translator.error = run_failure(run, translator)
+        if translator.error:
+            log("request failed: %s %s" % (translator.error.status, translator.error.message))
+            sink.fail(translator.error)
+            return
+        self.log_usage = translator.usage
+        sink.finish(translator.finish_reason, translator.usage)
+
+
+# Main #######################################################################################
+
+
+class Config:
+    """What the server needs to know, from flags and environment."""
+
+    def __init__(self, claude_path=None, model=None, effort=None, timeout=DEFAULT_TIMEOUT,
+                 models=DEFAULT_MODELS, max_body=DEFAULT_MAX_BODY, log_prompts=False,
+                 claude_version=None):
+        self.claude_path = claude_path
+        self.model = model or None
+        self.effort = effort or None
+        self.timeout = timeout
+        self.models = list(models)
+        if self.model and self.model not in self.models:
+            self.models.insert(0, self.model)
+        self.max_body = max_body
+        self.log_prompts = log_prompts
+        self.claude_version = claude_version
+        self.started = int(time.time())
+
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, config, runner=None):
+        self.config = config
+        self.runner = runner or CliRunner(config.claude_path, config.timeout,
+                                          log_prompts=config.log_prompts)
+        super().__init__(address, ProxyHandler)
+
+    def stop(self):
+        """Stop serving, stop every CLI run, close the socket. Call from another thread than
+        serve_forever's."""
+        self.shutdown()
+        self.runner.stop_all()
+        self.server_close()
+
+
+def env_default(name, fallback):
+    return os.environ.get(name) or fallback
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="claude_proxy.py",
+        description="An OpenAI-compatible API server over the local claude CLI.")
+    add = parser.add_argument
+    add("--host", default=env_default("HOST", DEFAULT_HOST),
+        help="Default: %s (env HOST). Address to bind; keep it loopback." % DEFAULT_HOST)
+    add("--port", type=int, default=int(env_default("PORT", DEFAULT_PORT)),
+        help="Default: %d (env PORT). 0 picks a free port." % DEFAULT_PORT)
+    add("--claude-path", default=env_default("CLAUDE_PATH", None),
+        help="Default: `claude` found on PATH (env CLAUDE_PATH).")
+    add("--model", default=env_default("CLAUDE_MODEL", None),
+        help="Default: the CLI's own default (env CLAUDE_MODEL). Used when a request names none.")
+    add("--effort", default=env_default("CLAUDE_EFFORT", None), choices=CLI_EFFORTS,
+        help="Default: the CLI's own (env CLAUDE_EFFORT). Used when a request has no reasoning_effort.")
+    add("--timeout", type=float, default=float(env_default("CLAUDE_TIMEOUT", DEFAULT_TIMEOUT)),
+        help="Default: %g (env CLAUDE_TIMEOUT). Seconds one CLI run may take; then 504." % DEFAULT_TIMEOUT)
+    add("--models", default=env_default("CLAUDE_MODELS", ",".join(DEFAULT_MODELS)),
+        help="Default: %s (env CLAUDE_MODELS). What GET /v1/models lists." % ",".join(DEFAULT_MODELS))
+    add("--max-body", type=int, default=int(env_default("CLAUDE_MAX_BODY", DEFAULT_MAX_BODY)),
+        help="Default: %d (env CLAUDE_MAX_BODY). Largest request body in bytes; larger is 413."
+        % DEFAULT_MAX_BODY)
+    add("--log-prompts", action="store_true",
+        default=env_default("CLAUDE_PROXY_LOG_PROMPTS", "") not in ("", "0", "false", "no"),
+        help="Default: off (env CLAUDE_PROXY_LOG_PROMPTS=1). Log each prompt to stderr.")
+    add("--version", action="version", version="claude_proxy.py " + __version__)
+    args = parser.parse_args(argv)
+    if args.model and not MODEL_NAME.match(args.model):
+        parser.error("invalid --model / CLAUDE_MODEL %r" % args.model)
+    return args
+
+
+def client_snippet(url):
+    return ('  from openai import OpenAI\n'
+            '  client = OpenAI(base_url="%s", api_key="not-needed")\n'
+            '  print(client.chat.completions.create(model="sonnet",\n'
+            '        messages=[{"role": "user", "content": "Hello"}]).choices[0].message.content)'
+            % url)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    claude_path = find_claude(args.claude_path)
+    version = cli_version(claude_path)
+    config = Config(claude_path, args.model, args.effort, args.timeout,
+                    [m.strip() for m in args.models.split(",") if m.strip()], args.max_body,
+                    args.log_prompts, version)
+    try:
+        server = ProxyServer((args.host, args.port), config)
+    except OSError as e:
+        sys.stderr.write("claude_proxy.py: cannot listen on %s:%s: %s\n" % (args.host, args.port, e))
+        return 1
+    host, port = server.server_address[:2]
+    url = "http://%s:%d/v1" % (host if ":" not in host else "[%s]" % host, port)
+    if claude_path:
+        log("claude CLI: %s (%s)" % (claude_path, version or "version unknown: `claude --version` failed"))
+    else:
+        log("WARNING: no claude CLI found (set CLAUDE_PATH); requests will fail with 502")
+    log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs)"
+        % (url, config.model or "CLI default", config.timeout))
+    sys.stderr.write("Point any OpenAI client at it, e.g.:\n%s\n" % client_snippet(url))
+    sys.stderr.flush()
+
+    def on_signal(signum, frame):
+        log("signal %d: shutting down" % signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.serve_forever()
+    finally:
+        server.runner.stop_all()
+        server.server_close()
+    log("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
