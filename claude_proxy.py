@@ -19,6 +19,7 @@ import argparse
 import base64
 import binascii
 import collections
+import hashlib
 import hmac
 import json
 import os
@@ -63,6 +64,17 @@ REASONING_EFFORT_TO_CLI = {
 # (on Windows claude.cmd runs under cmd.exe, which interprets & | ^ % and quotes).
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]-]{0,127}$")
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+# The client's functions reach the model through an MCP server of this same file, named
+# MCP_SERVER: the CLI calls them mcp__fn__<name>. The API caps a tool name at 64 characters.
+MCP_SERVER = "fn"
+MCP_PREFIX = "mcp__%s__" % MCP_SERVER
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+API_TOOL_NAME_MAX = 64
+# The CLI's own tool for --json-schema: its input is the structured output.
+STRUCTURED_OUTPUT_TOOL = "StructuredOutput"
+# Turns the CLI may take when it must produce structured output and no client tool is offered:
+# if the model answers in prose, the CLI asks again for the StructuredOutput call.
+STRUCTURED_OUTPUT_MAX_TURNS = 3
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(;[^,;]*)*?);base64,", re.I)
 
 # Errors #####################################################################################
@@ -319,6 +331,10 @@ def messages_to_prompt(messages):
         history, final = turns, []
         ask = ("Continue the conversation as the assistant: reply to the last turn above"
                + (", using the tool results." if turns[-1][0] == "tool" else "."))
+    if any(role == "tool" for role, _, _ in history) or any(
+            "<tool_call " in blocks_text(b) for role, b, _ in history if role == "assistant"):
+        ask += (" Earlier tool calls and their results are shown above as <tool_call> and <tool> "
+                "elements; to call a tool now, use the tools you are given, not such text.")
     blocks = [{"type": "text", "text": "The conversation so far, oldest turn first:\n\n<conversation>\n"}]
     for role, turn_blocks, attributes in history:
         blocks.append({"type": "text", "text": "<%s%s>\n" % (role, attributes)})
@@ -341,6 +357,107 @@ def merge_text_blocks(blocks):
                 continue
         merged.append(block)
     return merged
+
+
+def mcp_tool_name(name):
+    """The name the MCP server gives a client function: the same, unless mcp__fn__<name> would
+    pass the API's 64-character limit; then a shortened name with a hash keeps it unique."""
+    if len(MCP_PREFIX) + len(name) <= API_TOOL_NAME_MAX:
+        return name
+    room = API_TOOL_NAME_MAX - len(MCP_PREFIX) - 9
+    return "%s_%s" % (name[:room], hashlib.sha1(name.encode("utf-8")).hexdigest()[:8])
+
+
+def parse_function(function, param):
+    """One OpenAI function definition -> {name, mcp_name, description, input_schema}."""
+    _require(isinstance(function, dict), "a function definition must be an object", param)
+    name = function.get("name")
+    _require(isinstance(name, str) and TOOL_NAME.match(name),
+             "function names must match ^[a-zA-Z0-9_-]{1,64}$", param + ".name", "invalid_function_name")
+    description = function.get("description")
+    _require(description is None or isinstance(description, str), "description must be a string",
+             param + ".description")
+    schema = function.get("parameters")
+    if schema is None:
+        schema = {"type": "object", "properties": {}}
+    _require(isinstance(schema, dict) and schema.get("type", "object") == "object",
+             "parameters must be a JSON Schema object with \"type\": \"object\"", param + ".parameters")
+    schema = dict(schema, type="object")
+    return {"name": name, "mcp_name": mcp_tool_name(name), "description": description or "",
+            "input_schema": schema}
+
+
+def parse_tools(body):
+    """tools / tool_choice / parallel_tool_calls (or legacy functions / function_call) ->
+    (the functions to offer, the instruction for the system prompt, whether one call at most)."""
+    tools, choice, param = body.get("tools"), body.get("tool_choice"), "tools"
+    if tools is None and body.get("functions") is not None:
+        # Legacy function calling maps onto tools one to one.
+        tools = [{"type": "function", "function": f} for f in body["functions"]] \
+            if isinstance(body["functions"], list) else body["functions"]
+        choice, param = body.get("function_call"), "functions"
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": choice}
+    if tools is None or tools == []:
+        _require(choice in (None, "none", "auto"), "tool_choice needs tools", "tool_choice")
+        return [], None, False
+    _require(isinstance(tools, list), "`%s` must be an array" % param, param)
+    functions = []
+    for i, tool in enumerate(tools):
+        where = "%s[%d]" % (param, i)
+        _require(isinstance(tool, dict), "each tool must be an object", where)
+        _require(tool.get("type", "function") == "function",
+                 "Only tools of type \"function\" are supported, not %r" % (tool.get("type"),),
+                 where + ".type", "unsupported_tool_type")
+        functions.append(parse_function(tool.get("function"), where + ".function"))
+    names = [f["name"] for f in functions]
+    _require(len(set(names)) == len(names), "function names must be unique", param)
+
+    single = body.get("parallel_tool_calls") is False
+    choice_param = "tool_choice" if param == "tools" else "function_call"
+    if choice in (None, "auto"):
+        instruction = None
+    elif choice == "none":
+        return [], None, False  # nothing offered: the model can only answer in text
+    elif choice in ("required", "any"):
+        instruction = "You must answer by calling %s of the tools you are given." % (
+            "exactly one" if single else "one or more")
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        wanted = choice["function"].get("name")
+        _require(wanted in names, "tool_choice names a function that is not in `%s`" % param,
+                 choice_param)
+        functions = [f for f in functions if f["name"] == wanted]
+        instruction = "You must answer by calling the tool %s%s." % (MCP_PREFIX, functions[0]["mcp_name"])
+    else:
+        raise invalid("tool_choice must be \"none\", \"auto\", \"required\" or "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}", choice_param)
+    if single:
+        instruction = ((instruction + " ") if instruction else "") + "Call at most one tool in this reply."
+    return functions, instruction, single
+
+
+def parse_response_format(response_format):
+    """response_format -> the JSON schema the CLI must fill (--json-schema), or None for text."""
+    if response_format is None:
+        return None
+    _require(isinstance(response_format, dict), "response_format must be an object", "response_format")
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    _require(kind == "json_schema", "response_format.type must be text, json_object or json_schema",
+             "response_format.type")
+    spec = response_format.get("json_schema")
+    _require(isinstance(spec, dict), "response_format.json_schema must be an object",
+             "response_format.json_schema")
+    schema = spec.get("schema")
+    # The CLI silently drops a schema it cannot use (CLI-FACTS), which would turn a JSON answer
+    # into prose; and its StructuredOutput tool needs an object at the root.
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             "response_format.json_schema.schema must be a JSON Schema with \"type\": \"object\" "
+             "at the root", "response_format.json_schema.schema", "invalid_json_schema")
+    return schema
 
 
 def parse_chat_request(body, default_model=None, default_effort=None):
@@ -411,12 +528,10 @@ def parse_chat_request(body, default_model=None, default_effort=None):
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _require(body.get(name) is None or _is_number(body[name]), "`%s` must be a number" % name, name)
 
-    for name in ("tools", "functions"):
-        _require(not body.get(name), "Function calling is not supported yet", name)
-    response_format = body.get("response_format")
-    _require(response_format is None or (isinstance(response_format, dict)
-             and response_format.get("type") in (None, "text")),
-             "Only response_format {\"type\": \"text\"} is supported yet", "response_format")
+    tools, tool_instruction, single_tool_call = parse_tools(body)
+    json_schema = parse_response_format(body.get("response_format"))
+    if tool_instruction:
+        system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
 
     return {
         "model": model,
@@ -427,24 +542,44 @@ def parse_chat_request(body, default_model=None, default_effort=None):
         "include_usage": include_usage,
         "max_tokens": max_tokens,
         "stop": stop,
+        "tools": tools,
+        "single_tool_call": single_tool_call,
+        "legacy_functions": body.get("tools") is None and bool(tools),
+        "json_schema": json_schema,
     }
 
 
 # CLI run: argv, stdin, process ##############################################################
 
 
-def cli_argv(claude_path, plan, system_prompt_path):
+def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None):
     """The argv of one run: headless, stream-json both ways, no built-in tools, no MCP servers
     but ours, nothing persisted. Nothing from the prompt is ever in argv (`ps` shows argv, and
     argv fails past ~128 KiB): the system prompt is a file, the conversation goes on stdin."""
     argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--include-partial-messages", "--no-session-persistence",
             "--tools", "", "--strict-mcp-config", "--system-prompt-file", system_prompt_path]
+    if plan.get("tools"):
+        # The client's functions, through this file's MCP mode. One turn: a reply that calls
+        # them ends the run (the CLI would otherwise deny the call and ask the model again).
+        argv += ["--mcp-config", mcp_config_path, "--max-turns", "1"]
+    elif plan.get("json_schema"):
+        argv += ["--max-turns", str(STRUCTURED_OUTPUT_MAX_TURNS)]
+    else:
+        argv += ["--max-turns", "1"]
+    if plan.get("json_schema"):
+        argv += ["--json-schema", json.dumps(plan["json_schema"], separators=(",", ":"))]
     if plan.get("model"):
         argv += ["--model", plan["model"]]
     if plan.get("effort"):
         argv += ["--effort", plan["effort"]]
     return argv
+
+
+def mcp_config(tools_path):
+    """The --mcp-config that starts this very file as the MCP server of the client's functions."""
+    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), "--mcp-tools", tools_path]
+    return {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": command[0], "args": command[1:]}}}
 
 
 def cli_env(base_env, plan):
@@ -622,6 +757,14 @@ class CliRunner:
         prompt_path = os.path.join(workdir, "system-prompt.txt")
         with open(prompt_path, "w", encoding="utf-8") as f:
             f.write(plan.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
+        config_path = None
+        if plan.get("tools"):
+            tools_path = os.path.join(workdir, "tools.json")
+            config_path = os.path.join(workdir, "mcp-config.json")
+            with open(tools_path, "w", encoding="utf-8") as f:
+                json.dump(plan["tools"], f)
+            with open(config_path, "w", encoding="utf-8") as f:
+                json.dump(mcp_config(tools_path), f)
         stdin_bytes = cli_stdin(plan)
         if self.log_prompts:
             log("prompt: system=%r user=%s" % (plan.get("system_prompt"), stdin_bytes[:4000].decode("utf-8", "replace")))
@@ -629,7 +772,7 @@ class CliRunner:
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
-                run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path),
+                run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path),
                              cli_env(self.env, plan), workdir, stdin_bytes, self.timeout)
                 self._runs.add(run)
         except OSError as e:
@@ -688,15 +831,33 @@ def held_back(text, stops):
     return longest
 
 
+def call_id(tool_use_id):
+    """A stable OpenAI tool-call id from the model's tool_use id: call_<same suffix>."""
+    suffix = re.sub(r"[^A-Za-z0-9_-]", "", str(tool_use_id or ""))
+    if suffix.startswith("toolu_"):
+        suffix = suffix[len("toolu_"):]
+    return "call_" + (suffix or uuid.uuid4().hex[:24])
+
+
 class ReplyTranslator:
     """CLI stream-json events -> OpenAI deltas, plus how the reply finished.
 
-    Pure state, no IO: feed() takes one event and returns the deltas it yields
-    ({"content": ...} or {"reasoning_content": ...}). After `done`, look at `error`,
-    `finish_reason`, `usage`, `model`."""
+    Pure state, no IO: feed() takes one event and returns the deltas it yields ({"content"},
+    {"reasoning_content"} or {"tool_calls": [one call's opening or arguments fragment]}).
+    After `done`, look at `error`, `finish_reason`, `usage`, `model`.
 
-    def __init__(self, stop=()):
+    tools: the offered functions ({name, mcp_name}); their tool_use blocks become tool calls.
+    single_tool_call: keep only the first call (parallel_tool_calls: false).
+    structured: --json-schema is on; the StructuredOutput call is the content, prose is dropped.
+    live_structured: stream that call's JSON as it comes (else the checked result, at the end)."""
+
+    def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
+                 live_structured=False):
         self.stop = list(stop)
+        self.tool_names = {MCP_PREFIX + t["mcp_name"]: t["name"] for t in tools}
+        self.single_tool_call = single_tool_call
+        self.structured = structured
+        self.live_structured = live_structured
         self.done = False
         self.error = None
         self.finish_reason = None
@@ -704,10 +865,13 @@ class ReplyTranslator:
         self.model = None
         self.result = None
         self.stop_hit = False
+        self.tool_calls = 0
         self._pending = ""  # content held back while it may be the start of a stop sequence
         self._text_sent = False
+        self._structured_sent = ""
         self._stream_usage = {}
         self._stop_reason = None
+        self._blocks = {}  # content block index -> ("call", call index, fragments sent) | ("structured",) | ("skip",)
 
     def feed(self, event):
         if self.done:
@@ -741,15 +905,58 @@ class ReplyTranslator:
             reason = (event.get("delta") or {}).get("stop_reason")
             if reason:
                 self._stop_reason = reason
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                return self._tool_start(event.get("index"), block)
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
-                return self._content(delta["text"])
+                return [] if self.structured else self._content(delta["text"])
             if delta.get("type") == "thinking_delta" and delta.get("thinking"):
                 return [{"reasoning_content": delta["thinking"]}]
+            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                return self._tool_input(event.get("index"), delta["partial_json"])
         elif kind == "content_block_stop":
+            block = self._blocks.pop(event.get("index"), None)
+            if block and block[0] == "call" and not block[2]:
+                # A call without arguments: "{}" so clients can json.loads() it.
+                return [self._call_delta(block[1], {"function": {"arguments": "{}"}})]
             return self._flush()
         return []
+
+    def _tool_start(self, index, block):
+        name = block.get("name")
+        if self.structured and name == STRUCTURED_OUTPUT_TOOL:
+            self._blocks[index] = ("structured",)
+            return []
+        if name not in self.tool_names or (self.single_tool_call and self.tool_calls):
+            self._blocks[index] = ("skip",)
+            return []
+        number = self.tool_calls
+        self.tool_calls += 1
+        self._blocks[index] = ("call", number, False)
+        # Text held back for a stop sequence goes out before the call opens.
+        return self._flush() + [self._call_delta(number, {
+            "id": call_id(block.get("id")), "type": "function",
+            "function": {"name": self.tool_names[name], "arguments": ""}})]
+
+    def _tool_input(self, index, fragment):
+        block = self._blocks.get(index)
+        if not block or block[0] == "skip":
+            return []
+        if block[0] == "structured":
+            self._structured_sent += fragment
+            if self.live_structured:
+                self._text_sent = True
+                return [{"content": fragment}]
+            return []
+        self._blocks[index] = ("call", block[1], True)
+        return [self._call_delta(block[1], {"function": {"arguments": fragment}})]
+
+    @staticmethod
+    def _call_delta(number, fields):
+        return {"tool_calls": [dict({"index": number}, **fields)]}
 
     def _content(self, text):
         if not self.stop:
@@ -784,6 +991,11 @@ class ReplyTranslator:
         deltas = self._flush()
         self.usage = usage_from_cli(event.get("usage") or self._stream_usage)
         stop_reason = event.get("stop_reason") or self._stop_reason
+        if self.tool_calls:
+            # With --max-turns 1 a reply that calls tools ends as "error_max_turns": for the
+            # client that is simply a finished reply with tool calls.
+            self.finish_reason = "tool_calls"
+            return deltas
         if stop_reason == "max_tokens":
             # The CLI may call hitting the output limit an error; for OpenAI it is "length".
             self.finish_reason = "length"
@@ -791,6 +1003,8 @@ class ReplyTranslator:
         self.error = result_error(event)
         if self.error:
             return deltas
+        if self.structured:
+            return deltas + self._structured_result(event)
         if not self._text_sent and isinstance(event.get("result"), str) and event["result"]:
             # No partial-message events (an older CLI?): the result text is the whole reply.
             deltas += self._content(event["result"]) if not self.stop_hit else []
@@ -798,9 +1012,33 @@ class ReplyTranslator:
         self.finish_reason = self.finish_reason or "stop"
         return deltas
 
+    def _structured_result(self, event):
+        """The CLI's checked structured_output is the content; what was streamed must match it."""
+        if "structured_output" not in event:
+            self.error = cli_failed("The model did not produce the structured output that "
+                                    "response_format asked for.", "no_structured_output")
+            return []
+        value = event["structured_output"]
+        self.finish_reason = "stop"
+        if not self.live_structured or not self._structured_sent:
+            return [{"content": json.dumps(value, ensure_ascii=False)}]
+        try:
+            same = json.loads(self._structured_sent) == value
+        except ValueError:
+            same = False
+        if not same:  # the CLI had the model try again after streaming began: cannot be unsent
+            self.error = cli_failed("The model's structured output was revised after it began "
+                                    "streaming; retry, or request it without streaming.",
+                                    "structured_output_revised")
+        return []
 
-def run_failure(run, translator):
+
+def run_failure(run, plan):
     """Why a run that ended without a usable result failed, as a ProxyError."""
+    if plan.get("json_schema") and any("--json-schema" in line for line in run.stderr_tail):
+        return invalid("The claude CLI refused the response_format schema: %s"
+                       % " ".join(run.stderr_tail)[:300], "response_format.json_schema.schema",
+                       "invalid_json_schema")
     if run.cancelled == "timeout":
         return timed_out(run.timeout)
     if run.cancelled == "shutdown":
@@ -849,6 +1087,12 @@ def merge_delta(message, delta):
     for key in ("content", "reasoning_content"):
         if key in delta:
             message[key] = (message.get(key) or "") + delta[key]
+    for call in delta.get("tool_calls", ()):
+        calls = message.setdefault("tool_calls", [])
+        if "id" in call:  # a call opens: calls arrive one after another, index == position
+            calls.append({"id": call["id"], "type": "function",
+                          "function": {"name": call["function"]["name"], "arguments": ""}})
+        calls[call["index"]]["function"]["arguments"] += call["function"].get("arguments", "")
     return message
 
 
@@ -913,17 +1157,22 @@ class StreamWriter:
 class MessageCollector:
     """The non-streaming counterpart of StreamWriter: gathers deltas into one message."""
 
-    def __init__(self, handler, completion_id, created, model):
+    def __init__(self, handler, completion_id, created, model, legacy_functions=False):
         self.handler = handler
         self.id, self.created, self.model = completion_id, created, model
+        self.legacy_functions = legacy_functions
         self.message = {"role": "assistant", "content": None}
 
     def delta(self, delta):
         merge_delta(self.message, delta)
 
     def finish(self, finish_reason, usage):
-        if self.message["content"] is None:
-            self.message["content"] = ""
+        calls = self.message.get("tool_calls")
+        if self.message["content"] is None and not calls:
+            self.message["content"] = ""  # content is null only beside tool calls
+        if calls and self.legacy_functions:
+            # A client that sent legacy `functions` reads message.function_call.
+            self.message["function_call"] = dict(calls[0]["function"])
         self.handler.send_json(200, chat_completion(self.id, self.created, self.model,
                                                     self.message, finish_reason, usage))
 
@@ -1044,7 +1293,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProxyError as error:
             self.send_error_body(error)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.status = self.status or 499  # the client left
+            self.status = 499  # the client left (nginx's code for it; only ever logged)
             self.close_connection = True
         except Exception:
             log("internal error on %s %s:\n%s" % (method, self.path, traceback.format_exc()))
@@ -1186,12 +1435,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         plan = parse_chat_request(self.read_json(), config.model, config.effort)
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
-        translator = ReplyTranslator(plan["stop"])
+        translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
+                                     bool(plan["json_schema"]), live_structured=plan["stream"])
         self.log_model = plan["model"] or "default"
         if plan["stream"]:
             sink = StreamWriter(self, completion_id, created, plan["model"], plan["include_usage"])
         else:
-            sink = MessageCollector(self, completion_id, created, plan["model"])
+            sink = MessageCollector(self, completion_id, created, plan["model"],
+                                    plan["legacy_functions"])
         with self.server.runner.start(plan) as run, ClientWatch(self.connection, run):
             for event in run.events():
                 deltas = translator.feed(event)
@@ -1206,13 +1457,67 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not translator.done:
             if run.cancelled == "client_gone":
                 raise BrokenPipeError  # nobody is left to answer
-            translator.error = run_failure(run, translator)
+            translator.error = run_failure(run, plan)
         if translator.error:
             log("request failed: %s %s" % (translator.error.status, translator.error.message))
             sink.fail(translator.error)
             return
         self.log_usage = translator.usage
         sink.finish(translator.finish_reason, translator.usage)
+
+
+# MCP server mode ############################################################################
+# `claude_proxy.py --mcp-tools FILE`: started by the CLI (see mcp_config), it lists the client's
+# functions as MCP tools so the model calls them natively. It never runs them: the proxy hands
+# the model's calls back to the client as OpenAI tool_calls.
+
+MCP_PROTOCOL_VERSION = "2025-06-18"
+
+
+def mcp_reply(message, tools):
+    """One JSON-RPC message from the CLI -> the reply (a dict), or None for a notification."""
+    if not isinstance(message, dict):
+        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request"}}
+    method, params, request_id = message.get("method"), message.get("params") or {}, message.get("id")
+    if request_id is None:
+        return None  # notifications/initialized, notifications/cancelled, ...
+    if method == "initialize":
+        result = {"protocolVersion": params.get("protocolVersion") or MCP_PROTOCOL_VERSION,
+                  "capabilities": {"tools": {"listChanged": False}},
+                  "serverInfo": {"name": "claude-proxy", "version": __version__}}
+    elif method == "ping":
+        result = {}
+    elif method == "tools/list":
+        result = {"tools": [{"name": t["mcp_name"], "description": t["description"],
+                             "inputSchema": t["input_schema"]} for t in tools]}
+    elif method == "tools/call":
+        result = {"isError": True, "content": [{"type": "text", "text":
+                  "This function is run by the client application, not here."}]}
+    else:
+        return {"jsonrpc": "2.0", "id": request_id,
+                "error": {"code": -32601, "message": "Method not found: %s" % method}}
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def mcp_serve(tools_path, stdin=None, stdout=None):
+    """Serve MCP over stdio (newline-delimited JSON-RPC) until the CLI closes stdin."""
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    with open(tools_path, encoding="utf-8") as f:
+        tools = json.load(f)
+    for line in iter(stdin.readline, b""):
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            reply = {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}}
+        else:
+            reply = mcp_reply(message, tools)
+        if reply is not None:
+            stdout.write(json.dumps(reply).encode("utf-8") + b"\n")
+            stdout.flush()
+    return 0
 
 
 # Main #######################################################################################
@@ -1285,6 +1590,8 @@ def parse_args(argv=None):
         default=env_default("CLAUDE_PROXY_LOG_PROMPTS", "") not in ("", "0", "false", "no"),
         help="Default: off (env CLAUDE_PROXY_LOG_PROMPTS=1). Log each prompt to stderr.")
     add("--version", action="version", version="claude_proxy.py " + __version__)
+    add("--mcp-tools", metavar="FILE", help="Internal: run as the MCP server of a request's "
+        "functions (the CLI starts this itself).")
     args = parser.parse_args(argv)
     if args.model and not MODEL_NAME.match(args.model):
         parser.error("invalid --model / CLAUDE_MODEL %r" % args.model)
@@ -1301,6 +1608,8 @@ def client_snippet(url):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.mcp_tools:
+        return mcp_serve(args.mcp_tools)
     claude_path = find_claude(args.claude_path)
     version = cli_version(claude_path)
     config = Config(claude_path, args.model, args.effort, args.timeout,

@@ -31,7 +31,16 @@ the behaviour:
   BADREQ400   an error result with api_error_status 400 at once, exit 1
   NOTLOGGEDIN the not-logged-in error result      CRASH   stderr text, exit 3, no result
   GARBAGE     lines that are not JSON, exit 0     HANG    init, then sleep (with a child process)
+  CALLTOOL / CALLTOOL2 (anywhere in the message)  one / two tool_use blocks for the first MCP
+              tools offered, with "Let me check." before them; with --max-turns 1 the run ends
+              as error_max_turns, exit 1, like the real CLI
+  NOARGS      with CALLTOOL: a call with no input_json_delta at all
+  RESULT-     once the message holds it, "Final answer using RESULT-..." instead of a call
+  CHATTY      with --json-schema: prose before the StructuredOutput call
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
+With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
+and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
+answers through a StructuredOutput call, as the real CLI does.
 """
 import json, os, re, subprocess, sys, time, uuid
 
@@ -43,6 +52,27 @@ VALUE_FLAGS = {"--input-format", "--output-format", "--tools", "--mcp-config", "
 BARE_FLAGS = {"-p", "--print", "--verbose", "--include-partial-messages", "--no-session-persistence",
               "--strict-mcp-config"}
 ALIASES = {"sonnet": "claude-sonnet-5", "opus": "claude-opus-5", "haiku": "claude-haiku-5"}
+
+
+def example(schema):
+    """A value that satisfies a simple JSON schema, as the shared fake API builds one."""
+    if not isinstance(schema, dict):
+        return "x"
+    if "enum" in schema:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return example(schema[key][0])
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        return {k: example(v) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        return [example(schema.get("items", {}))]
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    return "x"
 
 argv = sys.argv[1:]
 if argv == ["--version"]:
@@ -63,6 +93,14 @@ if flags.get("--output-format") == "stream-json" and not flags.get("--verbose"):
 if flags.get("--input-format") == "stream-json" and flags.get("--output-format") != "stream-json":
     sys.stderr.write("Error: --input-format=stream-json requires output-format=stream-json.\n")
     sys.exit(1)
+schema = None
+if "--json-schema" in flags:
+    try:
+        schema = json.loads(flags["--json-schema"])
+    except ValueError as e:
+        sys.stderr.write("Error: --json-schema is not valid JSON: JSON Parse error: %%s\n" %% e); sys.exit(1)
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        schema = None  # the real CLI silently drops a schema it cannot use
 effort = flags.get("--effort")
 if effort and effort not in ("low", "medium", "high", "xhigh", "max"):
     sys.stderr.write("Warning: Unknown --effort value '%%s' \u2014 ignoring it and using the default effort. "
@@ -75,6 +113,28 @@ record = {"pid": os.getpid(), "argv": sys.argv, "cwd": os.getcwd(), "cwd_entries
 if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
+# MCP servers start before any message arrives, as with the real CLI.
+mcp_tools, mcp_servers = [], []
+if flags.get("--mcp-config"):
+    raw = flags["--mcp-config"]
+    config = json.load(open(raw)) if os.path.exists(raw) else json.loads(raw)
+    for server, spec in config["mcpServers"].items():
+        proc = subprocess.Popen([spec["command"]] + spec.get("args", []), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        mcp_servers.append(server)
+        def rpc(obj, proc=proc):
+            proc.stdin.write((json.dumps(obj) + "\n").encode()); proc.stdin.flush()
+            return json.loads(proc.stdout.readline()) if "id" in obj else None
+        record["mcp_initialize"] = rpc({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {"roots": {}, "elicitation": {}},
+            "clientInfo": {"name": "claude-code", "version": "2.1.197"}}})
+        rpc({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        for tool in rpc({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})["result"]["tools"]:
+            mcp_tools.append(dict(tool, name="mcp__%%s__%%s" %% (server, tool["name"])))
+        # Not something the real CLI does: a probe that the server refuses to run a function.
+        record["mcp_call_reply"] = rpc({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                        "params": {"name": "x", "arguments": {}}})
+record["offered_tools"] = mcp_tools
 path = os.path.join(RECORD_DIR, "%%d.json" %% os.getpid())
 def save():
     with open(path + ".tmp", "w") as f:
@@ -104,7 +164,9 @@ save()
 if not line:
     sys.exit(0)
 emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
-      "tools": [], "mcp_servers": [], "model": model, "permissionMode": "default",
+      "tools": [t["name"] for t in mcp_tools],
+      "mcp_servers": [{"name": n, "status": "connected"} for n in mcp_servers],
+      "model": model, "permissionMode": "default",
       "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default",
       "uuid": str(uuid.uuid4())})
 
@@ -112,6 +174,7 @@ message = json.loads(line)["message"]
 texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
 images = sum(1 for b in message["content"] if b.get("type") == "image")
 text = texts[-1] if texts else ""
+everything = "\n".join(texts)
 
 def api_error(status, kind, message, retried=True):
     retries = int(os.environ.get("CLAUDE_CODE_MAX_RETRIES", "10")) if retried else 0
@@ -149,13 +212,27 @@ if "BADREQ400" in text:  # not retried by the CLI
 
 said = re.search(r"SAY\[(.*?)\]", text, re.S)
 reply = said.group(1) if said else "Echo: %%s [images: %%d]" %% (text[-200:], images)
+calls = []
+if schema is not None:
+    calls = [("StructuredOutput", example(schema))]
+elif "CALLTOOL" in everything and mcp_tools and "RESULT-" not in everything:
+    for n in range(2 if "CALLTOOL2" in everything else 1):
+        tool = mcp_tools[n %% len(mcp_tools)]
+        props = list(tool["inputSchema"].get("properties", {})) or ["input"]
+        calls.append((tool["name"], {} if "NOARGS" in everything else {props[0]: ["Paris", "Rome"][n]}))
+if "RESULT-" in everything and not calls:
+    reply = "Final answer using " + everything[everything.index("RESULT-"):][:16]
 emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": session,
       "uuid": str(uuid.uuid4())})
 usage = {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
          "output_tokens": 1}
 stream({"type": "message_start", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
         "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
-content, index = [], 0
+def assistant(block):
+    emit({"type": "assistant", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
+          "model": model, "content": [block], "stop_reason": None, "usage": usage},
+          "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4())})
+index = 0
 if "THINK" in text:
     stream({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
     emit({"type": "system", "subtype": "thinking_tokens", "estimated_tokens": 6, "estimated_tokens_delta": 6,
@@ -163,30 +240,56 @@ if "THINK" in text:
     stream({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think"}})
     stream({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": " about this."}})
     stream({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}})
-    block = {"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"}
-    emit({"type": "assistant", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
-          "model": model, "content": [block], "stop_reason": None, "usage": usage},
-          "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4())})
+    assistant({"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"})
     stream({"type": "content_block_stop", "index": 0})
     index = 1
-slow = "SLOW" in text
-pieces = 20 if slow else 3
-size = max(1, -(-len(reply) // pieces))
-stream({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
-for start in range(0, len(reply), size):
-    if slow:
-        time.sleep(0.2)
-    stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": reply[start:start + size]}})
-emit({"type": "assistant", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
-      "model": model, "content": [{"type": "text", "text": reply}], "stop_reason": None, "usage": usage},
-      "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4())})
-stream({"type": "content_block_stop", "index": index})
-stop_reason = "max_tokens" if "MAXTOKENS" in text else "end_turn"
+if not calls or calls[0][0] != "StructuredOutput" or "CHATTY" in text:
+    said_text = reply if not calls else "Let me check."
+    slow = "SLOW" in text
+    pieces = 20 if slow else 3
+    size = max(1, -(-len(said_text) // pieces))
+    stream({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
+    for start in range(0, len(said_text), size):
+        if slow:
+            time.sleep(0.2)
+        stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": said_text[start:start + size]}})
+    assistant({"type": "text", "text": said_text})
+    stream({"type": "content_block_stop", "index": index})
+    index += 1
+for name, args in calls:
+    tool_id = "toolu_" + uuid.uuid4().hex[:20]
+    stream({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}})
+    encoded = json.dumps(args)
+    if args:
+        for piece in (encoded[:5], encoded[5:]):
+            stream({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}})
+    assistant({"type": "tool_use", "id": tool_id, "name": name, "input": args})
+    stream({"type": "content_block_stop", "index": index})
+    answer = ("Structured output provided successfully" if name == "StructuredOutput" else
+              "Claude requested permissions to use %%s, but you haven't granted it yet." %% name)
+    emit({"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": answer,
+          "is_error": name != "StructuredOutput", "tool_use_id": tool_id}]}, "parent_tool_use_id": None,
+          "session_id": session, "uuid": str(uuid.uuid4())})
+    index += 1
+stop_reason = "max_tokens" if "MAXTOKENS" in text else "tool_use" if calls else "end_turn"
 stream({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
         "usage": {"output_tokens": 7}})
 stream({"type": "message_stop"})
 usage["output_tokens"] = 7
-result(reply, stop_reason=stop_reason, usage=usage)
+if calls and calls[0][0] == "StructuredOutput":
+    value = calls[0][1]
+    emit({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None,
+          "num_turns": 2, "result": json.dumps(value, separators=(",", ":")), "structured_output": value,
+          "stop_reason": "tool_use", "session_id": session, "usage": usage, "modelUsage": {},
+          "permission_denials": [], "uuid": str(uuid.uuid4())})
+elif calls and flags.get("--max-turns") == "1":
+    emit({"type": "result", "subtype": "error_max_turns", "is_error": True, "num_turns": 2,
+          "stop_reason": "tool_use", "session_id": session, "usage": usage, "modelUsage": {},
+          "permission_denials": [{"tool_name": n, "tool_input": a} for n, a in calls],
+          "errors": ["Reached maximum number of turns (1)"], "uuid": str(uuid.uuid4())})
+    sys.exit(1)
+else:
+    result(reply, stop_reason=stop_reason, usage=usage)
 sys.stdin.read()  # like the real CLI: after the result, wait for more input until stdin closes
 '''
 
@@ -299,7 +402,8 @@ class MessagesToPromptTest(unittest.TestCase):
         text = content[0]["text"]
         self.assertIn('<tool_call id="call_1" name="get_weather">{"city":"Paris"}</tool_call>', text)
         self.assertIn('<tool tool_call_id="call_1">\nRESULT-sunny\n</tool>', text)
-        self.assertTrue(text.endswith("using the tool results."))
+        self.assertIn("using the tool results.", text)
+        self.assertIn("use the tools you are given", text)
 
     def test_images_in_history_stay_in_place(self):
         img = "data:image/png;base64," + PNG_1PX
@@ -392,7 +496,13 @@ class ParseChatRequestTest(unittest.TestCase):
             ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
             ({"stop": 5}, "stop"),
             ({"temperature": "hot"}, "temperature"),
-            ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+             "response_format.json_schema.schema"),
+            ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array"}}}},
+             "response_format.json_schema.schema"),
+            ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+            ({"response_format": {"type": "xml"}}, "response_format.type"),
+            ({"response_format": "json"}, "response_format"),
         ]
         for fields, param in cases:
             with self.subTest(fields):
@@ -590,6 +700,243 @@ class WireFormatTest(unittest.TestCase):
                                               "finish_reason": None}]})
         self.assertIsNone(cp.completion_chunk("c", 5, "m", {}, "stop", None)["usage"])
         self.assertEqual(cp.usage_chunk("c", 5, "m", {"total_tokens": 1})["choices"], [])
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}}}}
+
+
+class ToolParsingTest(unittest.TestCase):
+    def parse(self, **fields):
+        return cp.parse_chat_request(dict(user("hi"), **fields))
+
+    def test_tool_choices(self):
+        long_name = "a" * 64
+        cases = [
+            ("auto", {"tools": [WEATHER, TIME]}, ["get_weather", "get_time"], None, False),
+            ("explicit auto", {"tools": [WEATHER], "tool_choice": "auto"}, ["get_weather"], None, False),
+            ("none offers nothing", {"tools": [WEATHER], "tool_choice": "none"}, [], None, False),
+            ("required", {"tools": [WEATHER, TIME], "tool_choice": "required"}, ["get_weather", "get_time"],
+             "one or more", False),
+            ("named", {"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+             ["get_time"], "mcp__fn__get_time", False),
+            ("one call", {"tools": [WEATHER], "parallel_tool_calls": False}, ["get_weather"], "at most one", True),
+            ("langchain structured", {"tools": [WEATHER], "parallel_tool_calls": False,
+                                      "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+             ["get_weather"], "at most one", True),
+            ("legacy functions", {"functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}},
+             ["get_weather"], "mcp__fn__get_weather", False),
+            ("legacy none", {"functions": [WEATHER["function"]], "function_call": "none"}, [], None, False),
+            ("no parameters", {"tools": [{"type": "function", "function": {"name": "ping"}}]}, ["ping"], None, False),
+            ("64-char name", {"tools": [{"type": "function", "function": {"name": long_name}}]}, [long_name], None, False),
+        ]
+        for name, fields, offered, instruction, single in cases:
+            with self.subTest(name):
+                plan = self.parse(**fields)
+                self.assertEqual([t["name"] for t in plan["tools"]], offered)
+                self.assertEqual(plan["single_tool_call"], single)
+                system = plan["system_prompt"] or ""
+                if instruction:
+                    self.assertIn(instruction, system)
+                else:
+                    self.assertEqual(system, "")
+                self.assertEqual(plan["legacy_functions"], "functions" in fields and bool(offered))
+
+    def test_mcp_names_fit_the_api_limit_and_stay_unique(self):
+        names = ["get_weather", "x" * 55, "x" * 56, "y" * 64, "y" * 63 + "z", "A-b_9"]
+        mcp_names = [cp.mcp_tool_name(n) for n in names]
+        self.assertEqual(mcp_names[0], "get_weather")
+        self.assertEqual(mcp_names[1], "x" * 55)
+        for name in mcp_names:
+            self.assertLessEqual(len(cp.MCP_PREFIX + name), 64)
+            self.assertRegex(name, r"^[A-Za-z0-9_-]+$")
+        self.assertEqual(len(set(mcp_names)), len(names))
+
+    def test_tool_rejections(self):
+        cases = [
+            ({"tools": "get_weather"}, "tools"),
+            ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0].function.name"),
+            ({"tools": [{"type": "function", "function": {"name": "x" * 65}}]}, "tools[0].function.name"),
+            ({"tools": [{"type": "function", "function": {"name": "f\u00e9"}}]}, "tools[0].function.name"),
+            ({"tools": [{"type": "function"}]}, "tools[0].function"),
+            ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+             "tools[0].function.parameters"),
+            ({"tools": [WEATHER, WEATHER]}, "tools"),
+            ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+            ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+            ({"tool_choice": "required"}, "tool_choice"),
+            ({"functions": [{"name": "bad name"}]}, "functions[0].function.name"),
+        ]
+        for fields, param in cases:
+            with self.subTest(fields):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    self.parse(**fields)
+                self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+
+    def test_response_formats(self):
+        schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+        cases = [
+            (None, None), ({"type": "text"}, None), ({"type": "json_object"}, {"type": "object"}),
+            ({"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}}, schema),
+        ]
+        for response_format, want in cases:
+            with self.subTest(response_format):
+                self.assertEqual(self.parse(response_format=response_format)["json_schema"], want)
+
+    def test_argv_with_tools_and_schema(self):
+        plan = self.parse(tools=[WEATHER])
+        argv = cp.cli_argv("claude", plan, "p", "/x/mcp-config.json")
+        self.assertEqual(argv[argv.index("--mcp-config") + 1], "/x/mcp-config.json")
+        self.assertEqual(argv[argv.index("--max-turns") + 1], "1")
+        self.assertNotIn("get_weather", " ".join(argv), "function definitions go in a file")
+        plan = self.parse(response_format={"type": "json_object"})
+        argv = cp.cli_argv("claude", plan, "p")
+        self.assertEqual(json.loads(argv[argv.index("--json-schema") + 1]), {"type": "object"})
+        self.assertEqual(argv[argv.index("--max-turns") + 1], str(cp.STRUCTURED_OUTPUT_MAX_TURNS))
+        self.assertNotIn("--mcp-config", argv)
+        config = cp.mcp_config("/x/tools.json")["mcpServers"][cp.MCP_SERVER]
+        self.assertEqual(config["command"], sys.executable)
+        self.assertEqual(config["args"][-3:], [os.path.abspath(cp.__file__), "--mcp-tools", "/x/tools.json"])
+
+
+class McpServerTest(unittest.TestCase):
+    tools = [{"name": "get_weather", "mcp_name": "get_weather", "description": "Weather",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+    def test_replies(self):
+        init = cp.mcp_reply({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                             "params": {"protocolVersion": "2025-11-25"}}, self.tools)
+        self.assertEqual(init["result"]["protocolVersion"], "2025-11-25")
+        self.assertEqual(init["result"]["capabilities"], {"tools": {"listChanged": False}})
+        self.assertIsNone(cp.mcp_reply({"jsonrpc": "2.0", "method": "notifications/initialized"}, self.tools))
+        listing = cp.mcp_reply({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, self.tools)
+        self.assertEqual(listing["result"]["tools"], [{"name": "get_weather", "description": "Weather",
+                                                       "inputSchema": self.tools[0]["input_schema"]}])
+        call = cp.mcp_reply({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_weather"}}, self.tools)
+        self.assertTrue(call["result"]["isError"], "the proxy never runs a function")
+        self.assertEqual(cp.mcp_reply({"jsonrpc": "2.0", "id": 3, "method": "resources/list"}, self.tools)["error"]["code"], -32601)
+        self.assertEqual(cp.mcp_reply({"jsonrpc": "2.0", "id": 4, "method": "ping"}, self.tools)["result"], {})
+
+    def test_stdio_mode_of_the_file(self):
+        import subprocess
+        tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "tools.json")
+        with open(path, "w") as f:
+            json.dump(self.tools, f)
+        requests = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}},
+                    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}]
+        out = subprocess.run([sys.executable, "-I", "-S", cp.__file__, "--mcp-tools", path],
+                             input="".join(json.dumps(r) + "\n" for r in requests) + "not json\n",
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        replies = [json.loads(line) for line in out.stdout.splitlines()]
+        self.assertEqual([r["id"] for r in replies], [0, 1, None])
+        self.assertEqual(replies[1]["result"]["tools"][0]["name"], "get_weather")
+        self.assertEqual(replies[2]["error"]["code"], -32700)
+
+
+def tool_events(calls, text="Let me check.", structured=False):
+    """CLI events of a reply with some text and tool_use blocks, ending as the real CLI does."""
+    events = [{"type": "system", "subtype": "init", "model": "claude-sonnet-5"},
+              stream_event({"type": "message_start", "message": {"usage": {"input_tokens": 4}}})]
+    index = 0
+    if text:
+        events += [stream_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                   stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+                   stream_event({"type": "content_block_stop", "index": 0})]
+        index = 1
+    for name, fragments in calls:
+        events.append(stream_event({"type": "content_block_start", "index": index, "content_block": {
+            "type": "tool_use", "id": "toolu_%d" % index, "name": name, "input": {}}}))
+        events += [stream_event({"type": "content_block_delta", "index": index, "delta": {
+            "type": "input_json_delta", "partial_json": f}}) for f in fragments]
+        events += [{"type": "assistant", "message": {"content": [{"type": "tool_use"}]}},
+                   stream_event({"type": "content_block_stop", "index": index}),
+                   {"type": "user", "message": {"content": [{"type": "tool_result"}]}}]
+        index += 1
+    events.append(stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}))
+    if structured:
+        value = json.loads("".join(calls[0][1]))
+        events.append({"type": "result", "subtype": "success", "is_error": False, "result": json.dumps(value),
+                       "structured_output": value, "stop_reason": "tool_use", "usage": {"input_tokens": 4, "output_tokens": 9}})
+    else:
+        events.append({"type": "result", "subtype": "error_max_turns", "is_error": True, "stop_reason": "tool_use",
+                       "usage": {"input_tokens": 4, "output_tokens": 9}})
+    return events
+
+
+FN_TOOLS = [{"name": "get_weather", "mcp_name": "get_weather"}, {"name": "b" * 64, "mcp_name": cp.mcp_tool_name("b" * 64)}]
+
+
+class ToolTranslationTest(unittest.TestCase):
+    def translate(self, events, **options):
+        translator = cp.ReplyTranslator(options.pop("stop", ()), FN_TOOLS, **options)
+        deltas = []
+        for event in events:
+            deltas += translator.feed(event)
+        return translator, deltas
+
+    def test_one_call(self):
+        translator, deltas = self.translate(tool_events([("mcp__fn__get_weather", ['{"cit', 'y": "Paris"}'])]))
+        self.assertEqual(deltas, [
+            {"content": "Let me check."},
+            {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": '{"cit'}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": 'y": "Paris"}'}}]}])
+        self.assertEqual(translator.finish_reason, "tool_calls")
+        self.assertIsNone(translator.error, "error_max_turns after a call is a normal end")
+
+    def test_parallel_calls_and_long_names_map_back(self):
+        long_mcp = "mcp__fn__" + cp.mcp_tool_name("b" * 64)
+        _, deltas = self.translate(tool_events([("mcp__fn__get_weather", ['{}']), (long_mcp, ['{"a":', '1}'])], text=""))
+        message = {"role": "assistant", "content": None}
+        for delta in deltas:
+            cp.merge_delta(message, delta)
+        self.assertEqual(message["tool_calls"], [
+            {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+            {"id": "call_1", "type": "function", "function": {"name": "b" * 64, "arguments": '{"a":1}'}}])
+        self.assertIsNone(message["content"])
+
+    def test_single_call_keeps_the_first(self):
+        _, deltas = self.translate(tool_events([("mcp__fn__get_weather", ['{"city":"A"}']),
+                                                ("mcp__fn__get_weather", ['{"city":"B"}'])]), single_tool_call=True)
+        opened = [d for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]]
+        self.assertEqual(len(opened), 1)
+        self.assertNotIn("B", json.dumps(deltas))
+
+    def test_call_without_arguments_gets_an_empty_object(self):
+        _, deltas = self.translate(tool_events([("mcp__fn__get_weather", [])], text=""))
+        self.assertEqual(deltas[-1], {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})
+
+    def test_foreign_tool_use_is_not_a_call(self):
+        translator, deltas = self.translate(tool_events([("Bash", ['{"command":"ls"}'])], text=""))
+        self.assertEqual(deltas, [])
+        self.assertEqual(translator.error.status, 502)
+
+    def test_structured_output(self):
+        events = tool_events([("StructuredOutput", ['{"name": ', '"x"}'])], text="Here it is:", structured=True)
+        translator, deltas = self.translate(events, structured=True)
+        self.assertEqual(deltas, [{"content": '{"name": "x"}'}], "prose dropped, the checked value is the content")
+        translator, deltas = self.translate(events, structured=True, live_structured=True)
+        self.assertEqual(deltas, [{"content": '{"name": '}, {"content": '"x"}'}])
+        self.assertEqual(translator.finish_reason, "stop")
+        self.assertIsNone(translator.error)
+
+    def test_structured_output_revised_after_streaming_is_an_error(self):
+        events = tool_events([("StructuredOutput", ['{"name": "x"}'])], text="", structured=True)
+        events[-1]["structured_output"] = {"name": "y"}
+        translator, _ = self.translate(events, structured=True, live_structured=True)
+        self.assertEqual(translator.error.code, "structured_output_revised")
+
+    def test_missing_structured_output(self):
+        translator, _ = self.translate(text_events("just prose"), structured=True)
+        self.assertEqual(translator.error.code, "no_structured_output")
 
 
 # End to end through a real server and the stub CLI ##########################################
@@ -966,6 +1313,185 @@ class ErrorTest(ServerTestCase):
             last = json.loads(events[-2][len(b"data: "):])
             self.assertEqual(last["error"]["code"], "cli_crashed")
             self.assertNotIn(b"[DONE]", raw)
+        finally:
+            server.stop()
+            thread.join(10)
+
+
+class ToolsEndToEndTest(ServerTestCase):
+    def reply(self, body):
+        status, _, raw = self.chat(body)
+        self.assertEqual(status, 200, raw)
+        return json.loads(raw)
+
+    def test_native_tool_call(self):
+        reply = self.reply(dict(user("CALLTOOL weather in Paris?"), tools=[WEATHER]))
+        choice = reply["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(choice["message"]["content"], "Let me check.")
+        [call] = choice["message"]["tool_calls"]
+        self.assertRegex(call["id"], r"^call_[A-Za-z0-9_-]+$")
+        self.assertEqual(call["type"], "function")
+        self.assertEqual(call["function"]["name"], "get_weather")
+        self.assertEqual(json.loads(call["function"]["arguments"]), {"city": "Paris"})
+        self.assertNotIn("function_call", choice["message"])
+        [record] = self.records()
+        self.assertEqual(record["offered_tools"], [{"name": "mcp__fn__get_weather", "description": "Weather for a city",
+                                                    "inputSchema": WEATHER["function"]["parameters"]}],
+                         "the schema reaches the model unchanged, through the file's own MCP mode")
+        self.assertTrue(record["mcp_call_reply"]["result"]["isError"], "the proxy never runs a function")
+        argv = record["argv"]
+        self.assertEqual(argv[argv.index("--max-turns") + 1], "1")
+        self.assertEqual(argv[argv.index("--tools") + 1], "", "still no built-in tools")
+
+    def test_parallel_calls(self):
+        reply = self.reply(dict(user("CALLTOOL2 weather in Paris and Rome"), tools=[WEATHER, TIME]))
+        calls = reply["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([c["function"]["name"] for c in calls], ["get_weather", "get_time"])
+        self.assertEqual([json.loads(c["function"]["arguments"]) for c in calls], [{"city": "Paris"}, {"zone": "Rome"}])
+        self.assertEqual(len({c["id"] for c in calls}), 2)
+
+    def test_parallel_tool_calls_false_keeps_one(self):
+        reply = self.reply(dict(user("CALLTOOL2"), tools=[WEATHER, TIME], parallel_tool_calls=False))
+        self.assertEqual(len(reply["choices"][0]["message"]["tool_calls"]), 1)
+        self.assertIn("at most one tool", self.records()[0]["system_prompt"])
+
+    def test_stream_tool_calls(self):
+        status, _, raw = self.chat(dict(user("CALLTOOL2"), tools=[WEATHER, TIME], stream=True,
+                                        stream_options={"include_usage": True}))
+        self.assertEqual(status, 200, raw)
+        chunks = sse_payloads(raw)[:-1]
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        self.assertEqual(deltas[0], {"role": "assistant", "content": ""})
+        call_deltas = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+        for d in deltas:
+            self.assertFalse("tool_calls" in d and "content" in d, "never content and tool_calls in one delta")
+            if "tool_calls" in d:
+                self.assertEqual(len(d["tool_calls"]), 1)
+                self.assertIsInstance(d["tool_calls"][0]["index"], int)
+                self.assertIn("function", d["tool_calls"][0])
+        opens = [d for d in call_deltas if "id" in d]
+        self.assertEqual([(d["index"], d["function"]["name"], d["function"]["arguments"]) for d in opens],
+                         [(0, "get_weather", ""), (1, "get_time", "")])
+        self.assertEqual(sum("name" in d["function"] for d in call_deltas), 2, "name once per call")
+        indexes = [d["index"] for d in call_deltas]
+        self.assertEqual(indexes, sorted(indexes), "calls one after another")
+        args = {}
+        for d in call_deltas:
+            args[d["index"]] = args.get(d["index"], "") + d["function"]["arguments"]
+        self.assertEqual([json.loads(args[i]) for i in (0, 1)], [{"city": "Paris"}, {"zone": "Rome"}])
+        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(chunks[-1]["choices"], [])
+
+    def test_tool_choice_none_answers_in_text(self):
+        reply = self.reply(dict(user("CALLTOOL please"), tools=[WEATHER], tool_choice="none"))
+        self.assertEqual(reply["choices"][0]["finish_reason"], "stop")
+        self.assertNotIn("tool_calls", reply["choices"][0]["message"])
+        self.assertNotIn("--mcp-config", self.records()[0]["argv"])
+
+    def test_required_and_named(self):
+        reply = self.reply(dict(user("just chat"), tools=[WEATHER], tool_choice="required"))
+        # The model answered in prose: said as it is, no invented call.
+        self.assertEqual(reply["choices"][0]["finish_reason"], "stop")
+        self.assertNotIn("tool_calls", reply["choices"][0]["message"])
+        self.assertIn("You must answer by calling", self.records()[0]["system_prompt"])
+        self.setUp()
+        reply = self.reply(dict(user("CALLTOOL"), tools=[WEATHER, TIME],
+                                tool_choice={"type": "function", "function": {"name": "get_time"}}))
+        self.assertEqual(reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_time")
+        self.assertEqual([t["name"] for t in self.records()[0]["offered_tools"]], ["mcp__fn__get_time"])
+
+    def test_legacy_functions(self):
+        reply = self.reply(dict(user("CALLTOOL"), functions=[WEATHER["function"]]))
+        message = reply["choices"][0]["message"]
+        self.assertEqual(message["function_call"], message["tool_calls"][0]["function"])
+        self.assertEqual(reply["choices"][0]["finish_reason"], "tool_calls")
+
+    def test_call_without_arguments(self):
+        reply = self.reply(dict(user("CALLTOOL NOARGS"), tools=[TIME]))
+        self.assertEqual(reply["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{}")
+
+    def test_names_round_trip(self):
+        for name in ("a", "A-b_9", "x" * 56, "y" * 64):
+            with self.subTest(name):
+                tool = {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+                reply = self.reply(dict(user("CALLTOOL"), tools=[tool]))
+                self.assertEqual(reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"], name)
+
+    def test_agent_loop(self):
+        """Three rounds: call, result, call, result, answer: the model sees every call and result."""
+        messages = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "CALLTOOL trip plan"}]
+        for round_ in range(3):
+            reply = self.reply({"messages": messages, "tools": [WEATHER]})
+            message = reply["choices"][0]["message"]
+            if round_ < 2:
+                self.assertEqual(reply["choices"][0]["finish_reason"], "tool_calls")
+                call = message["tool_calls"][0]
+                messages.append({"role": "assistant", "content": message["content"], "tool_calls": message["tool_calls"]})
+                messages.append({"role": "tool", "tool_call_id": call["id"],
+                                 "content": "sunny" if round_ == 0 else "RESULT-rainy"})
+                if round_ == 0:
+                    messages.append({"role": "user", "content": "CALLTOOL and tomorrow?"})
+        self.assertEqual(reply["choices"][0]["finish_reason"], "stop")
+        self.assertTrue(message["content"].startswith("Final answer using RESULT-rainy"), message["content"])
+        transcript = json.loads(self.records()[-1]["stdin"])["message"]["content"][0]["text"]
+        for piece in ('<tool_call id="%s" name="get_weather">{"city": "Paris"}</tool_call>' % messages[2]["tool_calls"][0]["id"],
+                      '<tool tool_call_id="%s">\nsunny\n</tool>' % messages[2]["tool_calls"][0]["id"],
+                      "CALLTOOL and tomorrow?", "RESULT-rainy"):
+            self.assertIn(piece, transcript)
+
+    def test_bad_tools_are_400(self):
+        cases = [([{"type": "function", "function": {"name": "bad name!"}}], "tools[0].function.name"),
+                 ([{"type": "code_interpreter"}], "tools[0].type")]
+        for tools, param in cases:
+            with self.subTest(tools):
+                self.assert_error(self.chat(dict(user("hi"), tools=tools)), 400, param)
+        self.assertEqual(self.records(), [])
+
+
+class StructuredOutputTest(ServerTestCase):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+
+    def test_json_schema(self):
+        for extra in ({}, {"tools": [WEATHER]}):
+            with self.subTest(extra=extra):
+                status, _, raw = self.chat(dict(user("CHATTY extract: Ada, 36"), response_format={
+                    "type": "json_schema", "json_schema": {"name": "person", "schema": self.schema, "strict": True}}, **extra))
+                self.assertEqual(status, 200, raw)
+                choice = json.loads(raw)["choices"][0]
+                self.assertEqual(json.loads(choice["message"]["content"]), {"name": "x", "age": 1})
+                self.assertEqual(choice["finish_reason"], "stop")
+                argv = self.records()[-1]["argv"]
+                self.assertEqual(json.loads(argv[argv.index("--json-schema") + 1]), self.schema)
+
+    def test_json_object_and_streaming(self):
+        status, _, raw = self.chat(dict(user("CHATTY give json"), response_format={"type": "json_object"}, stream=True))
+        chunks = sse_payloads(raw)[:-1]
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        self.assertEqual(json.loads(content), {})
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+        status, _, raw = self.chat(dict(user("extract"), stream=True, response_format={
+            "type": "json_schema", "json_schema": {"name": "p", "schema": self.schema}}))
+        chunks = sse_payloads(raw)[:-1]
+        pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+        self.assertEqual(len(pieces), 2, "the JSON streams as the model writes it")
+        self.assertEqual(json.loads("".join(pieces)), {"name": "x", "age": 1})
+
+    def test_schema_the_cli_refuses_is_400(self):
+        # A schema the proxy cannot see is wrong, but the CLI refuses: its complaint becomes a 400.
+        stub = os.path.join(self.tmp, "claude-picky")
+        with open(stub, "w") as f:
+            f.write("#!%s\nimport sys\nsys.stderr.write(\"Error: --json-schema is not valid JSON: "
+                    "JSON Parse error\\n\")\nsys.exit(1)\n" % sys.executable)
+        os.chmod(stub, 0o755)
+        server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(stub))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            self.assert_error(self.chat(dict(user("x"), response_format={"type": "json_object"}),
+                                        port=server.server_address[1]), 400,
+                              "response_format.json_schema.schema", "invalid_json_schema")
         finally:
             server.stop()
             thread.join(10)
