@@ -51,6 +51,8 @@ DEFAULT_SYSTEM_PROMPT = "You are Claude, a helpful AI assistant made by Anthropi
 # The CLI retries 429/529/5xx by itself for minutes; the proxy answers 429/529 at the first
 # retry notice, and bounds the others (5xx, network) to a few seconds of retrying.
 DEFAULT_CLI_MAX_RETRIES = "2"
+DEFAULT_POOL_SIZE = 2  # warm CLI processes waiting in all; each holds ~165 MB
+DEFAULT_POOL_IDLE = 300.0  # seconds a warm process may wait before it is retired
 STOP_GRACE_SECONDS = 1.5  # SIGTERM, then SIGKILL after this long
 REQUEST_SOCKET_TIMEOUT = 120.0  # a client that stalls mid-request or mid-read for this long is dropped
 
@@ -626,18 +628,26 @@ def cli_version(claude_path, timeout=15.0):
 
 class CliRun:
     """One `claude -p` process: started in a private empty directory and its own process group,
-    fed one message, read event by event, and stopped (the whole group) whatever happens."""
+    given one message, read event by event, and stopped (the whole group) whatever happens.
 
-    def __init__(self, runner, argv, env, workdir, stdin_bytes, timeout):
+    It may be started ahead of its request (the warm pool): the CLI prints nothing and calls
+    no model until its message arrives on stdin (CLI-FACTS), and it serves that one message only."""
+
+    def __init__(self, runner, argv, env, workdir, shape=None):
         self.runner = runner
         self.workdir = workdir
-        self.timeout = timeout
+        self.shape = shape
+        self.binary = runner.binary_stamp()
+        self.spawned_at = time.monotonic()
+        self.timeout = runner.timeout
+        self.sent = False
         self.cancelled = None  # why it was stopped early: "client_gone", "timeout", "shutdown", ...
         self.garbage_lines = 0
         self.stderr_tail = collections.deque(maxlen=40)
         self.returncode = None
         self._lock = threading.Lock()
         self._stopped = False
+        self._timer = None
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
@@ -645,13 +655,24 @@ class CliRun:
             kwargs["start_new_session"] = True  # its own process group: stop it and its children
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=workdir, env=env, **kwargs)
-        self._timer = threading.Timer(timeout, self.cancel, ("timeout",))
-        self._timer.daemon = True
-        self._timer.start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def send(self, message):
+        """Hand the run its one message and close stdin (so the CLI exits after replying). The
+        timeout counts from here."""
+        with self._lock:
+            self.sent = True
+            if self._stopped:
+                return
+            self._timer = threading.Timer(self.timeout, self.cancel, ("timeout",))
+            self._timer.daemon = True
+            self._timer.start()
         # Written from a thread: a large message must not deadlock against a CLI that writes
         # its first events before it has read all of stdin.
-        threading.Thread(target=self._write_stdin, args=(stdin_bytes,), daemon=True).start()
+        threading.Thread(target=self._write_stdin, args=(message,), daemon=True).start()
+
+    def alive(self):
+        return not self._stopped and self.proc.poll() is None
 
     def _write_stdin(self, data):
         try:
@@ -694,7 +715,8 @@ class CliRun:
             if self._stopped:
                 return
             self._stopped = True
-        self._timer.cancel()
+            if self._timer:
+                self._timer.cancel()
         if self.proc.poll() is None:
             signal_group(self.proc, hard=False)
             try:
@@ -706,7 +728,7 @@ class CliRun:
             # The CLI itself exited; anything it left behind in its group goes too.
             signal_group(self.proc, hard=True)
         self.returncode = self.proc.returncode
-        for stream in (self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
                 stream.close()
             except OSError:
@@ -736,10 +758,29 @@ def signal_group(proc, hard):
         pass  # already gone
 
 
-class CliRunner:
-    """Owns every CLI process the proxy starts: starts runs, and stops them all at shutdown."""
+# What a process must be started with, as opposed to what its message carries: requests whose
+# plans agree on these can be served by the same kind of warm process.
+SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens")
 
-    def __init__(self, claude_path, timeout=DEFAULT_TIMEOUT, env=None, log_prompts=False):
+
+def run_shape(plan):
+    """The key of a plan's process shape (everything that goes into argv, files or env)."""
+    return json.dumps([plan.get(field) for field in SHAPE_FIELDS], sort_keys=True)
+
+
+def shape_label(shape):
+    """A short readable name for a shape, for /health: model/effort/hash."""
+    model, effort = json.loads(shape)[:2]
+    return "%s/%s/%s" % (model or "default", effort or "-",
+                         hashlib.sha1(shape.encode("utf-8")).hexdigest()[:8])
+
+
+class CliRunner:
+    """Owns every CLI process the proxy starts: cold runs, the warm pool's processes, and
+    stopping them all at shutdown."""
+
+    def __init__(self, claude_path, timeout=DEFAULT_TIMEOUT, env=None, log_prompts=False,
+                 pool_size=0, pool_idle=DEFAULT_POOL_IDLE):
         self.claude_path = claude_path
         self.timeout = timeout
         self.env = dict(os.environ if env is None else env)
@@ -747,42 +788,63 @@ class CliRunner:
         self._runs = set()
         self._lock = threading.Lock()
         self._closed = False
+        self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
 
-    def start(self, plan):
-        """Start a run for a parsed request; raises a 502 ProxyError if the CLI cannot start."""
+    def binary_stamp(self):
+        """What identifies the CLI binary on disk; it changes when the CLI updates itself."""
+        try:
+            st = os.stat(os.path.realpath(self.claude_path))
+        except (OSError, TypeError):
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def spawn(self, plan, shape=None):
+        """Start a process for a plan's shape, waiting for its message. Raises a 502 ProxyError
+        if the CLI cannot start."""
         if not self.claude_path:
             raise cli_failed("The claude CLI was not found: install Claude Code, or set CLAUDE_PATH "
                              "to its full path.", "cli_not_found")
         workdir = tempfile.mkdtemp(prefix="claude-proxy-")  # 0700: private to this user
-        prompt_path = os.path.join(workdir, "system-prompt.txt")
-        with open(prompt_path, "w", encoding="utf-8") as f:
-            f.write(plan.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
-        config_path = None
-        if plan.get("tools"):
-            tools_path = os.path.join(workdir, "tools.json")
-            config_path = os.path.join(workdir, "mcp-config.json")
-            with open(tools_path, "w", encoding="utf-8") as f:
-                json.dump(plan["tools"], f)
-            with open(config_path, "w", encoding="utf-8") as f:
-                json.dump(mcp_config(tools_path), f)
-        stdin_bytes = cli_stdin(plan)
-        if self.log_prompts:
-            log("prompt: system=%r user=%s" % (plan.get("system_prompt"), stdin_bytes[:4000].decode("utf-8", "replace")))
         try:
+            prompt_path = os.path.join(workdir, "system-prompt.txt")
+            with open(prompt_path, "w", encoding="utf-8") as f:
+                f.write(plan.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
+            config_path = None
+            if plan.get("tools"):
+                tools_path = os.path.join(workdir, "tools.json")
+                config_path = os.path.join(workdir, "mcp-config.json")
+                with open(tools_path, "w", encoding="utf-8") as f:
+                    json.dump(plan["tools"], f)
+                with open(config_path, "w", encoding="utf-8") as f:
+                    json.dump(mcp_config(tools_path), f)
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path),
-                             cli_env(self.env, plan), workdir, stdin_bytes, self.timeout)
+                             cli_env(self.env, plan), workdir, shape)
                 self._runs.add(run)
+            return run
         except OSError as e:
             shutil.rmtree(workdir, ignore_errors=True)
             log("cannot start the claude CLI at %s: %s" % (self.claude_path, e))
             raise cli_failed("The claude CLI could not be started (%s); check CLAUDE_PATH."
-                             % e.strerror, "cli_not_found")
-        except ProxyError:
+                             % (e.strerror or e), "cli_not_found")
+        except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+
+    def start(self, plan):
+        """A run for a parsed request, given its message: a warm process of the same shape if
+        the pool has one, else a new one. Never waits for the pool."""
+        shape = run_shape(plan)
+        run = self.pool.take(shape, plan) if self.pool else None
+        if run is None:
+            run = self.spawn(plan, shape)
+        message = cli_stdin(plan)
+        if self.log_prompts:
+            log("prompt: system=%r user=%s" % (plan.get("system_prompt"),
+                                              message[:4000].decode("utf-8", "replace")))
+        run.send(message)
         return run
 
     def forget(self, run):
@@ -790,16 +852,160 @@ class CliRunner:
             self._runs.discard(run)
 
     def active(self):
+        """How many runs are serving a request now (warm processes not counted)."""
+        with self._lock:
+            return sum(1 for run in self._runs if run.sent)
+
+    def processes(self):
+        """How many CLI processes the proxy holds, warm ones included."""
         with self._lock:
             return len(self._runs)
 
     def stop_all(self):
-        """At shutdown: refuse new runs, stop every running one."""
+        """At shutdown: refuse new runs, stop the pool and every running process."""
         with self._lock:
             self._closed = True
+        if self.pool:
+            self.pool.close()
+        with self._lock:
             runs = list(self._runs)
         for run in runs:
             run.cancel("shutdown")
+
+
+class WarmPool:
+    """CLI processes started ahead of their requests, waiting on stdin, keyed by shape.
+
+    The pool learns shapes from requests: after each take (a hit) or miss, a process of that
+    shape is started in the background. At most `size` wait in all; to make room, the one of
+    the least recently requested other shape goes. A process waits at most `idle_seconds`; one
+    that died, or whose CLI binary changed on disk since it started, is never handed out."""
+
+    MAX_REMEMBERED_SHAPES = 32
+
+    def __init__(self, runner, size, idle_seconds):
+        self.runner = runner
+        self.size = size
+        self.idle_seconds = idle_seconds
+        self.hits = self.misses = self.started = self.retired = 0
+        self._idle = {}  # shape -> [CliRun], oldest first
+        self._recent = collections.OrderedDict()  # shape -> plan, least recently requested first
+        self._wanted = []  # shapes to start a process for
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
+        self._thread.start()
+
+    def take(self, shape, plan):
+        """A waiting process of this shape, or None (a miss). Either way, one is started
+        in the background for the next request of this shape."""
+        stale = []
+        with self._cond:
+            if self._closed:
+                return None
+            self._recent[shape] = plan
+            self._recent.move_to_end(shape)
+            while len(self._recent) > self.MAX_REMEMBERED_SHAPES:
+                self._recent.popitem(last=False)
+            stamp = self.runner.binary_stamp()
+            waiting, run = self._idle.get(shape, []), None
+            while waiting:
+                candidate = waiting.pop()
+                if candidate.alive() and candidate.binary == stamp:
+                    run = candidate
+                    break
+                stale.append(candidate)
+            if run:
+                self.hits += 1
+            else:
+                self.misses += 1
+            self.retired += len(stale)
+            self._wanted.append(shape)
+            self._cond.notify()
+        for candidate in stale:
+            candidate.stop()
+        return run
+
+    def idle_count(self):
+        with self._cond:
+            return sum(len(runs) for runs in self._idle.values())
+
+    def stats(self):
+        with self._cond:
+            return {"size": self.size, "idle_seconds": self.idle_seconds,
+                    "idle": {shape_label(s): len(r) for s, r in self._idle.items() if r},
+                    "hits": self.hits, "misses": self.misses, "started": self.started,
+                    "retired": self.retired}
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            runs = [run for waiting in self._idle.values() for run in waiting]
+            self._idle.clear()
+            self._cond.notify()
+        self._thread.join(10)
+        for run in runs:
+            run.stop()
+
+    def _maintain(self):
+        while True:
+            with self._cond:
+                if not self._wanted and not self._closed:
+                    self._cond.wait(1.0)
+                if self._closed:
+                    return
+                wanted, self._wanted = list(dict.fromkeys(self._wanted)), []
+                expired = self._take_expired()
+            for run in expired:
+                run.stop()
+            for shape in wanted:
+                self._add(shape)
+
+    def _take_expired(self):
+        """Remove and return the waiting processes that must go: dead, too old, or from a CLI
+        binary that has since changed on disk. Call with the lock held."""
+        now, stamp, expired = time.monotonic(), self.runner.binary_stamp(), []
+        for shape, waiting in self._idle.items():
+            keep = []
+            for run in waiting:
+                fresh = now - run.spawned_at < self.idle_seconds
+                (keep if run.alive() and run.binary == stamp and fresh else expired).append(run)
+            self._idle[shape] = keep
+        self.retired += len(expired)
+        return expired
+
+    def _add(self, shape):
+        victim = None
+        with self._cond:
+            plan = self._recent.get(shape)
+            if plan is None or self._closed:
+                return
+            if sum(len(runs) for runs in self._idle.values()) >= self.size:
+                victim = self._evict_for(shape)
+                if victim is None:
+                    return  # the pool is full of this shape already
+        if victim:
+            victim.stop()
+        try:
+            run = self.runner.spawn(plan, shape)
+        except ProxyError as error:
+            log("warm pool: cannot start a process: %s" % error.message)
+            return
+        with self._cond:
+            if not self._closed:
+                self._idle.setdefault(shape, []).append(run)
+                self.started += 1
+                return
+        run.stop()
+
+    def _evict_for(self, shape):
+        """Remove and return the oldest waiting process of the least recently requested shape
+        other than this one, or None. Call with the lock held."""
+        for other in list(self._recent) + [s for s in self._idle if s not in self._recent]:
+            if other != shape and self._idle.get(other):
+                self.retired += 1
+                return self._idle[other].pop(0)
+        return None
 
 
 # CLI events #################################################################################
@@ -1416,6 +1622,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "default_model": config.model,
             "default_effort": config.effort,
             "active_runs": self.server.runner.active(),
+            "pool": self.server.runner.pool.stats() if self.server.runner.pool else None,
         })
 
     def list_models(self):
@@ -1528,7 +1735,7 @@ class Config:
 
     def __init__(self, claude_path=None, model=None, effort=None, timeout=DEFAULT_TIMEOUT,
                  models=DEFAULT_MODELS, max_body=DEFAULT_MAX_BODY, log_prompts=False,
-                 claude_version=None):
+                 claude_version=None, pool_size=0, pool_idle=DEFAULT_POOL_IDLE):
         self.claude_path = claude_path
         self.model = model or None
         self.effort = effort or None
@@ -1539,6 +1746,8 @@ class Config:
         self.max_body = max_body
         self.log_prompts = log_prompts
         self.claude_version = claude_version
+        self.pool_size = pool_size  # main() turns the pool on (DEFAULT_POOL_SIZE); tests opt in
+        self.pool_idle = pool_idle
         self.started = int(time.time())
 
 
@@ -1549,8 +1758,13 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, address, config, runner=None):
         self.config = config
         self.runner = runner or CliRunner(config.claude_path, config.timeout,
-                                          log_prompts=config.log_prompts)
-        super().__init__(address, ProxyHandler)
+                                          log_prompts=config.log_prompts,
+                                          pool_size=config.pool_size, pool_idle=config.pool_idle)
+        try:
+            super().__init__(address, ProxyHandler)
+        except BaseException:
+            self.runner.stop_all()
+            raise
 
     def stop(self):
         """Stop serving, stop every CLI run, close the socket. Call from another thread than
@@ -1560,34 +1774,43 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def env_default(name, fallback):
-    return os.environ.get(name) or fallback
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def parse_args(argv=None):
+    """Flags, each defaulting to its environment variable. String defaults go through the same
+    type checks as flags, so a bad PORT is a usage error, not a traceback."""
+    env = os.environ.get
     parser = argparse.ArgumentParser(
         prog="claude_proxy.py",
         description="An OpenAI-compatible API server over the local claude CLI.")
     add = parser.add_argument
-    add("--host", default=env_default("HOST", DEFAULT_HOST),
+    add("--host", default=env("HOST", DEFAULT_HOST),
         help="Default: %s (env HOST). Address to bind; keep it loopback." % DEFAULT_HOST)
-    add("--port", type=int, default=int(env_default("PORT", DEFAULT_PORT)),
+    add("--port", type=int, default=env("PORT", str(DEFAULT_PORT)),
         help="Default: %d (env PORT). 0 picks a free port." % DEFAULT_PORT)
-    add("--claude-path", default=env_default("CLAUDE_PATH", None),
+    add("--claude-path", default=env("CLAUDE_PATH") or None,
         help="Default: `claude` found on PATH (env CLAUDE_PATH).")
-    add("--model", default=env_default("CLAUDE_MODEL", None),
+    add("--model", default=env("CLAUDE_MODEL") or None,
         help="Default: the CLI's own default (env CLAUDE_MODEL). Used when a request names none.")
-    add("--effort", default=env_default("CLAUDE_EFFORT", None), choices=CLI_EFFORTS,
-        help="Default: the CLI's own (env CLAUDE_EFFORT). Used when a request has no reasoning_effort.")
-    add("--timeout", type=float, default=float(env_default("CLAUDE_TIMEOUT", DEFAULT_TIMEOUT)),
+    add("--effort", default=env("CLAUDE_EFFORT") or None,
+        help="Default: the CLI's own (env CLAUDE_EFFORT). One of %s; used when a request has "
+        "no reasoning_effort." % ", ".join(CLI_EFFORTS))
+    add("--timeout", type=float, default=env("CLAUDE_TIMEOUT", str(DEFAULT_TIMEOUT)),
         help="Default: %g (env CLAUDE_TIMEOUT). Seconds one CLI run may take; then 504." % DEFAULT_TIMEOUT)
-    add("--models", default=env_default("CLAUDE_MODELS", ",".join(DEFAULT_MODELS)),
+    add("--models", default=env("CLAUDE_MODELS", ",".join(DEFAULT_MODELS)),
         help="Default: %s (env CLAUDE_MODELS). What GET /v1/models lists." % ",".join(DEFAULT_MODELS))
-    add("--max-body", type=int, default=int(env_default("CLAUDE_MAX_BODY", DEFAULT_MAX_BODY)),
+    add("--max-body", type=int, default=env("CLAUDE_MAX_BODY", str(DEFAULT_MAX_BODY)),
         help="Default: %d (env CLAUDE_MAX_BODY). Largest request body in bytes; larger is 413."
         % DEFAULT_MAX_BODY)
-    add("--log-prompts", action="store_true",
-        default=env_default("CLAUDE_PROXY_LOG_PROMPTS", "") not in ("", "0", "false", "no"),
+    add("--pool-size", type=int, default=env("CLAUDE_POOL_SIZE", str(DEFAULT_POOL_SIZE)),
+        help="Default: %d (env CLAUDE_POOL_SIZE). Warm CLI processes kept waiting, in all "
+        "(~165 MB each); 0 turns the pool off." % DEFAULT_POOL_SIZE)
+    add("--pool-idle", type=float, default=env("CLAUDE_POOL_IDLE", str(DEFAULT_POOL_IDLE)),
+        help="Default: %g (env CLAUDE_POOL_IDLE). Seconds a warm process may wait unused."
+        % DEFAULT_POOL_IDLE)
+    add("--log-prompts", action="store_true", default=env_flag("CLAUDE_PROXY_LOG_PROMPTS"),
         help="Default: off (env CLAUDE_PROXY_LOG_PROMPTS=1). Log each prompt to stderr.")
     add("--version", action="version", version="claude_proxy.py " + __version__)
     add("--mcp-tools", metavar="FILE", help="Internal: run as the MCP server of a request's "
@@ -1595,6 +1818,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.model and not MODEL_NAME.match(args.model):
         parser.error("invalid --model / CLAUDE_MODEL %r" % args.model)
+    if args.effort and args.effort not in CLI_EFFORTS:
+        parser.error("--effort / CLAUDE_EFFORT must be one of %s" % ", ".join(CLI_EFFORTS))
+    for name in ("port", "pool_size"):
+        if getattr(args, name) < 0:
+            parser.error("--%s must be 0 or more" % name.replace("_", "-"))
+    for name in ("timeout", "max_body", "pool_idle"):
+        if getattr(args, name) <= 0:
+            parser.error("--%s must be more than 0" % name.replace("_", "-"))
     return args
 
 
@@ -1614,7 +1845,7 @@ def main(argv=None):
     version = cli_version(claude_path)
     config = Config(claude_path, args.model, args.effort, args.timeout,
                     [m.strip() for m in args.models.split(",") if m.strip()], args.max_body,
-                    args.log_prompts, version)
+                    args.log_prompts, version, args.pool_size, args.pool_idle)
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:
@@ -1626,8 +1857,9 @@ def main(argv=None):
         log("claude CLI: %s (%s)" % (claude_path, version or "version unknown: `claude --version` failed"))
     else:
         log("WARNING: no claude CLI found (set CLAUDE_PATH); requests will fail with 502")
-    log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs)"
-        % (url, config.model or "CLI default", config.timeout))
+    log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs, warm pool: %s)"
+        % (url, config.model or "CLI default", config.timeout,
+           "%d processes" % config.pool_size if config.pool_size else "off"))
     sys.stderr.write("Point any OpenAI client at it, e.g.:\n%s\n" % client_snippet(url))
     sys.stderr.flush()
 

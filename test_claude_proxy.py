@@ -106,7 +106,7 @@ if effort and effort not in ("low", "medium", "high", "xhigh", "max"):
     sys.stderr.write("Warning: Unknown --effort value '%%s' \u2014 ignoring it and using the default effort. "
                      "Valid values: low, medium, high, xhigh, max.\n" %% effort)
 
-record = {"pid": os.getpid(), "argv": sys.argv, "cwd": os.getcwd(), "cwd_entries": sorted(os.listdir(".")),
+record = {"pid": os.getpid(), "started_at": time.time(), "argv": sys.argv, "cwd": os.getcwd(), "cwd_entries": sorted(os.listdir(".")),
           "env": {k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_MAX_OUTPUT_TOKENS",
                   "CLAUDE_CODE_MAX_RETRIES")}}
@@ -157,8 +157,13 @@ def result(text, is_error=False, status=None, subtype="success", stop_reason="en
                              "cache_read_input_tokens": 0, "output_tokens": 0},
           "modelUsage": {}, "permission_denials": [], "uuid": str(uuid.uuid4())})
 
+# The real CLI spends ~0.5-1.3 s starting up (CLI-FACTS); STUB_START_DELAY imitates that.
+time.sleep(float(os.environ.get("STUB_START_DELAY", "0")))
+record["ready_at"] = time.time()
+save()
 # Like the real CLI, nothing is printed (not even init) until the first message arrives.
 line = sys.stdin.readline()
+record["message_at"] = time.time()
 record["stdin"] = line
 save()
 if not line:
@@ -989,13 +994,19 @@ class ServerTestCase(unittest.TestCase):
         status, headers, raw = self.request("POST", "/v1/chat/completions", body, **kwargs)
         return status, headers, raw
 
-    def records(self):
+    def records(self, runs_only=True):
+        """What each stub process recorded, oldest first; by default only those that got a
+        message (a warm process still waiting is not a run)."""
         out = []
-        for name in sorted(os.listdir(self.record_dir)):
+        for name in os.listdir(self.record_dir):
             if name.endswith(".json"):
-                with open(os.path.join(self.record_dir, name)) as f:
-                    out.append(json.load(f))
-        return out
+                try:
+                    with open(os.path.join(self.record_dir, name)) as f:
+                        out.append(json.load(f))
+                except (OSError, ValueError):
+                    continue  # being replaced right now
+        out.sort(key=lambda r: r["started_at"])
+        return [r for r in out if r.get("stdin") or not runs_only]
 
     def assert_error(self, status_and_body, status, param=None, code=None):
         got_status, headers, raw = status_and_body
@@ -1495,6 +1506,158 @@ class StructuredOutputTest(ServerTestCase):
         finally:
             server.stop()
             thread.join(10)
+
+
+class PoolTest(ServerTestCase):
+    """The warm pool, each test on a server of its own so that the counts start at zero."""
+
+    def pool_server(self, **config):
+        config.setdefault("pool_size", 2)
+        server = self.make_server(**config)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+
+        def stop():
+            server.stop()
+            thread.join(10)
+        self.addCleanup(stop)
+        return server, server.server_address[1]
+
+    def waiting(self, count=1):
+        """The records of the stub processes waiting for a message, once there are `count`."""
+        waiting = lambda: [r for r in self.records(runs_only=False) if not r.get("stdin") and pid_alive(r["pid"])]
+        self.assertTrue(wait_until(lambda: len(waiting()) == count), waiting())
+        return waiting()
+
+    def ok(self, body, port):
+        status, _, raw = self.chat(body, port=port)
+        self.assertEqual(status, 200, raw)
+        return json.loads(raw)
+
+    def test_shape(self):
+        plan = lambda **f: cp.parse_chat_request(dict({"messages": [{"role": "user", "content": "a"}]}, **f))
+        self.assertEqual(cp.run_shape(plan()), cp.run_shape(cp.parse_chat_request(user("something else"))))
+        self.assertEqual(cp.run_shape(plan(temperature=0.5, stream=True)), cp.run_shape(plan()))
+        for fields in ({"model": "opus"}, {"reasoning_effort": "low"}, {"max_tokens": 5}, {"tools": [WEATHER]},
+                       {"response_format": {"type": "json_object"}},
+                       {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}]}):
+            with self.subTest(fields):
+                self.assertNotEqual(cp.run_shape(plan(**fields)), cp.run_shape(plan()))
+
+    def test_miss_then_hit_then_replacement(self):
+        server, port = self.pool_server()
+        pool = server.runner.pool
+        self.ok(user("first"), port)
+        self.assertEqual((pool.hits, pool.misses), (0, 1))
+        self.assertTrue(wait_until(lambda: pool.idle_count() == 1), "a process of that shape was started")
+        [warm] = self.waiting()
+        sent = time.time()
+        reply = self.ok(user("second"), port)
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Echo: second [images: 0]")
+        self.assertEqual((pool.hits, pool.misses), (1, 1))
+        [second] = [r for r in self.records() if "second" in r["stdin"]]
+        self.assertEqual(second["pid"], warm["pid"], "the waiting process served it")
+        self.assertLess(second["started_at"], sent)
+        self.assertTrue(wait_until(lambda: pool.idle_count() == 1 and pool.started == 2), "replaced after the take")
+        status, _, raw = self.request("GET", "/health", port=port)
+        health = json.loads(raw)["pool"]
+        self.assertEqual((health["hits"], health["misses"], sum(health["idle"].values())), (1, 1, 1))
+
+    def test_each_process_serves_one_request(self):
+        server, port = self.pool_server()
+        for word in ("one", "two", "three"):
+            self.ok(user(word), port)
+            wait_until(lambda: server.runner.pool.idle_count() == 1)
+        runs = self.records()
+        self.assertEqual(len({r["pid"] for r in runs}), 3)
+        for run in runs:
+            self.assertEqual(run["stdin"].count("\n"), 1, "one message per process")
+            self.assertTrue(wait_until(lambda: not pid_alive(run["pid"])), "and then it exited")
+
+    def test_concurrent_requests_never_share_a_process(self):
+        server, port = self.pool_server()
+        self.ok(user("warm up"), port)
+        self.assertTrue(wait_until(lambda: server.runner.pool.idle_count() == 1))
+        self.setUp()
+        results = []
+        threads = [threading.Thread(target=lambda w=w: results.append(self.chat(user("SAY[%s]" % w), port=port)))
+                   for w in ("alpha", "beta", "gamma")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(sorted(json.loads(raw)["choices"][0]["message"]["content"] for _, _, raw in results),
+                         ["alpha", "beta", "gamma"])
+        runs = self.records()
+        self.assertEqual(len(runs), 3)
+        self.assertEqual(len({r["pid"] for r in runs}), 3)
+        self.assertGreaterEqual(server.runner.pool.hits, 1, "the waiting process served one of them")
+
+    def test_size_bound_keeps_the_most_recent_shapes(self):
+        server, port = self.pool_server(pool_size=2)
+        pool = server.runner.pool
+        for model in ("m-one", "m-two", "m-three"):
+            self.ok(dict(user("hi"), model=model), port)
+            self.assertTrue(wait_until(lambda: pool.started >= 1 and not pool._wanted and pool.idle_count() >= 1))
+            time.sleep(0.05)
+            self.assertLessEqual(pool.idle_count(), 2)
+        self.assertTrue(wait_until(lambda: sorted(k.split("/")[0] for k in pool.stats()["idle"]) == ["m-three", "m-two"]))
+        self.assertEqual(len([r for r in self.records(runs_only=False) if pid_alive(r["pid"])]), 2)
+
+    def test_idle_processes_are_retired(self):
+        server, port = self.pool_server(pool_idle=0.3)
+        self.ok(user("hi"), port)
+        pool = server.runner.pool
+        self.assertTrue(wait_until(lambda: pool.started == 1))
+        self.assertTrue(wait_until(lambda: pool.idle_count() == 0 and pool.retired == 1))
+        for record in self.records(runs_only=False):
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+
+    def test_dead_warm_process_is_not_handed_out(self):
+        server, port = self.pool_server()
+        pool = server.runner.pool
+        self.ok(user("hi"), port)
+        self.assertTrue(wait_until(lambda: pool.idle_count() == 1))
+        [warm] = self.waiting()
+        os.kill(warm["pid"], signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: not pid_alive(warm["pid"])))
+        reply = self.ok(user("after the death"), port)
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Echo: after the death [images: 0]")
+        self.assertEqual((pool.hits, pool.misses), (0, 2))
+        [served] = [r for r in self.records() if "after the death" in r["stdin"]]
+        self.assertNotEqual(served["pid"], warm["pid"])
+
+    def test_cli_update_retires_the_pool(self):
+        server, port = self.pool_server()
+        pool = server.runner.pool
+        self.ok(user("hi"), port)
+        self.assertTrue(wait_until(lambda: pool.idle_count() == 1))
+        [warm] = self.waiting()
+        later = os.stat(self.stub).st_mtime + 10
+        os.utime(self.stub, (later, later))  # the CLI "updated itself"
+        self.addCleanup(os.utime, self.stub, None)
+        self.assertTrue(wait_until(lambda: not pid_alive(warm["pid"])), "retired without waiting for a request")
+        self.ok(user("after the update"), port)
+        self.assertEqual(pool.hits, 0)
+
+    def test_shutdown_leaves_no_process(self):
+        server, port = self.pool_server()
+        self.ok(user("hi"), port)
+        self.ok(dict(user("hi"), model="other"), port)
+        self.assertTrue(wait_until(lambda: server.runner.pool.idle_count() == 2))
+        server.stop()
+        for record in self.records(runs_only=False):
+            self.assertFalse(pid_alive(record["pid"]))
+        self.assertEqual(server.runner.processes(), 0)
+
+    def test_pooled_runs_still_stop_on_disconnect_and_timeout(self):
+        server, port = self.pool_server(timeout=0.5)
+        self.ok(user("warm up"), port)
+        self.assertTrue(wait_until(lambda: server.runner.pool.idle_count() == 1))
+        self.assert_error(self.chat(user("HANG"), port=port), 504, code="timeout")
+        self.assertEqual(server.runner.pool.hits, 1)
+        hung = [r for r in self.records() if "child_pid" in r][0]
+        self.assertTrue(wait_until(lambda: not pid_alive(hung["pid"]) and not pid_alive(hung["child_pid"])))
 
 
 class LifecycleTest(ServerTestCase):
