@@ -592,6 +592,11 @@ def cli_env(base_env, plan):
         env.pop(name, None)
     # One request, one model call: no title-generation side call, telemetry or update check.
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    # The user's own CLAUDE.md files and auto-memory are notes for their coding sessions: they
+    # would reach every API client's prompt. (Settings still load: they may hold the login or
+    # a gateway.) An operator who wants them sets these to 0.
+    env.setdefault("CLAUDE_CODE_DISABLE_CLAUDE_MDS", "1")
+    env.setdefault("CLAUDE_CODE_DISABLE_AUTO_MEMORY", "1")
     env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
     if plan.get("max_tokens"):
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
@@ -747,11 +752,10 @@ def signal_group(proc, hard):
     """TERM (or KILL) a run's whole process group; on Windows, its whole process tree."""
     try:
         if os.name == "nt":
-            if hard:
-                subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            else:
-                proc.terminate()
+            # claude.cmd is cmd.exe running node: ending cmd.exe alone would orphan the CLI,
+            # and once cmd.exe is gone its tree cannot be found. Take the tree down at once.
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
             os.killpg(proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
     except (OSError, subprocess.SubprocessError):
@@ -1481,7 +1485,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         self.started = time.monotonic()
-        self.log_model, self.log_usage, self.status = "-", None, None
+        self.log_model, self.log_usage, self.log_error, self.status = "-", None, None, None
         try:
             route = self.route(method, self.path)
             if route is None:
@@ -1491,6 +1495,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             allowed, handler = route
             if method == "OPTIONS":
                 return self.send_empty(204, {"Allow": ", ".join(allowed + ("OPTIONS",))})
+            if method == "HEAD" and "GET" in allowed:
+                method = "GET"  # send_json leaves the body out for HEAD
             if method not in allowed:
                 raise ProxyError(405, "Method %s is not allowed here; use %s." % (method, " or ".join(allowed)),
                                  "invalid_request_error", None, "method_not_allowed",
@@ -1539,9 +1545,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (bad request line, header too long, ...) as JSON envelopes."""
         self.started = getattr(self, "started", time.monotonic())
-        self.log_model, self.log_usage, self.status = "-", None, None
+        self.log_model, self.log_usage, self.log_error, self.status = "-", None, None, None
         self.close_connection = True
         self.send_error_body(ProxyError(code, message or "Bad request", "invalid_request_error"))
+        self.log_access(getattr(self, "command", None) or "-")
 
     def send_response(self, code, message=None):
         self.status = code
@@ -1553,9 +1560,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_access(self, method):
         usage = self.log_usage or {}
         tokens = "%s+%s" % (usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
-        log('%s %s %s %s model=%s tokens=%s %.0fms' % (
-            self.client_address[0], method, self.path.split("?")[0], self.status or "-",
-            self.log_model, tokens, (time.monotonic() - self.started) * 1000))
+        log('%s %s %s %s%s model=%s tokens=%s %.0fms' % (
+            self.client_address[0], method, (getattr(self, "path", None) or "-").split("?")[0],
+            self.status or "-",
+            " error=%s" % self.log_error if self.log_error else "", self.log_model, tokens,
+            (time.monotonic() - self.started) * 1000))
 
     # --- request bodies
 
@@ -1566,7 +1575,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise ProxyError(411, "A Content-Length header is required", "invalid_request_error",
-                             None, "length_required")
+                             None, "length_required", {"x-should-retry": "false"})
         try:
             length = int(length)
             if length < 0:
@@ -1577,7 +1586,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ProxyError(413, "The request body is %d bytes; this proxy accepts at most %d "
                              "(CLAUDE_MAX_BODY)." % (length, limit), "invalid_request_error", None,
-                             "request_too_large")
+                             "request_too_large", {"x-should-retry": "false"})
         body = self.rfile.read(length)
         if len(body) < length:
             raise invalid("The request body ended early", None, "incomplete_body")
@@ -1599,7 +1608,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if size > limit:
                 self.close_connection = True
                 raise ProxyError(413, "The request body is over %d bytes (CLAUDE_MAX_BODY)." % limit,
-                                 "invalid_request_error", None, "request_too_large")
+                                 "invalid_request_error", None, "request_too_large",
+                                 {"x-should-retry": "false"})
             parts.append(self.rfile.read(chunk))
             self.rfile.readline(1024)
 
@@ -1632,7 +1642,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def get_model(self, model_id):
         config = self.server.config
-        if model_id not in config.models and model_id != config.model:
+        # Any Claude model name the CLI would take is "there": clients that verify their
+        # configured model with this call must not be turned away for a valid full name.
+        if model_id not in config.models and not (model_id.startswith("claude-")
+                                                   and MODEL_NAME.match(model_id)):
             raise ProxyError(404, "The model %r does not exist; GET /v1/models lists them." % model_id,
                              "invalid_request_error", "model", "model_not_found")
         self.send_json(200, model_entry(model_id, config.started))
@@ -1667,6 +1680,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             translator.error = run_failure(run, plan)
         if translator.error:
             log("request failed: %s %s" % (translator.error.status, translator.error.message))
+            self.log_error = translator.error.code  # a stream's status is already 200
             sink.fail(translator.error)
             return
         self.log_usage = translator.usage

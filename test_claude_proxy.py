@@ -37,6 +37,7 @@ the behaviour:
   NOARGS      with CALLTOOL: a call with no input_json_delta at all
   RESULT-     once the message holds it, "Final answer using RESULT-..." instead of a call
   CHATTY      with --json-schema: prose before the StructuredOutput call
+  STAMP       ten deltas 20 ms apart, each "<t=TIME>" with the time it was written (benchmark)
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
 and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
@@ -109,7 +110,7 @@ if effort and effort not in ("low", "medium", "high", "xhigh", "max"):
 record = {"pid": os.getpid(), "started_at": time.time(), "argv": sys.argv, "cwd": os.getcwd(), "cwd_entries": sorted(os.listdir(".")),
           "env": {k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_MAX_OUTPUT_TOKENS",
-                  "CLAUDE_CODE_MAX_RETRIES")}}
+                  "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_DISABLE_CLAUDE_MDS")}}
 if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
@@ -254,7 +255,14 @@ if not calls or calls[0][0] != "StructuredOutput" or "CHATTY" in text:
     pieces = 20 if slow else 3
     size = max(1, -(-len(said_text) // pieces))
     stream({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
-    for start in range(0, len(said_text), size):
+    if "STAMP" in text:  # for the benchmark: each delta says when it was written
+        said_text = ""
+        for _ in range(10):
+            time.sleep(0.02)
+            piece = "<t=%%.6f>" %% time.time()
+            said_text += piece
+            stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})
+    for start in range(0, len(said_text) if "STAMP" not in text else 0, size):
         if slow:
             time.sleep(0.2)
         stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": said_text[start:start + size]}})
@@ -551,6 +559,8 @@ class CliCommandTest(unittest.TestCase):
         self.assertNotIn("CLAUDECODE", env)
         self.assertNotIn("CLAUDE_CODE_ENTRYPOINT", env)
         self.assertEqual(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
+        self.assertEqual(env["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1", "the user's CLAUDE.md stays out")
+        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_CLAUDE_MDS="0"), {})["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "0")
         self.assertEqual(env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "64")
         self.assertEqual(env["CLAUDE_CODE_MAX_RETRIES"], cp.DEFAULT_CLI_MAX_RETRIES)
         self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_MAX_RETRIES="7"), {})["CLAUDE_CODE_MAX_RETRIES"], "7")
@@ -1049,6 +1059,10 @@ class EndpointsTest(ServerTestCase):
                     self.assertIsInstance(model["created"], int)
         status, _, raw = self.request("GET", "/v1/models/sonnet")
         self.assertEqual((status, json.loads(raw)["id"]), (200, "sonnet"))
+        status, _, raw = self.request("GET", "/v1/models/claude-sonnet-4-5-20250929")
+        self.assertEqual(status, 200, "a full Claude model name the CLI takes")
+        status, headers, raw = self.request("HEAD", "/health")
+        self.assertEqual((status, raw), (200, b""))
         self.assert_error(self.request("GET", "/v1/models/gpt-99"), 404, "model", "model_not_found")
 
     def test_unknown_paths_and_methods(self):
@@ -1105,6 +1119,7 @@ class ChatTest(ServerTestCase):
                          [{"type": "text", "text": "USER " + secret}])
         self.assertEqual(record["cwd_entries"], ["system-prompt.txt"], "an empty private working dir")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
+        self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "99")
         self.assertIsNone(record["env"]["CLAUDECODE"])
         self.assertFalse(os.path.exists(record["cwd"]), "the private dir and prompt file are removed")
@@ -1724,6 +1739,38 @@ class MainTest(unittest.TestCase):
         for word in ("--host", "--port", "--claude-path", "--model", "--effort", "--timeout", "--models",
                      "--max-body", "--log-prompts", "CLAUDE_PATH", "CLAUDE_TIMEOUT", "8082", "127.0.0.1"):
             self.assertIn(word, out.stdout)
+
+    def test_bad_settings_are_usage_errors(self):
+        import subprocess
+        for env, word in (({"PORT": "eighty"}, "--port"), ({"CLAUDE_EFFORT": "bogus"}, "CLAUDE_EFFORT"),
+                          ({"CLAUDE_TIMEOUT": "0"}, "--timeout"), ({"CLAUDE_MODEL": "-x"}, "CLAUDE_MODEL"),
+                          ({"CLAUDE_POOL_SIZE": "-1"}, "--pool-size")):
+            with self.subTest(env):
+                out = subprocess.run([sys.executable, cp.__file__], env=dict(os.environ, **env),
+                                     capture_output=True, text=True, timeout=30)
+                self.assertEqual(out.returncode, 2, out.stderr)
+                self.assertIn(word, out.stderr)
+                self.assertNotIn("Traceback", out.stderr)
+
+    def test_log_prompts_switch(self):
+        for value, want in (("1", True), ("TRUE", True), ("on", True), ("0", False), ("False", False),
+                            ("NO", False), ("off", False), ("", False)):
+            with self.subTest(value):
+                os.environ["CLAUDE_PROXY_LOG_PROMPTS"] = value
+                try:
+                    self.assertEqual(cp.parse_args([]).log_prompts, want)
+                finally:
+                    del os.environ["CLAUDE_PROXY_LOG_PROMPTS"]
+
+    def test_benchmark_runs(self):
+        """bench_claude_proxy.py end to end, one short round: it must not rot. No timing is judged."""
+        import subprocess
+        bench = os.path.join(os.path.dirname(os.path.abspath(cp.__file__)), "bench_claude_proxy.py")
+        out = subprocess.run([sys.executable, bench, "--rounds", "1", "--gap", "0.3", "--stub-delay", "0"],
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        for line in ("direct cold claude -p", "proxy, warm pool on", "proxy, pool off", "per streamed chunk"):
+            self.assertIn(line, out.stdout)
 
     def test_runs_as_a_program_and_stops_on_sigterm(self):
         import subprocess
