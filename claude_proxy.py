@@ -21,6 +21,7 @@ import binascii
 import collections
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -53,6 +54,12 @@ DEFAULT_SYSTEM_PROMPT = "You are Claude, a helpful AI assistant made by Anthropi
 DEFAULT_CLI_MAX_RETRIES = "2"
 DEFAULT_POOL_SIZE = 2  # warm CLI processes waiting in all; each holds ~165 MB
 DEFAULT_POOL_IDLE = 300.0  # seconds a warm process may wait before it is retired
+DEFAULT_MAX_CONCURRENCY = 4  # CLI runs at once
+DEFAULT_MAX_QUEUE = 32  # requests waiting for a run slot; more get 429
+DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGINT
+BUSY_RETRY_AFTER = 2  # Retry-After, in seconds, when every slot and queue place is taken
+REQUEST_READ_SECONDS = 30.0  # a request's line, headers and body must all arrive within this
+EXTRA_CONNECTIONS = 64  # open connections allowed beyond concurrency + queue (GETs, errors)
 STOP_GRACE_SECONDS = 1.5  # SIGTERM, then SIGKILL after this long
 REQUEST_SOCKET_TIMEOUT = 120.0  # a client that stalls mid-request or mid-read for this long is dropped
 
@@ -131,6 +138,20 @@ def cli_failed(message, code="cli_error"):
 def timed_out(seconds):
     return ProxyError(504, "The claude CLI did not finish within %g s (CLAUDE_TIMEOUT)." % seconds,
                       "server_error", None, "timeout")
+
+
+def proxy_busy(message):
+    """Every run slot and queue place is taken (CLAUDE_MAX_CONCURRENCY, CLAUDE_MAX_QUEUE)."""
+    return ProxyError(429, message, "rate_limit_error", None, "proxy_busy",
+                      {"Retry-After": str(BUSY_RETRY_AFTER)})
+
+
+def forbidden(message, code):
+    return ProxyError(403, message, "invalid_request_error", None, code, {"x-should-retry": "false"})
+
+
+class ClientGone(Exception):
+    """The client hung up while its request waited or ran: nobody is left to answer."""
 
 
 def retry_after_seconds(delay_ms, default=1):
@@ -1390,6 +1411,250 @@ class MessageCollector:
         raise error
 
 
+# Access, limits and metrics #################################################################
+
+
+def is_loopback_host(host):
+    """Whether a bind address or Host name is on this machine only."""
+    host = (host or "").strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_header_name(value):
+    """The name part of a Host header: without its port, IPv6 brackets kept off."""
+    value = (value or "").strip()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def origin_allowed(origin, allowed):
+    """Whether a browser Origin may use the proxy (CLAUDE_PROXY_CORS_ORIGINS, or `*`)."""
+    return "*" in allowed or origin.rstrip("/") in allowed
+
+
+def presented_key(headers):
+    """The API key a request presents: `Authorization: Bearer <key>` (scheme in any case) or
+    `x-api-key: <key>`; None when neither."""
+    authorization = headers.get("Authorization") or ""
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return (headers.get("x-api-key") or "").strip() or None
+
+
+def key_matches(key, keys):
+    """Constant-time comparison against every configured key (no early exit to time)."""
+    if not key:
+        return False
+    matched = False
+    for candidate in keys:
+        matched |= hmac.compare_digest(key.encode("utf-8"), candidate.encode("utf-8"))
+    return matched
+
+
+def is_json_content_type(value):
+    """`application/json`, parameters allowed. Anything else could be a browser's "simple"
+    cross-site request (text/plain, forms), which needs no CORS preflight."""
+    return (value or "").split(";", 1)[0].strip().lower() == "application/json"
+
+
+class Admission:
+    """At most `concurrency` CLI runs at once and `queue` requests waiting for one; past that,
+    429 at once. A waiter leaves when its client hangs up, the deadline passes, or the proxy
+    shuts down. Waiters are served first come, first served."""
+
+    def __init__(self, concurrency, queue):
+        self.concurrency = concurrency
+        self.queue = queue
+        self.running = 0
+        self.waiting = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def acquire(self, deadline, abandoned):
+        """Take a slot; `abandoned` is a threading.Event set when the client hangs up."""
+        with self._cond:
+            if self._closed:
+                raise overloaded(5, "The proxy is shutting down.")
+            if self.running < self.concurrency:
+                self.running += 1
+                return
+            if self.waiting >= self.queue:
+                raise proxy_busy("The proxy is busy: %d requests are running and %d waiting "
+                                 "(CLAUDE_MAX_CONCURRENCY, CLAUDE_MAX_QUEUE); retry shortly."
+                                 % (self.running, self.waiting))
+            self.waiting += 1
+            try:
+                while self.running >= self.concurrency:
+                    if self._closed:
+                        raise overloaded(5, "The proxy is shutting down.")
+                    if abandoned.is_set():
+                        raise ClientGone()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise proxy_busy("The proxy stayed busy for the whole wait (CLAUDE_TIMEOUT); "
+                                         "retry shortly.")
+                    self._cond.wait(remaining)
+                self.running += 1
+            finally:
+                self.waiting -= 1
+
+    def release(self):
+        with self._cond:
+            self.running -= 1
+            self._cond.notify()
+
+    def wake(self):
+        """Let waiters look again (a client left, or the proxy is closing)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Summary:
+    """Count, sum and quantiles over the most recent observations, for Prometheus."""
+
+    def __init__(self, window=1000):
+        self.count, self.total = 0, 0.0
+        self.recent = collections.deque(maxlen=window)
+
+    def observe(self, value):
+        self.count += 1
+        self.total += value
+        self.recent.append(value)
+
+    def quantile(self, q):
+        ordered = sorted(self.recent)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class Metrics:
+    """What /metrics reports. Every update takes the one lock; reads render a snapshot."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = collections.Counter()  # (endpoint, status) -> count
+        self.errors = collections.Counter()  # error code -> count
+        self.tokens = collections.Counter()  # prompt / completion -> count
+        self.cli_runs = 0
+        self.in_flight = 0
+        self.ttft = Summary()
+        self.duration = Summary()
+
+    def started(self):
+        with self._lock:
+            self.in_flight += 1
+
+    def finished(self, endpoint, status, seconds, error_code=None, usage=None):
+        with self._lock:
+            self.in_flight -= 1
+            self.requests[(endpoint, str(status))] += 1
+            if error_code:
+                self.errors[error_code] += 1
+            if endpoint == "chat_completions" and status == 200:
+                self.duration.observe(seconds)
+            for kind in ("prompt", "completion"):
+                self.tokens[kind] += (usage or {}).get(kind + "_tokens", 0)
+
+    def first_token(self, seconds):
+        with self._lock:
+            self.ttft.observe(seconds)
+
+    def cli_run(self):
+        with self._lock:
+            self.cli_runs += 1
+
+    def render(self, admission, runner):
+        """The Prometheus text exposition (format 0.0.4)."""
+        lines = []
+
+        def metric(name, kind, help_text, samples):
+            lines.append("# HELP claude_proxy_%s %s" % (name, help_text))
+            lines.append("# TYPE claude_proxy_%s %s" % (name, kind))
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"'))
+                                      for k, v in labels)
+                lines.append("claude_proxy_%s%s %s" % (name, "{%s}" % label_text if label_text else "",
+                                                       repr(float(value)) if isinstance(value, float) else value))
+
+        def summary(name, help_text, data):
+            metric(name, "summary", help_text,
+                   [((("quantile", q),), data.quantile(q)) for q in (0.5, 0.9, 0.99)])
+            lines.append("claude_proxy_%s_sum %r" % (name, data.total))
+            lines.append("claude_proxy_%s_count %d" % (name, data.count))
+
+        with self._lock:
+            metric("requests_total", "counter", "HTTP requests answered, by endpoint and status.",
+                   [((("endpoint", e), ("status", st)), n) for (e, st), n in sorted(self.requests.items())])
+            metric("requests_in_flight", "gauge", "HTTP requests being answered now.", [((), self.in_flight)])
+            metric("requests_queued", "gauge", "Requests waiting for a CLI run slot.", [((), admission.waiting)])
+            metric("cli_runs_total", "counter", "CLI runs that served a request.", [((), self.cli_runs)])
+            metric("cli_runs_active", "gauge", "CLI runs serving a request now.", [((), runner.active())])
+            metric("errors_total", "counter", "Error answers, by OpenAI error code.",
+                   [((("code", c),), n) for c, n in sorted(self.errors.items())])
+            metric("tokens_total", "counter", "Tokens reported by the CLI, by kind.",
+                   [((("kind", k),), self.tokens[k]) for k in ("prompt", "completion")])
+            summary("time_to_first_token_seconds", "From request to the first token (recent requests).",
+                    self.ttft)
+            summary("request_duration_seconds", "Whole successful chat completions (recent requests).",
+                    self.duration)
+        pool = runner.pool.stats() if runner.pool else None
+        if pool:
+            metric("pool_idle", "gauge", "Warm CLI processes waiting.", [((), sum(pool["idle"].values()))])
+            for name in ("hits", "misses", "started", "retired"):
+                metric("pool_%s_total" % name, "counter", "Warm pool %s." % name, [((), pool[name])])
+        return "\n".join(lines) + "\n"
+
+
+class ReadDeadlines:
+    """Drops connections whose request has not fully arrived within REQUEST_READ_SECONDS: a
+    client that trickles its headers or body (slowloris) cannot pin a thread for long. One
+    thread watches every connection."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self._reading = {}  # handler -> deadline
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
+
+    def begin(self, handler):
+        with self._lock:
+            self._reading[handler] = time.monotonic() + self.seconds
+
+    def end(self, handler):
+        with self._lock:
+            self._reading.pop(handler, None)
+
+    def close(self):
+        self._stop.set()
+
+    def _watch(self):
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                late = [h for h, deadline in self._reading.items() if deadline < now]
+                for handler in late:
+                    del self._reading[handler]
+            for handler in late:
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 # HTTP handler ###############################################################################
 
 
@@ -1407,15 +1672,27 @@ def model_entry(model_id, created):
 
 
 class ClientWatch:
-    """While a run is going, notice a client that hangs up (even when nothing is being written
-    to it: a non-streaming request, or a long silence) and stop the run at once."""
+    """While a request waits for a slot or runs, notice a client that hangs up (even when
+    nothing is being written to it: a non-streaming request, a queue, a long silence) and call
+    back at once, to drop it from the queue or stop its CLI run."""
 
-    def __init__(self, sock, run):
-        self.sock, self.run = sock, run
+    def __init__(self, sock):
+        self.sock = sock
+        self.gone = threading.Event()
+        self._callbacks = []
+        self._lock = threading.Lock()
         # A socket pair wakes the watcher the moment the request is over (select() on Windows
         # takes only sockets, so not a pipe).
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def on_gone(self, callback):
+        """Call `callback` when the client hangs up; at once if it already has."""
+        with self._lock:
+            if not self.gone.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
 
     def __enter__(self):
         self._thread.start()
@@ -1427,16 +1704,23 @@ class ClientWatch:
         self._wake_r.close()
         self._wake_w.close()
 
+    def _hung_up(self):
+        with self._lock:
+            self.gone.set()
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
+
     def _watch(self):
         try:
             readable, _, _ = select.select([self.sock, self._wake_r], [], [])
             if self._wake_r in readable:
                 return
             if self.sock.recv(1, socket.MSG_PEEK) == b"":
-                self.run.cancel("client_gone")
+                self._hung_up()
             # Data instead (a pipelined request?) is not a hang-up: stop watching.
         except (OSError, ValueError):
-            self.run.cancel("client_gone")
+            self._hung_up()
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -1446,6 +1730,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # HTTP/1.0: one response per connection, so a stream ends when the connection closes and
     # no Content-Length or chunked framing is needed for SSE.
     protocol_version = "HTTP/1.0"
+    # A request line without a version is HTTP/0.9 to the stdlib, which answers it with a bare
+    # body and no status line: answer it as HTTP/1.0 instead, status and headers included.
+    default_request_version = "HTTP/1.0"
     timeout = REQUEST_SOCKET_TIMEOUT
 
     def do_GET(self):
@@ -1481,30 +1768,51 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return ("GET",), lambda: self.get_model(model_id)
         if path == "/health":
             return ("GET",), self.health
+        if path == "/metrics":
+            return ("GET",), self.metrics
         return None
+
+    def setup(self):
+        super().setup()
+        self.cors_origin = None
+        self.server.read_deadlines.begin(self)
+
+    def finish(self):
+        self.server.read_deadlines.end(self)
+        super().finish()
 
     def dispatch(self, method):
         self.started = time.monotonic()
         self.log_model, self.log_usage, self.log_error, self.status = "-", None, None, None
+        self.server.metrics.started()
+        if method != "POST":
+            self.server.read_deadlines.end(self)  # the whole request has arrived
+        route = None
         try:
             route = self.route(method, self.path)
+            self.check_access(route)
             if route is None:
                 raise ProxyError(404, "No route %s %s; the API is under /v1 (POST "
                                  "/v1/chat/completions, GET /v1/models)." % (method, self.path.split("?")[0]),
                                  "invalid_request_error", None, "not_found")
             allowed, handler = route
             if method == "OPTIONS":
-                return self.send_empty(204, {"Allow": ", ".join(allowed + ("OPTIONS",))})
+                return self.preflight(allowed)
             if method == "HEAD" and "GET" in allowed:
                 method = "GET"  # send_json leaves the body out for HEAD
             if method not in allowed:
                 raise ProxyError(405, "Method %s is not allowed here; use %s." % (method, " or ".join(allowed)),
                                  "invalid_request_error", None, "method_not_allowed",
                                  {"Allow": ", ".join(allowed)})
+            if method == "POST" and not is_json_content_type(self.headers.get("Content-Type")):
+                self.close_connection = True
+                raise ProxyError(415, "POST bodies must be sent as Content-Type: application/json.",
+                                 "invalid_request_error", None, "unsupported_media_type",
+                                 {"x-should-retry": "false"})
             handler()
         except ProxyError as error:
             self.send_error_body(error)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (BrokenPipeError, ConnectionResetError, socket.timeout, ClientGone):
             self.status = 499  # the client left (nginx's code for it; only ever logged)
             self.close_connection = True
         except Exception:
@@ -1512,14 +1820,67 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_error_body(ProxyError(500, "Internal proxy error; see the proxy's log.",
                                             "server_error", None, "internal_error"))
         finally:
+            endpoint = route[1].__name__ if route and hasattr(route[1], "__name__") else "other"
+            self.server.metrics.finished("get_model" if endpoint == "<lambda>" else endpoint,
+                                         self.status, time.monotonic() - self.started,
+                                         self.log_error, self.log_usage)
             self.log_access(method)
+
+    def check_access(self, route):
+        """Host, Origin and API key, before anything else is looked at.
+
+        A web page the user visits can reach a loopback server: through DNS rebinding (its own
+        name resolving to 127.0.0.1: a foreign Host), or with a cross-site request (a foreign
+        Origin). Neither may run anything."""
+        config = self.server.config
+        if config.loopback_only:
+            host = self.headers.get("Host")
+            if host is not None and not is_loopback_host(host_header_name(host)):
+                raise forbidden("Host %r is not this machine; the proxy is bound to loopback and "
+                                "answers only localhost, 127.0.0.1 or [::1]." % host[:100],
+                                "host_not_allowed")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            if not origin_allowed(origin, config.cors_origins):
+                raise forbidden("Origin %r may not use this proxy; allow it with "
+                                "CLAUDE_PROXY_CORS_ORIGINS." % origin[:100], "origin_not_allowed")
+            self.cors_origin = "*" if "*" in config.cors_origins else origin
+        public = route is not None and route[1] == self.health
+        if config.api_keys and not public and self.command != "OPTIONS":
+            if not key_matches(presented_key(self.headers), config.api_keys):
+                raise ProxyError(401, "A valid API key is required: Authorization: Bearer <key> "
+                                 "or x-api-key (CLAUDE_PROXY_API_KEY).", "invalid_request_error",
+                                 None, "invalid_api_key",
+                                 {"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
+
+    def preflight(self, allowed):
+        """OPTIONS: the CORS preflight when the Origin is allowed, a plain Allow otherwise."""
+        headers = {"Allow": ", ".join(allowed + ("OPTIONS",))}
+        if self.cors_origin:
+            requested = self.headers.get("Access-Control-Request-Headers")
+            # Echo what the page asks for: `*` never covers Authorization, and the browser
+            # openai SDK adds X-Stainless-* headers.
+            headers.update({"Access-Control-Allow-Methods": ", ".join(allowed + ("OPTIONS",)),
+                            "Access-Control-Allow-Headers": requested or "Authorization, Content-Type",
+                            "Access-Control-Max-Age": "600"})
+        self.send_empty(204, headers)
+
+    def end_headers(self):
+        if self.cors_origin:  # on every response to an allowed page: errors and streams too
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Access-Control-Expose-Headers", "Retry-After, x-should-retry")
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     # --- responses
 
     def send_json(self, status, obj, headers=None):
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_body(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"),
+                       "application/json", headers)
+
+    def send_body(self, status, data, content_type, headers=None):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -1535,6 +1896,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def send_error_body(self, error):
+        self.log_error = error.code
         if self.status is not None:  # headers already sent: nothing more can be said
             return
         try:
@@ -1546,8 +1908,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """The stdlib's own errors (bad request line, header too long, ...) as JSON envelopes."""
         self.started = getattr(self, "started", time.monotonic())
         self.log_model, self.log_usage, self.log_error, self.status = "-", None, None, None
+        self.cors_origin = None
         self.close_connection = True
-        self.send_error_body(ProxyError(code, message or "Bad request", "invalid_request_error"))
+        # A malformed request is the client's fault, never a 5xx: the stdlib's 501 (unknown
+        # method) and 505 (unknown HTTP version) become 405 and 400.
+        code = {501: 405, 505: 400}.get(code, code)
+        self.send_error_body(ProxyError(code, message or "Bad request", "invalid_request_error",
+                                        None, "bad_http_request", {"x-should-retry": "false"}))
         self.log_access(getattr(self, "command", None) or "-")
 
     def send_response(self, code, message=None):
@@ -1590,6 +1957,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if len(body) < length:
             raise invalid("The request body ended early", None, "incomplete_body")
+        self.server.read_deadlines.end(self)
         return body
 
     def read_chunked(self, limit):
@@ -1603,6 +1971,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if chunk == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
+                self.server.read_deadlines.end(self)
                 return b"".join(parts)
             size += chunk
             if size > limit:
@@ -1633,7 +2002,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "default_effort": config.effort,
             "active_runs": self.server.runner.active(),
             "pool": self.server.runner.pool.stats() if self.server.runner.pool else None,
+            "limits": {"max_concurrency": self.server.admission.concurrency,
+                       "max_queue": self.server.admission.queue,
+                       "running": self.server.admission.running,
+                       "queued": self.server.admission.waiting},
+            "auth": bool(config.api_keys),
         })
+
+    def metrics(self):
+        data = self.server.metrics.render(self.server.admission, self.server.runner).encode("utf-8")
+        self.send_body(200, data, "text/plain; version=0.0.4; charset=utf-8")
 
     def list_models(self):
         config = self.server.config
@@ -1663,20 +2041,34 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             sink = MessageCollector(self, completion_id, created, plan["model"],
                                     plan["legacy_functions"])
-        with self.server.runner.start(plan) as run, ClientWatch(self.connection, run):
-            for event in run.events():
-                deltas = translator.feed(event)
-                # The init event comes first and names the model the CLI really runs: the
-                # response says that one when the request named none.
-                sink.model = plan["model"] or translator.model or "claude"
-                for delta in deltas:
-                    sink.delta(delta)
-                if translator.done:
-                    break
+        admission, metrics = self.server.admission, self.server.metrics
+        with ClientWatch(self.connection) as watch:
+            watch.on_gone(admission.wake)
+            admission.acquire(time.monotonic() + config.timeout, watch.gone)
+            try:
+                run = self.server.runner.start(plan)
+                metrics.cli_run()
+                watch.on_gone(lambda: run.cancel("client_gone"))
+                first_token = False
+                with run:
+                    for event in run.events():
+                        deltas = translator.feed(event)
+                        # The init event comes first and names the model the CLI really runs:
+                        # the response says that one when the request named none.
+                        sink.model = plan["model"] or translator.model or "claude"
+                        if deltas and not first_token:
+                            first_token = True
+                            metrics.first_token(time.monotonic() - self.started)
+                        for delta in deltas:
+                            sink.delta(delta)
+                        if translator.done:
+                            break
+            finally:
+                admission.release()
         # The run is stopped by now, whatever happened.
         if not translator.done:
             if run.cancelled == "client_gone":
-                raise BrokenPipeError  # nobody is left to answer
+                raise ClientGone()
             translator.error = run_failure(run, plan)
         if translator.error:
             log("request failed: %s %s" % (translator.error.status, translator.error.message))
@@ -1749,7 +2141,10 @@ class Config:
 
     def __init__(self, claude_path=None, model=None, effort=None, timeout=DEFAULT_TIMEOUT,
                  models=DEFAULT_MODELS, max_body=DEFAULT_MAX_BODY, log_prompts=False,
-                 claude_version=None, pool_size=0, pool_idle=DEFAULT_POOL_IDLE):
+                 claude_version=None, pool_size=0, pool_idle=DEFAULT_POOL_IDLE, api_keys=(),
+                 cors_origins=(), max_concurrency=DEFAULT_MAX_CONCURRENCY,
+                 max_queue=DEFAULT_MAX_QUEUE, loopback_only=True,
+                 shutdown_grace=DEFAULT_SHUTDOWN_GRACE):
         self.claude_path = claude_path
         self.model = model or None
         self.effort = effort or None
@@ -1762,30 +2157,87 @@ class Config:
         self.claude_version = claude_version
         self.pool_size = pool_size  # main() turns the pool on (DEFAULT_POOL_SIZE); tests opt in
         self.pool_idle = pool_idle
+        self.api_keys = [k for k in api_keys if k]
+        self.cors_origins = [o.rstrip("/") for o in cors_origins if o]
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.loopback_only = loopback_only  # bound to loopback: answer loopback Host names only
+        self.shutdown_grace = shutdown_grace
         self.started = int(time.time())
 
 
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
     def __init__(self, address, config, runner=None):
         self.config = config
         self.runner = runner or CliRunner(config.claude_path, config.timeout,
                                           log_prompts=config.log_prompts,
                                           pool_size=config.pool_size, pool_idle=config.pool_idle)
+        self.admission = Admission(config.max_concurrency, config.max_queue)
+        self.metrics = Metrics()
+        self.read_deadlines = ReadDeadlines(REQUEST_READ_SECONDS)
+        self.max_connections = config.max_concurrency + config.max_queue + EXTRA_CONNECTIONS
+        self.connections = 0
+        self._connections_lock = threading.Lock()
         try:
             super().__init__(address, ProxyHandler)
         except BaseException:
             self.runner.stop_all()
+            self.read_deadlines.close()
             raise
 
-    def stop(self):
-        """Stop serving, stop every CLI run, close the socket. Call from another thread than
-        serve_forever's."""
+    def process_request(self, request, client_address):
+        """One thread per connection, but a bounded number of them: past the bound, a short
+        503 from the accepting thread, and the connection is closed."""
+        with self._connections_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            try:
+                request.sendall(TOO_MANY_CONNECTIONS)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self):
+        with self._connections_lock:
+            self.connections -= 1
+
+    def stop(self, grace=0.0):
+        """Stop accepting; give running requests up to `grace` seconds; then stop every CLI
+        process and close. Call from another thread than serve_forever's."""
         self.shutdown()
+        self.socket.close()  # new connections are refused from now on
+        self.admission.close()  # queued requests leave with 503
+        deadline = time.monotonic() + grace
+        while self.runner.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.runner.stop_all()
+        self.read_deadlines.close()
         self.server_close()
+
+
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 2\r\n"
+    b"Connection: close\r\n\r\n"
+    b'{"error": {"message": "Too many open connections to the proxy; retry shortly.", '
+    b'"type": "server_error", "param": null, "code": "too_many_connections"}}')
 
 
 def env_flag(name):
@@ -1824,6 +2276,22 @@ def parse_args(argv=None):
     add("--pool-idle", type=float, default=env("CLAUDE_POOL_IDLE", str(DEFAULT_POOL_IDLE)),
         help="Default: %g (env CLAUDE_POOL_IDLE). Seconds a warm process may wait unused."
         % DEFAULT_POOL_IDLE)
+    add("--api-key", default=env("CLAUDE_PROXY_API_KEY") or "",
+        help="Default: none (env CLAUDE_PROXY_API_KEY). Keys clients must send, comma-separated; "
+        "prefer the environment variable (argv is visible to other local users).")
+    add("--no-auth", action="store_true", default=env_flag("CLAUDE_PROXY_NO_AUTH"),
+        help="Default: off (env CLAUDE_PROXY_NO_AUTH=1). Allow a non-loopback --host without a key.")
+    add("--cors-origins", default=env("CLAUDE_PROXY_CORS_ORIGINS") or "",
+        help="Default: none, CORS off (env CLAUDE_PROXY_CORS_ORIGINS). Browser origins allowed, "
+        "comma-separated, or *.")
+    add("--max-concurrency", type=int, default=env("CLAUDE_MAX_CONCURRENCY", str(DEFAULT_MAX_CONCURRENCY)),
+        help="Default: %d (env CLAUDE_MAX_CONCURRENCY). CLI runs at once." % DEFAULT_MAX_CONCURRENCY)
+    add("--max-queue", type=int, default=env("CLAUDE_MAX_QUEUE", str(DEFAULT_MAX_QUEUE)),
+        help="Default: %d (env CLAUDE_MAX_QUEUE). Requests waiting for a run; more get 429."
+        % DEFAULT_MAX_QUEUE)
+    add("--shutdown-grace", type=float, default=env("CLAUDE_SHUTDOWN_GRACE", str(DEFAULT_SHUTDOWN_GRACE)),
+        help="Default: %g (env CLAUDE_SHUTDOWN_GRACE). Seconds running requests get to finish "
+        "after SIGTERM or Ctrl-C." % DEFAULT_SHUTDOWN_GRACE)
     add("--log-prompts", action="store_true", default=env_flag("CLAUDE_PROXY_LOG_PROMPTS"),
         help="Default: off (env CLAUDE_PROXY_LOG_PROMPTS=1). Log each prompt to stderr.")
     add("--version", action="version", version="claude_proxy.py " + __version__)
@@ -1834,10 +2302,10 @@ def parse_args(argv=None):
         parser.error("invalid --model / CLAUDE_MODEL %r" % args.model)
     if args.effort and args.effort not in CLI_EFFORTS:
         parser.error("--effort / CLAUDE_EFFORT must be one of %s" % ", ".join(CLI_EFFORTS))
-    for name in ("port", "pool_size"):
+    for name in ("port", "pool_size", "max_queue", "shutdown_grace"):
         if getattr(args, name) < 0:
             parser.error("--%s must be 0 or more" % name.replace("_", "-"))
-    for name in ("timeout", "max_body", "pool_idle"):
+    for name in ("timeout", "max_body", "pool_idle", "max_concurrency"):
         if getattr(args, name) <= 0:
             parser.error("--%s must be more than 0" % name.replace("_", "-"))
     return args
@@ -1855,11 +2323,21 @@ def main(argv=None):
     args = parse_args(argv)
     if args.mcp_tools:
         return mcp_serve(args.mcp_tools)
+    api_keys = [k.strip() for k in args.api_key.split(",") if k.strip()]
+    loopback = is_loopback_host(args.host)
+    if not loopback and not api_keys and not args.no_auth:
+        sys.stderr.write(
+            "claude_proxy.py: refusing to listen on %s without an API key: anyone who can reach "
+            "it could spend this machine's Claude subscription.\nSet CLAUDE_PROXY_API_KEY (or "
+            "--api-key), or say --no-auth if that is really intended.\n" % args.host)
+        return 2
     claude_path = find_claude(args.claude_path)
     version = cli_version(claude_path)
     config = Config(claude_path, args.model, args.effort, args.timeout,
                     [m.strip() for m in args.models.split(",") if m.strip()], args.max_body,
-                    args.log_prompts, version, args.pool_size, args.pool_idle)
+                    args.log_prompts, version, args.pool_size, args.pool_idle, api_keys,
+                    [o.strip() for o in args.cors_origins.split(",") if o.strip()],
+                    args.max_concurrency, args.max_queue, loopback, args.shutdown_grace)
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:
@@ -1871,15 +2349,26 @@ def main(argv=None):
         log("claude CLI: %s (%s)" % (claude_path, version or "version unknown: `claude --version` failed"))
     else:
         log("WARNING: no claude CLI found (set CLAUDE_PATH); requests will fail with 502")
-    log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs, warm pool: %s)"
-        % (url, config.model or "CLI default", config.timeout,
-           "%d processes" % config.pool_size if config.pool_size else "off"))
+    if not loopback and not api_keys:
+        log("WARNING: listening on %s with no API key (--no-auth)" % args.host)
+    log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs, warm pool: %s, "
+        "API key: %s)" % (url, config.model or "CLI default", config.timeout,
+                          "%d processes" % config.pool_size if config.pool_size else "off",
+                          "required" if api_keys else "off"))
     sys.stderr.write("Point any OpenAI client at it, e.g.:\n%s\n" % client_snippet(url))
     sys.stderr.flush()
 
+    stopping = []
+
     def on_signal(signum, frame):
-        log("signal %d: shutting down" % signum)
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        if stopping:  # a second Ctrl-C: no more grace
+            log("signal %d again: stopping every CLI run now" % signum)
+            server.runner.stop_all()
+            return
+        log("signal %d: no new requests; running ones get up to %gs" % (signum, config.shutdown_grace))
+        stopper = threading.Thread(target=server.stop, args=(config.shutdown_grace,))
+        stopping.append(stopper)
+        stopper.start()
 
     signal.signal(signal.SIGINT, on_signal)
     if hasattr(signal, "SIGTERM"):
@@ -1887,8 +2376,11 @@ def main(argv=None):
     try:
         server.serve_forever()
     finally:
-        server.runner.stop_all()
-        server.server_close()
+        if stopping:
+            stopping[0].join()
+        else:
+            server.runner.stop_all()
+            server.server_close()
     log("stopped")
     return 0
 

@@ -7,6 +7,7 @@ stream-json events and error results, chosen by words in the prompt; it records 
 working directory and environment it got, so tests can assert on what the proxy sent.
 """
 
+import collections
 import http.client
 import json
 import os
@@ -37,6 +38,7 @@ the behaviour:
   NOARGS      with CALLTOOL: a call with no input_json_delta at all
   RESULT-     once the message holds it, "Final answer using RESULT-..." instead of a call
   CHATTY      with --json-schema: prose before the StructuredOutput call
+  WAITFOR[path]  reply only once that file exists (a test holds a run slot with it)
   STAMP       ten deltas 20 ms apart, each "<t=TIME>" with the time it was written (benchmark)
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
@@ -196,6 +198,11 @@ def api_error(status, kind, message, retried=True):
     result(error_text, True, status)
     sys.exit(1)
 
+waiting_for = re.search(r"WAITFOR\[(.*?)\]", text)
+if waiting_for:  # hold the run until the test creates that file (bounded)
+    deadline = time.time() + 30
+    while not os.path.exists(waiting_for.group(1)) and time.time() < deadline:
+        time.sleep(0.01)
 if "HANG" in text:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     record["child_pid"] = child.pid
@@ -1077,7 +1084,7 @@ class EndpointsTest(ServerTestCase):
             sock.sendall(b"BREW /pot HTTP/1.1\r\n\r\n")
             raw = b"".join(iter(lambda: sock.recv(65536), b""))
         head, _, body = raw.partition(b"\r\n\r\n")
-        self.assertIn(b"501", head.split(b"\r\n")[0])
+        self.assertIn(b"405", head.split(b"\r\n")[0], "never a 5xx for a client's mistake")
         self.assertIn(b"application/json", head)
         self.assertIn("error", json.loads(body))
         self.assertEqual(self.records(), [])
@@ -1679,7 +1686,7 @@ class LifecycleTest(ServerTestCase):
     def start_hanging_request(self, stream):
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         body = json.dumps(dict(user("HANG"), stream=stream)).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         self.assertTrue(wait_until(lambda: any("child_pid" in r for r in self.records())), "the stub started")
         return sock, self.records()[0]
@@ -1728,6 +1735,391 @@ class LifecycleTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: not pid_alive(record["child_pid"])))
         client.join(10)
         self.assertEqual(results[0][0], 503)
+
+
+class AccessTest(ServerTestCase):
+    """API keys, Host and Origin checks, content types, CORS."""
+
+    def server_with(self, **config):
+        server = self.make_server(**config)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+
+        def stop():
+            server.stop()
+            thread.join(10)
+        self.addCleanup(stop)
+        return server.server_address[1]
+
+    def test_api_keys(self):
+        port = self.server_with(api_keys=["key-one", "key-two"])
+        cases = [
+            ("GET", "/v1/models", {}, 401),
+            ("GET", "/v1/models", {"Authorization": "Bearer wrong"}, 401),
+            ("GET", "/v1/models", {"Authorization": "Bearer key-one"}, 200),
+            ("GET", "/v1/models", {"Authorization": "bearer key-two"}, 200),
+            ("GET", "/v1/models", {"Authorization": "BEARER key-one"}, 200),
+            ("GET", "/v1/models", {"Authorization": "Basic key-one"}, 401),
+            ("GET", "/v1/models", {"Authorization": "Bearer key-one-and-more"}, 401),
+            ("GET", "/v1/models", {"x-api-key": "key-two"}, 200),
+            ("GET", "/v1/models/sonnet", {}, 401),
+            ("GET", "/nowhere", {}, 401),
+            ("GET", "/metrics", {}, 401),
+            ("GET", "/metrics", {"x-api-key": "key-one"}, 200),
+            ("GET", "/health", {}, 200),
+            ("OPTIONS", "/v1/chat/completions", {}, 204),
+        ]
+        for method, path, headers, status in cases:
+            with self.subTest(method=method, path=path, headers=headers):
+                got, got_headers, raw = self.request(method, path, headers=headers, port=port)
+                self.assertEqual(got, status, raw)
+                if status == 401:
+                    self.assertEqual(json.loads(raw)["error"]["code"], "invalid_api_key")
+                    self.assertEqual(got_headers["www-authenticate"], "Bearer")
+        self.assert_error(self.chat(user("hi"), port=port), 401)
+        self.assertEqual(self.records(), [], "nothing runs without the key")
+        status, _, _ = self.chat(user("hi"), port=port, headers={"Authorization": "Bearer key-two"})
+        self.assertEqual(status, 200)
+
+    def test_without_keys_any_authorization_is_ignored(self):
+        for headers in ({}, {"Authorization": "Bearer not-needed"}, {"Authorization": "garbage"}):
+            with self.subTest(headers):
+                self.assertEqual(self.chat(user("hi"), headers=headers)[0], 200)
+
+    def test_key_comparison(self):
+        self.assertTrue(cp.key_matches("abc", ["x", "abc"]))
+        self.assertFalse(cp.key_matches("ab", ["abc"]))
+        self.assertFalse(cp.key_matches(None, ["abc"]))
+        self.assertFalse(cp.key_matches("", [""]))
+        self.assertEqual(cp.presented_key({"Authorization": "  Bearer   tok  "}), "tok")
+        self.assertIsNone(cp.presented_key({"Authorization": "Bearer "}))
+
+    def test_content_type_must_be_json(self):
+        body = json.dumps(user("hi"))
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None,
+                             "application/jsonp"):
+            with self.subTest(content_type):
+                headers = {"Content-Type": content_type} if content_type else {}
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                conn.putrequest("POST", "/v1/chat/completions")
+                for name, value in dict(headers, **{"Content-Length": str(len(body))}).items():
+                    conn.putheader(name, value)
+                conn.endheaders(body.encode())
+                response = conn.getresponse()
+                self.assertEqual(response.status, 415)
+                self.assertEqual(json.loads(response.read())["error"]["code"], "unsupported_media_type")
+                conn.close()
+        for content_type in ("application/json; charset=utf-8", "Application/JSON"):
+            with self.subTest(content_type):
+                self.assertEqual(self.chat(body, headers={"Content-Type": content_type})[0], 200)
+        self.assertEqual(len(self.records()), 2, "only the JSON ones ran")
+
+    def test_foreign_host_is_403(self):
+        for host, status in (("evil.example", 403), ("evil.example:8082", 403), ("127.0.0.1.nip.io", 403),
+                             ("localhost", 200), ("LOCALHOST:8082", 200), ("127.0.0.1:1", 200),
+                             ("127.8.9.10", 200), ("[::1]:8082", 200)):
+            with self.subTest(host):
+                got, _, raw = self.request("GET", "/v1/models", headers={"Host": host})
+                self.assertEqual(got, status, raw)
+        self.assert_error(self.chat(user("hi"), headers={"Host": "attacker.example"}), 403, code="host_not_allowed")
+        self.assertEqual(self.records(), [])
+        self.assertTrue(cp.is_loopback_host("127.0.0.1") and cp.is_loopback_host("::1") and cp.is_loopback_host("localhost"))
+        self.assertFalse(cp.is_loopback_host("0.0.0.0") or cp.is_loopback_host("::") or cp.is_loopback_host("192.168.1.2"))
+
+    def test_host_check_is_off_when_bound_beyond_loopback(self):
+        port = self.server_with(loopback_only=False, api_keys=["k"])
+        got, _, _ = self.request("GET", "/v1/models", headers={"Host": "proxy.lan:8082", "x-api-key": "k"}, port=port)
+        self.assertEqual(got, 200)
+
+    def test_cors_off(self):
+        headers, _ = self.assert_error(self.request("GET", "/v1/models", headers={"Origin": "https://evil.example"}),
+                                       403, code="origin_not_allowed")
+        self.assertNotIn("access-control-allow-origin", headers)
+        got, headers, _ = self.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        self.assertEqual(got, 403)
+        self.assert_error(self.chat(user("hi"), headers={"Origin": "https://evil.example"}), 403)
+        self.assertEqual(self.records(), [])
+
+    def test_cors_on(self):
+        origin = "http://localhost:3000"
+        port = self.server_with(cors_origins=[origin])
+        got, headers, raw = self.request("OPTIONS", "/v1/chat/completions", port=port, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"})
+        self.assertEqual(got, 204)
+        self.assertEqual(headers["access-control-allow-origin"], origin)
+        self.assertEqual(headers["access-control-allow-headers"], "authorization,content-type,x-stainless-os")
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertEqual(headers["access-control-max-age"], "600")
+        for method, path, body in (("GET", "/v1/models", None), ("GET", "/v1/nothing", None),
+                                   ("POST", "/v1/chat/completions", dict(user("hi"), stream=True)),
+                                   ("POST", "/v1/chat/completions", {"messages": []})):
+            with self.subTest(path=path, body=body):
+                got, headers, _ = self.request(method, path, body, headers={"Origin": origin}, port=port)
+                self.assertEqual(headers.get("access-control-allow-origin"), origin, got)
+        got, headers, _ = self.request("GET", "/v1/models", headers={"Origin": "http://localhost:4000"}, port=port)
+        self.assertEqual(got, 403)
+        port = self.server_with(cors_origins=["*"])
+        got, headers, _ = self.request("GET", "/v1/models", headers={"Origin": "https://any.example"}, port=port)
+        self.assertEqual((got, headers["access-control-allow-origin"]), (200, "*"))
+
+    def test_refuses_to_listen_beyond_loopback_without_a_key(self):
+        import subprocess
+        out = subprocess.run([sys.executable, cp.__file__, "--host", "0.0.0.0", "--port", "0"],
+                             capture_output=True, text=True, timeout=30, env=dict(os.environ, CLAUDE_PROXY_API_KEY=""))
+        self.assertEqual(out.returncode, 2)
+        self.assertIn("refusing to listen on 0.0.0.0 without an API key", out.stderr)
+
+
+class AdmissionTest(unittest.TestCase):
+    def test_slots_queue_and_exits(self):
+        admission = cp.Admission(1, 1)
+        never = threading.Event()
+        admission.acquire(time.monotonic() + 5, never)
+        outcomes = []
+
+        def wait(deadline, abandoned):
+            try:
+                admission.acquire(deadline, abandoned)
+                outcomes.append("slot")
+            except cp.ProxyError as error:
+                outcomes.append(error.code)
+            except cp.ClientGone:
+                outcomes.append("gone")
+
+        waiter = threading.Thread(target=wait, args=(time.monotonic() + 30, never))
+        waiter.start()
+        self.assertTrue(wait_until(lambda: admission.waiting == 1))
+        with self.assertRaises(cp.ProxyError) as caught:
+            admission.acquire(time.monotonic() + 5, never)
+        self.assertEqual((caught.exception.status, caught.exception.code, caught.exception.headers["Retry-After"]),
+                         (429, "proxy_busy", str(cp.BUSY_RETRY_AFTER)))
+        admission.release()
+        waiter.join(10)
+        self.assertEqual(outcomes, ["slot"])
+        # A waiter whose client leaves, and one whose deadline passes.
+        gone = threading.Event()
+        waiter = threading.Thread(target=wait, args=(time.monotonic() + 30, gone))
+        waiter.start()
+        self.assertTrue(wait_until(lambda: admission.waiting == 1))
+        gone.set()
+        admission.wake()
+        waiter.join(10)
+        wait(time.monotonic() + 0.05, never)
+        self.assertEqual(outcomes, ["slot", "gone", "proxy_busy"])
+        self.assertEqual((admission.running, admission.waiting), (1, 0))
+        admission.close()
+        wait(time.monotonic() + 5, never)
+        self.assertEqual(outcomes[-1], "overloaded")
+
+
+class LoadTest(ServerTestCase):
+    """Back-pressure, fuzzing, abandoned streams, a short soak, metrics."""
+
+    def server_with(self, **config):
+        return AccessTest.server_with(self, **config)
+
+    def test_saturation_gets_429_with_retry_after(self):
+        port = self.server_with(max_concurrency=1, max_queue=1)
+        gate = os.path.join(self.tmp, "gate-saturation")
+        results = {}
+
+        def client(name):
+            results[name] = self.chat(user("WAITFOR[%s] %s" % (gate, name)), port=port)
+
+        first = threading.Thread(target=client, args=("first",))
+        first.start()
+        self.assertTrue(wait_until(lambda: len(self.records()) == 1), "the first request holds the slot")
+        second = threading.Thread(target=client, args=("second",))
+        second.start()
+        status_of = lambda: json.loads(self.request("GET", "/health", port=port)[2])["limits"]
+        self.assertTrue(wait_until(lambda: status_of()["queued"] == 1), "the second waits in the queue")
+        for name in ("third", "fourth"):
+            client(name)
+        open(gate, "w").close()
+        first.join(30)
+        second.join(30)
+        self.assertEqual([results[n][0] for n in ("first", "second", "third", "fourth")], [200, 200, 429, 429])
+        for name in ("third", "fourth"):
+            headers, error = self.assert_error(results[name], 429, code="proxy_busy")
+            self.assertEqual(headers["retry-after"], str(cp.BUSY_RETRY_AFTER))
+        self.assertEqual(len(self.records()), 2, "the refused ones never started a CLI")
+
+    def test_queued_client_that_leaves_is_dropped(self):
+        port = self.server_with(max_concurrency=1, max_queue=4)
+        gate = os.path.join(self.tmp, "gate-queue")
+        first = threading.Thread(target=lambda: self.chat(user("WAITFOR[%s]" % gate), port=port))
+        first.start()
+        self.assertTrue(wait_until(lambda: len(self.records()) == 1))
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = json.dumps(user("queued then gone")).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        limits = lambda: json.loads(self.request("GET", "/health", port=port)[2])["limits"]
+        self.assertTrue(wait_until(lambda: limits()["queued"] == 1))
+        sock.close()
+        self.assertTrue(wait_until(lambda: limits()["queued"] == 0), "dropped from the queue")
+        open(gate, "w").close()
+        first.join(30)
+        self.assertEqual(len(self.records()), 1, "the one that left never ran")
+
+    def test_fuzz_gets_only_4xx_and_the_server_stays_up(self):
+        import random
+        rng = random.Random(20261125)
+        valid = {"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}
+
+        def breakage():
+            """A body that is wrong in one of many ways (never a valid request)."""
+            choice = rng.randrange(9)
+            if choice == 0:
+                return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+            if choice == 1:
+                text = json.dumps(valid)
+                return text[:rng.randrange(1, len(text) - 1)].encode()
+            if choice == 2:
+                return json.dumps(rng.choice([None, 1, "x", [], [valid], True, 1.5])).encode()
+            body = json.loads(json.dumps(valid))
+            field = rng.choice(["messages", "model", "stream", "n", "max_tokens", "stop", "tools",
+                                "response_format", "reasoning_effort", "tool_choice", "stream_options"])
+            junk = rng.choice([None, -1, 0, 10 ** 30, "", "--x", [], [None], {}, {"a": []}, [1, 2], "\u0000", True])
+            if field == "messages":
+                body["messages"] = rng.choice([junk, [junk], [{"role": junk, "content": "x"}],
+                                               [{"role": "user", "content": [{"type": junk}]}]])
+            else:
+                body[field] = junk
+                body["messages"] = [{"role": rng.choice(["wizard", "", None, 3]), "content": "x"}]
+            return json.dumps(body).encode()
+
+        def raw_request():
+            choice = rng.randrange(8)
+            body = breakage()
+            if choice == 0:
+                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            if choice == 1:  # a lying Content-Length
+                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s" % (
+                    rng.choice([b"-5", b"abc", b"99999999999999999999", b"1e3", b""]), body)
+            if choice == 2:  # a broken request line
+                return rng.choice([b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                                   b"POST /v1/chat/completions HTTP/1.1 extra\r\n\r\n", b"\x00\x01\x02\r\n\r\n"])
+            if choice == 3:  # a huge header line
+                return b"GET /v1/nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
+            if choice == 4:  # too many headers
+                return b"GET /v1/nowhere HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n"
+            if choice == 5:  # wrong content type
+                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            if choice == 6:  # a malformed chunked body
+                return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + rng.choice([b"zz\r\n", b"5\r\nab", b"3\r\nabc\r\n0\r\n\r\n"]))
+            return b"PUT /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+        statuses = collections.Counter()
+        for i in range(300):
+            data = raw_request()
+            truncated = rng.random() < 0.15
+            if truncated:
+                data = data[:rng.randrange(1, max(2, len(data)))]
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                try:
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                    reply = b"".join(iter(lambda: sock.recv(65536), b""))
+                except (ConnectionResetError, BrokenPipeError):
+                    reply = b""
+            if not reply:
+                self.assertTrue(truncated or data.startswith(b"\x00"), data[:200])
+                continue
+            status = int(reply.split(b" ", 2)[1])
+            statuses[status] += 1
+            self.assertTrue(400 <= status < 500, (status, data[:300], reply[:300]))
+        self.assertGreater(sum(statuses.values()), 200)
+        self.assertEqual(self.records(), [], "no fuzz case ran the CLI")
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+        self.assertEqual(self.chat(user("still fine"))[0], 200)
+
+    def test_abandoned_streams_leave_no_cli_process(self):
+        socks = []
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            body = json.dumps(dict(user("SLOW"), stream=True)).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            socks.append(sock)
+        self.assertTrue(wait_until(lambda: len(self.records()) == 6))
+        for sock in socks:
+            sock.recv(100)  # the stream has begun
+            sock.close()
+        self.assertTrue(wait_until(lambda: self.server.runner.processes() == 0))
+        for record in self.records():
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+
+    def test_slow_request_is_dropped(self):
+        self.server.read_deadlines.seconds = 0.3
+        self.addCleanup(setattr, self.server.read_deadlines, "seconds", cp.REQUEST_READ_SECONDS)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
+            started = time.monotonic()
+            self.assertEqual(sock.recv(100), b"", "the proxy hung up")
+            self.assertLess(time.monotonic() - started, 9)
+
+    def test_connection_bound(self):
+        server = self.make_server()
+        server.max_connections = 2
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(lambda: (server.stop(), thread.join(10)))
+        port = server.server_address[1]
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        self.assertTrue(wait_until(lambda: server.connections == 2))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))
+        self.assertIn(b"503", reply.split(b"\r\n")[0])
+        self.assertIn(b"too_many_connections", reply)
+        for sock in idle:
+            sock.close()
+        self.assertTrue(wait_until(lambda: server.connections == 0))
+
+    def test_soak_does_not_grow(self):
+        def counts():
+            fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+            return threading.active_count(), fds, self.server.runner.processes()
+
+        self.chat(user("warm the code paths"))
+        time.sleep(0.2)
+        before = counts()
+        for i in range(300):
+            kind = i % 10
+            if kind == 0:
+                self.assertEqual(self.chat(dict(user("soak %d" % i), stream=bool(i % 20)))[0], 200)
+            elif kind < 5:
+                self.assertEqual(self.request("GET", "/v1/models")[0], 200)
+            elif kind < 8:
+                self.assertEqual(self.chat({"messages": []})[0], 400)
+            else:
+                self.assertEqual(self.request("GET", "/health")[0], 200)
+        self.assertTrue(wait_until(lambda: counts() <= before, 10), (before, counts()))
+
+    def test_metrics(self):
+        port = self.server_with()  # counts of its own
+        self.chat(user("hi"), port=port)
+        self.chat({"messages": []}, port=port)
+        self.chat(dict(user("RATE429")), port=port)
+        status, headers, raw = self.request("GET", "/metrics", port=port)
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/plain; version=0.0.4"))
+        text = raw.decode()
+        for line in ('claude_proxy_requests_total{endpoint="chat_completions",status="200"} 1',
+                     'claude_proxy_requests_total{endpoint="chat_completions",status="400"} 1',
+                     'claude_proxy_errors_total{code="rate_limit_exceeded"} 1',
+                     "claude_proxy_requests_queued 0", "claude_proxy_cli_runs_total 2",
+                     "claude_proxy_time_to_first_token_seconds_count 1",
+                     'claude_proxy_tokens_total{kind="completion"} 7'):
+            self.assertIn(line + "\n", text)
+        for line in text.splitlines():  # every sample line is `name{labels} number`
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                float(value)
+                self.assertRegex(name, r'^claude_proxy_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})?$')
 
 
 class MainTest(unittest.TestCase):
