@@ -84,6 +84,7 @@ STRUCTURED_OUTPUT_TOOL = "StructuredOutput"
 # Turns the CLI may take when it must produce structured output and no client tool is offered:
 # if the model answers in prose, the CLI asks again for the StructuredOutput call.
 STRUCTURED_OUTPUT_MAX_TURNS = 3
+MAX_SCHEMA_BYTES = 64 * 1024
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(;[^,;]*)*?);base64,", re.I)
 
 # Errors #####################################################################################
@@ -414,11 +415,9 @@ def parse_tools(body):
     """tools / tool_choice / parallel_tool_calls (or legacy functions / function_call) ->
     (the functions to offer, the instruction for the system prompt, whether one call at most)."""
     tools, choice, param = body.get("tools"), body.get("tool_choice"), "tools"
-    if tools is None and body.get("functions") is not None:
-        # Legacy function calling maps onto tools one to one.
-        tools = [{"type": "function", "function": f} for f in body["functions"]] \
-            if isinstance(body["functions"], list) else body["functions"]
-        choice, param = body.get("function_call"), "functions"
+    legacy = tools is None and body.get("functions") is not None
+    if legacy:  # legacy function calling maps onto tools one to one
+        tools, choice, param = body["functions"], body.get("function_call"), "functions"
         if isinstance(choice, dict):
             choice = {"type": "function", "function": choice}
     if tools is None or tools == []:
@@ -428,6 +427,9 @@ def parse_tools(body):
     functions = []
     for i, tool in enumerate(tools):
         where = "%s[%d]" % (param, i)
+        if legacy:
+            functions.append(parse_function(tool, where))
+            continue
         _require(isinstance(tool, dict), "each tool must be an object", where)
         _require(tool.get("type", "function") == "function",
                  "Only tools of type \"function\" are supported, not %r" % (tool.get("type"),),
@@ -480,6 +482,10 @@ def parse_response_format(response_format):
     _require(isinstance(schema, dict) and schema.get("type") == "object",
              "response_format.json_schema.schema must be a JSON Schema with \"type\": \"object\" "
              "at the root", "response_format.json_schema.schema", "invalid_json_schema")
+    # The CLI takes the schema only as an argument, and argv fails past ~128 KiB (CLI-FACTS).
+    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "response_format.json_schema.schema is "
+             "over %d bytes, more than the CLI can take" % MAX_SCHEMA_BYTES,
+             "response_format.json_schema.schema", "invalid_json_schema")
     return schema
 
 
@@ -591,12 +597,27 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None):
     else:
         argv += ["--max-turns", "1"]
     if plan.get("json_schema"):
-        argv += ["--json-schema", json.dumps(plan["json_schema"], separators=(",", ":"))]
+        argv += ["--json-schema", cli_safe_json(plan["json_schema"])]
     if plan.get("model"):
         argv += ["--model", plan["model"]]
     if plan.get("effort"):
         argv += ["--effort", plan["effort"]]
     return argv
+
+
+# Characters cmd.exe acts on even inside an argument (claude.cmd on Windows runs under it).
+CMD_METACHARACTERS = re.compile(r'[&|<>^%!()"]')
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def cli_safe_json(value):
+    """JSON text for an argv slot that cmd.exe may parse: every character cmd acts on, inside
+    strings, as a \\uXXXX escape (the same JSON to any parser). What remains outside strings
+    is {}[]:, digits and letters, and the structural quotes always pair up."""
+    def escape(match):
+        body = match.group(0)[1:-1].replace('\\"', "\\u0022")
+        return '"%s"' % CMD_METACHARACTERS.sub(lambda m: "\\u%04x" % ord(m.group(0)), body)
+    return JSON_STRING.sub(escape, json.dumps(value, separators=(",", ":"), ensure_ascii=True))
 
 
 def mcp_config(tools_path):
@@ -1231,6 +1252,15 @@ class ReplyTranslator:
             # The CLI may call hitting the output limit an error; for OpenAI it is "length".
             self.finish_reason = "length"
             return deltas
+        if event.get("subtype") == "error_max_turns":
+            # No call of the client's came back: the model used a tool it was not given, or
+            # (with response_format) never produced the structured output.
+            self.error = cli_failed(
+                "The model's reply ended without an answer: " + (
+                    "it did not produce the structured output that response_format asked for."
+                    if self.structured else "it tried to use a tool that was not offered."),
+                "no_structured_output" if self.structured else "no_answer")
+            return deltas
         self.error = result_error(event)
         if self.error:
             return deltas
@@ -1855,12 +1885,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def preflight(self, allowed):
         """OPTIONS: the CORS preflight when the Origin is allowed, a plain Allow otherwise."""
-        headers = {"Allow": ", ".join(allowed + ("OPTIONS",))}
+        allowed = allowed + (("HEAD",) if "GET" in allowed else ()) + ("OPTIONS",)
+        headers = {"Allow": ", ".join(allowed)}
         if self.cors_origin:
             requested = self.headers.get("Access-Control-Request-Headers")
             # Echo what the page asks for: `*` never covers Authorization, and the browser
             # openai SDK adds X-Stainless-* headers.
-            headers.update({"Access-Control-Allow-Methods": ", ".join(allowed + ("OPTIONS",)),
+            headers.update({"Access-Control-Allow-Methods": ", ".join(allowed),
                             "Access-Control-Allow-Headers": requested or "Authorization, Content-Type",
                             "Access-Control-Max-Age": "600"})
         self.send_empty(204, headers)

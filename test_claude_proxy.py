@@ -791,7 +791,8 @@ class ToolParsingTest(unittest.TestCase):
             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
             ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
             ({"tool_choice": "required"}, "tool_choice"),
-            ({"functions": [{"name": "bad name"}]}, "functions[0].function.name"),
+            ({"functions": [{"name": "bad name"}]}, "functions[0].name"),
+            ({"functions": ["get_weather"]}, "functions[0]"),
         ]
         for fields, param in cases:
             with self.subTest(fields):
@@ -823,6 +824,29 @@ class ToolParsingTest(unittest.TestCase):
         config = cp.mcp_config("/x/tools.json")["mcpServers"][cp.MCP_SERVER]
         self.assertEqual(config["command"], sys.executable)
         self.assertEqual(config["args"][-3:], [os.path.abspath(cp.__file__), "--mcp-tools", "/x/tools.json"])
+
+
+class CmdSafeJsonTest(unittest.TestCase):
+    def test_same_json_nothing_for_cmd_to_act_on(self):
+        """claude.cmd runs under cmd.exe, which acts on & | < > ^ % ! ( ) and on quote parity
+        even inside an argument: a schema from a client must not be able to run a command."""
+        cases = [{"type": "object"},
+                 {"type": "object", "properties": {"a&b": {"description": 'x" & calc % ! ^ | < > ( )'}}},
+                 {"type": "object", "enum": ["\\", '\\"', '"', "\u00e9\u4e2d"]},
+                 {"type": "object", "description": "100%% sure %PATH% !x!"}]
+        for value in cases:
+            with self.subTest(value):
+                text = cp.cli_safe_json(value)
+                self.assertEqual(json.loads(text), value)
+                self.assertNotRegex(text, r'[&|<>^%!()]')
+                outside = cp.JSON_STRING.sub("", text)
+                self.assertNotIn('"', outside, "every quote is a string's own, in pairs")
+
+    def test_oversized_schema_is_400(self):
+        schema = {"type": "object", "description": "x" * (cp.MAX_SCHEMA_BYTES + 1)}
+        with self.assertRaises(cp.ProxyError) as caught:
+            cp.parse_chat_request(dict(user("hi"), response_format={"type": "json_schema", "json_schema": {"schema": schema}}))
+        self.assertEqual(caught.exception.param, "response_format.json_schema.schema")
 
 
 class McpServerTest(unittest.TestCase):
@@ -939,7 +963,9 @@ class ToolTranslationTest(unittest.TestCase):
     def test_foreign_tool_use_is_not_a_call(self):
         translator, deltas = self.translate(tool_events([("Bash", ['{"command":"ls"}'])], text=""))
         self.assertEqual(deltas, [])
-        self.assertEqual(translator.error.status, 502)
+        self.assertEqual((translator.error.status, translator.error.code), (502, "no_answer"))
+        translator, _ = self.translate(tool_events([("Bash", ['{}'])], text=""), structured=True)
+        self.assertEqual(translator.error.code, "no_structured_output")
 
     def test_structured_output(self):
         events = tool_events([("StructuredOutput", ['{"name": ', '"x"}'])], text="Here it is:", structured=True)
@@ -974,7 +1000,7 @@ class ServerTestCase(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
         cls.stub, cls.record_dir = write_stub(cls.tmp)
         cls.server = cls.make_server()
-        cls.thread = threading.Thread(target=cls.server.serve_forever, daemon=True)
+        cls.thread = threading.Thread(target=cls.server.serve_forever, args=(0.05,), daemon=True)
         cls.thread.start()
         cls.port = cls.server.server_address[1]
 
@@ -1271,7 +1297,7 @@ class ErrorTest(ServerTestCase):
 
     def test_body_too_large(self):
         server = self.make_server(max_body=1000)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         try:
             self.assert_error(self.chat(user("x" * 2000), port=server.server_address[1]), 413,
@@ -1303,7 +1329,7 @@ class ErrorTest(ServerTestCase):
 
     def test_cli_missing_is_502(self):
         server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(os.path.join(self.tmp, "no-such-claude")))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         try:
             self.assert_error(self.chat(user("hi"), port=server.server_address[1]), 502, code="cli_not_found")
@@ -1313,7 +1339,7 @@ class ErrorTest(ServerTestCase):
             server.stop()
             thread.join(10)
         no_cli = cp.ProxyServer(("127.0.0.1", 0), cp.Config(None))
-        thread = threading.Thread(target=no_cli.serve_forever, daemon=True)
+        thread = threading.Thread(target=no_cli.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         try:
             port = no_cli.server_address[1]
@@ -1336,7 +1362,7 @@ class ErrorTest(ServerTestCase):
                     + "sys.stderr.write('segfault'); sys.exit(139)\n")
         os.chmod(stub, 0o755)
         server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(stub))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         try:
             status, _, raw = self.chat(dict(user("hi"), stream=True), port=server.server_address[1])
@@ -1519,7 +1545,7 @@ class StructuredOutputTest(ServerTestCase):
                     "JSON Parse error\\n\")\nsys.exit(1)\n" % sys.executable)
         os.chmod(stub, 0o755)
         server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(stub))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         try:
             self.assert_error(self.chat(dict(user("x"), response_format={"type": "json_object"}),
@@ -1536,7 +1562,7 @@ class PoolTest(ServerTestCase):
     def pool_server(self, **config):
         config.setdefault("pool_size", 2)
         server = self.make_server(**config)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
 
         def stop():
@@ -1704,7 +1730,7 @@ class LifecycleTest(ServerTestCase):
 
     def test_timeout_is_504_and_stops_the_cli(self):
         server = self.make_server(timeout=0.5)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         try:
             for stream in (False, True):
@@ -1721,7 +1747,7 @@ class LifecycleTest(ServerTestCase):
 
     def test_shutdown_stops_every_run(self):
         server = self.make_server()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         port = server.server_address[1]
         results = []
@@ -1742,7 +1768,7 @@ class AccessTest(ServerTestCase):
 
     def server_with(self, **config):
         server = self.make_server(**config)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
 
         def stop():
@@ -2065,7 +2091,7 @@ class LoadTest(ServerTestCase):
     def test_connection_bound(self):
         server = self.make_server()
         server.max_connections = 2
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         self.addCleanup(lambda: (server.stop(), thread.join(10)))
         port = server.server_address[1]
@@ -2163,6 +2189,79 @@ class MainTest(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         for line in ("direct cold claude -p", "proxy, warm pool on", "proxy, pool off", "per streamed chunk"):
             self.assertIn(line, out.stdout)
+
+    def start_program(self, *args):
+        """claude_proxy.py as its own process over a fresh stub; returns (proc, port, record dir)."""
+        import subprocess
+        tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        stub, record_dir = write_stub(tmp)
+        proc = subprocess.Popen([sys.executable, cp.__file__, "--port", "0", "--claude-path", stub,
+                                 "--pool-size", "0"] + list(args), stderr=subprocess.PIPE, text=True)
+
+        def cleanup():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+        self.addCleanup(cleanup)
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            self.assertTrue(line, "the proxy exited early")
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        return proc, port, record_dir
+
+    @staticmethod
+    def program_records(record_dir):
+        out = []
+        for name in os.listdir(record_dir):
+            if name.endswith(".json"):
+                with open(os.path.join(record_dir, name)) as f:
+                    out.append(json.load(f))
+        return out
+
+    def test_graceful_shutdown_lets_running_requests_finish(self):
+        proc, port, record_dir = self.start_program("--shutdown-grace", "20")
+        gate = os.path.join(record_dir, "gate")
+        results = []
+        client = threading.Thread(target=lambda: results.append(
+            ServerTestCase.request(self, "POST", "/v1/chat/completions", user("WAITFOR[%s] finish me" % gate), port=port)))
+        client.start()
+        self.assertTrue(wait_until(lambda: self.program_records(record_dir)), "the run started")
+        proc.send_signal(signal.SIGTERM)
+
+        def refused():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return False
+            except OSError:
+                return True
+        self.assertTrue(wait_until(refused), "no new connections once stopping")
+        self.assertIsNone(proc.poll(), "still finishing the running request")
+        open(gate, "w").close()
+        client.join(30)
+        self.assertEqual(results[0][0], 200)
+        self.assertEqual(json.loads(results[0][2])["choices"][0]["message"]["content"],
+                         "Echo: WAITFOR[%s] finish me [images: 0]" % gate)
+        self.assertEqual(proc.wait(15), 0)
+        for record in self.program_records(record_dir):
+            self.assertFalse(pid_alive(record["pid"]))
+
+    def test_grace_runs_out_then_every_cli_is_stopped(self):
+        proc, port, record_dir = self.start_program("--shutdown-grace", "0.3")
+        results = []
+        client = threading.Thread(target=lambda: results.append(
+            ServerTestCase.request(self, "POST", "/v1/chat/completions", user("HANG"), port=port)))
+        client.start()
+        self.assertTrue(wait_until(lambda: any("child_pid" in r for r in self.program_records(record_dir))))
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(15), 0)
+        client.join(15)
+        self.assertEqual(results[0][0], 503)
+        for record in self.program_records(record_dir):
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"]) and not pid_alive(record["child_pid"])))
 
     def test_runs_as_a_program_and_stops_on_sigterm(self):
         import subprocess
