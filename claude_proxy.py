@@ -1927,7 +1927,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def send_error_body(self, error):
-        self.log_error = error.code
+        self.log_error = error.code or error.type
         if self.status is not None:  # headers already sent: nothing more can be said
             return
         try:
@@ -2024,7 +2024,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def health(self):
         config = self.server.config
-        self.send_json(200 if config.claude_path else 503, {
+        status = 200 if config.claude_path else 503
+        if config.api_keys and not key_matches(presented_key(self.headers), config.api_keys):
+            # Open to load balancers without the key, but the details are for key holders.
+            return self.send_json(status, {"status": "ok" if config.claude_path else "cli_not_found",
+                                           "version": __version__})
+        self.send_json(status, {
             "status": "ok" if config.claude_path else "cli_not_found",
             "version": __version__,
             "cli": {"path": config.claude_path, "found": bool(config.claude_path),
@@ -2103,7 +2108,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             translator.error = run_failure(run, plan)
         if translator.error:
             log("request failed: %s %s" % (translator.error.status, translator.error.message))
-            self.log_error = translator.error.code  # a stream's status is already 200
+            self.log_error = translator.error.code or translator.error.type  # a stream's status is already 200
             sink.fail(translator.error)
             return
         self.log_usage = translator.usage

@@ -1804,6 +1804,10 @@ class AccessTest(ServerTestCase):
                     self.assertEqual(got_headers["www-authenticate"], "Bearer")
         self.assert_error(self.chat(user("hi"), port=port), 401)
         self.assertEqual(self.records(), [], "nothing runs without the key")
+        health = json.loads(self.request("GET", "/health", port=port)[2])
+        self.assertEqual(set(health), {"status", "version"}, "details only for key holders")
+        health = json.loads(self.request("GET", "/health", port=port, headers={"x-api-key": "key-one"})[2])
+        self.assertIn("cli", health)
         status, _, _ = self.chat(user("hi"), port=port, headers={"Authorization": "Bearer key-two"})
         self.assertEqual(status, 200)
 
@@ -2137,6 +2141,7 @@ class LoadTest(ServerTestCase):
         for line in ('claude_proxy_requests_total{endpoint="chat_completions",status="200"} 1',
                      'claude_proxy_requests_total{endpoint="chat_completions",status="400"} 1',
                      'claude_proxy_errors_total{code="rate_limit_exceeded"} 1',
+                     'claude_proxy_errors_total{code="invalid_request_error"} 1',
                      "claude_proxy_requests_queued 0", "claude_proxy_cli_runs_total 2",
                      "claude_proxy_time_to_first_token_seconds_count 1",
                      'claude_proxy_tokens_total{kind="completion"} 7'):
