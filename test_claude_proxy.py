@@ -1005,9 +1005,23 @@ class ServerTestCase(unittest.TestCase):
         cls.port = cls.server.server_address[1]
 
     @classmethod
-    def make_server(cls, **config):
+    def make_server(cls, claude=None, **config):
+        """A proxy over the stub (or over `claude`; "" for none at all), not yet serving."""
         config.setdefault("timeout", cls.timeout)
-        return cp.ProxyServer(("127.0.0.1", 0), cp.Config(cls.stub, claude_version="2.1.197 (Claude Code)", **config))
+        return cp.ProxyServer(("127.0.0.1", 0), cp.Config(cls.stub if claude is None else claude or None,
+                                                          claude_version="2.1.197 (Claude Code)", **config))
+
+    def serve(self, claude=None, **config):
+        """A proxy of this test's own, serving in a thread, stopped at cleanup; returns it."""
+        server = self.make_server(claude, **config)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+
+        def stop():
+            server.stop()  # a second stop, after a test's own, does nothing more
+            thread.join(10)
+        self.addCleanup(stop)
+        return server
 
     @classmethod
     def tearDownClass(cls):
@@ -1296,15 +1310,9 @@ class ErrorTest(ServerTestCase):
         self.assertEqual(self.records(), [], "no CLI run for a bad request")
 
     def test_body_too_large(self):
-        server = self.make_server(max_body=1000)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        try:
-            self.assert_error(self.chat(user("x" * 2000), port=server.server_address[1]), 413,
-                              code="request_too_large")
-        finally:
-            server.stop()
-            thread.join(10)
+        server = self.serve(max_body=1000)
+        self.assert_error(self.chat(user("x" * 2000), port=server.server_address[1]), 413,
+                          code="request_too_large")
 
     def test_upstream_errors(self):
         cases = [
@@ -1328,27 +1336,13 @@ class ErrorTest(ServerTestCase):
             self.assertFalse(pid_alive(record["pid"]))
 
     def test_cli_missing_is_502(self):
-        server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(os.path.join(self.tmp, "no-such-claude")))
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        try:
-            self.assert_error(self.chat(user("hi"), port=server.server_address[1]), 502, code="cli_not_found")
-            status, _, raw = self.request("GET", "/health", port=server.server_address[1])
-            self.assertEqual(status, 200)
-        finally:
-            server.stop()
-            thread.join(10)
-        no_cli = cp.ProxyServer(("127.0.0.1", 0), cp.Config(None))
-        thread = threading.Thread(target=no_cli.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        try:
-            port = no_cli.server_address[1]
-            self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
-            status, _, raw = self.request("GET", "/health", port=port)
-            self.assertEqual((status, json.loads(raw)["cli"]["found"]), (503, False))
-        finally:
-            no_cli.stop()
-            thread.join(10)
+        port = self.serve(os.path.join(self.tmp, "no-such-claude")).server_address[1]
+        self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
+        self.assertEqual(self.request("GET", "/health", port=port)[0], 200)
+        port = self.serve("").server_address[1]  # no CLI found at all
+        self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
+        status, _, raw = self.request("GET", "/health", port=port)
+        self.assertEqual((status, json.loads(raw)["cli"]["found"]), (503, False))
 
     def test_error_after_stream_began(self):
         """Once 200 and some chunks are out, an error is a data: {"error"} event, then the end."""
@@ -1361,23 +1355,14 @@ class ErrorTest(ServerTestCase):
                     + "print(json.dumps({'type':'stream_event','event':{'type':'content_block_delta','index':0,'delta':{'type':'text_delta','text':'Hel'}}}), flush=True)\n"
                     + "sys.stderr.write('segfault'); sys.exit(139)\n")
         os.chmod(stub, 0o755)
-        server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(stub))
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        try:
-            status, _, raw = self.chat(dict(user("hi"), stream=True), port=server.server_address[1])
-            self.assertEqual(status, 200)
-            events = raw.split(b"\n\n")
-            self.assertEqual(events[-1], b"")
-            last = json.loads(events[-2][len(b"data: "):])
-            self.assertEqual(last["error"]["code"], "cli_crashed")
-            self.assertNotIn(b"[DONE]", raw)
-        finally:
-            server.stop()
-            thread.join(10)
+        status, _, raw = self.chat(dict(user("hi"), stream=True), port=self.serve(stub).server_address[1])
+        self.assertEqual(status, 200)
+        events = raw.split(b"\n\n")
+        self.assertEqual(events[-1], b"")
+        last = json.loads(events[-2][len(b"data: "):])
+        self.assertEqual(last["error"]["code"], "cli_crashed")
+        self.assertNotIn(b"[DONE]", raw)
 
-
-class ToolsEndToEndTest(ServerTestCase):
     def reply(self, body):
         status, _, raw = self.chat(body)
         self.assertEqual(status, 200, raw)
@@ -1544,16 +1529,9 @@ class StructuredOutputTest(ServerTestCase):
             f.write("#!%s\nimport sys\nsys.stderr.write(\"Error: --json-schema is not valid JSON: "
                     "JSON Parse error\\n\")\nsys.exit(1)\n" % sys.executable)
         os.chmod(stub, 0o755)
-        server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(stub))
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        try:
-            self.assert_error(self.chat(dict(user("x"), response_format={"type": "json_object"}),
-                                        port=server.server_address[1]), 400,
-                              "response_format.json_schema.schema", "invalid_json_schema")
-        finally:
-            server.stop()
-            thread.join(10)
+        self.assert_error(self.chat(dict(user("x"), response_format={"type": "json_object"}),
+                                    port=self.serve(stub).server_address[1]), 400,
+                          "response_format.json_schema.schema", "invalid_json_schema")
 
 
 class PoolTest(ServerTestCase):
@@ -1561,14 +1539,7 @@ class PoolTest(ServerTestCase):
 
     def pool_server(self, **config):
         config.setdefault("pool_size", 2)
-        server = self.make_server(**config)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-
-        def stop():
-            server.stop()
-            thread.join(10)
-        self.addCleanup(stop)
+        server = self.serve(**config)
         return server, server.server_address[1]
 
     def waiting(self, count=1):
@@ -1729,26 +1700,17 @@ class LifecycleTest(ServerTestCase):
                 self.assertTrue(wait_until(lambda: self.server.runner.active() == 0))
 
     def test_timeout_is_504_and_stops_the_cli(self):
-        server = self.make_server(timeout=0.5)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        try:
-            for stream in (False, True):
-                with self.subTest(stream=stream):
-                    self.setUp()
-                    self.assert_error(self.chat(dict(user("HANG"), stream=stream), port=server.server_address[1]),
-                                      504, code="timeout")
-                    [record] = self.records()
-                    self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
-                    self.assertTrue(wait_until(lambda: not pid_alive(record["child_pid"])))
-        finally:
-            server.stop()
-            thread.join(10)
+        port = self.serve(timeout=0.5).server_address[1]
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                self.assert_error(self.chat(dict(user("HANG"), stream=stream), port=port), 504, code="timeout")
+                [record] = self.records()
+                self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+                self.assertTrue(wait_until(lambda: not pid_alive(record["child_pid"])))
 
     def test_shutdown_stops_every_run(self):
-        server = self.make_server()
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
+        server = self.serve()
         port = server.server_address[1]
         results = []
         client = threading.Thread(target=lambda: results.append(self.chat(user("HANG"), port=port)))
@@ -1756,7 +1718,6 @@ class LifecycleTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: any("child_pid" in r for r in self.records())))
         record = self.records()[0]
         server.stop()
-        thread.join(10)
         self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
         self.assertTrue(wait_until(lambda: not pid_alive(record["child_pid"])))
         client.join(10)
@@ -1767,15 +1728,7 @@ class AccessTest(ServerTestCase):
     """API keys, Host and Origin checks, content types, CORS."""
 
     def server_with(self, **config):
-        server = self.make_server(**config)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-
-        def stop():
-            server.stop()
-            thread.join(10)
-        self.addCleanup(stop)
-        return server.server_address[1]
+        return self.serve(**config).server_address[1]
 
     def test_api_keys(self):
         port = self.server_with(api_keys=["key-one", "key-two"])
@@ -1948,7 +1901,7 @@ class LoadTest(ServerTestCase):
     """Back-pressure, fuzzing, abandoned streams, a short soak, metrics."""
 
     def server_with(self, **config):
-        return AccessTest.server_with(self, **config)
+        return self.serve(**config).server_address[1]
 
     def test_saturation_gets_429_with_retry_after(self):
         port = self.server_with(max_concurrency=1, max_queue=1)
@@ -2093,11 +2046,8 @@ class LoadTest(ServerTestCase):
             self.assertLess(time.monotonic() - started, 9)
 
     def test_connection_bound(self):
-        server = self.make_server()
+        server = self.serve()
         server.max_connections = 2
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        self.addCleanup(lambda: (server.stop(), thread.join(10)))
         port = server.server_address[1]
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         self.assertTrue(wait_until(lambda: server.connections == 2))
