@@ -25,7 +25,7 @@ import ipaddress
 import json
 import os
 import re
-import select
+import selectors
 import shutil
 import signal
 import socket
@@ -59,6 +59,7 @@ DEFAULT_MAX_QUEUE = 32  # requests waiting for a run slot; more get 429
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGINT
 BUSY_RETRY_AFTER = 2  # Retry-After, in seconds, when every slot and queue place is taken
 REQUEST_READ_SECONDS = 30.0  # a request's line, headers and body must all arrive within this
+DISCARD_SECONDS, DISCARD_BYTES = 2.0, 64 * 1024 * 1024  # unread body dropped after an early answer
 EXTRA_CONNECTIONS = 64  # open connections allowed beyond concurrency + queue (GETs, errors)
 STOP_GRACE_SECONDS = 1.5  # SIGTERM, then SIGKILL after this long
 REQUEST_SOCKET_TIMEOUT = 120.0  # a client that stalls mid-request or mid-read for this long is dropped
@@ -85,6 +86,8 @@ STRUCTURED_OUTPUT_TOOL = "StructuredOutput"
 # if the model answers in prose, the CLI asks again for the StructuredOutput call.
 STRUCTURED_OUTPUT_MAX_TURNS = 3
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_TOKENS = 1000000  # past any model's output limit: a larger max_tokens is a typo
+CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(;[^,;]*)*?);base64,", re.I)
 
 # Errors #####################################################################################
@@ -533,7 +536,8 @@ def parse_chat_request(body, default_model=None, default_effort=None):
     if effort is None:
         effort = default_effort
     else:
-        _require(effort in REASONING_EFFORT_TO_CLI, "`reasoning_effort` must be one of %s"
+        _require(isinstance(effort, str) and effort in REASONING_EFFORT_TO_CLI,
+                 "`reasoning_effort` must be one of %s"
                  % ", ".join(REASONING_EFFORT_TO_CLI), "reasoning_effort")
         effort = REASONING_EFFORT_TO_CLI[effort]
 
@@ -541,8 +545,8 @@ def parse_chat_request(body, default_model=None, default_effort=None):
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is not None:
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     "`%s` must be a positive integer" % name, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TOKENS,
+                     "`%s` must be a whole number from 1 to %d" % (name, MAX_TOKENS), name)
             max_tokens = value if max_tokens is None else min(max_tokens, value)
 
     stop = body.get("stop")
@@ -632,6 +636,8 @@ def cli_env(base_env, plan):
     # The CLI refuses to start "nested" inside another Claude Code session.
     for name in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"):
         env.pop(name, None)
+    for name in [n for n in env if n.startswith("CLAUDE_PROXY_")]:
+        env.pop(name)  # the proxy's own settings, its API keys among them, are not the CLI's
     # One request, one model call: no title-generation side call, telemetry or update check.
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
     # The user's own CLAUDE.md files and auto-memory are notes for their coding sessions: they
@@ -695,6 +701,11 @@ class CliRun:
         self._lock = threading.Lock()
         self._stopped = False
         self._timer = None
+        # stdout is closed by whoever is done with it last: events() at its end, or stop() when
+        # nothing reads it (a warm process never used). Closing it under a reader would make
+        # the reader fail instead of ending.
+        self._stdout_reader = False
+        self._stdout_closed = False
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
@@ -729,25 +740,38 @@ class CliRun:
             pass  # the CLI exited early; its stdout and exit status tell why
 
     def _read_stderr(self):
-        for raw in iter(self.proc.stderr.readline, b""):
-            self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+        try:
+            for raw in iter(self.proc.stderr.readline, b""):
+                self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+        finally:
+            self.proc.stderr.close()  # at its end of file: the process group is gone
 
     def events(self):
         """Each JSON object the CLI prints, in order, until it exits or is stopped."""
-        for raw in iter(self.proc.stdout.readline, b""):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict):
-                yield event
-            else:
-                self.garbage_lines += 1
-                if self.garbage_lines <= 3:
-                    log("cli printed a line that is not a JSON event: %r" % line[:200])
+        with self._lock:
+            if self._stdout_closed:
+                return
+            self._stdout_reader = True
+        try:
+            for raw in iter(self.proc.stdout.readline, b""):
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if isinstance(event, dict):
+                    yield event
+                else:
+                    self.garbage_lines += 1
+                    if self.garbage_lines <= 3:
+                        log("cli printed a line that is not a JSON event: %r" % line[:200])
+        finally:
+            with self._lock:
+                self._stdout_reader = False
+                self._stdout_closed = True
+            self.proc.stdout.close()
 
     def cancel(self, reason):
         """Stop the run early, remembering why (first reason wins)."""
@@ -775,7 +799,10 @@ class CliRun:
             # The CLI itself exited; anything it left behind in its group goes too.
             signal_group(self.proc, hard=True)
         self.returncode = self.proc.returncode
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        with self._lock:
+            close_stdout = not self._stdout_reader and not self._stdout_closed
+            self._stdout_closed = True
+        for stream in ((self.proc.stdin, self.proc.stdout) if close_stdout else (self.proc.stdin,)):
             try:
                 stream.close()
             except OSError:
@@ -804,6 +831,16 @@ def signal_group(proc, hard):
         pass  # already gone
 
 
+def stop_runs(runs, reason=None):
+    """Stop several runs at once: each may take STOP_GRACE_SECONDS to answer its TERM."""
+    threads = [threading.Thread(target=run.cancel if reason else run.stop,
+                                args=(reason,) if reason else ()) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 # What a process must be started with, as opposed to what its message carries: requests whose
 # plans agree on these can be served by the same kind of warm process.
 SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens")
@@ -812,6 +849,11 @@ SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max
 def run_shape(plan):
     """The key of a plan's process shape (everything that goes into argv, files or env)."""
     return json.dumps([plan.get(field) for field in SHAPE_FIELDS], sort_keys=True)
+
+
+def shape_plan(plan):
+    """The part of a plan that a process is started with: no conversation."""
+    return {field: plan.get(field) for field in SHAPE_FIELDS}
 
 
 def shape_label(shape):
@@ -915,16 +957,15 @@ class CliRunner:
             self.pool.close()
         with self._lock:
             runs = list(self._runs)
-        for run in runs:
-            run.cancel("shutdown")
+        stop_runs(runs, "shutdown")
 
 
 class WarmPool:
     """CLI processes started ahead of their requests, waiting on stdin, keyed by shape.
 
     The pool learns shapes from requests: after each take (a hit) or miss, a process of that
-    shape is started in the background. At most `size` wait in all; to make room, the one of
-    the least recently requested other shape goes. A process waits at most `idle_seconds`; one
+    shape is started in the background. At most `size` wait in all; to make room for a shape
+    requested more than once, the one of the least recently requested other shape goes. A process waits at most `idle_seconds`; one
     that died, or whose CLI binary changed on disk since it started, is never handed out."""
 
     MAX_REMEMBERED_SHAPES = 32
@@ -935,8 +976,10 @@ class WarmPool:
         self.idle_seconds = idle_seconds
         self.hits = self.misses = self.started = self.retired = 0
         self._idle = {}  # shape -> [CliRun], oldest first
-        self._recent = collections.OrderedDict()  # shape -> plan, least recently requested first
+        self._recent = collections.OrderedDict()  # shape -> shape_plan, least recently requested first
+        self._seen_again = set()  # shapes requested more than once
         self._wanted = []  # shapes to start a process for
+        self._working = False  # the maintenance thread is starting processes
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
@@ -949,10 +992,13 @@ class WarmPool:
         with self._cond:
             if self._closed:
                 return None
-            self._recent[shape] = plan
+            if shape in self._recent:
+                self._seen_again.add(shape)
+            # Only what the process is started with is kept: no client's conversation stays here.
+            self._recent[shape] = shape_plan(plan)
             self._recent.move_to_end(shape)
             while len(self._recent) > self.MAX_REMEMBERED_SHAPES:
-                self._recent.popitem(last=False)
+                self._seen_again.discard(self._recent.popitem(last=False)[0])
             stamp = self.runner.binary_stamp()
             waiting, run = self._idle.get(shape, []), None
             while waiting:
@@ -990,20 +1036,25 @@ class WarmPool:
             self._idle.clear()
             self._cond.notify()
         self._thread.join(10)
-        for run in runs:
-            run.stop()
+        stop_runs(runs)
+
+    def settled(self):
+        """No process is waiting to be started (for tests and the benchmark to wait on)."""
+        with self._cond:
+            return not self._wanted and not self._working
 
     def _maintain(self):
         while True:
             with self._cond:
+                self._working = False
                 if not self._wanted and not self._closed:
                     self._cond.wait(1.0)
                 if self._closed:
                     return
                 wanted, self._wanted = list(dict.fromkeys(self._wanted)), []
+                self._working = bool(wanted)
                 expired = self._take_expired()
-            for run in expired:
-                run.stop()
+            stop_runs(expired)
             for shape in wanted:
                 self._add(shape)
 
@@ -1027,9 +1078,11 @@ class WarmPool:
             if plan is None or self._closed:
                 return
             if sum(len(runs) for runs in self._idle.values()) >= self.size:
-                victim = self._evict_for(shape)
+                # A shape seen once may be a one-off (a system prompt with a timestamp in it):
+                # it takes a free place, but pushes out no other shape.
+                victim = self._evict_for(shape) if shape in self._seen_again else None
                 if victim is None:
-                    return  # the pool is full of this shape already
+                    return
         if victim:
             victim.stop()
         try:
@@ -1083,12 +1136,13 @@ def held_back(text, stops):
     return longest
 
 
-def call_id(tool_use_id):
-    """A stable OpenAI tool-call id from the model's tool_use id: call_<same suffix>."""
+def call_id(tool_use_id, number):
+    """A stable OpenAI tool-call id from the model's tool_use id: call_<same suffix>
+    (call_<number> if the model gave none)."""
     suffix = re.sub(r"[^A-Za-z0-9_-]", "", str(tool_use_id or ""))
     if suffix.startswith("toolu_"):
         suffix = suffix[len("toolu_"):]
-    return "call_" + (suffix or uuid.uuid4().hex[:24])
+    return "call_" + (suffix or str(number))
 
 
 class ReplyTranslator:
@@ -1190,7 +1244,7 @@ class ReplyTranslator:
         self._blocks[index] = ("call", number, False)
         # Text held back for a stop sequence goes out before the call opens.
         return self._flush() + [self._call_delta(number, {
-            "id": call_id(block.get("id")), "type": "function",
+            "id": call_id(block.get("id"), number), "type": "function",
             "function": {"name": self.tool_names[name], "arguments": ""}})]
 
     def _tool_input(self, index, fragment):
@@ -1742,15 +1796,24 @@ class ClientWatch:
             callback()
 
     def _watch(self):
-        try:
-            readable, _, _ = select.select([self.sock, self._wake_r], [], [])
-            if self._wake_r in readable:
-                return
-            if self.sock.recv(1, socket.MSG_PEEK) == b"":
-                self._hung_up()
-            # Data instead (a pipelined request?) is not a hang-up: stop watching.
-        except (OSError, ValueError):
-            self._hung_up()
+        # selectors, not select(): select() fails on descriptors past 1024.
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = [key.fileobj for key, _ in selector.select()]
+                if self._wake_r in ready:
+                    return
+                try:
+                    # The request was read whole and HTTP/1.0 serves no second one: anything
+                    # more the client sends is dropped; an empty read is the hang-up.
+                    if self.sock.recv(65536) == b"":
+                        break
+                except (BlockingIOError, InterruptedError, socket.timeout):
+                    continue
+                except OSError:
+                    break
+        self._hung_up()
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -1787,24 +1850,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.dispatch("OPTIONS")
 
     def route(self, method, path):
-        """(allowed methods, handler function) for a path, or None."""
+        """(allowed methods, handler method, its arguments) for a path, or None."""
         path = path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/v1/chat/completions", "/chat/completions"):
-            return ("POST",), self.chat_completions
+            return ("POST",), self.chat_completions, ()
         if path in ("/v1/models", "/models"):
-            return ("GET",), self.list_models
+            return ("GET",), self.list_models, ()
         if path.startswith(("/v1/models/", "/models/")):
-            model_id = path.split("/models/", 1)[1]
-            return ("GET",), lambda: self.get_model(model_id)
+            return ("GET",), self.get_model, (path.split("/models/", 1)[1],)
         if path == "/health":
-            return ("GET",), self.health
+            return ("GET",), self.health, ()
         if path == "/metrics":
-            return ("GET",), self.metrics
+            return ("GET",), self.metrics, ()
         return None
 
     def setup(self):
         super().setup()
         self.cors_origin = None
+        self.body_read = False
         self.server.read_deadlines.begin(self)
 
     def finish(self):
@@ -1825,7 +1888,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(404, "No route %s %s; the API is under /v1 (POST "
                                  "/v1/chat/completions, GET /v1/models)." % (method, self.path.split("?")[0]),
                                  "invalid_request_error", None, "not_found")
-            allowed, handler = route
+            allowed, handler, arguments = route
             if method == "OPTIONS":
                 return self.preflight(allowed)
             if method == "HEAD" and "GET" in allowed:
@@ -1839,7 +1902,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(415, "POST bodies must be sent as Content-Type: application/json.",
                                  "invalid_request_error", None, "unsupported_media_type",
                                  {"x-should-retry": "false"})
-            handler()
+            handler(*arguments)
         except ProxyError as error:
             self.send_error_body(error)
         except (BrokenPipeError, ConnectionResetError, socket.timeout, ClientGone):
@@ -1850,11 +1913,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_error_body(ProxyError(500, "Internal proxy error; see the proxy's log.",
                                             "server_error", None, "internal_error"))
         finally:
-            endpoint = route[1].__name__ if route and hasattr(route[1], "__name__") else "other"
-            self.server.metrics.finished("get_model" if endpoint == "<lambda>" else endpoint,
-                                         self.status, time.monotonic() - self.started,
-                                         self.log_error, self.log_usage)
+            self.server.metrics.finished(route[1].__name__ if route else "other", self.status,
+                                         time.monotonic() - self.started, self.log_error,
+                                         self.log_usage)
             self.log_access(method)
+            if method == "POST" and not self.body_read:
+                self.discard_body()
 
     def check_access(self, route):
         """Host, Origin and API key, before anything else is looked at.
@@ -1966,6 +2030,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # --- request bodies
 
+    def discard_body(self):
+        """After answering without reading the body (401, 403, 413, 415, ...): read and drop
+        what the client is still sending, within limits. Closing with unread data would reset
+        the connection, and the client could lose the answer it has not read yet."""
+        try:
+            self.wfile.flush()
+            self.connection.settimeout(DISCARD_SECONDS)
+            deadline, left = time.monotonic() + DISCARD_SECONDS, DISCARD_BYTES
+            while left > 0 and time.monotonic() < deadline:
+                data = self.connection.recv(min(left, 65536))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
+
     def read_body(self):
         limit = self.server.config.max_body
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -1988,20 +2068,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if len(body) < length:
             raise invalid("The request body ended early", None, "incomplete_body")
+        self.body_read = True
         self.server.read_deadlines.end(self)
         return body
 
     def read_chunked(self, limit):
         parts, size = [], 0
         while True:
-            line = self.rfile.readline(1024)
-            try:
-                chunk = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
+            line = self.rfile.readline(1024).split(b";")[0].strip()
+            if not CHUNK_SIZE.match(line):  # hex digits only: int() would take "-1"
                 raise invalid("Malformed chunked request body", None, "invalid_body")
+            chunk = int(line, 16)
             if chunk == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
+                self.body_read = True
                 self.server.read_deadlines.end(self)
                 return b"".join(parts)
             size += chunk
@@ -2011,12 +2092,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  "invalid_request_error", None, "request_too_large",
                                  {"x-should-retry": "false"})
             parts.append(self.rfile.read(chunk))
+            if len(parts[-1]) < chunk:
+                raise invalid("The request body ended early", None, "incomplete_body")
             self.rfile.readline(1024)
 
     def read_json(self):
         raw = self.read_body()
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
+            # JSON may spell lone surrogates (\\ud800) that no UTF-8 file or pipe can carry.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+            return body
         except (ValueError, RecursionError) as e:
             raise invalid("The request body is not valid JSON: %s" % str(e)[:200], None, "invalid_json")
 
@@ -2261,12 +2347,17 @@ class ProxyServer(ThreadingHTTPServer):
         self.shutdown()
         self.socket.close()  # new connections are refused from now on
         self.admission.close()  # queued requests leave with 503
-        deadline = time.monotonic() + grace
-        while self.runner.active() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Wait for whole HTTP answers, not just CLI runs: a run ends before its answer is
+        # written, and handler threads die with the process.
+        self._wait_for_requests(time.monotonic() + grace)
         self.runner.stop_all()
+        self._wait_for_requests(time.monotonic() + STOP_GRACE_SECONDS)  # their error answers
         self.read_deadlines.close()
         self.server_close()
+
+    def _wait_for_requests(self, deadline):
+        while self.metrics.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 TOO_MANY_CONNECTIONS = (

@@ -39,6 +39,7 @@ the behaviour:
   RESULT-     once the message holds it, "Final answer using RESULT-..." instead of a call
   CHATTY      with --json-schema: prose before the StructuredOutput call
   WAITFOR[path]  reply only once that file exists (a test holds a run slot with it)
+  FLOOD       text deltas every 2 ms, without end
   STAMP       ten deltas 20 ms apart, each "<t=TIME>" with the time it was written (benchmark)
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
@@ -203,6 +204,11 @@ if waiting_for:  # hold the run until the test creates that file (bounded)
     deadline = time.time() + 30
     while not os.path.exists(waiting_for.group(1)) and time.time() < deadline:
         time.sleep(0.01)
+if "FLOOD" in text:  # writes deltas without end, until it is stopped
+    stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    while True:
+        stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "flood "}})
+        time.sleep(0.002)
 if "HANG" in text:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     record["child_pid"] = child.pid
@@ -561,8 +567,10 @@ class CliCommandTest(unittest.TestCase):
         self.assertNotIn("--effort", argv)
 
     def test_env(self):
-        base = {"PATH": "/bin", "CLAUDECODE": "1", "CLAUDE_CODE_ENTRYPOINT": "cli"}
+        base = {"PATH": "/bin", "CLAUDECODE": "1", "CLAUDE_CODE_ENTRYPOINT": "cli",
+                "CLAUDE_PROXY_API_KEY": "secret", "CLAUDE_PROXY_CORS_ORIGINS": "*"}
         env = cp.cli_env(base, {"max_tokens": 64})
+        self.assertFalse([name for name in env if name.startswith("CLAUDE_PROXY_")], "the proxy's keys stay with it")
         self.assertNotIn("CLAUDECODE", env)
         self.assertNotIn("CLAUDE_CODE_ENTRYPOINT", env)
         self.assertEqual(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
@@ -1293,6 +1301,11 @@ class ErrorTest(ServerTestCase):
             ("empty messages", json.dumps({"messages": []}), "messages"),
             ("unknown role", json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "messages[0].role"),
             ("n=2", json.dumps(dict(user("x"), n=2)), "n"),
+            ("effort as a list", json.dumps(dict(user("x"), reasoning_effort=[])), "reasoning_effort"),
+            ("effort as an object", json.dumps(dict(user("x"), reasoning_effort={})), "reasoning_effort"),
+            ("lone surrogate", '{"messages": [{"role": "user", "content": "\\ud800"}]}', None),
+            ("lone surrogate in system", '{"messages": [{"role": "system", "content": "\\udfff"}, {"role": "user", "content": "x"}]}', None),
+            ("huge max_tokens", json.dumps(dict(user("x"), max_tokens=10 ** 30)), "max_tokens"),
             ("audio", json.dumps({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}),
              "messages[0].content[0].type"),
             ("tool without id", json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}),
@@ -1311,8 +1324,35 @@ class ErrorTest(ServerTestCase):
 
     def test_body_too_large(self):
         server = self.serve(max_body=1000)
-        self.assert_error(self.chat(user("x" * 2000), port=server.server_address[1]), 413,
-                          code="request_too_large")
+        # Bodies far larger than the socket buffers: the answer must still reach the client.
+        for size in (2000, 4 * 1024 * 1024):
+            with self.subTest(size=size):
+                self.assert_error(self.chat(user("x" * size), port=server.server_address[1]), 413,
+                                  code="request_too_large")
+        self.assertEqual(self.request("GET", "/health", port=server.server_address[1])[0], 200)
+
+    def test_early_answers_reach_clients_that_send_large_bodies(self):
+        big = user("x" * (4 * 1024 * 1024))
+        self.assert_error(self.chat(json.dumps(big), headers={"Content-Type": "text/plain"}), 415)
+        self.assert_error(self.chat(big, headers={"Host": "evil.example"}), 403)
+
+    def test_chunked_bodies(self):
+        def send(chunks):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+                if not chunks.endswith(b"0\r\n\r\n"):
+                    sock.shutdown(socket.SHUT_WR)  # (a half-closed client counts as gone once it is read)
+                reply = b"".join(iter(lambda: sock.recv(65536), b""))
+            return int(reply.split(b" ", 2)[1]), reply
+        body = json.dumps(user("chunked")).encode()
+        status, reply = send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.assertEqual(status, 200, reply)
+        for bad in (b"-1\r\n" + body, b"+5\r\nabcde\r\n0\r\n\r\n", b"0x5\r\nabcde\r\n0\r\n\r\n",
+                    b"ffffffffff\r\nab", b"10\r\nshort\r\n"):
+            with self.subTest(bad[:12]):
+                status, reply = send(bad)
+                self.assertEqual(status, 400, reply)
 
     def test_upstream_errors(self):
         cases = [
@@ -1586,7 +1626,7 @@ class PoolTest(ServerTestCase):
         server, port = self.pool_server()
         for word in ("one", "two", "three"):
             self.ok(user(word), port)
-            wait_until(lambda: server.runner.pool.idle_count() == 1)
+            self.assertTrue(wait_until(lambda: server.runner.pool.idle_count() == 1))
         runs = self.records()
         self.assertEqual(len({r["pid"] for r in runs}), 3)
         for run in runs:
@@ -1612,16 +1652,21 @@ class PoolTest(ServerTestCase):
         self.assertEqual(len({r["pid"] for r in runs}), 3)
         self.assertGreaterEqual(server.runner.pool.hits, 1, "the waiting process served one of them")
 
-    def test_size_bound_keeps_the_most_recent_shapes(self):
+    def test_size_bound_and_which_shapes_stay(self):
         server, port = self.pool_server(pool_size=2)
         pool = server.runner.pool
-        for model in ("m-one", "m-two", "m-three"):
+
+        def after(model):
             self.ok(dict(user("hi"), model=model), port)
-            self.assertTrue(wait_until(lambda: pool.started >= 1 and not pool._wanted and pool.idle_count() >= 1))
-            time.sleep(0.05)
+            self.assertTrue(wait_until(pool.settled))
             self.assertLessEqual(pool.idle_count(), 2)
-        self.assertTrue(wait_until(lambda: sorted(k.split("/")[0] for k in pool.stats()["idle"]) == ["m-three", "m-two"]))
-        self.assertEqual(len([r for r in self.records(runs_only=False) if pid_alive(r["pid"])]), 2)
+            return sorted(k.split("/")[0] for k in pool.stats()["idle"])
+
+        self.assertEqual(after("m-one"), ["m-one"])
+        self.assertEqual(after("m-two"), ["m-one", "m-two"])
+        self.assertEqual(after("m-three"), ["m-one", "m-two"], "a shape seen once pushes nothing out")
+        self.assertEqual(after("m-three"), ["m-three", "m-two"], "seen again: the least recent one goes")
+        self.assertTrue(wait_until(lambda: len([r for r in self.records(runs_only=False) if pid_alive(r["pid"])]) == 2))
 
     def test_idle_processes_are_retired(self):
         server, port = self.pool_server(pool_idle=0.3)
@@ -1708,6 +1753,32 @@ class LifecycleTest(ServerTestCase):
                 [record] = self.records()
                 self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
                 self.assertTrue(wait_until(lambda: not pid_alive(record["child_pid"])))
+
+    def test_timeout_while_the_cli_is_writing(self):
+        port = self.serve(timeout=0.5).server_address[1]
+        self.assert_error(self.chat(user("FLOOD"), port=port), 504, code="timeout")
+        status, _, raw = self.chat(dict(user("FLOOD"), stream=True), port=port)
+        self.assertEqual(status, 200)
+        last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        self.assertEqual(json.loads(last[len(b"data: "):])["error"]["code"], "timeout")
+        for record in self.records():
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+
+    def test_disconnect_while_the_cli_is_writing(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                body = json.dumps(dict(user("FLOOD"), stream=stream)).encode()
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                self.assertTrue(wait_until(lambda: self.records()))
+                time.sleep(0.1)
+                sock.close()
+                record = self.records()[0]
+                self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+                self.assertTrue(wait_until(lambda: self.server.runner.active() == 0))
+        self.assertEqual(self.request("GET", "/health")[0], 200)
 
     def test_shutdown_stops_every_run(self):
         server = self.serve()
@@ -1897,6 +1968,10 @@ class AdmissionTest(unittest.TestCase):
         self.assertEqual(outcomes[-1], "overloaded")
 
 
+JUNK = [None, -1, 0, 1.5, 10 ** 30, "", "--x", "\ud7ff", [], [None], [[]], {}, {"a": []},
+        {"type": []}, {"type": "function", "function": []}, [1, 2], "\u0000", True, False]
+
+
 class LoadTest(ServerTestCase):
     """Back-pressure, fuzzing, abandoned streams, a short soak, metrics."""
 
@@ -1965,7 +2040,7 @@ class LoadTest(ServerTestCase):
             body = json.loads(json.dumps(valid))
             field = rng.choice(["messages", "model", "stream", "n", "max_tokens", "stop", "tools",
                                 "response_format", "reasoning_effort", "tool_choice", "stream_options"])
-            junk = rng.choice([None, -1, 0, 10 ** 30, "", "--x", [], [None], {}, {"a": []}, [1, 2], "\u0000", True])
+            junk = rng.choice(JUNK)
             if field == "messages":
                 body["messages"] = rng.choice([junk, [junk], [{"role": junk, "content": "x"}],
                                                [{"role": "user", "content": [{"type": junk}]}]])
@@ -1997,6 +2072,18 @@ class LoadTest(ServerTestCase):
             return b"PUT /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
         statuses = collections.Counter()
+        # Each field, with the rest of the request valid, given every kind of wrong value:
+        # never a 5xx (some of them are valid after all: a 200).
+        for field in ("model", "stream", "n", "max_tokens", "max_completion_tokens", "stop", "tools",
+                      "tool_choice", "functions", "function_call", "response_format", "reasoning_effort",
+                      "stream_options", "temperature", "parallel_tool_calls", "logprobs", "modalities"):
+            for junk in JUNK:
+                with self.subTest(field=field, junk=junk):
+                    status, _, raw = self.chat(dict(valid, **{field: junk}))
+                    self.assertLess(status, 500, raw)
+        for record in self.records():
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+        self.setUp()
         for i in range(300):
             data = raw_request()
             truncated = rng.random() < 0.15
@@ -2077,7 +2164,8 @@ class LoadTest(ServerTestCase):
                 self.assertEqual(self.chat({"messages": []})[0], 400)
             else:
                 self.assertEqual(self.request("GET", "/health")[0], 200)
-        self.assertTrue(wait_until(lambda: counts() <= before, 10), (before, counts()))
+        self.assertTrue(wait_until(lambda: all(now <= then for now, then in zip(counts(), before)), 10),
+                        (before, counts()))
 
     def test_metrics(self):
         port = self.server_with()  # counts of its own
@@ -2207,14 +2295,19 @@ class MainTest(unittest.TestCase):
     def test_grace_runs_out_then_every_cli_is_stopped(self):
         proc, port, record_dir = self.start_program("--shutdown-grace", "0.3")
         results = []
-        client = threading.Thread(target=lambda: results.append(
-            ServerTestCase.request(self, "POST", "/v1/chat/completions", user("HANG"), port=port)))
+
+        def ask():
+            try:
+                results.append(ServerTestCase.request(self, "POST", "/v1/chat/completions", user("HANG"), port=port))
+            except Exception as error:  # shown by the assertion below, not lost in the thread
+                results.append(error)
+        client = threading.Thread(target=ask)
         client.start()
         self.assertTrue(wait_until(lambda: any("child_pid" in r for r in self.program_records(record_dir))))
         proc.send_signal(signal.SIGINT)
         self.assertEqual(proc.wait(15), 0)
         client.join(15)
-        self.assertEqual(results[0][0], 503)
+        self.assertEqual(results[0][0], 503, results)
         for record in self.program_records(record_dir):
             self.assertTrue(wait_until(lambda: not pid_alive(record["pid"]) and not pid_alive(record["child_pid"])))
 
