@@ -2036,6 +2036,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         the connection, and the client could lose the answer it has not read yet."""
         try:
             self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client may close
             self.connection.settimeout(DISCARD_SECONDS)
             deadline, left = time.monotonic() + DISCARD_SECONDS, DISCARD_BYTES
             while left > 0 and time.monotonic() < deadline:
