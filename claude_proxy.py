@@ -348,11 +348,11 @@ def messages_to_prompt(messages):
     system_prompt = "\n\n".join(system_parts) or None
     _require(turns, "`messages` needs at least one user message", "messages")
     if len(turns) == 1 and turns[0][0] == "user":
-        final = [b for b in turns[0][1] if b["type"] != "text" or b["text"]]
+        final = without_empty_text(turns[0][1])
         _require(final, "the user message is empty", "messages[%d].content" % (len(messages) - 1))
         return system_prompt, final
     if turns[-1][0] == "user":
-        history, final = turns[:-1], [b for b in turns[-1][1] if b["type"] != "text" or b["text"]]
+        history, final = turns[:-1], without_empty_text(turns[-1][1])
         ask = "Reply as the assistant to the user's latest message, which follows."
     else:
         history, final = turns, []
@@ -372,13 +372,16 @@ def messages_to_prompt(messages):
     return system_prompt, merge_text_blocks(blocks) + final
 
 
+def without_empty_text(blocks):
+    """The blocks less empty text blocks, which the API refuses."""
+    return [b for b in blocks if b["type"] != "text" or b["text"]]
+
+
 def merge_text_blocks(blocks):
     """Adjacent text blocks joined into one; empty text blocks dropped (the API refuses them)."""
     merged = []
-    for block in blocks:
+    for block in without_empty_text(blocks):
         if block["type"] == "text":
-            if not block["text"]:
-                continue
             if merged and merged[-1]["type"] == "text":
                 merged[-1] = {"type": "text", "text": merged[-1]["text"] + block["text"]}
                 continue
@@ -416,7 +419,8 @@ def parse_function(function, param):
 
 def parse_tools(body):
     """tools / tool_choice / parallel_tool_calls (or legacy functions / function_call) ->
-    (the functions to offer, the instruction for the system prompt, whether one call at most)."""
+    (the functions to offer, the instruction for the system prompt, whether one call at most,
+    whether the request used the legacy fields)."""
     tools, choice, param = body.get("tools"), body.get("tool_choice"), "tools"
     legacy = tools is None and body.get("functions") is not None
     if legacy:  # legacy function calling maps onto tools one to one
@@ -425,7 +429,7 @@ def parse_tools(body):
             choice = {"type": "function", "function": choice}
     if tools is None or tools == []:
         _require(choice in (None, "none", "auto"), "tool_choice needs tools", "tool_choice")
-        return [], None, False
+        return [], None, False, legacy
     _require(isinstance(tools, list), "`%s` must be an array" % param, param)
     functions = []
     for i, tool in enumerate(tools):
@@ -446,7 +450,7 @@ def parse_tools(body):
     if choice in (None, "auto"):
         instruction = None
     elif choice == "none":
-        return [], None, False  # nothing offered: the model can only answer in text
+        return [], None, False, legacy  # nothing offered: the model can only answer in text
     elif choice in ("required", "any"):
         instruction = "You must answer by calling %s of the tools you are given." % (
             "exactly one" if single else "one or more")
@@ -461,7 +465,7 @@ def parse_tools(body):
                       "{\"type\": \"function\", \"function\": {\"name\": ...}}", choice_param)
     if single:
         instruction = ((instruction + " ") if instruction else "") + "Call at most one tool in this reply."
-    return functions, instruction, single
+    return functions, instruction, single, legacy
 
 
 def parse_response_format(response_format):
@@ -561,7 +565,7 @@ def parse_chat_request(body, default_model=None, default_effort=None):
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _require(body.get(name) is None or _is_number(body[name]), "`%s` must be a number" % name, name)
 
-    tools, tool_instruction, single_tool_call = parse_tools(body)
+    tools, tool_instruction, single_tool_call, legacy_functions = parse_tools(body)
     json_schema = parse_response_format(body.get("response_format"))
     if tool_instruction:
         system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
@@ -577,7 +581,7 @@ def parse_chat_request(body, default_model=None, default_effort=None):
         "stop": stop,
         "tools": tools,
         "single_tool_call": single_tool_call,
-        "legacy_functions": body.get("tools") is None and bool(tools),
+        "legacy_functions": legacy_functions and bool(tools),
         "json_schema": json_schema,
     }
 
@@ -1322,8 +1326,7 @@ class ReplyTranslator:
             return deltas + self._structured_result(event)
         if not self._text_sent and isinstance(event.get("result"), str) and event["result"]:
             # No partial-message events (an older CLI?): the result text is the whole reply.
-            deltas += self._content(event["result"]) if not self.stop_hit else []
-            deltas += self._flush()
+            deltas += self._content(event["result"]) + self._flush()
         self.finish_reason = self.finish_reason or "stop"
         return deltas
 
