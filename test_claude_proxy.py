@@ -2175,6 +2175,8 @@ class LoadTest(ServerTestCase):
         self.chat(user("hi"), port=port)
         self.chat({"messages": []}, port=port)
         self.chat(dict(user("RATE429")), port=port)
+        # A request is counted just after its answer is sent: wait until only /metrics is in flight.
+        self.assertTrue(wait_until(lambda: b"claude_proxy_requests_in_flight 1\n" in self.request("GET", "/metrics", port=port)[2]))
         status, headers, raw = self.request("GET", "/metrics", port=port)
         self.assertEqual(status, 200)
         self.assertTrue(headers["content-type"].startswith("text/plain; version=0.0.4"))
