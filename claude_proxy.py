@@ -717,7 +717,8 @@ class CliRun:
             kwargs["start_new_session"] = True  # its own process group: stop it and its children
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=workdir, env=env, **kwargs)
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
 
     def send(self, message):
         """Hand the run its one message and close stdin (so the CLI exits after replying). The
@@ -803,6 +804,9 @@ class CliRun:
             # The CLI itself exited; anything it left behind in its group goes too.
             signal_group(self.proc, hard=True)
         self.returncode = self.proc.returncode
+        # Its last stderr lines explain a failure (run_failure reads them): the reader gets
+        # them and its end of file once the process group is gone.
+        self._stderr_reader.join(STOP_GRACE_SECONDS)
         with self._lock:
             close_stdout = not self._stdout_reader and not self._stdout_closed
             self._stdout_closed = True
@@ -1920,7 +1924,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                          time.monotonic() - self.started, self.log_error,
                                          self.log_usage)
             self.log_access(method)
-            if method == "POST" and not self.body_read:
+            if not self.body_read and (self.headers.get("Content-Length", "0").strip() not in ("", "0")
+                                       or "chunked" in self.headers.get("Transfer-Encoding", "").lower()):
                 self.discard_body()
 
     def check_access(self, route):

@@ -1338,6 +1338,7 @@ class ErrorTest(ServerTestCase):
         big = user("x" * (4 * 1024 * 1024))
         self.assert_error(self.chat(json.dumps(big), headers={"Content-Type": "text/plain"}), 415)
         self.assert_error(self.chat(big, headers={"Host": "evil.example"}), 403)
+        self.assert_error(self.request("PUT", "/v1/chat/completions", big), 405)
 
     def test_chunked_bodies(self):
         def send(chunks):
