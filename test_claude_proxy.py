@@ -550,11 +550,11 @@ class CliCommandTest(unittest.TestCase):
         plan = cp.parse_chat_request({"model": "opus", "reasoning_effort": "high",
                                       "messages": [{"role": "system", "content": "SECRET SYSTEM"},
                                                    {"role": "user", "content": "SECRET USER"}]})
-        argv = cp.cli_argv("claude", plan, "/tmp/x/system-prompt.txt")
+        argv = cp.cli_argv("claude", plan, "/x/system-prompt.txt")
         self.assertEqual(argv[:2], ["claude", "-p"])
         for pair in (["--input-format", "stream-json"], ["--output-format", "stream-json"],
                      ["--tools", ""], ["--model", "opus"], ["--effort", "high"],
-                     ["--system-prompt-file", "/tmp/x/system-prompt.txt"]):
+                     ["--system-prompt-file", "/x/system-prompt.txt"]):
             i = argv.index(pair[0])
             self.assertEqual(argv[i:i + 2], pair)
         for flag in ("--verbose", "--include-partial-messages", "--no-session-persistence", "--strict-mcp-config"):
