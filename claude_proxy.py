@@ -1924,8 +1924,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                          time.monotonic() - self.started, self.log_error,
                                          self.log_usage)
             self.log_access(method)
-            if not self.body_read and (self.headers.get("Content-Length", "0").strip() not in ("", "0")
-                                       or "chunked" in self.headers.get("Transfer-Encoding", "").lower()):
+            if not self.body_read and (self.chunked() or self.headers.get("Content-Length", "0").strip()
+                                       not in ("", "0")):
                 self.discard_body()
 
     def check_access(self, route):
@@ -1966,7 +1966,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             headers.update({"Access-Control-Allow-Methods": ", ".join(allowed),
                             "Access-Control-Allow-Headers": requested or "Authorization, Content-Type",
                             "Access-Control-Max-Age": "600"})
-        self.send_empty(204, headers)
+        self.send_body(204, b"", None, headers)
 
     def end_headers(self):
         if self.cors_origin:  # on every response to an allowed page: errors and streams too
@@ -1983,20 +1983,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_body(self, status, data, content_type, headers=None):
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
+        if content_type:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
-
-    def send_empty(self, status, headers):
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
     def send_error_body(self, error):
         self.log_error = error.code or error.type
@@ -2038,6 +2032,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # --- request bodies
 
+    def chunked(self):
+        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+
     def discard_body(self):
         """After answering without reading the body (401, 403, 413, 415, ...): read and drop
         what the client is still sending, within limits. Closing with unread data would reset
@@ -2057,7 +2054,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def read_body(self):
         limit = self.server.config.max_body
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.chunked():
             return self.read_chunked(limit)
         length = self.headers.get("Content-Length")
         if length is None:
