@@ -748,7 +748,10 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
         # complete for the client at once; the CLI meanwhile waits in the bridge for the
         # results, which the client's next request brings (see Continuations). Turns are
         # counted per message: a tool loop of the client's may take many.
-        argv += ["--mcp-config", mcp_config_path, "--max-turns", str(TOOL_LOOP_MAX_TURNS)]
+        argv += ["--mcp-config", mcp_config_path, "--max-turns", str(TOOL_LOOP_MAX_TURNS),
+                 # Without this the CLI refuses the call itself ("Claude requested permissions
+                 # to use ...") and asks the model again: only our server's tools, no others.
+                 "--allowedTools", MCP_PREFIX.rstrip("_")]
     elif plan.get("json_schema"):
         argv += ["--max-turns", str(STRUCTURED_OUTPUT_MAX_TURNS)]
     else:
@@ -940,6 +943,8 @@ class CliRun:
         self.model = None  # the model the CLI said it runs (its init event)
         self.pending_calls = []  # (tool_use id, client name) the MCP bridge waits on, in order
         self.results_given = 0  # tool results handed to the bridge so far
+        self.cost_seen = 0.0  # the CLI's total_cost_usd at its last result (it adds up)
+        self.usage_before = {}  # usage of this message's model calls already answered
         self.cancelled = None  # why it was stopped early: "client_gone", "timeout", "shutdown", ...
         self.garbage_lines = 0
         self.stderr_tail = collections.deque(maxlen=40)
@@ -1341,6 +1346,13 @@ class CliRunner:
                 self.default_model = reply.model
             run.pending_calls = [(call_id(tool_id, n), name)
                                  for n, (tool_id, name, _) in enumerate(reply.calls)]
+            if reply.total_cost_usd is not None:
+                run.cost_seen = reply.total_cost_usd
+            if reply.stop_reason == "tool_use":  # the message goes on when the results come
+                run.usage_before = {k: run.usage_before.get(k, 0) + v
+                                    for k, v in (reply.usage or {}).items() if isinstance(v, int)}
+            else:
+                run.usage_before = {}
             turns = plan["conversation"]["turns"] + [{"role": "assistant",
                                                       "content": reply.reply_blocks()}]
             run.end_turn()
@@ -1667,6 +1679,12 @@ class ReplyTranslator:
         self.model = None
         self.result = None
         self.cost_usd = None
+        # A kept run's result counts more than this request: total_cost_usd adds up over the
+        # process's life, and usage over one message's model calls, the calls of a tool loop
+        # answered earlier included. What those came to is taken off (see Runs.finish).
+        self.cost_before = 0.0
+        self.usage_before = {}
+        self.total_cost_usd = None
         self.tool_calls = 0
         self.skipped_calls = 0  # tool_use blocks not passed on (not the client's, or over one)
         self.calls = []  # [(tool_use id, client name, input JSON text)] in order
@@ -1819,13 +1837,19 @@ class ReplyTranslator:
     def _result(self, event):
         self.result = event
         self.done = True
-        if isinstance(event.get("total_cost_usd"), (int, float)):
-            self.cost_usd = float(event["total_cost_usd"])
+        cost = event.get("total_cost_usd")
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+            self.total_cost_usd = float(cost)
+            self.cost_usd = max(0.0, self.total_cost_usd - self.cost_before)
         events = self._flush()
-        # The result's usage is the truth: it covers every model call of the run, and it is
-        # there when the stream's was cut short (a retried call).
+        # The result's usage is the truth: it covers every model call of the message, and it
+        # is there when the stream's was cut short (a retried call).
         usage = event.get("usage")
-        self.usage = dict(usage) if isinstance(usage, dict) else dict(self._stream_usage)
+        if isinstance(usage, dict):
+            self.usage = {k: max(0, v - self.usage_before.get(k, 0)) if isinstance(v, int) else v
+                          for k, v in usage.items()}
+        else:
+            self.usage = dict(self._stream_usage)
         stop_reason = event.get("stop_reason") or self.stop_reason
         self.stop_reason = stop_reason if isinstance(stop_reason, str) else None
         if self.tool_calls:
@@ -2801,6 +2825,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             try:
                 events = iter(())
                 run = self.server.runner.start(plan, self.client_scope())
+                translator.cost_before, translator.usage_before = run.cost_seen, run.usage_before
                 metrics.cli_run()
                 watch.on_gone(lambda: run.cancel("client_gone"))
                 first_token = False
