@@ -1036,12 +1036,17 @@ class CliRunner:
             raise cli_failed("The claude CLI was not found: install Claude Code, or set CLAUDE_PATH "
                              "to its full path.", "cli_not_found")
         workdir, prompt_path, config_path = run_files(plan)
+        env = cli_env(self.env, plan)
+        # The CLI's own temporary files (it makes a claude-<uid> folder) stay in the run's
+        # folder and go with it: nothing is left in TMPDIR.
+        for name in ("TMPDIR", "TEMP", "TMP"):
+            env[name] = workdir
         try:
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path),
-                             cli_env(self.env, plan), workdir, shape)
+                             env, workdir, shape)
                 self._runs.add(run)
             return run
         except OSError as e:

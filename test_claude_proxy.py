@@ -144,6 +144,8 @@ if flags.get("--mcp-config"):
         record["mcp_call_reply"] = rpc({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                                         "params": {"name": "x", "arguments": {}}})
 record["offered_tools"] = mcp_tools
+if os.environ.get("TMPDIR"):  # like the real CLI: a folder of its own in TMPDIR
+    os.makedirs(os.path.join(os.environ["TMPDIR"], "claude-%%d" %% getattr(os, "getuid", lambda: 0)()), exist_ok=True)
 path = os.path.join(RECORD_DIR, "%%d.json" %% os.getpid())
 def save():
     with open(path + ".tmp", "w") as f:
