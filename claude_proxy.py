@@ -20,7 +20,9 @@ import base64
 import binascii
 import collections
 import hashlib
+import errno
 import hmac
+import io
 import ipaddress
 import json
 import os
@@ -56,13 +58,28 @@ DEFAULT_POOL_SIZE = 2  # warm CLI processes waiting in all; each holds ~165 MB
 DEFAULT_POOL_IDLE = 300.0  # seconds a warm process may wait before it is retired
 DEFAULT_MAX_CONCURRENCY = 4  # CLI runs at once
 DEFAULT_MAX_QUEUE = 32  # requests waiting for a run slot; more get 429
-DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGINT
+DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGHUP/SIGINT
 BUSY_RETRY_AFTER = 2  # Retry-After, in seconds, when every slot and queue place is taken
-REQUEST_READ_SECONDS = 30.0  # a request's line, headers and body must all arrive within this
+# A connection costs a thread only once its request head has arrived whole: until then one
+# selectors loop holds it, for at most HEAD_READ_SECONDS and MAX_HEAD_BYTES (common servers'
+# default). When MAX_PENDING_HEADS connections are still sending heads, the oldest is dropped.
+MAX_HEAD_BYTES = 64 * 1024  # a request line and its headers, in all
+HEAD_RECV_BYTES = 16 * 1024  # read at a time while a head arrives
+HEAD_READ_SECONDS = 10.0  # from connecting to the head's blank line
+MAX_PENDING_HEADS = 500  # under the 512 sockets select() takes on Windows
+BODY_READ_SECONDS = 30.0  # from the head to the body's last byte
 DISCARD_SECONDS, DISCARD_BYTES = 2.0, 64 * 1024 * 1024  # unread body dropped after an early answer
-EXTRA_CONNECTIONS = 64  # open connections allowed beyond concurrency + queue (GETs, errors)
+EXTRA_CONNECTIONS = 64  # requests served at once beyond concurrency + queue (GETs, errors)
 STOP_GRACE_SECONDS = 1.5  # SIGTERM, then SIGKILL after this long
-REQUEST_SOCKET_TIMEOUT = 120.0  # a client that stalls mid-request or mid-read for this long is dropped
+# A read or write of the client's socket that makes no progress for this long (or for the
+# run's timeout, if shorter) drops the client: a client that stops reading frees its run slot.
+SOCKET_IO_SECONDS = 30.0
+WRITE_PIECE_BYTES = 64 * 1024  # each piece of an answer must be taken within SOCKET_IO_SECONDS
+# What a broken CLI can make the proxy hold: real events are far below 1 MiB, stderr lines short.
+MAX_EVENT_LINE = 16 * 1024 * 1024  # a longer stdout line stops the run: cli_bad_output
+MAX_STDERR_LINE = 4 * 1024  # kept (and logged) per stderr line; the rest of a line is dropped
+STDERR_TAIL_LINES = 40
+TMPDIR_MIN_FREE_BYTES = 16 * 1024 * 1024  # less free space for a run's files: 503 tmpdir_unavailable
 
 # CLI effort levels, and what OpenAI's reasoning_effort values mean in them.
 CLI_EFFORTS = ("low", "medium", "high", "xhigh", "max")
@@ -72,13 +89,15 @@ REASONING_EFFORT_TO_CLI = {
 }
 # A model name goes into argv: it must never look like a flag, nor carry shell metacharacters
 # (on Windows claude.cmd runs under cmd.exe, which interprets & | ^ % and quotes).
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]-]{0,127}$")
+# `\Z`, not `$`, in every pattern that guards argv or a name: `$` also matches before a final
+# newline, so "sonnet\n" would pass.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]-]{0,127}\Z")
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 # The client's functions reach the model through an MCP server of this same file, named
 # MCP_SERVER: the CLI calls them mcp__fn__<name>. The API caps a tool name at 64 characters.
 MCP_SERVER = "fn"
 MCP_PREFIX = "mcp__%s__" % MCP_SERVER
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 TOOL_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")  # the API's tool_use ids, used with fullmatch
 API_TOOL_NAME_MAX = 64
 # The CLI's own tool for --json-schema: its input is the structured output.
@@ -86,15 +105,23 @@ STRUCTURED_OUTPUT_TOOL = "StructuredOutput"
 # Turns the CLI may take when it must produce structured output and no client tool is offered:
 # if the model answers in prose, the CLI asks again for the StructuredOutput call.
 STRUCTURED_OUTPUT_MAX_TURNS = 3
-MAX_SCHEMA_BYTES = 64 * 1024
+# The schema is an argument: measured in its argv form (cli_safe_json), under Linux's 128 KiB per
+# argument, and on Windows under CreateProcess's 32,767 characters for the whole command line.
+MAX_SCHEMA_BYTES = 24 * 1024 if os.name == "nt" else 64 * 1024
 MAX_TOKENS = 1000000  # past any model's output limit: a larger max_tokens is a typo
 TOOL_LOOP_MAX_TURNS = 100  # model calls one client message may lead to in a tool loop
 MCP_RESULTS_DIR = "results"  # in a run's directory: the client's tool results for the bridge
-RESUME_START_SECONDS = 15.0
+RESUME_START_SECONDS = 15.0  # a resumed session the CLI cannot load hangs it: give up then
 # A resumed session names a model; the CLI runs it when the request names none. Until a run
 # has said which model the CLI's default is, this one stands in.
-DEFAULT_SESSION_MODEL = "claude-sonnet-4-6"  # a resumed session the CLI cannot load hangs it: give up then
-CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
+DEFAULT_SESSION_MODEL = "claude-sonnet-4-6"
+CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}\Z")
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}\Z")
+# A Host header: a name or [IPv6], then an optional port; nothing else (no userinfo, no path).
+HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>[0-9]{0,5}))?\Z")
+HEADER_NAME_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*\Z")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(;[^,;]*)*?);base64,", re.I)
 
 # Errors #####################################################################################
@@ -144,6 +171,13 @@ def not_logged_in(detail):
 
 def cli_failed(message, code="cli_error"):
     return ProxyError(502, message, "server_error", None, code)
+
+
+def tmpdir_unavailable(reason):
+    """The proxy cannot write a run's files: the operator must free space or set TMPDIR."""
+    return ProxyError(503, "The proxy cannot write its temporary files in %s (%s); free space "
+                      "there or set TMPDIR to a writable folder." % (tempfile.gettempdir(), reason),
+                      "server_error", None, "tmpdir_unavailable", {"Retry-After": "5"})
 
 
 def timed_out(seconds):
@@ -199,6 +233,14 @@ def result_error(result):
         return rate_limited(5, "Claude's API is rate limiting this account: %s" % detail)
     if status in (529, 503):
         return overloaded(5, "Claude's API is overloaded: %s" % detail)
+    if not status and (result.get("terminal_reason") in ("blocking_limit", "prompt_too_long")
+                       or detail.startswith("Prompt is too long")):
+        # The CLI refuses, before any API call, a conversation its model's window cannot hold.
+        return invalid("The conversation is too long for the model's context window (the claude "
+                       "CLI said: %s); shorten the messages." % detail, "messages",
+                       "context_length_exceeded")
+    if not status and result.get("terminal_reason") == "image_error":
+        return invalid("An image could not be used: %s" % detail, "messages", "invalid_image")
     if status in (401, 403) or "/login" in detail or "Not logged in" in detail:
         return not_logged_in(detail)
     if status == 404:
@@ -632,10 +674,7 @@ def parse_response_format(response_format):
     _require(isinstance(schema, dict) and schema.get("type") == "object",
              "response_format.json_schema.schema must be a JSON Schema with \"type\": \"object\" "
              "at the root", "response_format.json_schema.schema", "invalid_json_schema")
-    # The CLI takes the schema only as an argument, and argv fails past ~128 KiB (CLI-FACTS).
-    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "response_format.json_schema.schema is "
-             "over %d bytes, more than the CLI can take" % MAX_SCHEMA_BYTES,
-             "response_format.json_schema.schema", "invalid_json_schema")
+    check_schema_argv(schema)
     return schema
 
 
@@ -865,6 +904,17 @@ def mcp_results(blocks):
     return content or [{"type": "text", "text": ""}]
 
 
+def check_schema_argv(schema):
+    """A 400 unless a response_format schema fits the command line in the form the CLI is
+    really given: cli_safe_json's escapes make it up to six times longer than its JSON."""
+    size = len(cli_safe_json(schema))
+    if size > MAX_SCHEMA_BYTES:
+        raise invalid("response_format.json_schema.schema is %d bytes as a command-line argument "
+                      "(with & | < > ^ %% ! ( ) \" escaped), over the %d the CLI can be given; "
+                      "shorten it" % (size, MAX_SCHEMA_BYTES), "response_format.json_schema.schema",
+                      "invalid_json_schema")
+
+
 def mcp_config(tools_path):
     """The --mcp-config that starts this very file as the MCP server of the client's functions."""
     command = [sys.executable, "-I", "-S", os.path.abspath(__file__), "--mcp-tools", tools_path]
@@ -920,6 +970,35 @@ def cli_version(claude_path, timeout=15.0):
     return text.splitlines()[0] if done.returncode == 0 and text else None
 
 
+def bounded_lines(stream, limit):
+    """The lines of a binary stream as (line, whole) pairs, none longer than `limit` bytes: of a
+    longer line, only its first bytes are kept (whole=False) and the rest is read and dropped, so
+    a process that prints one enormous line costs at most `limit` bytes at a time."""
+    for line in iter(lambda: stream.readline(limit), b""):
+        if line.endswith(b"\n") or len(line) < limit:
+            yield line, True
+            continue
+        start, line = line[:200], None
+        yield start, False
+        for rest in iter(lambda: stream.readline(limit), b""):
+            if rest.endswith(b"\n"):
+                break
+
+
+def start_failure(error):
+    """The ProxyError for a CLI process that could not be started (an OSError from Popen)."""
+    if error.errno == errno.E2BIG:  # only a schema is ever long in argv
+        return invalid("The response_format schema is too long to pass to the claude CLI.",
+                       "response_format.json_schema.schema", "invalid_json_schema")
+    if error.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR,
+                       errno.EPERM, errno.ELOOP):
+        return cli_failed("The claude CLI could not be started (%s); check CLAUDE_PATH."
+                          % (error.strerror or error), "cli_not_found")
+    return ProxyError(503, "The claude CLI could not be started (%s); retry shortly."
+                      % (error.strerror or error), "server_error", None, "cli_start_failed",
+                      {"Retry-After": "5"})
+
+
 class CliRun:
     """One `claude -p` process: started in a private empty directory and its own process group,
     given one message, read event by event, and stopped (the whole group) whatever happens.
@@ -947,7 +1026,7 @@ class CliRun:
         self.usage_before = {}  # usage of this message's model calls already answered
         self.cancelled = None  # why it was stopped early: "client_gone", "timeout", "shutdown", ...
         self.garbage_lines = 0
-        self.stderr_tail = collections.deque(maxlen=40)
+        self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.returncode = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -1038,8 +1117,9 @@ class CliRun:
 
     def _read_stderr(self):
         try:
-            for raw in iter(self.proc.stderr.readline, b""):
-                self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+            for raw, whole in bounded_lines(self.proc.stderr, MAX_STDERR_LINE):
+                line = printable(raw.decode("utf-8", "replace").rstrip(), MAX_STDERR_LINE)
+                self.stderr_tail.append(line if whole else line + "... (line cut)")
         finally:
             self.proc.stderr.close()  # at its end of file: the process group is gone
 
@@ -1054,7 +1134,15 @@ class CliRun:
             self._stdout_reader = True
         at_end = False
         try:
-            for raw in iter(self.proc.stdout.readline, b""):
+            for raw, whole in bounded_lines(self.proc.stdout, MAX_EVENT_LINE + 1):
+                if not whole:
+                    # No event is ever this long: the CLI is broken. Holding the line whole
+                    # would let it grow the proxy without limit.
+                    self.garbage_lines += 1
+                    log("cli printed a line over %d bytes (%r...); stopping the run"
+                        % (MAX_EVENT_LINE, raw[:100]))
+                    self.cancel("bad_output")
+                    continue
                 line = raw.strip()
                 if not line:
                     continue
@@ -1171,6 +1259,36 @@ def shape_label(shape):
                          hashlib.sha1(shape.encode("utf-8")).hexdigest()[:8])
 
 
+def run_files(plan, wait_seconds=DEFAULT_TIMEOUT):
+    """A run's private folder (0700) with its system prompt and, with tools, its MCP config:
+    (folder, prompt path, config path or None). A 503 naming TMPDIR when they cannot be written
+    or its disk is nearly full (the CLI would fail there with no word on stderr)."""
+    workdir = None
+    try:
+        workdir = tempfile.mkdtemp(prefix="claude-proxy-")
+        free = shutil.disk_usage(workdir).free
+        if free < TMPDIR_MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, "only %d KiB free" % (free // 1024))
+        prompt_path = os.path.join(workdir, "system-prompt.txt")
+        with open(prompt_path, "w", encoding="utf-8") as f:
+            f.write(plan.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
+        config_path = None
+        if plan.get("tools"):
+            tools_path = os.path.join(workdir, "tools.json")
+            config_path = os.path.join(workdir, "mcp-config.json")
+            os.mkdir(os.path.join(workdir, MCP_RESULTS_DIR))
+            with open(tools_path, "w", encoding="utf-8") as f:
+                json.dump({"tools": plan["tools"], "wait_seconds": wait_seconds}, f)
+            with open(config_path, "w", encoding="utf-8") as f:
+                json.dump(mcp_config(tools_path), f)
+        return workdir, prompt_path, config_path
+    except OSError as e:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        log("cannot write a run's files in %s: %s" % (tempfile.gettempdir(), e))
+        raise tmpdir_unavailable(e.strerror or e)
+
+
 class CliRunner:
     """Owns every CLI process the proxy starts: cold runs, the warm pool's processes, and
     stopping them all at shutdown."""
@@ -1187,6 +1305,8 @@ class CliRunner:
         self.idle_seconds = pool_idle
         self.default_model = None  # the model the CLI runs when a request names none
         self._logged = set()
+        self._version_lock = threading.Lock()
+        self._version = self._version_stamp = None
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
         self.continuations = (Continuations(pool_size, pool_idle)
                               if pool_size > 0 and claude_path else None)
@@ -1199,31 +1319,39 @@ class CliRunner:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def version(self):
+        """`claude --version` of the binary on disk now (asked again when it changed), or None
+        when there is none."""
+        stamp = self.binary_stamp()
+        if stamp is None:
+            return None
+        with self._version_lock:
+            if stamp != self._version_stamp:
+                self._version, self._version_stamp = cli_version(self.claude_path), stamp
+            return self._version
+
+    def known_version(self, version):
+        """The version main() read at start-up, for the binary on disk now."""
+        with self._version_lock:
+            self._version, self._version_stamp = version, self.binary_stamp()
+
     def spawn(self, plan, shape=None, history=None):
         """Start a process for a plan's shape, waiting for its message; with `history` (turns
-        ending with an assistant turn), resuming a session file that holds them. Raises a 502
-        ProxyError if the CLI cannot start."""
+        ending with an assistant turn), resuming a session file that holds them. Raises a
+        ProxyError if it cannot start: 502 for the CLI, 503 for TMPDIR."""
         if not self.claude_path:
             raise cli_failed("The claude CLI was not found: install Claude Code, or set CLAUDE_PATH "
                              "to its full path.", "cli_not_found")
-        workdir = tempfile.mkdtemp(prefix="claude-proxy-")  # 0700: private to this user
+        # The bridge waits this long for a tool result, then ends its run: nothing is left
+        # running even if the proxy itself is killed.
+        workdir, prompt_path, config_path = run_files(plan, self.timeout + self.idle_seconds)
+        env = cli_env(self.env, plan)
+        # The CLI's own temporary files (it makes a claude-<uid> folder) stay in the run's
+        # folder and go with it: nothing is left in TMPDIR.
+        for name in ("TMPDIR", "TEMP", "TMP"):
+            env[name] = workdir
         session_id = sessions = None
         try:
-            prompt_path = os.path.join(workdir, "system-prompt.txt")
-            with open(prompt_path, "w", encoding="utf-8") as f:
-                f.write(plan.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
-            config_path = None
-            if plan.get("tools"):
-                tools_path = os.path.join(workdir, "tools.json")
-                config_path = os.path.join(workdir, "mcp-config.json")
-                os.mkdir(os.path.join(workdir, MCP_RESULTS_DIR))
-                with open(tools_path, "w", encoding="utf-8") as f:
-                    # The bridge waits this long for a result, then ends its run: nothing is
-                    # left running even if the proxy itself is killed.
-                    json.dump({"tools": plan["tools"], "wait_seconds": self.timeout + self.idle_seconds}, f)
-                with open(config_path, "w", encoding="utf-8") as f:
-                    json.dump(mcp_config(tools_path), f)
-            env = cli_env(self.env, plan)
             if history:
                 session_id = str(uuid.uuid4())
                 sessions = session_folder(env, workdir)
@@ -1246,8 +1374,7 @@ class CliRunner:
             if sessions:
                 shutil.rmtree(sessions, ignore_errors=True)
             log("cannot start the claude CLI at %s: %s" % (self.claude_path, e))
-            raise cli_failed("The claude CLI could not be started (%s); check CLAUDE_PATH."
-                             % (e.strerror or e), "cli_not_found")
+            raise start_failure(e)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             if sessions:
@@ -1477,8 +1604,10 @@ class WarmPool:
 
     The pool learns shapes from requests: after each take (a hit) or miss, a process of that
     shape is started in the background. At most `size` wait in all; to make room for a shape
-    requested more than once, the one of the least recently requested other shape goes. A process waits at most `idle_seconds`; one
-    that died, or whose CLI binary changed on disk since it started, is never handed out."""
+    requested more than once, the one of the least recently requested other shape goes. A
+    process waits at most `idle_seconds`; one that died, or whose CLI binary changed on disk
+    since it started, is never handed out. A shape that failed to start is not tried again
+    until the CLI binary changes (a transient 503 aside)."""
 
     MAX_REMEMBERED_SHAPES = 32
 
@@ -1490,6 +1619,7 @@ class WarmPool:
         self._idle = {}  # shape -> [CliRun], oldest first
         self._recent = collections.OrderedDict()  # shape -> shape_plan, least recently requested first
         self._seen_again = set()  # shapes requested more than once
+        self._failed = collections.OrderedDict()  # shape -> binary stamp when it failed to start
         self._wanted = []  # shapes to start a process for
         self._working = False  # the maintenance thread is starting processes
         self._cond = threading.Condition()
@@ -1589,6 +1719,8 @@ class WarmPool:
             plan = self._recent.get(shape)
             if plan is None or self._closed:
                 return
+            if shape in self._failed and self._failed[shape] == self.runner.binary_stamp():
+                return
             if sum(len(runs) for runs in self._idle.values()) >= self.size:
                 # A shape seen once may be a one-off (a system prompt with a timestamp in it):
                 # it takes a free place, but pushes out no other shape.
@@ -1601,6 +1733,11 @@ class WarmPool:
             run = self.runner.spawn(plan, shape)
         except ProxyError as error:
             log("warm pool: cannot start a process: %s" % error.message)
+            if error.status != 503:
+                with self._cond:
+                    self._failed[shape] = self.runner.binary_stamp()
+                    while len(self._failed) > self.MAX_REMEMBERED_SHAPES:
+                        self._failed.popitem(last=False)
             return
         with self._cond:
             if not self._closed:
@@ -2158,11 +2295,12 @@ def is_loopback_host(host):
 
 
 def host_header_name(value):
-    """The name part of a Host header: without its port, IPv6 brackets kept off."""
-    value = (value or "").strip()
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    """The name part of a Host header (without its port or IPv6 brackets), or None when it is
+    not a host and an optional port: `[::1]evil.com` and `127.0.0.1:80@evil.com` are not."""
+    match = HOST_HEADER.match((value or "").strip())
+    if not match or int(match.group("port") or 0) > 65535:
+        return None
+    return match.group("ip6") or match.group("name")
 
 
 def origin_allowed(origin, allowed):
@@ -2170,14 +2308,33 @@ def origin_allowed(origin, allowed):
     return "*" in allowed or origin.rstrip("/") in allowed
 
 
+def header_text(value):
+    """A header value as the client wrote it: the stdlib reads header bytes as Latin-1, so a
+    UTF-8 value (a non-ASCII API key) is read back as UTF-8 when it is that."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
 def presented_key(headers):
     """The API key a request presents: `Authorization: Bearer <key>` (scheme in any case) or
     `x-api-key: <key>`; None when neither."""
-    authorization = headers.get("Authorization") or ""
+    authorization = header_text(headers.get("Authorization") or "")
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return (headers.get("x-api-key") or "").strip() or None
+    return header_text(headers.get("x-api-key") or "").strip() or None
+
+
+def allowed_request_headers(requested):
+    """What a CORS preflight may echo of Access-Control-Request-Headers: the header names only.
+    A folded line or anything else that is not a name is left out (never sent back raw)."""
+    first_line = re.split(r"[\r\n]", (requested or "").strip(), 1)[0].strip()
+    if HEADER_NAME_LIST.match(first_line):
+        return first_line
+    names = [name.strip() for name in first_line.split(",") if HEADER_NAME.match(name.strip())]
+    return ", ".join(names) or None
 
 
 def key_matches(key, keys):
@@ -2349,9 +2506,9 @@ class Metrics:
 
 
 class ReadDeadlines:
-    """Drops connections whose request has not fully arrived within REQUEST_READ_SECONDS: a
-    client that trickles its headers or body (slowloris) cannot pin a thread for long. One
-    thread watches every connection."""
+    """Drops connections whose request body has not fully arrived within BODY_READ_SECONDS of
+    its head: a client that trickles its body cannot pin a thread for long. One thread watches
+    every connection. (Heads have their own, shorter deadline: HeadReader.)"""
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -2391,7 +2548,25 @@ class ReadDeadlines:
 _log_lock = threading.Lock()
 
 
+# Control characters from outside (ESC starts a terminal escape sequence) never reach the log.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+LOG_UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_control(match):
+    return "\\x%02x" % ord(match.group(0))
+
+
+def printable(text, limit=200):
+    """Text from outside (a path, a CLI's stderr) for one log line: at most `limit` characters,
+    control characters as \\xNN."""
+    if len(text) > limit:
+        text = text[:limit] + "...(%d chars)" % len(text)
+    return CONTROL_CHARACTERS.sub(escape_control, text)
+
+
 def log(message):
+    message = LOG_UNSAFE.sub(escape_control, message)  # line breaks stay: tracebacks
     with _log_lock:
         sys.stderr.write("%s claude-proxy: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), message))
         sys.stderr.flush()
@@ -2462,6 +2637,284 @@ class ClientWatch:
         self._hung_up()
 
 
+def head_length(data, searched=0):
+    """Where the request head in `data` ends (just past its blank line), or None while it has
+    not arrived whole. `searched`: how much of `data` an earlier call has looked through.
+
+    Lines end at LF, as the stdlib reads them. A request line of fewer than three words is a
+    head by itself (the stdlib reads no headers after it)."""
+    first = data.find(b"\n")
+    if first < 0:
+        return None
+    if len(data[:first].decode("latin-1").split()) < 3:
+        return first + 1
+    at = max(first, searched - 2)
+    while True:
+        at = data.find(b"\n", at)
+        if at < 0:
+            return None
+        if data.startswith(b"\n", at + 1):
+            return at + 2
+        if data.startswith(b"\r\n", at + 1):
+            return at + 3
+        at += 1
+
+
+def body_framing(headers):
+    """How a request body is delimited: ("length", n), ("chunked", None) or ("none", None).
+
+    A 400 for anything two parsers could read two ways (request smuggling): a Content-Length
+    that is not plain digits (int() takes "+63" and "6_3"), two of them, a Transfer-Encoding
+    other than exactly `chunked`, or both headers."""
+    lengths = headers.get_all("Content-Length") or []
+    codings = headers.get_all("Transfer-Encoding") or []
+    if codings:
+        if len(codings) > 1 or codings[0].strip().lower() != "chunked":
+            raise invalid("Transfer-Encoding %r is not supported; send Content-Length, or "
+                          "Transfer-Encoding: chunked alone." % ", ".join(codings)[:100], None,
+                          "unsupported_transfer_encoding")
+        if lengths:
+            raise invalid("A request may not have both Content-Length and Transfer-Encoding.",
+                          None, "invalid_content_length")
+        return "chunked", None
+    if not lengths:
+        return "none", None
+    if len(lengths) > 1 or not CONTENT_LENGTH.match(lengths[0].strip()):
+        raise invalid("Content-Length must be one whole number of bytes.", None,
+                      "invalid_content_length")
+    return "length", int(lengths[0])
+
+
+def raw_error_response(error):
+    """A whole HTTP response for an error found before any handler exists (a head too large,
+    every worker busy): the same envelope, written straight to the socket."""
+    body = json.dumps(error.body()).encode("utf-8")
+    headers = dict(error.headers, **{"Content-Type": "application/json",
+                                     "Content-Length": str(len(body)), "Connection": "close"})
+    reason = BaseHTTPRequestHandler.responses.get(error.status, ("Error",))[0]
+    return ("HTTP/1.0 %d %s\r\n%s\r\n" % (error.status, reason, "".join(
+        "%s: %s\r\n" % item for item in headers.items()))).encode("latin-1") + body
+
+
+TOO_MANY_CONNECTIONS = raw_error_response(ProxyError(
+    503, "Too many requests are being served by the proxy; retry shortly.", "server_error",
+    None, "too_many_connections", {"Retry-After": str(BUSY_RETRY_AFTER)}))
+HEAD_TOO_LARGE = raw_error_response(ProxyError(
+    431, "The request line and headers are over %d bytes in all." % MAX_HEAD_BYTES,
+    "invalid_request_error", None, "request_header_fields_too_large", {"x-should-retry": "false"}))
+
+
+class HeadThenSocket(io.RawIOBase):
+    """A handler's request stream: the head HeadReader already read, then the socket."""
+
+    def __init__(self, head, sock):
+        self._head = memoryview(head)
+        self._sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self._head:
+            size = min(len(buffer), len(self._head))
+            buffer[:size] = self._head[:size]
+            self._head = self._head[size:]
+            return size
+        return self._sock.recv_into(buffer)
+
+
+class SocketWriter(io.BufferedIOBase):
+    """A handler's answer stream, unbuffered: each write goes out in pieces, and the socket's
+    timeout bounds the wait for each piece, so a client that stops reading is dropped (and its
+    run stopped) instead of holding its slot."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        with memoryview(data) as view:
+            view = view.cast("B")
+            for start in range(0, len(view), WRITE_PIECE_BYTES):
+                self._sock.sendall(view[start:start + WRITE_PIECE_BYTES])
+            return len(view)
+
+    def fileno(self):
+        return self._sock.fileno()
+
+
+class PendingHead:
+    """A connection whose head is still arriving, or that is being drained after an early answer."""
+
+    __slots__ = ("sock", "address", "data", "searched", "deadline", "draining")
+
+    def __init__(self, sock, address, deadline):
+        self.sock, self.address, self.deadline = sock, address, deadline
+        self.data = bytearray()
+        self.searched = 0
+        self.draining = 0  # bytes still to read and drop, once answered
+
+
+class HeadReader:
+    """Reads request heads without a thread per connection: one selectors loop holds every
+    new connection until its head (request line and headers) has arrived whole, then hands the
+    connection and its head to a worker thread (ProxyServer.hand_over).
+
+    A head is bounded by MAX_HEAD_BYTES (then 431) and by `seconds` (then the connection is
+    dropped). At most `max_pending` connections wait here; when one more arrives, the one that
+    has waited longest goes: slow or idle connections cost a few KiB each and cannot keep
+    normal clients, whose heads arrive at once, from being served."""
+
+    def __init__(self, server, max_pending=MAX_PENDING_HEADS, seconds=HEAD_READ_SECONDS):
+        self.server = server
+        self.max_pending = max_pending
+        self.seconds = seconds
+        self.largest = 0  # the most bytes one head has held (tests look at it)
+        self._pending = collections.OrderedDict()  # socket -> PendingHead, oldest first
+        self._arrived = collections.deque()  # (socket, address) from the accepting thread
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="head-reader", daemon=True)
+        self._thread.start()
+
+    def add(self, sock, address):
+        """A new connection (called by the accepting thread)."""
+        self._arrived.append((sock, address))
+        self._wake()
+
+    def pending(self):
+        return len(self._pending)
+
+    def close(self):
+        """Stop reading heads and drop every connection still here."""
+        self._closed = True
+        self._wake()
+        self._thread.join(10)
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # already awake (its buffer is full), or closed
+
+    def _run(self):
+        checked = 0.0
+        try:
+            while not self._closed:
+                for key, _ in self._selector.select(0.25):
+                    if key.fileobj is self._wake_r:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                    else:
+                        self._readable(key.data)
+                while self._arrived:
+                    self._admit(*self._arrived.popleft())
+                now = time.monotonic()
+                if now - checked >= 0.1:
+                    checked = now
+                    for pending in [p for p in self._pending.values() if p.deadline < now]:
+                        self._drop(pending)
+        finally:
+            for pending in list(self._pending.values()):
+                self._drop(pending)
+            while self._arrived:
+                self.server.shutdown_request(self._arrived.popleft()[0])
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _admit(self, sock, address):
+        while len(self._pending) >= self.max_pending:
+            self._drop(next(iter(self._pending.values())))
+        try:
+            sock.setblocking(False)
+            pending = PendingHead(sock, address, time.monotonic() + self.seconds)
+            self._selector.register(sock, selectors.EVENT_READ, pending)
+        except (OSError, ValueError):
+            self.server.shutdown_request(sock)
+            return
+        self._pending[sock] = pending
+
+    def _drop(self, pending):
+        self._forget(pending)
+        self.server.shutdown_request(pending.sock)
+
+    def _forget(self, pending):
+        if self._pending.pop(pending.sock, None) is not None:
+            try:
+                self._selector.unregister(pending.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _readable(self, pending):
+        try:
+            data = pending.sock.recv(HEAD_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._drop(pending)
+        if pending.draining:
+            pending.draining -= len(data)
+            if not data or pending.draining <= 0:
+                self._drop(pending)
+            return
+        if not data:
+            # The client sent all it will (a half-close): what arrived is the head, as the
+            # stdlib would read it; nothing at all is a connection that just closed.
+            return self._start(pending) if b"\n" in pending.data else self._drop(pending)
+        pending.data += data
+        self.largest = max(self.largest, len(pending.data))
+        end = head_length(pending.data, pending.searched)
+        pending.searched = len(pending.data)
+        if (end or len(pending.data)) > MAX_HEAD_BYTES:
+            return self._answer(pending, HEAD_TOO_LARGE)
+        if end is not None:
+            self._start(pending)
+
+    def _start(self, pending):
+        self._forget(pending)
+        try:
+            pending.sock.setblocking(True)
+            handed = self.server.hand_over(pending.sock, pending.address, bytes(pending.data))
+        except Exception:
+            self.server.handle_error(pending.sock, pending.address)
+            return self.server.shutdown_request(pending.sock)
+        if not handed:
+            self._answer(pending, TOO_MANY_CONNECTIONS, again=True)
+
+    def _answer(self, pending, response, again=False):
+        """Answer at once, then read and drop what the client still sends for a moment:
+        closing with unread data would reset the connection and lose the answer."""
+        try:
+            pending.sock.setblocking(False)
+            pending.sock.send(response)  # a small answer into an empty socket buffer
+            pending.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            if not again:
+                self._drop(pending)
+            else:
+                self.server.shutdown_request(pending.sock)
+            return
+        pending.data = bytearray()
+        pending.draining = DISCARD_BYTES
+        pending.deadline = time.monotonic() + DISCARD_SECONDS
+        if again:
+            try:
+                self._selector.register(pending.sock, selectors.EVENT_READ, pending)
+            except (OSError, ValueError):
+                return self.server.shutdown_request(pending.sock)
+            self._pending[pending.sock] = pending
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     """Routes requests; every error leaves as an OpenAI error envelope, never an HTML page."""
 
@@ -2472,7 +2925,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # A request line without a version is HTTP/0.9 to the stdlib, which answers it with a bare
     # body and no status line: answer it as HTTP/1.0 instead, status and headers included.
     default_request_version = "HTTP/1.0"
-    timeout = REQUEST_SOCKET_TIMEOUT
 
     def do_GET(self):
         self.dispatch("GET")
@@ -2511,9 +2963,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return None
 
     def setup(self):
-        super().setup()
+        """Started by ProxyServer.hand_over once the head has arrived (HeadReader): the request
+        is read from that head, then from the socket; every read or write that makes no
+        progress for the server's io_seconds drops the client."""
+        self.connection = self.request
+        self.connection.settimeout(self.server.io_seconds)
+        self.rfile = io.BufferedReader(HeadThenSocket(self.server.take_head(self.request), self.connection))
+        self.wfile = SocketWriter(self.connection)
         self.cors_origin = None
         self.body_read = False
+        self.framing = None
         self.server.read_deadlines.begin(self)
 
     def finish(self):
@@ -2528,6 +2987,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.server.read_deadlines.end(self)  # the whole request has arrived
         route = None
         try:
+            self.framing = body_framing(self.headers)
             route = self.route(method, self.path)
             self.check_access(route)
             if route is None:
@@ -2555,7 +3015,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.status = 499  # the client left (nginx's code for it; only ever logged)
             self.close_connection = True
         except Exception:
-            log("internal error on %s %s:\n%s" % (method, self.path, traceback.format_exc()))
+            log("internal error on %s %s:\n%s" % (method, printable(self.path), traceback.format_exc()))
             self.send_error_body(ProxyError(500, "Internal proxy error; see the proxy's log.",
                                             "server_error", None, "internal_error"))
         finally:
@@ -2563,9 +3023,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                          time.monotonic() - self.started, self.log_error,
                                          self.log_usage)
             self.log_access(method)
-            if not self.body_read and (self.chunked() or self.headers.get("Content-Length", "0").strip()
-                                       not in ("", "0")):
-                self.discard_body()
+            if not self.body_read and self.framing not in (("none", None), ("length", 0)):
+                self.close_connection = True
+                self.discard_body()  # a body was sent (or its framing could not be read)
 
     def check_access(self, route):
         """Host, Origin and API key, before anything else is looked at.
@@ -2574,12 +3034,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         name resolving to 127.0.0.1: a foreign Host), or with a cross-site request (a foreign
         Origin). Neither may run anything."""
         config = self.server.config
-        if config.loopback_only:
-            host = self.headers.get("Host")
-            if host is not None and not is_loopback_host(host_header_name(host)):
-                raise forbidden("Host %r is not this machine; the proxy is bound to loopback and "
-                                "answers only localhost, 127.0.0.1 or [::1]." % host[:100],
-                                "host_not_allowed")
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1 or (hosts and host_header_name(hosts[0]) is None):
+            raise invalid("The Host header must be one host name or [IPv6 address], with an "
+                          "optional port; got %r." % ", ".join(hosts)[:100], None, "invalid_host")
+        if config.loopback_only and hosts and not is_loopback_host(host_header_name(hosts[0])):
+            raise forbidden("Host %r is not this machine; the proxy is bound to loopback and "
+                            "answers only localhost, 127.0.0.1 or [::1]." % hosts[0][:100],
+                            "host_not_allowed")
         origin = self.headers.get("Origin")
         if origin is not None:
             if not origin_allowed(origin, config.cors_origins):
@@ -2599,8 +3061,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         allowed = allowed + (("HEAD",) if "GET" in allowed else ()) + ("OPTIONS",)
         headers = {"Allow": ", ".join(allowed)}
         if self.cors_origin:
-            requested = self.headers.get("Access-Control-Request-Headers")
-            # Echo what the page asks for: `*` never covers Authorization, and the browser
+            requested = allowed_request_headers(self.headers.get("Access-Control-Request-Headers"))
+            # Echo the names the page asks for: `*` never covers Authorization, and the browser
             # openai SDK adds X-Stainless-* headers.
             headers.update({"Access-Control-Allow-Methods": ", ".join(allowed),
                             "Access-Control-Allow-Headers": requested or "Authorization, Content-Type",
@@ -2664,15 +3126,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         usage = self.log_usage or {}
         tokens = "%s+%s" % (usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
         log('%s %s %s %s%s model=%s tokens=%s %.0fms' % (
-            self.client_address[0], method, (getattr(self, "path", None) or "-").split("?")[0],
+            self.client_address[0], printable(method, 20),
+            printable((getattr(self, "path", None) or "-").split("?")[0]),
             self.status or "-",
             " error=%s" % self.log_error if self.log_error else "", self.log_model, tokens,
             (time.monotonic() - self.started) * 1000))
 
     # --- request bodies
 
-    def chunked(self):
-        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
 
     def discard_body(self):
         """After answering without reading the body (401, 403, 413, 415, ...): read and drop
@@ -2693,18 +3154,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def read_body(self):
         limit = self.server.config.max_body
-        if self.chunked():
+        kind, length = self.framing
+        if kind == "chunked":
             return self.read_chunked(limit)
-        length = self.headers.get("Content-Length")
-        if length is None:
+        if kind == "none":
             raise ProxyError(411, "A Content-Length header is required", "invalid_request_error",
                              None, "length_required", {"x-should-retry": "false"})
-        try:
-            length = int(length)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise invalid("Content-Length is not a valid number", None, "invalid_content_length")
         if length > limit:
             self.close_connection = True
             raise ProxyError(413, "The request body is %d bytes; this proxy accepts at most %d "
@@ -2754,17 +3209,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # --- endpoints
 
     def health(self):
-        config = self.server.config
-        status = 200 if config.claude_path else 503
+        config, runner = self.server.config, self.server.runner
+        # The binary as it is on disk now: the CLI updates itself, and may be removed.
+        found = runner.binary_stamp() is not None
+        status = 200 if found else 503
         if config.api_keys and not key_matches(presented_key(self.headers), config.api_keys):
             # Open to load balancers without the key, but the details are for key holders.
-            return self.send_json(status, {"status": "ok" if config.claude_path else "cli_not_found",
+            return self.send_json(status, {"status": "ok" if found else "cli_not_found",
                                            "version": __version__})
         self.send_json(status, {
-            "status": "ok" if config.claude_path else "cli_not_found",
+            "status": "ok" if found else "cli_not_found",
             "version": __version__,
-            "cli": {"path": config.claude_path, "found": bool(config.claude_path),
-                    "version": config.claude_version},
+            "cli": {"path": config.claude_path, "found": found,
+                    "version": runner.version() if found else None},
             "default_model": config.model,
             "default_effort": config.effort,
             "active_runs": self.server.runner.active(),
@@ -2772,7 +3229,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "limits": {"max_concurrency": self.server.admission.concurrency,
                        "max_queue": self.server.admission.queue,
                        "running": self.server.admission.running,
-                       "queued": self.server.admission.waiting},
+                       "queued": self.server.admission.waiting,
+                       "reading_heads": self.server.heads.pending()},
             "auth": bool(config.api_keys),
         })
 
@@ -2892,10 +3350,14 @@ def mcp_reply(message, tools, wait_for_result=None):
     if not isinstance(message, dict):
         return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request"}}
     method, params, request_id = message.get("method"), message.get("params"), message.get("id")
-    if not isinstance(params, dict):
+    if params is None:
         params = {}
     if request_id is None:
         return None  # notifications/initialized, notifications/cancelled, ...
+    if not isinstance(method, str):
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": "Invalid Request"}}
+    if not isinstance(params, dict):  # JSON-RPC allows positional params; MCP never sends them
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": "Invalid params"}}
     if method == "initialize":
         result = {"protocolVersion": params.get("protocolVersion") or MCP_PROTOCOL_VERSION,
                   "capabilities": {"tools": {"listChanged": False}},
@@ -2996,47 +3458,59 @@ class Config:
 
 
 class ProxyServer(ThreadingHTTPServer):
+    """Accepts connections and gives each to the HeadReader; a connection whose head has
+    arrived gets a worker thread (ProxyHandler), up to max_connections at once."""
+
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    request_queue_size = 128
 
     def __init__(self, address, config, runner=None):
         self.config = config
         self.runner = runner or CliRunner(config.claude_path, config.timeout,
                                           log_prompts=config.log_prompts,
                                           pool_size=config.pool_size, pool_idle=config.pool_idle)
+        self.runner.known_version(config.claude_version)
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.metrics = Metrics()
-        self.read_deadlines = ReadDeadlines(REQUEST_READ_SECONDS)
+        self.read_deadlines = ReadDeadlines(BODY_READ_SECONDS)
+        self.io_seconds = min(SOCKET_IO_SECONDS, config.timeout)
         self.max_connections = config.max_concurrency + config.max_queue + EXTRA_CONNECTIONS
-        self.connections = 0
+        self.connections = 0  # requests being served: worker threads
         self._connections_lock = threading.Lock()
+        self._heads = {}  # socket -> its head, from hand_over to the handler's setup
         try:
             super().__init__(address, ProxyHandler)
         except BaseException:
             self.runner.stop_all()
             self.read_deadlines.close()
             raise
+        self.heads = HeadReader(self)
 
     def process_request(self, request, client_address):
-        """One thread per connection, but a bounded number of them: past the bound, a short
-        503 from the accepting thread, and the connection is closed."""
+        """A new connection: the HeadReader holds it until its head has arrived."""
+        self.heads.add(request, client_address)
+
+    def hand_over(self, request, client_address, head):
+        """A connection whose head has arrived gets a worker thread; False when all
+        max_connections are busy (the HeadReader then answers 503)."""
         with self._connections_lock:
-            full = self.connections >= self.max_connections
-            if not full:
-                self.connections += 1
-        if full:
-            try:
-                request.sendall(TOO_MANY_CONNECTIONS)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+            if self.connections >= self.max_connections:
+                return False
+            self.connections += 1
+            self._heads[request] = head
         try:
             super().process_request(request, client_address)
         except BaseException:
+            with self._connections_lock:
+                self._heads.pop(request, None)
             self._connection_closed()
             raise
+        return True
+
+    def take_head(self, request):
+        with self._connections_lock:
+            return self._heads.pop(request, b"")
 
     def process_request_thread(self, request, client_address):
         try:
@@ -3053,6 +3527,7 @@ class ProxyServer(ThreadingHTTPServer):
         process and close. Call from another thread than serve_forever's."""
         self.shutdown()
         self.socket.close()  # new connections are refused from now on
+        self.heads.close()  # and those still sending their head are dropped
         self.admission.close()  # queued requests leave with 503
         # Wait for whole HTTP answers, not just CLI runs: a run ends before its answer is
         # written, and handler threads die with the process.
@@ -3062,16 +3537,20 @@ class ProxyServer(ThreadingHTTPServer):
         self.read_deadlines.close()
         self.server_close()
 
+    def server_close(self):
+        self.heads.close()
+        super().server_close()
+
     def _wait_for_requests(self, deadline):
         while self.metrics.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
-TOO_MANY_CONNECTIONS = (
-    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 2\r\n"
-    b"Connection: close\r\n\r\n"
-    b'{"error": {"message": "Too many open connections to the proxy; retry shortly.", '
-    b'"type": "server_error", "param": null, "code": "too_many_connections"}}')
+# Every signal whose default would end the proxy at once (leaving clients without an answer and
+# the runs' system-prompt files in TMPDIR) is a graceful shutdown instead: SIGHUP comes from a
+# closed terminal or ssh session. Only SIGKILL (and a crash) cannot be handled.
+GRACEFUL_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGBREAK", "SIGUSR1", "SIGUSR2",
+                    "SIGALRM", "SIGXCPU", "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGPWR")
 
 
 def env_flag(name):
@@ -3125,7 +3604,7 @@ def parse_args(argv=None):
         % DEFAULT_MAX_QUEUE)
     add("--shutdown-grace", type=float, default=env("CLAUDE_SHUTDOWN_GRACE", str(DEFAULT_SHUTDOWN_GRACE)),
         help="Default: %g (env CLAUDE_SHUTDOWN_GRACE). Seconds running requests get to finish "
-        "after SIGTERM or Ctrl-C." % DEFAULT_SHUTDOWN_GRACE)
+        "after SIGTERM, SIGHUP or Ctrl-C." % DEFAULT_SHUTDOWN_GRACE)
     add("--log-prompts", action="store_true", default=env_flag("CLAUDE_PROXY_LOG_PROMPTS"),
         help="Default: off (env CLAUDE_PROXY_LOG_PROMPTS=1). Log each prompt to stderr.")
     add("--version", action="version", version="claude_proxy.py " + __version__)
@@ -3204,9 +3683,9 @@ def main(argv=None):
         stopping.append(stopper)
         stopper.start()
 
-    signal.signal(signal.SIGINT, on_signal)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_signal)
+    for name in GRACEFUL_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
     try:
         server.serve_forever()
     finally:

@@ -41,6 +41,11 @@ the behaviour:
   WAITFOR[path]  reply only once that file exists (a test holds a run slot with it)
   FLOOD       text deltas every 2 ms, without end
   STAMP       ten deltas 20 ms apart, each "<t=TIME>" with the time it was written (benchmark)
+  TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
+              is_error, no API status, terminal_reason blocking_limit), exit 1
+  BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
+  BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
+  STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
 and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
@@ -137,6 +142,8 @@ if flags.get("--mcp-config"):
             mcp_tools.append(dict(tool, name="mcp__%%s__%%s" %% (server, tool["name"])))
         mcp_rpc[server] = rpc
 record["offered_tools"] = mcp_tools
+if os.environ.get("TMPDIR"):  # like the real CLI: a folder of its own in TMPDIR
+    os.makedirs(os.path.join(os.environ["TMPDIR"], "claude-%%d" %% getattr(os, "getuid", lambda: 0)()), exist_ok=True)
 path = os.path.join(RECORD_DIR, "%%d.json" %% os.getpid())
 def save():
     with open(path + ".tmp", "w") as f:
@@ -220,11 +227,33 @@ def reply_once(first):
       deadline = time.time() + 30
       while not os.path.exists(waiting_for.group(1)) and time.time() < deadline:
           time.sleep(0.01)
-  if "FLOOD" in text:  # writes deltas without end, until it is stopped
+  if "FLOOD" in text and "STDERRFLOOD" not in text:  # writes deltas without end, until it is stopped
+      piece = "x" * 32768 if "BIGFLOOD" in text else "flood "
       stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
       while True:
-          stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "flood "}})
+          stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
           time.sleep(0.002)
+  if "TOOLONG" in text:  # the CLI's local refusal: no API call, no API status
+      emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
+            "model": "<synthetic>", "content": [{"type": "text", "text": "Prompt is too long"}],
+            "stop_reason": "stop_sequence"}, "parent_tool_use_id": None, "session_id": session,
+            "uuid": str(uuid.uuid4())})
+      emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": None,
+            "result": "Prompt is too long", "stop_reason": "stop_sequence", "session_id": session,
+            "terminal_reason": "blocking_limit", "usage": {"input_tokens": 0, "output_tokens": 0},
+            "uuid": str(uuid.uuid4())})
+      sys.exit(1)
+  big_line = re.search(r"BIGLINE\[(\d+)\]", text)
+  if big_line:  # one enormous event line, written in pieces
+      sys.stdout.write('{"type": "stream_event", "event": {"type": "ping"}, "pad": "')
+      for _ in range(int(big_line.group(1)) * 16):
+          sys.stdout.write("x" * 65536)
+      sys.stdout.write('"}\n'); sys.stdout.flush()
+  if "STDERRFLOOD" in text:
+      for n in range(100):
+          sys.stderr.write("line %%d of a crashing CLI\n" %% n)
+      sys.stderr.write("E" * (4 << 20) + "\n")
+      sys.exit(3)
   if "HANG" in text:
       child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
       record["child_pid"] = child.pid
@@ -704,6 +733,12 @@ class ErrorMappingTest(unittest.TestCase):
             ({"subtype": "success", "is_error": True, "api_error_status": 404, "result": "no model"}, 404, "model_not_found"),
             ({"subtype": "success", "is_error": True, "api_error_status": 500, "result": "boom"}, 502, "upstream_error"),
             ({"subtype": "error_during_execution", "is_error": True}, 502, "cli_error"),
+            ({"subtype": "success", "is_error": True, "api_error_status": None, "result": "Prompt is too long",
+              "terminal_reason": "blocking_limit"}, 400, "context_length_exceeded"),
+            ({"subtype": "success", "is_error": True, "api_error_status": None, "result": "Prompt is too long"},
+             400, "context_length_exceeded"),
+            ({"subtype": "success", "is_error": True, "api_error_status": None, "result": "x",
+              "terminal_reason": "prompt_too_long"}, 400, "context_length_exceeded"),
         ]
         for result, status, code in cases:
             with self.subTest(result):
@@ -949,6 +984,73 @@ class CmdSafeJsonTest(unittest.TestCase):
         self.assertEqual(caught.exception.param, "response_format.json_schema.schema")
 
 
+class HeadParsingTest(unittest.TestCase):
+    """The framing of request heads and bodies, fuzzed with a seeded generator."""
+
+    def test_head_length(self):
+        cases = [(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody", 27), (b"GET / HTTP/1.1\nHost: x\n\n", 24),
+                 (b"GET / HTTP/1.1\r\nHost: x\r\n", None), (b"GET /\r\n", 7), (b"GET\r\n", 5),
+                 (b"\r\n\r\n", 2), (b"GET / HTTP/1.0\r\n\r\n", 18), (b"", None), (b"GET / HT", None)]
+        for data, length in cases:
+            with self.subTest(data):
+                self.assertEqual(cp.head_length(data), length)
+
+    def test_head_length_fuzz(self):
+        """Fed in random pieces, as a socket delivers it, the end found is the one found in
+        the whole; and a head never ends before its first blank line."""
+        import random
+        rng = random.Random(88)
+        alphabet = [b"\r", b"\n", b"\r\n", b" ", b":", b"GET", b"/", b"HTTP/1.1", b"a", b"\x00", b"\xff", b"\t"]
+        for _ in range(3000):
+            data = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+            whole = cp.head_length(data)
+            if whole is not None:
+                self.assertLessEqual(whole, len(data))
+                self.assertTrue(data[:whole].endswith(b"\n"), data)
+            seen, found, cuts = 0, None, sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, 4)))
+            for cut in cuts + [len(data)]:
+                found = cp.head_length(data[:cut], seen)
+                if found is not None:
+                    break
+                seen = cut
+            self.assertEqual(found, whole, data)
+
+    def test_body_framing_fuzz(self):
+        import email.message
+        import random
+        rng = random.Random(8)
+        values = {"Content-Length": ["0", "5", "63", "6_3", "+63", "-1", "0x10", " 7 ", "1e3", "", "99999999999999999999",
+                                     "\u0663", "5, 5"],
+                  "Transfer-Encoding": ["chunked", "Chunked", " chunked ", "xchunked", "chunked, gzip", "gzip", "", "identity"]}
+        for _ in range(2000):
+            headers = email.message.Message()
+            for _ in range(rng.randrange(0, 4)):
+                name = rng.choice(list(values))
+                headers[name] = rng.choice(values[name])
+            lengths, codings = headers.get_all("Content-Length") or [], headers.get_all("Transfer-Encoding") or []
+            try:
+                kind, length = cp.body_framing(headers)
+            except cp.ProxyError as error:
+                self.assertEqual(error.status, 400)
+                self.assertTrue(lengths or codings)
+                continue
+            if kind == "chunked":
+                self.assertEqual((len(codings), codings[0].strip().lower(), lengths), (1, "chunked", []))
+            elif kind == "length":
+                self.assertEqual((len(lengths), codings), (1, []))
+                self.assertTrue(lengths[0].strip().isdigit() and lengths[0].strip().isascii())
+                self.assertEqual(length, int(lengths[0]))
+            else:
+                self.assertEqual((kind, lengths, codings), ("none", [], []))
+
+    def test_header_names_and_values_to_log_or_echo(self):
+        self.assertEqual(cp.printable("a\x1b[2Jb\x07\u009b", 100), "a\\x1b[2Jb\\x07\\x9b")
+        self.assertEqual(len(cp.printable("p" * 70000, 200)), 200 + len("...(70000 chars)"))
+        self.assertEqual(cp.allowed_request_headers("authorization,content-type"), "authorization,content-type")
+        self.assertEqual(cp.allowed_request_headers("authorization, x-a\r\n Set-Cookie: a=b"), "authorization, x-a")
+        self.assertIsNone(cp.allowed_request_headers("\r\n"))
+
+
 class McpServerTest(unittest.TestCase):
     tools = [{"name": "get_weather", "mcp_name": "get_weather", "description": "Weather",
               "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
@@ -966,6 +1068,14 @@ class McpServerTest(unittest.TestCase):
         self.assertTrue(call["result"]["isError"], "the proxy never runs a function")
         self.assertEqual(cp.mcp_reply({"jsonrpc": "2.0", "id": 3, "method": "resources/list"}, self.tools)["error"]["code"], -32601)
         self.assertEqual(cp.mcp_reply({"jsonrpc": "2.0", "id": 4, "method": "ping"}, self.tools)["result"], {})
+
+    def test_malformed_messages_get_errors_not_a_crash(self):
+        for message in ({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": [1]},
+                        {"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": "x"},
+                        {"jsonrpc": "2.0", "id": 3, "method": 7}, [1, 2], "text", 5):
+            with self.subTest(message):
+                reply = cp.mcp_reply(message, self.tools)
+                self.assertIn(reply["error"]["code"], (-32600, -32602))
 
     def test_stdio_mode_of_the_file(self):
         import subprocess
@@ -1490,7 +1600,7 @@ class ErrorTest(ServerTestCase):
     def test_cli_missing_is_502(self):
         port = self.serve(os.path.join(self.tmp, "no-such-claude")).server_address[1]
         self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
-        self.assertEqual(self.request("GET", "/health", port=port)[0], 200)
+        self.assertEqual(self.request("GET", "/health", port=port)[0], 503, "/health looks at the disk")
         port = self.serve("").server_address[1]  # no CLI found at all
         self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
         status, _, raw = self.request("GET", "/health", port=port)
@@ -2240,8 +2350,8 @@ class LoadTest(ServerTestCase):
             self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
 
     def test_slow_request_is_dropped(self):
-        self.server.read_deadlines.seconds = 0.3
-        self.addCleanup(setattr, self.server.read_deadlines, "seconds", cp.REQUEST_READ_SECONDS)
+        self.server.heads.seconds = 0.3
+        self.addCleanup(setattr, self.server.heads, "seconds", cp.HEAD_READ_SECONDS)
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
             started = time.monotonic()
@@ -2249,18 +2359,26 @@ class LoadTest(ServerTestCase):
             self.assertLess(time.monotonic() - started, 9)
 
     def test_connection_bound(self):
+        """Requests served at once are bounded (idle connections cost no worker: HostileTest)."""
         server = self.serve()
         server.max_connections = 2
         port = server.server_address[1]
-        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        gate = os.path.join(self.tmp, "gate-connection-bound")
+        busy = [threading.Thread(target=self.chat, args=(user("WAITFOR[%s]" % gate),), kwargs={"port": port})
+                for _ in range(2)]
+        for thread in busy:
+            thread.start()
         self.assertTrue(wait_until(lambda: server.connections == 2))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             reply = b"".join(iter(lambda: sock.recv(65536), b""))
         self.assertIn(b"503", reply.split(b"\r\n")[0])
         self.assertIn(b"too_many_connections", reply)
-        for sock in idle:
-            sock.close()
+        open(gate, "w").close()
+        for thread in busy:
+            thread.join(30)
         self.assertTrue(wait_until(lambda: server.connections == 0))
+        self.assertEqual(self.request("GET", "/v1/models", port=port)[0], 200)
 
     def test_soak_does_not_grow(self):
         def counts():
@@ -2309,6 +2427,353 @@ class LoadTest(ServerTestCase):
                 self.assertRegex(name, r'^claude_proxy_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})?$')
 
 
+class HostileTest(ServerTestCase):
+    """Issue 8: what an attacker or a broken CLI must not be able to do."""
+
+    def raw(self, data, port=None, half_close=True):
+        """Send raw bytes (then half-close: a request that runs the CLI must not, as the proxy
+        takes that for a client gone), return everything the proxy sent back (b"" if it reset)."""
+        with socket.create_connection(("127.0.0.1", port or self.port), timeout=20) as sock:
+            try:
+                sock.sendall(data)
+                if half_close:
+                    sock.shutdown(socket.SHUT_WR)
+                return b"".join(iter(lambda: sock.recv(65536), b""))
+            except (ConnectionResetError, BrokenPipeError):
+                return b""
+
+    @staticmethod
+    def status_of(reply):
+        return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else None
+
+    def error_code(self, reply):
+        return json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"]
+
+    # finding 2: memory before any key check
+
+    def test_head_is_bounded_in_total(self):
+        """99 header lines of 1 KB each: every line and the count are within the stdlib's
+        limits, the whole head is not."""
+        head = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+            b"X-Filler-%d: %s\r\n" % (i, b"a" * 1000) for i in range(99)) + b"\r\n"
+        self.assertGreater(len(head), cp.MAX_HEAD_BYTES)
+        reply = self.raw(head)
+        self.assertEqual(self.status_of(reply), 431, reply[:300])
+        self.assertEqual(self.error_code(reply), "request_header_fields_too_large")
+
+    def test_heads_that_never_end_cost_at_most_the_limit(self):
+        server = self.serve()
+        port = server.server_address[1]
+        replies = []
+
+        def flood():
+            data = b"GET / HTTP/1.1\r\n" + b"X-Junk: " + b"j" * 1000 + b"\r\n"
+            replies.append(self.raw(b"".join([data] * 1024), port=port))  # 1 MB, no blank line
+        threads = [threading.Thread(target=flood) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual([self.status_of(r) for r in replies], [431] * 20)
+        self.assertLessEqual(server.heads.largest, cp.MAX_HEAD_BYTES + cp.HEAD_RECV_BYTES)
+        self.assertEqual(self.request("GET", "/v1/models", port=port)[0], 200)
+
+    # finding 3: slow connections
+
+    def test_slow_connections_do_not_lock_out_clients(self):
+        server = self.serve()
+        server.max_connections = 4  # requests being served at once
+        server.heads.max_pending = 30  # connections still sending their head
+        port = server.server_address[1]
+        stop = threading.Event()
+        slow = []
+
+        def trickle():
+            while not stop.is_set():
+                for sock in list(slow):
+                    try:
+                        sock.send(b"X")
+                    except OSError:
+                        slow.remove(sock)
+                        sock.close()
+                while len(slow) < 40 and not stop.is_set():
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                    slow.append(sock)
+                stop.wait(0.05)
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        try:
+            self.assertTrue(wait_until(lambda: len(slow) >= 40))
+            statuses = [self.request("GET", "/v1/models", port=port)[0] for _ in range(10)]
+            statuses.append(self.chat(user("through the crowd"), port=port)[0])
+        finally:
+            stop.set()
+            thread.join(10)
+            for sock in slow:
+                sock.close()
+        self.assertEqual(statuses, [200] * 11)
+        self.assertTrue(wait_until(lambda: server.heads.pending() == 0))
+
+    def test_head_and_body_deadlines_are_separate(self):
+        server = self.serve()
+        port = server.server_address[1]
+        server.heads.seconds = 0.3
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
+            started = time.monotonic()
+            self.assertEqual(sock.recv(100), b"", "the proxy hung up")
+            self.assertLess(time.monotonic() - started, 9)
+        server.heads.seconds = 5.0
+        server.read_deadlines.seconds = 0.3
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{")  # a body that stalls
+            started = time.monotonic()
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))
+            self.assertLess(time.monotonic() - started, 4.5, "the body deadline, not the head's")
+        self.assertNotIn(b" 200 ", reply[:20])
+        self.assertEqual(self.records(), [])
+
+    def test_fuzzed_heads_get_4xx_or_an_answer_never_5xx(self):
+        import random
+        rng = random.Random(8008)
+        methods = [b"GET", b"POST", b"HEAD", b"OPTIONS", b"BREW", b"", b"G\x00T", b"get"]
+        paths = [b"/v1/models", b"/health", b"/v1/chat/completions", b"*", b"", b"/\x1b[31m", b"/%00",
+                 b"http://evil/", b"/" + b"p" * 3000]
+        versions = [b"HTTP/1.0", b"HTTP/1.1", b"HTTP/2.0", b"HTTP/1", b"", b"FOO/1.1", b"HTTP/1.1 x"]
+        names = [b"Host", b"Content-Length", b"Transfer-Encoding", b"Origin", b"Authorization",
+                 b"Content-Type", b"X-A", b"Expect", b"Connection", b"", b" Host", b"Host ", b"X\x00"]
+        values = [b"127.0.0.1", b"0", b"5", b"-1", b"+3", b"6_3", b"chunked", b"xchunked", b"chunked, gzip",
+                  b"[::1]evil.com", b"127.0.0.1:80@evil.com", b"100-continue", b"application/json",
+                  b"\x1b[2J", b"a" * 2000, b"", b"\xff\xfe", b"Bearer k\xc3\xa9"]
+        seps = [b"\r\n", b"\n", b"\r", b"\r\n ", b"\r\n\t"]
+
+        def head():
+            line = b" ".join(x for x in (rng.choice(methods), rng.choice(paths), rng.choice(versions)))
+            headers = [rng.choice(names) + rng.choice([b": ", b":", b" : ", b""]) + rng.choice(values)
+                       for _ in range(rng.randrange(0, 8))]
+            data = line + b"".join(rng.choice(seps[:2]) + h for h in headers) + rng.choice(seps[:2]) * 2
+            data = bytearray(data)
+            for _ in range(rng.choice([0, 0, 1, 3])):  # mutations: a byte changed, dropped or doubled
+                at = rng.randrange(len(data))
+                kind = rng.randrange(3)
+                if kind == 0:
+                    data[at] = rng.choice(b"\r\n\x00: \t\x1b\xff,;")
+                elif kind == 1:
+                    del data[at]
+                else:
+                    data[at:at] = data[at:at + 1]
+            return bytes(data) + rng.choice([b"", b"{}", b"0\r\n\r\n", b"x" * 10])
+
+        statuses = collections.Counter()
+        for _ in range(250):
+            data = head()
+            reply = self.raw(data)
+            status = self.status_of(reply)
+            if status is None:
+                self.assertEqual(reply, b"", data[:300])  # a hang-up, never a bare body
+                statuses["none"] += 1
+                continue
+            statuses[status] += 1
+            self.assertTrue(status < 500 or status == 503 and b"too_many" in reply, (status, data[:300], reply[:300]))
+        self.assertGreater(sum(n for s, n in statuses.items() if s != "none"), 150, statuses)
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+    # finding 4: client mistakes are 4xx
+
+    def test_schema_measured_in_its_argv_form(self):
+        """30,000 `&` are 30 KB of JSON but 180 KB once each is a \\u0026 escape: past Linux's
+        128 KiB per argument."""
+        schema = {"type": "object", "description": "&" * 30000}
+        self.assertLess(len(json.dumps(schema)), cp.MAX_SCHEMA_BYTES)
+        reply = self.chat(dict(user("hi"), response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
+        self.assert_error(reply, 400, "response_format.json_schema.schema", "invalid_json_schema")
+        self.assertEqual(self.records(runs_only=False), [])
+
+    def test_names_with_a_final_newline_are_refused(self):
+        tool = {"type": "function", "function": {"name": "evil\n", "parameters": {"type": "object"}}}
+        self.assert_error(self.chat(dict(user("CALLTOOL"), tools=[tool])), 400, "tools[0].function.name",
+                          "invalid_function_name")
+        self.assert_error(self.chat(dict(user("hi"), model="sonnet\n")), 400, "model", "model_not_found")
+        self.assertEqual(self.request("GET", "/v1/models/claude-x%0A")[0], 404)
+        self.assertEqual(self.records(), [])
+
+    def test_prompt_too_long_is_context_length_exceeded(self):
+        headers, error = self.assert_error(self.chat(user("TOOLONG")), 400, "messages", "context_length_exceeded")
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assertIn("Prompt is too long", error["message"])
+
+    def test_pool_does_not_retry_a_shape_that_failed_to_start(self):
+        broken = os.path.join(self.tmp, "not-executable")
+        with open(broken, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(broken, 0o644)
+        server = self.serve(claude=broken, pool_size=2)
+        port = server.server_address[1]
+        spawned = []
+        real_spawn = server.runner.spawn
+
+        def counting_spawn(plan, shape=None):
+            spawned.append(shape)
+            return real_spawn(plan, shape)
+        server.runner.spawn = counting_spawn
+        for _ in range(4):
+            self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
+            self.assertTrue(wait_until(server.runner.pool.settled))
+        self.assertEqual(len(spawned), 4 + 1, "each request's own try, and one by the pool")
+
+    # finding 6: a broken CLI
+
+    def test_an_enormous_event_line_is_bad_output_and_bounded(self):
+        import resource
+        limit = cp.MAX_EVENT_LINE
+        cp.MAX_EVENT_LINE = 1 << 20
+        self.addCleanup(setattr, cp, "MAX_EVENT_LINE", limit)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        self.assert_error(self.chat(user("BIGLINE[64]")), 502, code="cli_bad_output")
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        self.assertLess(grown, 32 * 1024, "the 64 MiB line was never held whole (peak grew %d KiB)" % grown)
+
+    def test_stderr_is_bounded_per_line_and_in_total(self):
+        del LOG_LINES[:]
+        self.assert_error(self.chat(user("STDERRFLOOD")), 502, code="cli_crashed")
+        self.assertTrue(LOG_LINES)
+        self.assertLess(max(len(line) for line in LOG_LINES), 16 * 1024)
+
+    # finding 7: a client that stops reading
+
+    def test_a_client_that_stops_reading_frees_its_slot(self):
+        server = self.serve(timeout=2.0)
+        port = server.server_address[1]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        self.addCleanup(sock.close)
+        body = json.dumps(dict(user("BIGFLOOD"), stream=True)).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(wait_until(lambda: server.admission.running == 1))
+        # ... and never reads a byte
+        self.assertTrue(wait_until(lambda: server.admission.running == 0, 15), "the slot was freed")
+        self.assertTrue(wait_until(lambda: server.runner.processes() == 0))
+        for record in self.records():
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+
+    # finding 8: the smaller ones
+
+    def test_log_lines_are_printable_and_short(self):
+        del LOG_LINES[:]
+        path = b"/v1/\x1b[2J\x1b]0;owned\x07" + b"p" * 60000
+        self.raw(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertTrue(wait_until(lambda: any("GET /v1/" in line for line in LOG_LINES)))
+        for line in LOG_LINES:
+            self.assertNotIn("\x1b", line)
+            self.assertNotIn("\x07", line)
+            self.assertLess(len(line), 1024)
+
+    def test_content_length_must_be_digits_and_only_one(self):
+        for lengths in ([b"6_3"], [b"+63"], [b"0x3f"], [b"63", b"63"], [b"63", b"64"], [b"6 3"]):
+            with self.subTest(lengths):
+                body = json.dumps(user("x" * 40)).encode()[:63]
+                reply = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                 + b"".join(b"Content-Length: %s\r\n" % n for n in lengths) + b"\r\n" + body)
+                self.assertEqual(self.status_of(reply), 400, reply[:300])
+                self.assertEqual(self.error_code(reply), "invalid_content_length")
+        self.assertEqual(self.records(), [])
+
+    def test_transfer_encoding_must_be_exactly_chunked(self):
+        body = json.dumps(user("hi")).encode()
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        for coding, extra in ((b"xchunked", b""), (b"chunked, gzip", b""), (b"gzip", b""), (b"chunked", b"Content-Length: 5\r\n"),
+                              (b"chunked\r\nTransfer-Encoding: chunked", b"")):
+            with self.subTest(coding):
+                reply = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                 b"Transfer-Encoding: " + coding + b"\r\n" + extra + b"\r\n" + chunked)
+                self.assertEqual(self.status_of(reply), 400, reply[:300])
+                self.assertIn(self.error_code(reply), ("unsupported_transfer_encoding", "invalid_content_length"))
+        self.assertEqual(self.records(), [])
+        reply = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: Chunked\r\n\r\n" + chunked, half_close=False)
+        self.assertEqual(self.status_of(reply), 200, reply[:300])
+
+    def test_host_is_parsed_strictly(self):
+        for host in ("[::1]evil.com", "127.0.0.1:80@evil.com", "localhost:80:80", "localhost:x", "[::1", "::1",
+                     "local host", "localhost:99999", ""):
+            with self.subTest(host):
+                got, _, raw = self.request("GET", "/v1/models", headers={"Host": host})
+                self.assertIn(got, (400, 403), raw)
+        reply = self.raw(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n")
+        self.assertEqual(self.status_of(reply), 400, reply[:300])
+        for host in ("localhost", "localhost:8082", "127.0.0.1.", "[::1]", "[::1]:1", "LOCALHOST"):
+            with self.subTest(host):
+                self.assertEqual(self.request("GET", "/v1/models", headers={"Host": host})[0], 200)
+        self.assertEqual(cp.host_header_name("[::1]:80"), "::1")
+        self.assertIsNone(cp.host_header_name("[::1]evil.com"))
+        self.assertIsNone(cp.host_header_name("127.0.0.1:80@evil.com"))
+
+    def test_preflight_echoes_only_header_names(self):
+        port = self.serve(cors_origins=["http://localhost:3000"]).server_address[1]
+        reply = self.raw(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://localhost:3000\r\n"
+                         b"Access-Control-Request-Method: POST\r\n"
+                         b"Access-Control-Request-Headers: authorization, x-evil\r\n Set-Cookie: a=b\r\n\r\n", port=port)
+        head = reply.partition(b"\r\n\r\n")[0].decode("latin-1")
+        self.assertEqual(self.status_of(reply), 204, reply[:300])
+        self.assertNotIn("Set-Cookie", head)
+        allowed = [line for line in head.split("\r\n") if line.lower().startswith("access-control-allow-headers:")]
+        self.assertEqual(allowed, ["Access-Control-Allow-Headers: authorization, x-evil"])
+
+    def test_non_ascii_api_key(self):
+        key = "cl\u00e9-\u00fc\u4e2d"
+        port = self.serve(api_keys=[key]).server_address[1]
+        for value, status in ((b"Bearer " + key.encode("utf-8"), 200), (b"Bearer " + key.encode("latin-1", "replace"), 401),
+                              (b"Bearer cl\xe9", 401)):
+            with self.subTest(value):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.putrequest("GET", "/v1/models")
+                conn.putheader("Authorization", value)
+                conn.endheaders()
+                self.assertEqual(conn.getresponse().status, status)
+                conn.close()
+
+    def test_tmpdir_that_cannot_be_written_is_said_so(self):
+        port = self.serve().server_address[1]
+        not_a_dir = os.path.join(self.tmp, "tmpdir-is-a-file")
+        open(not_a_dir, "w").close()
+        saved = tempfile.tempdir
+        tempfile.tempdir = not_a_dir
+        try:
+            headers, error = self.assert_error(self.chat(user("hi"), port=port), 503, code="tmpdir_unavailable")
+        finally:
+            tempfile.tempdir = saved
+        self.assertIn("TMPDIR", error["message"])
+        free = cp.TMPDIR_MIN_FREE_BYTES
+        cp.TMPDIR_MIN_FREE_BYTES = 1 << 62  # more than any disk: "nearly full"
+        self.addCleanup(setattr, cp, "TMPDIR_MIN_FREE_BYTES", free)
+        self.assert_error(self.chat(user("hi"), port=port), 503, code="tmpdir_unavailable")
+        cp.TMPDIR_MIN_FREE_BYTES = free
+        self.assertEqual(self.chat(user("hi"), port=port)[0], 200)
+
+    def test_health_follows_the_cli_binary(self):
+        folder = tempfile.mkdtemp(prefix="claude-proxy-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        claude, _ = write_stub(folder)
+        port = self.serve(claude=claude).server_address[1]
+        health = lambda: self.request("GET", "/health", port=port)
+        self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.197 (Claude Code)")
+        with open(claude) as f:
+            text = f.read().replace('print("2.1.197 (Claude Code)")', 'print("2.1.198 (Claude Code)")  # updated')
+        with open(claude + ".new", "w") as f:
+            f.write(text)
+        os.chmod(claude + ".new", 0o755)
+        os.replace(claude + ".new", claude)
+        self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.198 (Claude Code)")
+        os.remove(claude)
+        status, _, raw = health()
+        self.assertEqual((status, json.loads(raw)["status"], json.loads(raw)["cli"]["found"]), (503, "cli_not_found", False))
+
+
 class MainTest(unittest.TestCase):
     def test_help_lists_every_option_with_its_default(self):
         import subprocess
@@ -2351,14 +2816,15 @@ class MainTest(unittest.TestCase):
         for line in ("direct cold claude -p", "proxy, warm pool on", "proxy, pool off", "per streamed chunk"):
             self.assertIn(line, out.stdout)
 
-    def start_program(self, *args):
+    def start_program(self, *args, env=None):
         """claude_proxy.py as its own process over a fresh stub; returns (proc, port, record dir)."""
         import subprocess
         tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
         stub, record_dir = write_stub(tmp)
         proc = subprocess.Popen([sys.executable, cp.__file__, "--port", "0", "--claude-path", stub,
-                                 "--pool-size", "0"] + list(args), stderr=subprocess.PIPE, text=True)
+                                 "--pool-size", "0"] + list(args), stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, **(env or {})))
 
         def cleanup():
             if proc.poll() is None:
@@ -2409,6 +2875,32 @@ class MainTest(unittest.TestCase):
         self.assertEqual(proc.wait(15), 0)
         for record in self.program_records(record_dir):
             self.assertFalse(pid_alive(record["pid"]))
+
+    def test_sighup_is_a_graceful_shutdown_that_leaves_nothing_in_tmpdir(self):
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+                self.addCleanup(shutil.rmtree, tmpdir, True)
+                proc, port, record_dir = self.start_program("--pool-size", "2", "--shutdown-grace", "20",
+                                                            env={"TMPDIR": tmpdir})
+                gate = os.path.join(record_dir, "gate")
+                results = []
+                client = threading.Thread(target=lambda: results.append(ServerTestCase.request(
+                    self, "POST", "/v1/chat/completions", user("WAITFOR[%s] finish me" % gate), port=port)))
+                client.start()
+                self.assertTrue(wait_until(lambda: any(r.get("stdin") for r in self.program_records(record_dir))))
+                self.assertTrue(wait_until(lambda: len(self.program_records(record_dir)) >= 2), "a warm one waits too")
+                self.assertTrue(os.listdir(tmpdir))
+                proc.send_signal(signum)
+                time.sleep(0.3)
+                self.assertIsNone(proc.poll(), "still finishing the running request")
+                open(gate, "w").close()
+                client.join(30)
+                self.assertEqual(results[0][0], 200)
+                self.assertEqual(proc.wait(15), 0)
+                self.assertEqual(os.listdir(tmpdir), [], "nothing left in TMPDIR")
+                for record in self.program_records(record_dir):
+                    self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
 
     def test_grace_runs_out_then_every_cli_is_stopped(self):
         proc, port, record_dir = self.start_program("--shutdown-grace", "0.3")
