@@ -1898,7 +1898,7 @@ details.thinking div { white-space: pre-wrap; font-size: 13.5px; }
 .body a { color: var(--focus); }
 .body h1, .body h2, .body h3, .body h4, .body h5, .body h6 { line-height: 1.25; margin: 16px 0 8px; }
 .body h1 { font-size: 1.4em; } .body h2 { font-size: 1.25em; } .body h3 { font-size: 1.1em; } .body h4, .body h5, .body h6 { font-size: 1em; }
-.align-center { text-align: center; } .align-right { text-align: right; }
+.align-left { text-align: left; } .align-center { text-align: center; } .align-right { text-align: right; }
 #composer { border-top: 1px solid var(--line); padding: 10px 16px 14px; }
 #composer > * { max-width: 820px; margin-left: auto; margin-right: auto; }
 #input { display: block; width: 100%; resize: none; min-height: 44px; max-height: 40vh; padding: 10px 12px; border: 1px solid var(--line); border-radius: 10px; background: var(--bg); }
@@ -2107,7 +2107,7 @@ WEB_PAGE_SCRIPT = r"""
           var j = i;
           while (j < lines.length && !lines[j].trim()) j++;
           if (j < lines.length && indentOf(lines[j]) > indent) { loose = true; for (; i < j; i++) body.push(""); i--; continue; }
-          if (j < lines.length && (m = ITEM.exec(lines[j])) && m[1].length === indent) { loose = true; i = j; }
+          if (j < lines.length && (m = ITEM.exec(lines[j])) && m[1].length === indent && /\d/.test(m[2]) === ordered) { loose = true; i = j; }
           break;
         }
         if (indentOf(line) > indent) { body.push(line.slice(Math.min(indentOf(line), contentIndent))); continue; }
@@ -2156,7 +2156,7 @@ WEB_PAGE_SCRIPT = r"""
       if (ITEM.test(line)) { i = renderList(lines, i, parent); continue; }
       if (isTable(line, lines[i + 1])) {
         var header = tableCells(line), aligns = tableCells(lines[i + 1]).map(function (cell) {
-          return /^:-+:$/.test(cell) ? "center" : /-:$/.test(cell) ? "right" : "";
+          return /^:-+:$/.test(cell) ? "center" : /-:$/.test(cell) ? "right" : /^:-/.test(cell) ? "left" : "";
         });
         var table = el("table"), thead = el("thead"), tbody = el("tbody");
         var addRow = function (cells, section, tag) {
@@ -2412,6 +2412,7 @@ WEB_PAGE_SCRIPT = r"""
     moveToTop(current);
     $("input").value = "";
     attachments = [];
+    renderAttachments();
     notice("");
     fitInput();
     runReply(current);
