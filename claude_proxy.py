@@ -79,6 +79,7 @@ IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 MCP_SERVER = "fn"
 MCP_PREFIX = "mcp__%s__" % MCP_SERVER
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")  # the API's tool_use ids, used with fullmatch
 API_TOOL_NAME_MAX = 64
 # The CLI's own tool for --json-schema: its input is the structured output.
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"
@@ -205,7 +206,15 @@ def result_error(result):
     return cli_failed("The claude CLI reported an error: %s" % detail)
 
 
-# OpenAI request #############################################################################
+# Conversation ###############################################################################
+# The neutral form every dialect parses into. A conversation is {"system": text or None,
+# "turns": [{"role": "user" | "assistant", "content": [block, ...]}, ...]}: roles alternate,
+# and the blocks are the Messages API's own, as the CLI sends them on:
+#   {"type": "text", "text"}          {"type": "image", "source": {base64 source}}
+#   {"type": "tool_use", "id", "name", "input": {...}}     (name: the client's function name)
+#   {"type": "tool_result", "tool_use_id", "content": [text and image blocks], "is_error"}
+#   {"type": "thinking", "thinking", "signature"}
+# Tool ids are the client's own; cli_tool_id() maps them to what the API accepts.
 
 
 def _require(condition, message, param, code=None):
@@ -217,9 +226,9 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def image_block(url, param):
-    """An OpenAI image_url -> an Anthropic base64 image block. Only data: URLs: fetching an
-    http(s) URL on a client's behalf would let any client reach the proxy's network."""
+def image_from_data_url(url, param):
+    """A data:image/...;base64, URL -> an image block. Only data: URLs: fetching an http(s) URL
+    on a client's behalf would let any client reach the proxy's network."""
     _require(isinstance(url, str) and url, "image_url.url must be a non-empty string", param)
     if re.match(r"^(https?|ftp|file):", url, re.I):
         raise invalid("Image URLs are not fetched by this proxy (no server-side requests); "
@@ -227,13 +236,19 @@ def image_block(url, param):
                       "image_url_not_supported")
     match = DATA_URL.match(url)
     _require(match, "image_url.url must be a data:image/...;base64, URL", param, "invalid_image_url")
-    media_type = match.group("type").lower()
+    return image_block(match.group("type"), url[match.end():], param)
+
+
+def image_block(media_type, data, param):
+    """A base64 image -> an image block, its type and data checked."""
+    media_type = str(media_type or "").lower()
     if media_type == "image/jpg":
         media_type = "image/jpeg"
     _require(media_type in IMAGE_MEDIA_TYPES,
              "Unsupported image type %s; use one of %s" % (media_type, ", ".join(IMAGE_MEDIA_TYPES)),
              param, "invalid_image_format")
-    data = url[match.end():].strip()
+    _require(isinstance(data, str), "The image data must be a base64 string", param, "invalid_image_url")
+    data = data.strip()
     try:
         base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -242,134 +257,12 @@ def image_block(url, param):
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-def content_blocks(content, param, images=True):
-    """A message's OpenAI content (string, list of parts, or None) -> Anthropic-style blocks."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    _require(isinstance(content, list), "content must be a string or an array of content parts", param)
-    blocks = []
-    for j, part in enumerate(content):
-        where = "%s[%d]" % (param, j)
-        if isinstance(part, str):  # some clients send bare strings in the array
-            blocks.append({"type": "text", "text": part})
-            continue
-        _require(isinstance(part, dict), "each content part must be an object", where)
-        kind = part.get("type")
-        if kind in ("text", "input_text", "refusal"):
-            text = part.get("text", part.get("refusal"))
-            _require(isinstance(text, str), "a %s part needs a string `%s`" % (kind, "refusal" if kind == "refusal" else "text"), where + ".text")
-            blocks.append({"type": "text", "text": text})
-        elif kind == "image_url" and images:
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            blocks.append(image_block(url, where + ".image_url.url"))
-        elif kind == "image_url":
-            raise invalid("Images are only accepted in user messages", where + ".type")
-        elif kind in ("input_audio", "file", "audio", "input_file", "video_url"):
-            raise invalid("Content parts of type %r are not supported by this proxy; send text "
-                          "or data: URL images" % kind, where + ".type", "unsupported_content_type")
-        else:
-            raise invalid("Unknown content part type %r" % (kind,), where + ".type")
-    return blocks
+def text_block(text):
+    return {"type": "text", "text": text}
 
 
 def blocks_text(blocks):
     return "".join(b["text"] for b in blocks if b["type"] == "text")
-
-
-def render_tool_calls(tool_calls, param):
-    """An assistant message's tool_calls -> the text the transcript shows for them."""
-    _require(isinstance(tool_calls, list), "tool_calls must be an array", param)
-    lines = []
-    for k, call in enumerate(tool_calls):
-        where = "%s[%d]" % (param, k)
-        _require(isinstance(call, dict), "each tool call must be an object", where)
-        function = call.get("function")
-        _require(isinstance(function, dict) and isinstance(function.get("name"), str),
-                 "a tool call needs function.name", where + ".function")
-        arguments = function.get("arguments")
-        _require(arguments is None or isinstance(arguments, str),
-                 "function.arguments must be a JSON string", where + ".function.arguments")
-        lines.append('<tool_call id="%s" name="%s">%s</tool_call>'
-                     % (call.get("id") or "", function["name"], arguments or "{}"))
-    return "\n".join(lines)
-
-
-def messages_to_prompt(messages):
-    """OpenAI messages -> (system prompt text or None, content blocks of the one CLI user message).
-
-    system/developer messages become the system prompt. A lone user message goes through as it
-    is; with history, the earlier turns are rendered as a tagged transcript, oldest first, and
-    the last user message follows it, so the model answers that one. Images stay where they
-    were, as image blocks between the transcript's text."""
-    _require(isinstance(messages, list) and messages, "`messages` must be a non-empty array",
-             "messages")
-    system_parts, turns = [], []  # turns: (role, blocks, attributes)
-    for i, message in enumerate(messages):
-        param = "messages[%d]" % i
-        _require(isinstance(message, dict), "each message must be an object", param)
-        role = message.get("role")
-        content = message.get("content")
-        if role in ("system", "developer"):
-            text = blocks_text(content_blocks(content, param + ".content", images=False))
-            if text.strip():
-                system_parts.append(text)
-        elif role == "user":
-            _require(content is not None, "a user message needs content", param + ".content")
-            turns.append(("user", content_blocks(content, param + ".content"), ""))
-        elif role == "assistant":
-            blocks = content_blocks(content, param + ".content", images=False)
-            if message.get("tool_calls"):
-                calls = render_tool_calls(message["tool_calls"], param + ".tool_calls")
-                blocks.append({"type": "text", "text": ("\n" if blocks_text(blocks) else "") + calls})
-            elif message.get("function_call"):
-                call = message["function_call"]
-                blocks.append({"type": "text", "text": render_tool_calls(
-                    [{"id": "", "function": call}], param + ".function_call")})
-            _require(content is not None or len(blocks), "an assistant message needs content or tool_calls",
-                     param + ".content")
-            turns.append(("assistant", blocks, ""))
-        elif role == "tool":
-            call_id = message.get("tool_call_id")
-            _require(isinstance(call_id, str) and call_id, "a tool message needs `tool_call_id`",
-                     param + ".tool_call_id")
-            blocks = content_blocks(content, param + ".content", images=False)
-            turns.append(("tool", blocks, ' tool_call_id="%s"' % call_id))
-        elif role == "function":
-            name = message.get("name")
-            _require(isinstance(name, str) and name, "a function message needs `name`", param + ".name")
-            blocks = content_blocks(content, param + ".content", images=False)
-            turns.append(("tool", blocks, ' name="%s"' % name))
-        else:
-            raise invalid("Unknown role %r: use system, developer, user, assistant or tool" % (role,),
-                          param + ".role")
-    system_prompt = "\n\n".join(system_parts) or None
-    _require(turns, "`messages` needs at least one user message", "messages")
-    if len(turns) == 1 and turns[0][0] == "user":
-        final = without_empty_text(turns[0][1])
-        _require(final, "the user message is empty", "messages[%d].content" % (len(messages) - 1))
-        return system_prompt, final
-    if turns[-1][0] == "user":
-        history, final = turns[:-1], without_empty_text(turns[-1][1])
-        ask = "Reply as the assistant to the user's latest message, which follows."
-    else:
-        history, final = turns, []
-        ask = ("Continue the conversation as the assistant: reply to the last turn above"
-               + (", using the tool results." if turns[-1][0] == "tool" else "."))
-    if any(role == "tool" for role, _, _ in history) or any(
-            "<tool_call " in blocks_text(b) for role, b, _ in history if role == "assistant"):
-        ask += (" Earlier tool calls and their results are shown above as <tool_call> and <tool> "
-                "elements; to call a tool now, use the tools you are given, not such text.")
-    blocks = [{"type": "text", "text": "The conversation so far, oldest turn first:\n\n<conversation>\n"}]
-    for role, turn_blocks, attributes in history:
-        blocks.append({"type": "text", "text": "<%s%s>\n" % (role, attributes)})
-        blocks.extend(turn_blocks)
-        blocks.append({"type": "text", "text": "\n</%s>\n" % role})
-    blocks.append({"type": "text", "text": "</conversation>\n\n" + ask})
-    # The last user message stays blocks of its own, after the transcript.
-    return system_prompt, merge_text_blocks(blocks) + final
 
 
 def without_empty_text(blocks):
@@ -387,6 +280,250 @@ def merge_text_blocks(blocks):
                 continue
         merged.append(block)
     return merged
+
+
+def add_turn(turns, role, blocks):
+    """Append blocks as a turn of `role`, joining a turn of the same role before it: the API
+    wants roles to alternate, and clients send a tool's results and a user's words as separate
+    messages. Tool results stay first in a user turn, where the API wants them."""
+    blocks = without_empty_text(blocks)
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        merged = turns[-1]["content"] + blocks
+        if role == "user":
+            merged = ([b for b in merged if b["type"] == "tool_result"]
+                      + [b for b in merged if b["type"] != "tool_result"])
+        turns[-1] = {"role": role, "content": merged}
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def conversation(system_parts, turns, param="messages"):
+    """The neutral conversation, checked: it must end with something for the model to answer."""
+    _require(any(t["role"] == "user" for t in turns), "`%s` needs at least one user message"
+             % param, param)
+    system = "\n\n".join(p for p in system_parts if p.strip()) or None
+    return {"system": system, "turns": turns}
+
+
+def ends_with_tool_results(conv):
+    return any(b["type"] == "tool_result" for b in conv["turns"][-1]["content"])
+
+
+def cli_tool_id(client_id):
+    """A client's tool-call id -> the tool_use id the API accepts (^[A-Za-z0-9_-]+$), the same
+    every time: our own call_<x> goes back to the toolu_<x> the model made, so the history
+    the CLI sends is the one the model wrote (and the prompt cache recognises it)."""
+    client_id = str(client_id or "")
+    if client_id.startswith("call_") and TOOL_ID.fullmatch(client_id[5:]):
+        return "toolu_" + client_id[5:]
+    if TOOL_ID.fullmatch(client_id):
+        return client_id
+    return "toolu_" + hashlib.sha1(client_id.encode("utf-8")).hexdigest()[:24]
+
+
+def transcript_prompt(conv):
+    """The fallback rendering: the conversation as one user message, earlier turns as a tagged
+    transcript and the last user turn after it. Used only where the CLI cannot be given real
+    turns (see Runs); it defeats the prompt cache and lets the model read roles as text."""
+    turns = conv["turns"]
+    if len(turns) == 1 and not ends_with_tool_results(conv):
+        return turns[0]["content"]
+    final = [b for b in turns[-1]["content"] if b["type"] != "tool_result"]
+    history = turns[:-1] + ([{"role": "user", "content": [b for b in turns[-1]["content"]
+                                                         if b["type"] == "tool_result"]}]
+                            if len(final) < len(turns[-1]["content"]) else [])
+    if final:
+        ask = "Reply as the assistant to the user's latest message, which follows."
+    else:
+        ask = "Continue the conversation as the assistant: reply to the last turn above, using the tool results."
+    used_tools = any(b["type"] in ("tool_use", "tool_result") for t in history for b in t["content"])
+    if used_tools:
+        ask += (" Earlier tool calls and their results are shown above as <tool_call> and <tool> "
+                "elements; to call a tool now, use the tools you are given, not such text.")
+    blocks = [text_block("The conversation so far, oldest turn first:\n\n<conversation>\n")]
+    for turn in history:
+        pending = []  # a user turn's text and images, around its tool results
+        for block in turn["content"]:
+            if block["type"] == "tool_result":
+                blocks.append(text_block('<tool tool_call_id="%s">\n' % block["tool_use_id"]))
+                blocks.extend(block["content"])
+                blocks.append(text_block("\n</tool>\n"))
+            elif block["type"] == "tool_use":
+                pending.append(text_block(('\n' if blocks_text(pending) else "")
+                                          + '<tool_call id="%s" name="%s">%s</tool_call>' % (
+                                              block["id"], block["name"],
+                                              json.dumps(block["input"], ensure_ascii=False,
+                                                         separators=(",", ":")))))
+            elif block["type"] in ("text", "image"):
+                pending.append(block)
+        if pending:
+            blocks.append(text_block("<%s>\n" % turn["role"]))
+            blocks.extend(pending)
+            blocks.append(text_block("\n</%s>\n" % turn["role"]))
+    blocks.append(text_block("</conversation>\n\n" + ask))
+    return merge_text_blocks(blocks) + final
+
+
+def normal_turns(turns):
+    """Turns as a continuation is matched on: what clients change when they send a reply back
+    (trailing whitespace, text split into parts, arguments re-serialised, thinking dropped,
+    our call_ ids) is smoothed out; anything that changes meaning is kept."""
+    normal = []
+    for turn in turns:
+        blocks = []
+        for block in turn["content"]:
+            kind = block["type"]
+            if kind == "text":
+                if block["text"].strip():
+                    blocks.append(["text", block["text"].rstrip()])
+            elif kind == "image":
+                blocks.append(["image", hashlib.sha1(block["source"]["data"].encode()).hexdigest()])
+            elif kind == "tool_use":
+                blocks.append(["tool_use", cli_tool_id(block["id"]), block["name"],
+                               json.dumps(block["input"], sort_keys=True)])
+            elif kind == "tool_result":
+                blocks.append(["tool_result", cli_tool_id(block["tool_use_id"]),
+                               normal_turns([{"role": "", "content": block["content"]}]),
+                               bool(block.get("is_error"))])
+        texts = [b for b in blocks if b[0] == "text"]
+        if len(texts) > 1:  # "a" + "b" as two parts or one: the same words
+            joined = ["text", "".join(b[1] for b in texts).rstrip()]
+            blocks = [b for b in blocks if b[0] != "text"] + [joined]
+        normal.append([turn["role"], blocks])
+    return normal
+
+
+def conversation_key(scope, shape, turns):
+    """What a continuation is found by: the client's key, the process shape and the turns."""
+    data = json.dumps([scope, shape, normal_turns(turns)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+# OpenAI Chat Completions request ############################################################
+
+
+def chat_content_blocks(content, param, images=True):
+    """A message's OpenAI content (string, list of parts, or None) -> blocks."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [text_block(content)]
+    _require(isinstance(content, list), "content must be a string or an array of content parts", param)
+    blocks = []
+    for j, part in enumerate(content):
+        where = "%s[%d]" % (param, j)
+        if isinstance(part, str):  # some clients send bare strings in the array
+            blocks.append(text_block(part))
+            continue
+        _require(isinstance(part, dict), "each content part must be an object", where)
+        kind = part.get("type")
+        if kind in ("text", "input_text", "refusal"):
+            text = part.get("text", part.get("refusal"))
+            _require(isinstance(text, str), "a %s part needs a string `%s`" % (kind, "refusal" if kind == "refusal" else "text"), where + ".text")
+            blocks.append(text_block(text))
+        elif kind == "image_url" and images:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            blocks.append(image_from_data_url(url, where + ".image_url.url"))
+        elif kind == "image_url":
+            raise invalid("Images are only accepted in user messages", where + ".type")
+        elif kind in ("input_audio", "file", "audio", "input_file", "video_url"):
+            raise invalid("Content parts of type %r are not supported by this proxy; send text "
+                          "or data: URL images" % kind, where + ".type", "unsupported_content_type")
+        else:
+            raise invalid("Unknown content part type %r" % (kind,), where + ".type")
+    return blocks
+
+
+def tool_arguments(arguments, param):
+    """A tool call's `arguments` JSON string -> the input object the API wants."""
+    _require(arguments is None or isinstance(arguments, str),
+             "function.arguments must be a JSON string", param)
+    if not arguments or not arguments.strip():
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        value = None
+    _require(isinstance(value, dict), "function.arguments must be a JSON object, as a string",
+             param, "invalid_tool_arguments")
+    return value
+
+
+def chat_tool_uses(tool_calls, param):
+    """An assistant message's tool_calls -> tool_use blocks."""
+    _require(isinstance(tool_calls, list), "tool_calls must be an array", param)
+    blocks = []
+    for k, call in enumerate(tool_calls):
+        where = "%s[%d]" % (param, k)
+        _require(isinstance(call, dict), "each tool call must be an object", where)
+        function = call.get("function")
+        _require(isinstance(function, dict) and isinstance(function.get("name"), str),
+                 "a tool call needs function.name", where + ".function")
+        call_id = call.get("id")
+        _require(call_id is None or isinstance(call_id, str), "a tool call's id must be a string",
+                 where + ".id")
+        blocks.append({"type": "tool_use", "id": call_id or "call_%d" % k, "name": function["name"],
+                       "input": tool_arguments(function.get("arguments"), where + ".function.arguments")})
+    return blocks
+
+
+def chat_conversation(messages):
+    """Chat Completions messages -> the neutral conversation.
+
+    system/developer messages, wherever they stand, become the system prompt; tool messages
+    become tool_result blocks of a user turn; legacy function calls pair up by name."""
+    _require(isinstance(messages, list) and messages, "`messages` must be a non-empty array",
+             "messages")
+    system_parts, turns = [], []
+    for i, message in enumerate(messages):
+        param = "messages[%d]" % i
+        _require(isinstance(message, dict), "each message must be an object", param)
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            system_parts.append(blocks_text(chat_content_blocks(content, param + ".content", images=False)))
+        elif role == "user":
+            _require(content is not None, "a user message needs content", param + ".content")
+            blocks = without_empty_text(chat_content_blocks(content, param + ".content"))
+            _require(blocks or i < len(messages) - 1, "the user message is empty", param + ".content")
+            add_turn(turns, "user", blocks)
+        elif role == "assistant":
+            blocks = chat_content_blocks(content, param + ".content", images=False)
+            if message.get("tool_calls"):
+                blocks += chat_tool_uses(message["tool_calls"], param + ".tool_calls")
+            elif message.get("function_call"):
+                call = message["function_call"]
+                _require(isinstance(call, dict), "function_call must be an object", param + ".function_call")
+                blocks += chat_tool_uses([{"id": "call_fn_%s" % call.get("name"), "function": call}],
+                                         param + ".function_call")
+            _require(content is not None or len(blocks), "an assistant message needs content or tool_calls",
+                     param + ".content")
+            add_turn(turns, "assistant", blocks)
+        elif role in ("tool", "function"):
+            if role == "tool":
+                call_id = message.get("tool_call_id")
+                _require(isinstance(call_id, str) and call_id, "a tool message needs `tool_call_id`",
+                         param + ".tool_call_id")
+            else:
+                name = message.get("name")
+                _require(isinstance(name, str) and name, "a function message needs `name`", param + ".name")
+                call_id = "call_fn_%s" % name
+            blocks = without_empty_text(chat_content_blocks(content, param + ".content", images=False))
+            add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
+                                      "content": blocks, "is_error": False}])
+        else:
+            raise invalid("Unknown role %r: use system, developer, user, assistant or tool" % (role,),
+                          param + ".role")
+    return conversation(system_parts, turns)
+
+
+def messages_to_prompt(messages):
+    """OpenAI messages -> (system prompt, the one user message of the transcript fallback)."""
+    conv = chat_conversation(messages)
+    return conv["system"], transcript_prompt(conv)
 
 
 def mcp_tool_name(name):
@@ -510,7 +647,8 @@ def parse_chat_request(body, default_model=None, default_effort=None):
                       "Completions request (`prompt`). Send `messages` instead.", "prompt",
                       "unsupported_api")
     _require("messages" in body, "Missing required parameter: `messages`", "messages")
-    system_prompt, content = messages_to_prompt(body["messages"])
+    conv = chat_conversation(body["messages"])
+    system_prompt = conv["system"]
 
     model = body.get("model")
     if model is None or model == "":
@@ -574,7 +712,7 @@ def parse_chat_request(body, default_model=None, default_effort=None):
         "model": model,
         "effort": effort,
         "system_prompt": system_prompt,
-        "content": content,
+        "conversation": conv,
         "stream": bool(stream),
         "include_usage": include_usage,
         "max_tokens": max_tokens,
@@ -655,9 +793,9 @@ def cli_env(base_env, plan):
     return env
 
 
-def cli_stdin(plan):
-    """The stream-json user message that carries the whole conversation."""
-    message = {"type": "user", "message": {"role": "user", "content": plan["content"]}}
+def cli_stdin(content):
+    """One stream-json user message: a line on the CLI's stdin."""
+    message = {"type": "user", "message": {"role": "user", "content": content}}
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
 
 
@@ -929,19 +1067,23 @@ class CliRunner:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
 
-    def start(self, plan):
+    def start(self, plan, scope=""):
         """A run for a parsed request, given its message: a warm process of the same shape if
         the pool has one, else a new one. Never waits for the pool."""
         shape = run_shape(plan)
         run = self.pool.take(shape, plan) if self.pool else None
         if run is None:
             run = self.spawn(plan, shape)
-        message = cli_stdin(plan)
+        message = cli_stdin(transcript_prompt(plan["conversation"]))
         if self.log_prompts:
             log("prompt: system=%r user=%s" % (plan.get("system_prompt"),
                                               message[:4000].decode("utf-8", "replace")))
         run.send(message)
         return run
+
+    def finish(self, run, plan, reply, scope=""):
+        """After a request: its run is stopped, whatever happened."""
+        run.stop()
 
     def forget(self, run):
         with self._lock:
@@ -1118,21 +1260,6 @@ class WarmPool:
 # CLI events #################################################################################
 
 
-def usage_from_cli(usage):
-    """Anthropic usage (as the CLI reports it) -> OpenAI usage. Cache reads and writes are
-    prompt tokens too; reads are reported as cached_tokens."""
-    usage = usage or {}
-    def count(name):
-        value = usage.get(name)
-        return value if isinstance(value, int) else 0
-    cached = count("cache_read_input_tokens")
-    prompt = count("input_tokens") + count("cache_creation_input_tokens") + cached
-    completion = count("output_tokens")
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def held_back(text, stops):
     """How many characters at the end of `text` could be the start of a stop sequence."""
     longest = 0
@@ -1154,16 +1281,26 @@ def call_id(tool_use_id, number):
 
 
 class ReplyTranslator:
-    """CLI stream-json events -> OpenAI deltas, plus how the reply finished.
+    """CLI stream-json events -> neutral reply events, plus how the reply finished.
 
-    Pure state, no IO: feed() takes one event and returns the deltas it yields ({"content"},
-    {"reasoning_content"} or {"tool_calls": [one call's opening or arguments fragment]}).
-    After `done`, look at `error`, `finish_reason`, `usage`, `model`.
+    Pure state, no IO: feed() takes one event and returns the reply events it yields, each a
+    small dict:
+      {"text": s}                      a piece of the answer
+      {"thinking": s}                  a piece of the model's visible thinking
+      {"signature": s}                 the thinking block's signature (Anthropic clients keep it)
+      {"call": n, "id", "name"}        tool call n opens (name: the client's function name)
+      {"call": n, "arguments": s}      a fragment of call n's JSON arguments
+      {"revised": s}                   the whole answer, when the CLI's final result says the
+                                       streamed text was not all of it (see _result)
+    After `done`, look at `error`, `stop_reason` (end_turn, max_tokens, stop_sequence,
+    tool_use), `stop_sequence`, `usage` (the CLI's, Anthropic-shaped), `model`, `cost_usd`.
 
     tools: the offered functions ({name, mcp_name}); their tool_use blocks become tool calls.
     single_tool_call: keep only the first call (parallel_tool_calls: false).
-    structured: --json-schema is on; the StructuredOutput call is the content, prose is dropped.
-    live_structured: stream that call's JSON as it comes (else the checked result, at the end)."""
+    structured: --json-schema is on; the StructuredOutput call is the answer, prose is dropped.
+    live_structured: stream that call's JSON as it comes (else the checked result, at the end).
+    A reply whose tool calls end the turn is done at message_stop: the CLI then waits for the
+    results (see Runs), and no result event comes."""
 
     def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
                  live_structured=False):
@@ -1174,18 +1311,21 @@ class ReplyTranslator:
         self.live_structured = live_structured
         self.done = False
         self.error = None
-        self.finish_reason = None
+        self.stop_reason = None
+        self.stop_sequence = None
         self.usage = None
         self.model = None
         self.result = None
-        self.stop_hit = False
+        self.cost_usd = None
         self.tool_calls = 0
-        self._pending = ""  # content held back while it may be the start of a stop sequence
-        self._text_sent = False
+        self.skipped_calls = 0  # tool_use blocks not passed on (not the client's, or over one)
+        self.calls = []  # [(tool_use id, client name, input JSON text)] in order
+        self.text = ""  # the answer's text as sent on, for checking against the result
+        self.content = []  # the reply as neutral blocks, for the conversation's next turn
+        self._pending = ""  # text held back while it may be the start of a stop sequence
         self._structured_sent = ""
         self._stream_usage = {}
-        self._stop_reason = None
-        self._blocks = {}  # content block index -> ("call", call index, fragments sent) | ("structured",) | ("skip",)
+        self._blocks = {}  # content block index -> ["call", n, arguments so far] | ["structured"] | ["skip"]
 
     def feed(self, event):
         if self.done:
@@ -1194,7 +1334,8 @@ class ReplyTranslator:
         if kind == "system":
             return self._system(event)
         if kind == "stream_event":
-            return self._stream_event(event.get("event") or {})
+            inner = event.get("event")
+            return self._stream_event(inner if isinstance(inner, dict) else {})
         if kind == "result":
             return self._result(event)
         return []  # "assistant"/"user" repeat what the stream events already carried
@@ -1213,47 +1354,65 @@ class ReplyTranslator:
         kind = event.get("type")
         if kind == "message_start":
             usage = (event.get("message") or {}).get("usage") or {}
-            self._stream_usage.update(usage)
+            # A new model call: in a tool loop the CLI makes one per round.
+            self._stream_usage = dict(usage)
         elif kind == "message_delta":
             self._stream_usage.update(event.get("usage") or {})
             reason = (event.get("delta") or {}).get("stop_reason")
             if reason:
-                self._stop_reason = reason
+                self.stop_reason = reason
+        elif kind == "message_stop":
+            if self.stop_reason == "tool_use" and self.tool_calls and not self.structured:
+                # The calls are the client's to run: the reply is complete, and the CLI (which
+                # now waits in the MCP bridge for their results) sends no result event.
+                self.done = True
+                self.usage = dict(self._stream_usage)
+                return self._flush()
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
                 return self._tool_start(event.get("index"), block)
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
-            if delta.get("type") == "text_delta" and delta.get("text"):
+            kind = delta.get("type")
+            if kind == "text_delta" and delta.get("text"):
                 return [] if self.structured else self._content(delta["text"])
-            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
-                return [{"reasoning_content": delta["thinking"]}]
-            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+            if kind == "thinking_delta" and delta.get("thinking"):
+                self._add_content("thinking", delta["thinking"])
+                return [{"thinking": delta["thinking"]}]
+            if kind == "signature_delta" and delta.get("signature"):
+                self._add_content("signature", delta["signature"])
+                return [{"signature": delta["signature"]}]
+            if kind == "input_json_delta" and delta.get("partial_json"):
                 return self._tool_input(event.get("index"), delta["partial_json"])
         elif kind == "content_block_stop":
             block = self._blocks.pop(event.get("index"), None)
-            if block and block[0] == "call" and not block[2]:
-                # A call without arguments: "{}" so clients can json.loads() it.
-                return [self._call_delta(block[1], {"function": {"arguments": "{}"}})]
+            if block and block[0] == "call":
+                self.calls[block[1]] = self.calls[block[1]][:2] + (block[2] or "{}",)
+                if not block[2]:
+                    # A call without arguments: "{}" so clients can json.loads() it.
+                    return [{"call": block[1], "arguments": "{}"}]
+                return []
             return self._flush()
         return []
 
     def _tool_start(self, index, block):
         name = block.get("name")
         if self.structured and name == STRUCTURED_OUTPUT_TOOL:
-            self._blocks[index] = ("structured",)
+            self._blocks[index] = ["structured"]
             return []
         if name not in self.tool_names or (self.single_tool_call and self.tool_calls):
-            self._blocks[index] = ("skip",)
+            self._blocks[index] = ["skip"]
+            self.skipped_calls += 1
             return []
         number = self.tool_calls
         self.tool_calls += 1
-        self._blocks[index] = ("call", number, False)
+        self._blocks[index] = ["call", number, ""]
+        tool_id = str(block.get("id") or "")
+        self.calls.append((tool_id, self.tool_names[name], "{}"))
         # Text held back for a stop sequence goes out before the call opens.
-        return self._flush() + [self._call_delta(number, {
-            "id": call_id(block.get("id"), number), "type": "function",
-            "function": {"name": self.tool_names[name], "arguments": ""}})]
+        return self._flush() + [{"call": number, "id": call_id(tool_id, number),
+                                 "name": self.tool_names[name]}]
 
     def _tool_input(self, index, fragment):
         block = self._blocks.get(index)
@@ -1262,27 +1421,34 @@ class ReplyTranslator:
         if block[0] == "structured":
             self._structured_sent += fragment
             if self.live_structured:
-                self._text_sent = True
-                return [{"content": fragment}]
+                self.text += fragment
+                return [{"text": fragment}]
             return []
-        self._blocks[index] = ("call", block[1], True)
-        return [self._call_delta(block[1], {"function": {"arguments": fragment}})]
+        block[2] += fragment
+        return [{"call": block[1], "arguments": fragment}]
 
-    @staticmethod
-    def _call_delta(number, fields):
-        return {"tool_calls": [dict({"index": number}, **fields)]}
+    def _add_content(self, kind, text):
+        """Keep the reply as blocks: the next turn of this conversation starts from them."""
+        if kind == "signature":
+            if self.content and self.content[-1]["type"] == "thinking":
+                self.content[-1]["signature"] += text
+            return
+        if not self.content or self.content[-1]["type"] != kind:
+            self.content.append({"type": kind, kind: ""} if kind == "text" else
+                                {"type": "thinking", "thinking": "", "signature": ""})
+        self.content[-1][kind] += text
 
     def _content(self, text):
         if not self.stop:
-            self._text_sent = True
-            return [{"content": text}]
+            return self._emit(text)
         self._pending += text
-        cuts = [self._pending.find(s) for s in self.stop if s in self._pending]
+        cuts = [(self._pending.find(s), s) for s in self.stop if s in self._pending]
         if cuts:
-            before = self._pending[:min(cuts)]
+            cut, stop = min(cuts)
+            before = self._pending[:cut]
             self._pending = ""
-            self.stop_hit, self.finish_reason, self.done = True, "stop", True
-            self.usage = usage_from_cli(self._stream_usage)
+            self.stop_reason, self.stop_sequence, self.done = "stop_sequence", stop, True
+            self.usage = dict(self._stream_usage)
             return self._emit(before)
         keep = held_back(self._pending, self.stop)
         ready = self._pending[:len(self._pending) - keep]
@@ -1292,8 +1458,9 @@ class ReplyTranslator:
     def _emit(self, text):
         if not text:
             return []
-        self._text_sent = True
-        return [{"content": text}]
+        self.text += text
+        self._add_content("text", text)
+        return [{"text": text}]
 
     def _flush(self):
         text, self._pending = self._pending, ""
@@ -1302,18 +1469,20 @@ class ReplyTranslator:
     def _result(self, event):
         self.result = event
         self.done = True
-        deltas = self._flush()
-        self.usage = usage_from_cli(event.get("usage") or self._stream_usage)
-        stop_reason = event.get("stop_reason") or self._stop_reason
+        if isinstance(event.get("total_cost_usd"), (int, float)):
+            self.cost_usd = float(event["total_cost_usd"])
+        events = self._flush()
+        # The result's usage is the truth: it covers every model call of the run, and it is
+        # there when the stream's was cut short (a retried call).
+        usage = event.get("usage")
+        self.usage = dict(usage) if isinstance(usage, dict) else dict(self._stream_usage)
+        stop_reason = event.get("stop_reason") or self.stop_reason
+        self.stop_reason = stop_reason if isinstance(stop_reason, str) else None
         if self.tool_calls:
-            # With --max-turns 1 a reply that calls tools ends as "error_max_turns": for the
-            # client that is simply a finished reply with tool calls.
-            self.finish_reason = "tool_calls"
-            return deltas
-        if stop_reason == "max_tokens":
-            # The CLI may call hitting the output limit an error; for OpenAI it is "length".
-            self.finish_reason = "length"
-            return deltas
+            # A reply that calls tools may also end as "error_max_turns": for the client that
+            # is simply a finished reply with tool calls.
+            self.stop_reason = "tool_use"
+            return events
         if event.get("subtype") == "error_max_turns":
             # No call of the client's came back: the model used a tool it was not given, or
             # (with response_format) never produced the structured output.
@@ -1322,37 +1491,57 @@ class ReplyTranslator:
                     "it did not produce the structured output that response_format asked for."
                     if self.structured else "it tried to use a tool that was not offered."),
                 "no_structured_output" if self.structured else "no_answer")
-            return deltas
+            return events
         self.error = result_error(event)
         if self.error:
-            return deltas
+            return events
+        if self.stop_reason not in ("max_tokens", "stop_sequence"):
+            self.stop_reason = "end_turn"
         if self.structured:
-            return deltas + self._structured_result(event)
-        if not self._text_sent and isinstance(event.get("result"), str) and event["result"]:
-            # No partial-message events (an older CLI?): the result text is the whole reply.
-            deltas += self._content(event["result"]) + self._flush()
-        self.finish_reason = self.finish_reason or "stop"
-        return deltas
+            return events + self._structured_result(event)
+        return events + self._check_against_result(event.get("result"))
+
+    def _check_against_result(self, final):
+        """The CLI's result text is the whole answer. When the connection to the API dropped
+        mid-reply, the CLI asked again without streaming: the stream then holds a part, and
+        only the result holds it all. Send what is missing, or say the text was revised."""
+        if not isinstance(final, str) or not final or final == self.text:
+            return []
+        if final.startswith(self.text):
+            return self._emit(final[len(self.text):])
+        self.text = final
+        self.content = [b for b in self.content if b["type"] != "text"] + [text_block(final)]
+        return [{"revised": final}]
 
     def _structured_result(self, event):
-        """The CLI's checked structured_output is the content; what was streamed must match it."""
+        """The CLI's checked structured_output is the answer; what was streamed must match it."""
         if "structured_output" not in event:
             self.error = cli_failed("The model did not produce the structured output that "
                                     "response_format asked for.", "no_structured_output")
             return []
         value = event["structured_output"]
-        self.finish_reason = "stop"
         if not self.live_structured or not self._structured_sent:
-            return [{"content": json.dumps(value, ensure_ascii=False)}]
+            return self._emit(json.dumps(value, ensure_ascii=False))
         try:
             same = json.loads(self._structured_sent) == value
         except ValueError:
             same = False
-        if not same:  # the CLI had the model try again after streaming began: cannot be unsent
-            self.error = cli_failed("The model's structured output was revised after it began "
-                                    "streaming; retry, or request it without streaming.",
-                                    "structured_output_revised")
+        if not same:  # the CLI had the model try again after streaming began
+            return [{"revised": json.dumps(value, ensure_ascii=False)}]
+        self._add_content("text", self._structured_sent)
         return []
+
+    def reply_blocks(self):
+        """The reply as the assistant turn a client will send back: text and tool calls."""
+        blocks = [dict(b) for b in self.content]
+        for tool_id, name, arguments in self.calls:
+            try:
+                value = json.loads(arguments)
+            except ValueError:
+                value = {}
+            blocks.append({"type": "tool_use", "id": call_id(tool_id, 0), "name": name,
+                           "input": value if isinstance(value, dict) else {}})
+        return blocks
 
 
 def run_failure(run, plan):
@@ -1375,7 +1564,84 @@ def run_failure(run, plan):
                       "error output." % run.returncode, "cli_crashed")
 
 
-# OpenAI response and SSE ####################################################################
+# Server-sent events #########################################################################
+
+
+def sse_event(obj, event=None):
+    """One SSE event: `data: <one-line JSON>\\n\\n`, with an `event:` line only when named.
+    Chat Completions streams have none: older openai SDKs mangle event:, id: and retry: lines."""
+    data = b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    return (b"event: " + event.encode("ascii") + b"\n" + data) if event else data
+
+
+class SseStream:
+    """The HTTP side of every stream: 200 and the event-stream headers at the first write (so
+    that errors before any output are still real HTTP statuses), then events, flushed."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.started = False
+
+    def begin(self):
+        if self.started:
+            return
+        self.started = True
+        self.handler.send_response(200)
+        self.handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.handler.send_header("Cache-Control", "no-cache")
+        self.handler.send_header("X-Accel-Buffering", "no")
+        self.handler.send_header("Connection", "close")
+        self.handler.end_headers()
+
+    def write(self, data):
+        self.begin()
+        self.handler.wfile.write(data)
+        self.handler.wfile.flush()
+
+
+def revised_error(structured):
+    """A streamed answer the CLI's final result contradicts: what was sent cannot be unsent."""
+    if structured:
+        return cli_failed("The model's structured output was revised after it began streaming; "
+                          "retry, or request it without streaming.", "structured_output_revised")
+    return cli_failed("The answer was cut off upstream and completed differently than it began "
+                      "streaming; retry, or request it without streaming.", "reply_revised")
+
+
+# OpenAI Chat Completions response ###########################################################
+
+# The neutral stop reason -> Chat Completions' finish_reason.
+CHAT_FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                       "tool_use": "tool_calls"}
+
+
+def chat_usage(usage):
+    """Anthropic usage (as the CLI reports it) -> OpenAI usage. Cache reads and writes are
+    prompt tokens too; reads are reported as cached_tokens."""
+    usage = usage or {}
+    def count(name):
+        value = usage.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    cached = count("cache_read_input_tokens")
+    prompt = count("input_tokens") + count("cache_creation_input_tokens") + cached
+    completion = count("output_tokens")
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def chat_delta(event):
+    """A neutral reply event -> its Chat Completions delta, or None (signatures)."""
+    if "text" in event:
+        return {"content": event["text"]}
+    if "thinking" in event:
+        return {"reasoning_content": event["thinking"]}
+    if "call" in event and "id" in event:
+        return {"tool_calls": [{"index": event["call"], "id": event["id"], "type": "function",
+                                "function": {"name": event["name"], "arguments": ""}}]}
+    if "call" in event:
+        return {"tool_calls": [{"index": event["call"], "function": {"arguments": event["arguments"]}}]}
+    return None
 
 
 def completion_chunk(completion_id, created, model, delta, finish_reason=None, usage=False):
@@ -1418,66 +1684,59 @@ def merge_delta(message, delta):
     return message
 
 
-def sse_event(obj):
-    """One SSE event, exactly `data: <one-line JSON>\\n\\n`: no event:, id: or retry: lines,
-    which older openai SDKs mangle."""
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
-
-
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-class StreamWriter:
-    """Writes one streamed completion: headers and the role chunk at the first delta (so that
-    errors before any output are still real HTTP statuses), then chunks, finish, usage, [DONE]."""
+class ChatStreamWriter:
+    """Writes one streamed completion: the role chunk with the first delta, then chunks,
+    finish, usage, [DONE]."""
 
-    def __init__(self, handler, completion_id, created, model, include_usage):
-        self.handler = handler
+    def __init__(self, handler, completion_id, created, model, include_usage, structured=False):
+        self.stream = SseStream(handler)
         self.id, self.created, self.model = completion_id, created, model
         self.include_usage = include_usage
-        self.started = False
+        self.structured = structured
+
+    @property
+    def started(self):
+        return self.stream.started
 
     def _chunk(self, delta, finish_reason=None):
         return completion_chunk(self.id, self.created, self.model, delta, finish_reason,
                                 None if self.include_usage else False)
 
-    def _write(self, data):
-        self.handler.wfile.write(data)
-        self.handler.wfile.flush()
+    def _begin(self):
+        if not self.stream.started:
+            # openai-python concatenates `role` strings: send it exactly once.
+            self.stream.write(sse_event(self._chunk({"role": "assistant", "content": ""})))
 
-    def begin(self):
-        if self.started:
-            return
-        self.started = True
-        self.handler.send_response(200)
-        self.handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.handler.send_header("Cache-Control", "no-cache")
-        self.handler.send_header("X-Accel-Buffering", "no")
-        self.handler.send_header("Connection", "close")
-        self.handler.end_headers()
-        # openai-python concatenates `role` strings: send it exactly once.
-        self._write(sse_event(self._chunk({"role": "assistant", "content": ""})))
+    def event(self, event):
+        if "revised" in event:
+            raise revised_error(self.structured)
+        delta = chat_delta(event)
+        if delta:
+            self._begin()
+            self.stream.write(sse_event(self._chunk(delta)))
 
-    def delta(self, delta):
-        self.begin()
-        self._write(sse_event(self._chunk(delta)))
-
-    def finish(self, finish_reason, usage):
-        self.begin()
-        data = sse_event(self._chunk({}, finish_reason))
+    def finish(self, reply):
+        self._begin()
+        usage = chat_usage(reply.usage)
+        data = sse_event(self._chunk({}, CHAT_FINISH_REASONS.get(reply.stop_reason, "stop")))
         if self.include_usage:
             data += sse_event(usage_chunk(self.id, self.created, self.model, usage))
-        self._write(data + SSE_DONE)
+        self.stream.write(data + SSE_DONE)
 
     def fail(self, error):
         """After the headers went out, an error is one `data: {"error": ...}` event, then the end."""
-        if not self.started:
+        if not self.stream.started:
             raise error
-        self._write(sse_event(error.body()))
+        self.stream.write(sse_event(error.body()))
 
 
-class MessageCollector:
-    """The non-streaming counterpart of StreamWriter: gathers deltas into one message."""
+class ChatMessageCollector:
+    """The non-streaming counterpart of ChatStreamWriter: gathers deltas into one message."""
+
+    started = False
 
     def __init__(self, handler, completion_id, created, model, legacy_functions=False):
         self.handler = handler
@@ -1485,18 +1744,24 @@ class MessageCollector:
         self.legacy_functions = legacy_functions
         self.message = {"role": "assistant", "content": None}
 
-    def delta(self, delta):
-        merge_delta(self.message, delta)
+    def event(self, event):
+        if "revised" in event:  # not sent yet: the whole answer replaces the part
+            self.message["content"] = event["revised"]
+            return
+        delta = chat_delta(event)
+        if delta:
+            merge_delta(self.message, delta)
 
-    def finish(self, finish_reason, usage):
+    def finish(self, reply):
         calls = self.message.get("tool_calls")
         if self.message["content"] is None and not calls:
             self.message["content"] = ""  # content is null only beside tool calls
         if calls and self.legacy_functions:
             # A client that sent legacy `functions` reads message.function_call.
             self.message["function_call"] = dict(calls[0]["function"])
-        self.handler.send_json(200, chat_completion(self.id, self.created, self.model,
-                                                    self.message, finish_reason, usage))
+        self.handler.send_json(200, chat_completion(
+            self.id, self.created, self.model, self.message,
+            CHAT_FINISH_REASONS.get(reply.stop_reason, "stop"), chat_usage(reply.usage)))
 
     def fail(self, error):
         raise error
@@ -3141,39 +3406,62 @@ class ProxyHandler(BaseHTTPRequestHandler):
         plan = parse_chat_request(self.read_json(), config.model, config.effort)
         completion_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
+        if plan["stream"]:
+            sink = ChatStreamWriter(self, completion_id, created, plan["model"],
+                                    plan["include_usage"], bool(plan["json_schema"]))
+        else:
+            sink = ChatMessageCollector(self, completion_id, created, plan["model"],
+                                        plan["legacy_functions"])
+        self.answer(plan, sink)
+
+    def answer(self, plan, sink):
+        """Run a parsed request through the CLI and hand its reply events to a dialect's sink
+        (its stream writer or message collector): the one path every dialect shares.
+
+        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError)."""
+        config = self.server.config
         translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
                                      bool(plan["json_schema"]), live_structured=plan["stream"])
         self.log_model = plan["model"] or "default"
-        if plan["stream"]:
-            sink = StreamWriter(self, completion_id, created, plan["model"], plan["include_usage"])
-        else:
-            sink = MessageCollector(self, completion_id, created, plan["model"],
-                                    plan["legacy_functions"])
         admission, metrics = self.server.admission, self.server.metrics
+        run = None
         with ClientWatch(self.connection) as watch:
             watch.on_gone(admission.wake)
             admission.acquire(time.monotonic() + config.timeout, watch.gone)
             try:
-                run = self.server.runner.start(plan)
+                run = self.server.runner.start(plan, self.client_scope())
                 metrics.cli_run()
                 watch.on_gone(lambda: run.cancel("client_gone"))
                 first_token = False
-                with run:
-                    for event in run.events():
-                        deltas = translator.feed(event)
-                        # The init event comes first and names the model the CLI really runs:
-                        # the response says that one when the request named none.
-                        sink.model = plan["model"] or translator.model or "claude"
-                        if deltas and not first_token:
-                            first_token = True
-                            metrics.first_token(time.monotonic() - self.started)
-                        for delta in deltas:
-                            sink.delta(delta)
-                        if translator.done:
-                            break
+                for event in run.events():
+                    try:
+                        reply_events = translator.feed(event)
+                    except (TypeError, AttributeError, KeyError, ValueError, IndexError):
+                        # An event of the right kind with fields of the wrong JSON types.
+                        log("cli printed an event the proxy cannot read: %s" % str(event)[:200])
+                        translator.error = cli_failed("The claude CLI printed an event the proxy "
+                                                      "could not read.", "cli_bad_output")
+                        translator.done = True
+                        break
+                    # The init event comes first and names the model the CLI really runs:
+                    # the response says that one when the request named none.
+                    sink.model = plan["model"] or translator.model or "claude"
+                    if reply_events and not first_token:
+                        first_token = True
+                        metrics.first_token(time.monotonic() - self.started)
+                    for reply_event in reply_events:
+                        sink.event(reply_event)
+                    if translator.done:
+                        break
+            except ProxyError as error:
+                if not (run and translator.done):
+                    raise
+                translator.error = error  # a sink refused the reply (revised after streaming)
             finally:
+                if run is not None:
+                    self.server.runner.finish(run, plan, translator, self.client_scope())
                 admission.release()
-        # The run is stopped by now, whatever happened.
+        # The run is stopped or kept for the conversation's next turn by now.
         if not translator.done:
             if run.cancelled == "client_gone":
                 raise ClientGone()
@@ -3183,8 +3471,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.log_error = translator.error.code or translator.error.type  # a stream's status is already 200
             sink.fail(translator.error)
             return
-        self.log_usage = translator.usage
-        sink.finish(translator.finish_reason, translator.usage)
+        self.log_usage = chat_usage(translator.usage)
+        sink.finish(translator)
+
+    def client_scope(self):
+        """Whose conversations these are: a continuation is only ever found by the same key."""
+        key = presented_key(self.headers) or ""
+        return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 # MCP server mode ############################################################################

@@ -583,11 +583,11 @@ class CliCommandTest(unittest.TestCase):
         self.assertEqual(base["CLAUDECODE"], "1", "the proxy's own environment is left alone")
 
     def test_stdin_is_one_stream_json_line(self):
-        plan = {"content": [{"type": "text", "text": "héllo\nworld"}]}
-        data = cp.cli_stdin(plan)
+        content = [{"type": "text", "text": "héllo\nworld"}]
+        data = cp.cli_stdin(content)
         self.assertTrue(data.endswith(b"\n"))
         self.assertEqual(data.count(b"\n"), 1)
-        self.assertEqual(json.loads(data), {"type": "user", "message": {"role": "user", "content": plan["content"]}})
+        self.assertEqual(json.loads(data), {"type": "user", "message": {"role": "user", "content": content}})
 
 
 class ErrorMappingTest(unittest.TestCase):
@@ -656,11 +656,20 @@ def text_events(*pieces, stop_reason="end_turn"):
     return events
 
 
+def chat_deltas(reply_events):
+    """Neutral reply events as the Chat Completions deltas they become."""
+    return [d for d in map(cp.chat_delta, reply_events) if d]
+
+
+def finish(translator):
+    return cp.CHAT_FINISH_REASONS.get(translator.stop_reason)
+
+
 def translate(events, stop=()):
     translator = cp.ReplyTranslator(stop)
     deltas = []
     for event in events:
-        deltas += translator.feed(event)
+        deltas += chat_deltas(translator.feed(event))
         if translator.done:
             break
     return translator, deltas
@@ -670,9 +679,9 @@ class ReplyTranslatorTest(unittest.TestCase):
     def test_text_reply(self):
         translator, deltas = translate(text_events("Hel", "lo"))
         self.assertEqual(deltas, [{"content": "Hel"}, {"content": "lo"}])
-        self.assertEqual(translator.finish_reason, "stop")
+        self.assertEqual(finish(translator), "stop")
         self.assertEqual(translator.model, "claude-sonnet-5")
-        self.assertEqual(translator.usage, {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+        self.assertEqual(cp.chat_usage(translator.usage), {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
                                             "prompt_tokens_details": {"cached_tokens": 2}})
 
     def test_thinking_becomes_reasoning_content(self):
@@ -697,12 +706,12 @@ class ReplyTranslatorTest(unittest.TestCase):
             with self.subTest(pieces=pieces, stop=stop):
                 translator, deltas = translate(text_events(*pieces), stop)
                 self.assertEqual("".join(d["content"] for d in deltas), text)
-                self.assertEqual((translator.finish_reason, translator.stop_hit), (finish, hit))
+                self.assertEqual((cp.CHAT_FINISH_REASONS[translator.stop_reason], translator.stop_sequence is not None), (finish, hit))
                 self.assertTrue(all(d["content"] for d in deltas), "no empty deltas")
 
     def test_max_tokens_is_length(self):
         translator, _ = translate(text_events("Hi", stop_reason="max_tokens"))
-        self.assertEqual(translator.finish_reason, "length")
+        self.assertEqual(finish(translator), "length")
         self.assertIsNone(translator.error)
 
     def test_rate_limit_notice_ends_the_run_at_once(self):
@@ -931,10 +940,11 @@ FN_TOOLS = [{"name": "get_weather", "mcp_name": "get_weather"}, {"name": "b" * 6
 class ToolTranslationTest(unittest.TestCase):
     def translate(self, events, **options):
         translator = cp.ReplyTranslator(options.pop("stop", ()), FN_TOOLS, **options)
-        deltas = []
+        events_out = []
         for event in events:
-            deltas += translator.feed(event)
-        return translator, deltas
+            events_out += translator.feed(event)
+        self.reply_events = events_out
+        return translator, chat_deltas(events_out)
 
     def test_one_call(self):
         translator, deltas = self.translate(tool_events([("mcp__fn__get_weather", ['{"cit', 'y": "Paris"}'])]))
@@ -943,7 +953,7 @@ class ToolTranslationTest(unittest.TestCase):
             {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
             {"tool_calls": [{"index": 0, "function": {"arguments": '{"cit'}}]},
             {"tool_calls": [{"index": 0, "function": {"arguments": 'y": "Paris"}'}}]}])
-        self.assertEqual(translator.finish_reason, "tool_calls")
+        self.assertEqual(finish(translator), "tool_calls")
         self.assertIsNone(translator.error, "error_max_turns after a call is a normal end")
 
     def test_parallel_calls_and_long_names_map_back(self):
@@ -981,14 +991,15 @@ class ToolTranslationTest(unittest.TestCase):
         self.assertEqual(deltas, [{"content": '{"name": "x"}'}], "prose dropped, the checked value is the content")
         translator, deltas = self.translate(events, structured=True, live_structured=True)
         self.assertEqual(deltas, [{"content": '{"name": '}, {"content": '"x"}'}])
-        self.assertEqual(translator.finish_reason, "stop")
+        self.assertEqual(finish(translator), "stop")
         self.assertIsNone(translator.error)
 
     def test_structured_output_revised_after_streaming_is_an_error(self):
         events = tool_events([("StructuredOutput", ['{"name": "x"}'])], text="", structured=True)
         events[-1]["structured_output"] = {"name": "y"}
         translator, _ = self.translate(events, structured=True, live_structured=True)
-        self.assertEqual(translator.error.code, "structured_output_revised")
+        self.assertEqual(self.reply_events[-1], {"revised": '{"name": "y"}'})
+        self.assertEqual(cp.revised_error(True).code, "structured_output_revised")
 
     def test_missing_structured_output(self):
         translator, _ = self.translate(text_events("just prose"), structured=True)
@@ -1523,7 +1534,7 @@ class ErrorTest(ServerTestCase):
         self.assertEqual(reply["choices"][0]["finish_reason"], "stop")
         self.assertTrue(message["content"].startswith("Final answer using RESULT-rainy"), message["content"])
         transcript = json.loads(self.records()[-1]["stdin"])["message"]["content"][0]["text"]
-        for piece in ('<tool_call id="%s" name="get_weather">{"city": "Paris"}</tool_call>' % messages[2]["tool_calls"][0]["id"],
+        for piece in ('<tool_call id="%s" name="get_weather">{"city":"Paris"}</tool_call>' % messages[2]["tool_calls"][0]["id"],
                       '<tool tool_call_id="%s">\nsunny\n</tool>' % messages[2]["tool_calls"][0]["id"],
                       "CALLTOOL and tomorrow?", "RESULT-rainy"):
             self.assertIn(piece, transcript)
