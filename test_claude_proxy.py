@@ -2952,5 +2952,514 @@ class MainTest(unittest.TestCase):
             proc.stderr.close()
 
 
+# Web page ###################################################################################
+
+try:  # optional: the browser tests run where selenium and Chromium are installed (.ci/run)
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service as ChromeService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    webdriver = None
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+BROWSER_MISSING = ", ".join(name for name, found in (("selenium", webdriver), ("chromium", CHROMIUM),
+                                                      ("chromedriver", CHROMEDRIVER)) if not found)
+# .ci/run sets this: there a missing browser is a failure, not a skip.
+BROWSER_REQUIRED = os.environ.get("CLAUDE_PROXY_BROWSER_TESTS") == "required"
+
+
+def page_parts(page):
+    """(script, style) of the served page, exactly as the browser hashes them."""
+    import re
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    styles = re.findall(r"<style>(.*?)</style>", page, re.S)
+    return scripts, styles
+
+
+class WebPageTest(ServerTestCase):
+    """GET /: the page, its headers, and the Origin rule its requests need."""
+
+    def page(self, port=None, method="GET", path="/"):
+        return self.request(method, path, port=port)
+
+    def test_served_with_a_strict_policy(self):
+        import base64
+        import hashlib
+        status, headers, raw = self.page()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/html; charset=utf-8")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(headers["referrer-policy"], "no-referrer")
+        policy = dict((d.strip().split(" ", 1) + [""])[:2] for d in headers["content-security-policy"].split(";"))
+        self.assertEqual(policy["default-src"], "'self'")
+        self.assertEqual(policy["frame-ancestors"], "'none'")
+        self.assertEqual(policy["connect-src"], "'self'")
+        self.assertEqual(policy["object-src"], "'none'")
+        self.assertEqual(policy["require-trusted-types-for"], "'script'")
+        self.assertNotIn("unsafe", headers["content-security-policy"])
+        scripts, styles = page_parts(raw.decode("utf-8"))
+        self.assertEqual((len(scripts), len(styles)), (1, 1))
+        for directive, text in (("script-src", scripts[0]), ("style-src", styles[0])):
+            digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+            self.assertEqual(policy[directive], "'sha256-%s'" % digest, "the inline %s runs" % directive)
+        for path in ("/?from=bookmark", "//"):
+            with self.subTest(path):
+                self.assertEqual(self.page(path=path)[2], raw)
+        status, head_headers, body = self.page(method="HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(head_headers["content-security-policy"], headers["content-security-policy"])
+        self.assert_error(self.request("POST", "/", {}), 405)
+
+    def test_loads_nothing_from_outside(self):
+        import re
+        page = self.page()[2].decode("utf-8")
+        self.assertIsNone(re.search(r"(?i)\b(https?|wss?|ftp):/|<link(?![^>]*href=\"data:,\")|<(img|iframe|object|embed)\b", page))
+        style = page_parts(page)[1][0]
+        self.assertIsNone(re.search(r"(?i)@import|url\(|@font-face", style))
+        self.assertEqual(set(re.findall(r"(?:src|href|action)\s*=\s*\"([^\"]*)\"", page)), {"data:,"})
+        # The API is called by relative URL: the page works behind a reverse proxy's sub-path too.
+        calls = re.findall(r"""\b(?:api|fetch)\(("[^"]*")""", page)
+        self.assertEqual(sorted(calls), ['"health"', '"v1/chat/completions"', '"v1/models"'])
+
+    def test_no_html_sink_in_the_script(self):
+        """Model and user text become DOM text nodes only: the script has no way to parse HTML."""
+        script = page_parts(self.page()[2].decode("utf-8"))[0][0]
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                     "Function(", "createContextualFragment", "DOMParser", "srcdoc", ".html("):
+            with self.subTest(sink):
+                self.assertNotIn(sink, script)
+        self.assertNotIn("</", script, "nothing in the script can close its element early")
+        self.assertTrue(script.isascii(), "hashed as served, whatever the encoding")
+
+    def test_served_without_a_key_and_reveals_nothing(self):
+        port = self.serve(api_keys=["sekret"]).server_address[1]
+        status, headers, raw = self.page(port)
+        self.assertEqual(status, 200)
+        self.assertEqual(raw, self.page()[2], "the same static page for everyone")
+        self.assertNotIn(b"sekret", raw)
+        self.assertEqual(self.request("GET", "/v1/models", port=port)[0], 401)
+
+    def test_turned_off(self):
+        port = self.serve(ui=False).server_address[1]
+        self.assert_error(self.page(port), 404, code="not_found")
+        port = self.serve(ui=False, api_keys=["k"]).server_address[1]
+        self.assert_error(self.page(port), 401, code="invalid_api_key")
+        for env, argv, want in (({}, [], False), ({"CLAUDE_PROXY_UI": "0"}, [], True),
+                                ({"CLAUDE_PROXY_UI": "off"}, [], True), ({"CLAUDE_PROXY_UI": "1"}, [], False),
+                                ({"CLAUDE_PROXY_UI": ""}, [], False), ({}, ["--no-ui"], True)):
+            with self.subTest(env=env, argv=argv):
+                saved = os.environ.pop("CLAUDE_PROXY_UI", None)
+                os.environ.update(env)
+                try:
+                    self.assertEqual(cp.parse_args(argv).no_ui, want)
+                finally:
+                    os.environ.pop("CLAUDE_PROXY_UI", None)
+                    if saved is not None:
+                        os.environ["CLAUDE_PROXY_UI"] = saved
+
+    def test_own_origin(self):
+        cases = [
+            ("http://127.0.0.1:8082", "127.0.0.1:8082", True),
+            ("HTTP://LOCALHOST:8082/", "localhost:8082", True),
+            ("http://[::1]:8082", "[::1]:8082", True),
+            ("http://localhost", "localhost", True),
+            ("http://localhost:80", "localhost", True),
+            ("http://localhost", "localhost:80", True),
+            ("http://127.0.0.1:8082", "localhost:8082", False),
+            ("http://127.0.0.1:8083", "127.0.0.1:8082", False),
+            ("https://127.0.0.1:8082", "127.0.0.1:8082", False),
+            ("http://127.0.0.1", "127.0.0.1:8082", False),
+            ("null", "127.0.0.1:8082", False),
+            ("http://127.0.0.1:8082", None, False),
+            ("http://127.0.0.1:8082", "", False),
+            ("http://127.0.0.1:8082.evil.example", "127.0.0.1:8082", False),
+            ("http://[::1]", "[::1]:8082", False),
+        ]
+        for origin, host, want in cases:
+            with self.subTest(origin=origin, host=host):
+                self.assertEqual(cp.is_own_origin(origin, host), want)
+
+    def test_own_origin_may_post_nothing_else_more(self):
+        own = "http://127.0.0.1:%d" % self.port
+        status, headers, raw = self.chat(user("hi"), headers={"Origin": own})
+        self.assertEqual(status, 200, raw)
+        self.assertNotIn("access-control-allow-origin", headers, "same origin: no CORS")
+        for origin, host in (("http://localhost:%d" % self.port, None), ("http://127.0.0.1:1", None),
+                             ("https://127.0.0.1:%d" % self.port, None), ("null", None),
+                             ("http://evil.example:%d" % self.port, None),
+                             # DNS rebinding: Host and Origin agree, but the Host is refused first
+                             ("http://evil.example:%d" % self.port, "evil.example:%d" % self.port)):
+            with self.subTest(origin=origin, host=host):
+                headers = {"Origin": origin}
+                if host:
+                    headers["Host"] = host
+                self.assert_error(self.chat(user("hi"), headers=headers), 403)
+        self.assertEqual(len(self.records()), 1)
+
+    def test_own_origin_beyond_loopback_needs_a_key(self):
+        """With --no-auth beyond loopback there is no Host check, so a DNS-rebound page would
+        look like the proxy's own: refused, unless listed in --cors-origins."""
+        for config, want in (({"loopback_only": False}, 403), ({"loopback_only": False, "api_keys": ["k"]}, 200),
+                             ({"loopback_only": False, "cors_origins": ["http://proxy.lan:8082"]}, 200)):
+            with self.subTest(config):
+                port = self.serve(**config).server_address[1]
+                got, _, raw = self.request("GET", "/v1/models", port=port, headers={
+                    "Host": "proxy.lan:8082", "Origin": "http://proxy.lan:8082", "x-api-key": "k"})
+                self.assertEqual(got, want, raw)
+
+    def test_banner_prints_the_page_url(self):
+        import subprocess
+        tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        stub, _ = write_stub(tmp)
+        for extra, shown in (([], True), (["--no-ui"], False)):
+            with self.subTest(extra):
+                proc = subprocess.Popen([sys.executable, cp.__file__, "--port", "0", "--claude-path", stub,
+                                         "--pool-size", "0"] + extra, stderr=subprocess.PIPE, text=True)
+                try:
+                    lines = []
+                    while not lines or not lines[-1].startswith("Point any OpenAI client"):
+                        lines.append(proc.stderr.readline())
+                        self.assertTrue(lines[-1], "the proxy exited early: %s" % "".join(lines))
+                    port = int("".join(lines).split("http://127.0.0.1:")[1].split("/")[0])
+                    page_lines = [line for line in lines if "chat and status page" in line]
+                    if shown:
+                        self.assertEqual(len(page_lines), 1, lines)
+                        self.assertIn(" http://127.0.0.1:%d/ " % port, page_lines[0])
+                    else:
+                        self.assertEqual(page_lines, [])
+                finally:
+                    proc.terminate()
+                    proc.wait(15)
+                    proc.stderr.close()
+
+
+PAGE_MARKDOWN = [
+    # (name, markdown, the HTML the renderer builds)
+    ("paragraphs and breaks", "one\ntwo\n\nthree", "<p>one<br>two</p><p>three</p>"),
+    ("emphasis", "**b** *i* _i_ ~~s~~ snake_case_name 2 * 3 * 4",
+     "<p><strong>b</strong> <em>i</em> <em>i</em> <del>s</del> snake_case_name 2 * 3 * 4</p>"),
+    ("html is text", "<b>x</b> <script>alert(1)</script> <img src=x onerror=alert(1)>",
+     "<p>&lt;b&gt;x&lt;/b&gt; &lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x onerror=alert(1)&gt;</p>"),
+    ("inline code keeps its text", "`<i>` and ``a ` b``", "<p><code>&lt;i&gt;</code> and <code>a ` b</code></p>"),
+    ("links", "[site](https://example.com/a?b=1&c=2 \"t\") <mailto:a@b.c>",
+     '<p><a href="https://example.com/a?b=1&amp;c=2" target="_blank" rel="noopener noreferrer">site</a> '
+     '<a href="mailto:a@b.c" target="_blank" rel="noopener noreferrer">mailto:a@b.c</a></p>'),
+    ("bare url", "see https://example.com/x.",
+     '<p>see <a href="https://example.com/x" target="_blank" rel="noopener noreferrer">https://example.com/x</a>.</p>'),
+    ("no script links", "[a](javascript:alert(1)) [b]( JAVASCRIPT:alert(1)) [c](data:text/html,x) [d](/v1/models) "
+     "[e](java\tscript:x)",
+     "<p>[a](javascript:alert(1)) [b]( JAVASCRIPT:alert(1)) [c](data:text/html,x) [d](/v1/models) "
+     "[e](java    script:x)</p>"),
+    ("images are not loaded", "![alt](https://example.com/i.png)",
+     '<p>!<a href="https://example.com/i.png" target="_blank" rel="noopener noreferrer">alt</a></p>'),
+    ("link text is escaped", "[<b>x</b>](https://e.x)",
+     '<p><a href="https://e.x" target="_blank" rel="noopener noreferrer">&lt;b&gt;x&lt;/b&gt;</a></p>'),
+    ("fenced code", "```html\n<b>&amp;</b>\n```",
+     '<div class="codeblock"><div class="head"><span>html</span><button class="copy" type="button" '
+     'aria-label="Copy code (html)">Copy</button></div><pre><code data-language="html">&lt;b&gt;&amp;amp;&lt;/b&gt;'
+     '</code></pre></div>'),
+    ("language is an attribute value", '```"onclick="alert(1)\nx\n```',
+     '<div class="codeblock"><div class="head"><span>"onclick="alert(1)</span><button class="copy" type="button" '
+     'aria-label="Copy code (&quot;onclick=&quot;alert(1))">Copy</button></div><pre><code '
+     'data-language="&quot;onclick=&quot;alert(1)">x</code></pre></div>'),
+    ("unclosed fence while streaming", "```\nline", '<div class="codeblock"><div class="head"><span>code</span>'
+     '<button class="copy" type="button" aria-label="Copy code">Copy</button></div><pre><code>line</code></pre></div>'),
+    ("lists", "- a\n- b\n  - c\n\n1. x\n2. y", "<ul><li>a</li><li>b<ul><li>c</li></ul></li></ul><ol><li>x</li><li>y</li></ol>"),
+    ("ordered start", "3. c\n4. d", '<ol start="3"><li>c</li><li>d</li></ol>'),
+    ("headings, rule, quote", "# T\n---\n> q **b**", "<h1>T</h1><hr><blockquote><p>q <strong>b</strong></p></blockquote>"),
+    ("table", "| a | b |\n|:-|-:|\n| 1 | `|` |\n| <i> |",
+     '<table><thead><tr><th class="align-left">a</th><th class="align-right">b</th></tr></thead><tbody>'
+     '<tr><td class="align-left">1</td><td class="align-right"><code>|</code></td></tr>'
+     '<tr><td class="align-left">&lt;i&gt;</td><td class="align-right"></td></tr></tbody></table>'),
+    ("escapes", r"\*not\* \<b\>", "<p>*not* &lt;b&gt;</p>"),
+]
+
+
+@unittest.skipIf(BROWSER_MISSING and not BROWSER_REQUIRED,
+                 "needs %s (.ci/run installs them)" % BROWSER_MISSING)
+class BrowserTest(ServerTestCase):
+    """The page in headless Chromium, over a proxy and the stub CLI. Set
+    CLAUDE_PROXY_SCREENSHOTS to a folder to keep screenshots of it."""
+
+    wait_seconds = 30
+
+    @classmethod
+    def setUpClass(cls):
+        if BROWSER_MISSING:
+            raise RuntimeError("CLAUDE_PROXY_BROWSER_TESTS=required, but %s is missing" % BROWSER_MISSING)
+        super().setUpClass()
+        cls.profile = tempfile.mkdtemp(prefix="claude-proxy-chromium-")
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--disable-dev-shm-usage", "--user-data-dir=" + cls.profile):
+            options.add_argument(argument)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        try:
+            cls.driver = webdriver.Chrome(options=options, service=ChromeService(CHROMEDRIVER))
+        except BaseException:
+            shutil.rmtree(cls.profile, ignore_errors=True)
+            super().tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.driver.quit()
+        finally:
+            shutil.rmtree(cls.profile, ignore_errors=True)
+            super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        self.viewport(1280, 800, dark=False)
+        self.open_page(self.port, fresh=True)
+        self.addCleanup(self.check_console)
+
+    # --- helpers
+
+    def viewport(self, width, height, dark):
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+        self.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+            "features": [{"name": "prefers-color-scheme", "value": "dark" if dark else "light"}]})
+
+    def open_page(self, port, fresh=False):
+        self.driver.get("http://127.0.0.1:%d/" % port)
+        if fresh:
+            self.driver.execute_script("localStorage.clear(); sessionStorage.clear();")
+            self.driver.get("http://127.0.0.1:%d/" % port)
+        self.until(lambda d: d.execute_script("return !!window.claudeProxyPage"))
+        self.driver.get_log("browser")  # start each page with an empty console
+
+    def until(self, condition, message=""):
+        # A streaming reply is rendered anew each frame: an element found a moment ago may be gone.
+        return WebDriverWait(self.driver, self.wait_seconds, 0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
+
+    def find(self, css, within=None):
+        return (within or self.driver).find_element(By.CSS_SELECTOR, css)
+
+    def find_all(self, css, within=None):
+        return (within or self.driver).find_elements(By.CSS_SELECTOR, css)
+
+    def type_message(self, text, send=True):
+        """Types as a person does: Shift+Enter between lines, Enter to send."""
+        box = self.find("#input")
+        lines = text.split("\n")
+        for n, line in enumerate(lines):
+            box.send_keys(line)
+            if n < len(lines) - 1:
+                box.send_keys(Keys.SHIFT, Keys.ENTER)
+        if send:
+            box.send_keys(Keys.ENTER)
+
+    def replies(self):
+        return self.find_all(".message.assistant")
+
+    def wait_for_reply(self, count=1):
+        """The count-th reply, once it is complete (Send is back)."""
+        self.until(lambda d: len(self.replies()) >= count and self.find("#send").is_displayed(),
+                   "reply %d did not complete" % count)
+        return self.replies()[count - 1]
+
+    def check_console(self):
+        """Nothing the page did broke its own policy, and it loaded nothing from elsewhere."""
+        entries = self.driver.get_log("browser")
+        for entry in entries:
+            self.assertNotRegex(entry["message"], "Content Security Policy|Trusted Type|Uncaught", entry)
+        origin = self.driver.execute_script("return location.origin")
+        for name in self.driver.execute_script(
+                "return performance.getEntriesByType('resource').map(function (e) { return e.name; })"):
+            self.assertTrue(name.startswith(origin + "/") or name.startswith("data:"), name)
+
+    def screenshot(self, name):
+        folder = os.environ.get("CLAUDE_PROXY_SCREENSHOTS")
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self.driver.save_screenshot(os.path.join(folder, name))
+
+    # --- tests
+
+    def test_a_reply_streams_in(self):
+        self.type_message("SLOW hello **there**")
+        seen = set()
+        self.until(lambda d: self.find_all(".message.assistant .body"))
+        while not self.find("#send").is_displayed():
+            try:
+                seen.add(self.find(".message.assistant .body").text)
+            except WebDriverException:
+                pass  # replaced by the next frame's rendering
+        reply = self.wait_for_reply()
+        self.assertEqual(self.find(".body", reply).text, "Echo: SLOW hello there [images: 0]")
+        self.assertEqual(self.find(".body strong", reply).text, "there")
+        partial = [text for text in seen if text and text != "Echo: SLOW hello there [images: 0]"]
+        self.assertGreaterEqual(len(partial), 3, "the reply appeared piece by piece: %s" % sorted(seen))
+        self.assertEqual(self.find(".message.user .body").text, "SLOW hello **there**", "user text is not Markdown")
+        self.assertEqual(self.find("#conversations .title").text, "SLOW hello **there**")
+        sent = json.loads(self.records()[0]["stdin"])["message"]["content"]
+        self.assertIn("SLOW hello **there**", json.dumps(sent))
+        self.assertIn("running", self.find("#status").text)
+        self.find("#regenerate").click()
+        self.until(lambda d: len(self.records()) == 2 and self.find("#send").is_displayed())
+        self.assertEqual(len(self.replies()), 1, "Regenerate replaces the last reply")
+
+    def test_code_block_with_copy(self):
+        self.type_message('SAY[Here:\n```python\nprint("<hi>")\n```\ndone]')
+        reply = self.wait_for_reply()
+        self.assertEqual(self.find(".codeblock .head span", reply).text, "python")
+        self.assertEqual(self.find(".codeblock code", reply).text, 'print("<hi>")')
+        self.assertEqual([p.text for p in self.find_all("p", reply)], ["Here:", "done"])
+        self.driver.execute_cdp_cmd("Browser.grantPermissions", {
+            "origin": "http://127.0.0.1:%d" % self.port, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+        copy = self.find(".codeblock .copy", reply)
+        copy.click()
+        self.until(lambda d: self.find(".codeblock .copy").text == "Copied")
+        clipboard = self.driver.execute_async_script(
+            "var done = arguments[0]; navigator.clipboard.readText().then(done, function (e) { done('error: ' + e); });")
+        self.assertEqual(clipboard, 'print("<hi>")')
+
+    def test_stop_ends_the_cli_run(self):
+        self.type_message("SLOW please stop me")
+        self.until(lambda d: self.records() and self.find(".message.assistant .body").text.startswith("Echo"))
+        self.find("#stop").click()
+        reply = self.wait_for_reply()
+        self.assertEqual(self.find(".note", reply).text, "Stopped.")
+        partial = self.find(".body", reply).text
+        self.assertTrue(partial.startswith("Echo") and not partial.endswith("[images: 0]"), partial)
+        pid = self.records()[0]["pid"]
+        self.assertTrue(wait_until(lambda: not pid_alive(pid)), "the CLI run was stopped")
+        stored = self.driver.execute_script("return JSON.parse(localStorage.getItem('claude-proxy.conversations'))")
+        self.assertEqual(stored[0]["messages"][1]["text"], partial, "the partial reply is kept")
+
+    def test_an_attached_image_reaches_the_model(self):
+        path = os.path.join(self.tmp, "dot.png")
+        with open(path, "wb") as f:
+            f.write(__import__("base64").b64decode(PNG_1PX))
+        self.find("#file").send_keys(path)
+        self.until(lambda d: self.find_all("#attachments img"))
+        self.type_message("what is this")
+        reply = self.wait_for_reply()
+        self.assertEqual(self.find(".body", reply).text, "Echo: what is this [images: 1]")
+        self.assertEqual(len(self.find_all(".message.user .images img")), 1)
+        self.assertEqual(self.find_all("#attachments img"), [], "sent, so no longer attached")
+        content = json.loads(self.records()[0]["stdin"])["message"]["content"]
+        images = [block for block in content if block["type"] == "image"]
+        self.assertEqual(images, [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                "data": PNG_1PX}}])
+
+    def test_a_conversation_survives_a_reload(self):
+        self.type_message("remember the word KUMQUAT")
+        self.wait_for_reply()
+        self.find("#new-chat").click()
+        self.type_message("another chat")
+        self.wait_for_reply()
+        self.driver.refresh()
+        self.until(lambda d: len(self.find_all("#conversations li")) == 2)
+        self.assertEqual([t.text for t in self.find_all("#conversations .title")],
+                         ["another chat", "remember the word KUMQUAT"])
+        self.assertEqual(self.find_all(".message"), [], "a reload starts on a new chat")
+        self.find_all("#conversations .open")[1].click()
+        self.assertEqual(self.find(".message.assistant .body").text, "Echo: remember the word KUMQUAT [images: 0]")
+        self.type_message("and now?")
+        self.wait_for_reply(2)
+        # The earlier turns go with the new one, as real turns: the process kept from the first
+        # reply (or a session it resumed) holds them; the new line carries only the new turn.
+        record = max(self.records(), key=lambda r: r.get("history") and len(r["history"]) or 0)
+        said = json.dumps(record["history"])
+        self.assertIn("KUMQUAT", said)
+        self.assertIn("and now?", said)
+        self.find_all("#conversations .delete")[0].click()
+        self.assertEqual([t.text for t in self.find_all("#conversations .title")], ["another chat"])
+        self.assertEqual(self.find_all(".message"), [])
+
+    def test_an_html_payload_in_a_reply_is_text(self):
+        payload = ('<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+                   '[go](javascript:window.pwned=3) <b>bold</b>')
+        self.type_message(payload)
+        reply = self.wait_for_reply()
+        body = self.find(".body", reply)
+        self.assertEqual(body.text, "Echo: %s [images: 0]" % payload)
+        for tag in ("img", "script", "b", "a"):
+            self.assertEqual(self.find_all(tag, body), [], tag)
+        self.assertEqual(self.find(".message.user .body").text, payload)
+        self.assertIsNone(self.driver.execute_script("return window.pwned === undefined ? null : window.pwned"))
+        self.assertEqual(self.find_all("img:not(.images img)"), [])
+
+    def test_markdown_rules(self):
+        for name, markdown, html in PAGE_MARKDOWN:
+            with self.subTest(name):
+                got = self.driver.execute_script(
+                    "var box = document.createElement('div');"
+                    "box.appendChild(window.claudeProxyPage.renderMarkdown(arguments[0]));"
+                    "return box.innerHTML;", markdown)
+                self.assertEqual(got, html)
+
+    def test_a_protected_proxy_asks_for_the_key(self):
+        port = self.serve(api_keys=["sekret"]).server_address[1]
+        self.open_page(port, fresh=True)
+        dialog = self.find("#key-dialog")
+        self.until(lambda d: dialog.is_displayed(), "the page asks for the key")
+        self.assertEqual(self.driver.switch_to.active_element.get_attribute("id"), "key-input")
+        self.find("#key-input").send_keys("wrong", Keys.ENTER)
+        self.until(lambda d: "refused" in self.find("#key-error").text)
+        self.find("#key-input").send_keys("sekret", Keys.ENTER)
+        self.until(lambda d: not dialog.is_displayed())
+        self.until(lambda d: len(self.find_all("#model option")) > 1, "models listed with the key")
+        self.until(lambda d: "claude 2.1.197" in self.find("#status").text, "status with the key")
+        self.type_message("with a key")
+        reply = self.wait_for_reply()
+        self.assertEqual(self.find(".body", reply).text, "Echo: with a key [images: 0]")
+        self.assertEqual(self.driver.execute_script("return sessionStorage.getItem('claude-proxy.api-key')"), "sekret")
+        self.assertEqual(self.driver.execute_script("return JSON.stringify(localStorage).indexOf('sekret')"), -1)
+
+    def test_errors_in_words(self):
+        for word, text in (("NOTLOGGEDIN", "not logged in"), ("RATE429", "rate limiting")):
+            with self.subTest(word):
+                self.find("#new-chat").click()
+                self.type_message(word)
+                reply = self.wait_for_reply()
+                error = self.find(".error", reply).text
+                self.assertIn(text, error)
+                self.assertNotIn("{", error)
+
+    def test_layouts_and_screenshots(self):
+        self.find("#model").send_keys("haiku")
+        self.type_message("THINK SAY[A table:\n\n| name | value |\n|---|---:|\n| `x` | 1 |\n\n"
+                          "- **one**\n- two\n\n```sh\ncurl -s http://127.0.0.1:8082/health\n```]")
+        reply = self.wait_for_reply()
+        self.assertEqual(self.find("details.thinking", reply).get_attribute("open"), None, "thinking is folded")
+        self.assertEqual(json.loads(self.records()[0]["stdin"])["message"]["content"][0]["type"], "text")
+        self.assertIn("--model", self.records()[0]["argv"])
+        self.find("#input").send_keys("a draft")
+        for width, height, dark, name in ((1280, 800, False, "page-1280x800-light.png"),
+                                          (390, 844, True, "page-390x844-dark.png"),
+                                          (360, 740, False, "page-360x740-light.png"),
+                                          (1920, 1080, True, "page-1920x1080-dark.png")):
+            with self.subTest(name):
+                self.viewport(width, height, dark)
+                self.until(lambda d: d.execute_script("return innerWidth") == width)
+                overflow = self.driver.execute_script("return document.documentElement.scrollWidth")
+                self.assertLessEqual(overflow, width, "nothing wider than the screen")
+                self.assertEqual(self.find("#sidebar").is_displayed(), width > 760)
+                self.assertTrue(self.find("#send").is_displayed() and self.find("#input").is_displayed())
+                background = self.driver.execute_script("return getComputedStyle(document.body).backgroundColor")
+                self.assertEqual(background, "rgb(26, 26, 30)" if dark else "rgb(255, 255, 255)")
+                self.screenshot(name)
+        self.viewport(390, 844, dark=True)
+        self.find("#open-sidebar").click()
+        self.until(lambda d: d.execute_script("return document.getElementById('sidebar').getBoundingClientRect().left") == 0)
+        self.assertEqual(self.driver.switch_to.active_element.get_attribute("id"), "new-chat", "keyboard lands in it")
+        self.screenshot("page-390x844-dark-sidebar.png")
+        self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+        self.until(lambda d: not self.find("#sidebar").is_displayed())
+
+
 if __name__ == "__main__":
     unittest.main()
