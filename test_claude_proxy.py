@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -2772,3 +2773,183 @@ class AnthropicErrorEnvelopeTest(unittest.TestCase):
                     self.assertTrue(headers["Retry-After"].isdigit())
                 if status >= 500:
                     self.assertNotIn("x-should-retry", headers)
+
+
+class AnthropicServerTest(ServerTestCase):
+    HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "fine-grained-tool-streaming-2025-05-14"}
+
+    def messages(self, body, path="/v1/messages", **kwargs):
+        kwargs.setdefault("headers", self.HEADERS)
+        return self.request("POST", path, body, **kwargs)
+
+    def stream(self, body):
+        status, headers, raw = self.messages(dict(body, stream=True))
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertTrue(headers["request-id"].startswith("req_"))
+        return anthropic_sse(raw)
+
+    def assert_anthropic_error(self, status_and_body, status, kind):
+        got_status, headers, raw = status_and_body
+        self.assertEqual(got_status, status, raw)
+        body = json.loads(raw)
+        self.assertEqual(set(body), {"type", "error", "request_id"})
+        self.assertEqual((body["type"], body["error"]["type"]), ("error", kind))
+        self.assertTrue(body["error"]["message"])
+        self.assertEqual(headers["request-id"], body["request_id"])
+        return headers, body
+
+    def test_plain_message(self):
+        status, headers, raw = self.messages(anthropic_user("hello"), path="/v1/messages?beta=true")
+        self.assertEqual(status, 200, raw)
+        message = json.loads(raw)
+        self.assertRegex(message["id"], r"^msg_[0-9a-f]{24}$")
+        self.assertEqual(message, {
+            "id": message["id"], "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+            "content": [{"type": "text", "text": "Echo: hello [images: 0]"}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
+                      "output_tokens": 7}})
+        [record] = self.records()
+        argv = record["argv"][1:]
+        self.assertEqual(argv[argv.index("--model") + 1], "claude-sonnet-4-6")
+        self.assertEqual(record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "1024")
+        self.assertEqual(record["system_prompt"], cp.DEFAULT_SYSTEM_PROMPT)
+
+    def test_what_the_cli_is_given(self):
+        status, _, raw = self.messages({
+            "model": "claude-opus-4-8[1m]", "max_tokens": 50, "system": [{"type": "text", "text": "Be brief."}],
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+            "messages": [{"role": "user", "content": "My name is Ada."},
+                         {"role": "assistant", "content": "Hello Ada."},
+                         {"role": "system", "content": "Answer in English."},
+                         {"role": "user", "content": [{"type": "text", "text": "What is my name?",
+                                                       "cache_control": {"type": "ephemeral"}}]}]})
+        self.assertEqual(status, 200, raw)
+        [record] = self.records()
+        argv = record["argv"][1:]
+        self.assertEqual(argv[argv.index("--model") + 1], "claude-opus-4-8[1m]")
+        self.assertEqual(argv[argv.index("--effort") + 1], "high")
+        self.assertEqual(record["system_prompt"], "Be brief.\n\nAnswer in English.")
+        content = json.loads(record["stdin"])["message"]["content"]
+        self.assertIn("Hello Ada.", content[0]["text"])
+        self.assertEqual(content[-1], {"type": "text", "text": "What is my name?"})
+
+    def test_stream(self):
+        events = self.stream(anthropic_user("SAY[Hello there, friend]"))
+        self.assertEqual([e["type"] for e in events],
+                         ["message_start", "content_block_start"] + ["content_block_delta"] * 3
+                         + ["content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(events[0]["message"]["content"], [])
+        self.assertEqual(events[0]["message"]["usage"]["input_tokens"], 11)
+        self.assertEqual("".join(e["delta"]["text"] for e in events[2:5]), "Hello there, friend")
+        self.assertEqual(events[-2]["delta"], {"stop_reason": "end_turn", "stop_sequence": None})
+        self.assertEqual(events[-2]["usage"]["output_tokens"], 7)
+
+    def test_thinking(self):
+        body = anthropic_user("THINK", thinking={"type": "enabled", "budget_tokens": 2048})
+        status, _, raw = self.messages(body)
+        content = json.loads(raw)["content"]
+        self.assertEqual(content, [{"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"},
+                                   {"type": "text", "text": "Echo: THINK [images: 0]"}])
+        argv = self.records()[0]["argv"]
+        self.assertEqual(argv[argv.index("--effort") + 1], "low", "budget_tokens picks the effort")
+        events = self.stream(body)
+        self.assertEqual([(e["index"], e["delta"]["type"]) for e in events if e["type"] == "content_block_delta"],
+                         [(0, "thinking_delta"), (0, "thinking_delta"), (0, "signature_delta"),
+                          (1, "text_delta"), (1, "text_delta"), (1, "text_delta")])
+        status, _, raw = self.messages(anthropic_user("THINK"))
+        self.assertEqual([b["type"] for b in json.loads(raw)["content"]], ["text"], "not asked for, not shown")
+
+    def test_image(self):
+        status, _, raw = self.messages(anthropic_user([
+            {"type": "text", "text": "what is this"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]))
+        self.assertEqual(json.loads(raw)["content"][0]["text"], "Echo: what is this [images: 1]")
+
+    def test_stop_sequence_and_max_tokens(self):
+        status, _, raw = self.messages(anthropic_user("SAY[one two THREE four]", stop_sequences=["THREE"]))
+        message = json.loads(raw)
+        self.assertEqual((message["content"], message["stop_reason"], message["stop_sequence"]),
+                         ([{"type": "text", "text": "one two "}], "stop_sequence", "THREE"))
+        events = self.stream(anthropic_user("MAXTOKENS"))
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "max_tokens")
+
+    def test_tool_round_trip(self):
+        body = anthropic_user("CALLTOOL2 weather in Paris and Rome?", tools=[WEATHER_TOOL])
+        status, _, raw = self.messages(body)
+        self.assertEqual(status, 200, raw)
+        message = json.loads(raw)
+        self.assertEqual(message["stop_reason"], "tool_use")
+        calls = [b for b in message["content"] if b["type"] == "tool_use"]
+        self.assertEqual([(c["name"], c["input"]) for c in calls],
+                         [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})])
+        self.assertTrue(all(re.match(r"^toolu_[0-9a-f]{20}$", c["id"]) for c in calls))
+        self.assertEqual(self.records()[0]["offered_tools"][0]["name"], "mcp__fn__get_weather")
+        events = self.stream(body)
+        starts = [e for e in events if e["type"] == "content_block_start"]
+        self.assertEqual([(e["index"], e["content_block"]["type"]) for e in starts],
+                         [(0, "text"), (1, "tool_use"), (2, "tool_use")])
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+        follow_up = dict(body, messages=body["messages"] + [
+            {"role": "assistant", "content": message["content"]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": c["id"], "content": "RESULT-%d" % n}
+                                         for n, c in enumerate(calls)]}])
+        status, _, raw = self.messages(follow_up)
+        message = json.loads(raw)
+        self.assertEqual((message["stop_reason"], message["content"][0]["text"][:25]),
+                         ("end_turn", "Final answer using RESULT"))
+
+    def test_count_tokens(self):
+        status, headers, raw = self.messages(anthropic_user("x" * 400), path="/v1/messages/count_tokens")
+        self.assertEqual((status, json.loads(raw)), (200, {"input_tokens": 104}))
+        self.assertEqual(self.records(runs_only=False), [], "no CLI run")
+        self.assert_anthropic_error(self.messages({"messages": []}, path="/v1/messages/count_tokens"),
+                                    400, "invalid_request_error")
+
+    def test_errors_in_the_anthropic_envelope(self):
+        self.assert_anthropic_error(self.request("POST", "/v1/messages", b"{nope", self.HEADERS),
+                                    400, "invalid_request_error")
+        self.assert_anthropic_error(self.messages({"model": "claude-x", "messages": "hi"}), 400, "invalid_request_error")
+        self.assert_anthropic_error(self.request("GET", "/v1/messages", headers=self.HEADERS), 405, "invalid_request_error")
+        self.assert_anthropic_error(self.request("GET", "/v1/nothing", headers=self.HEADERS), 404, "not_found_error")
+        self.assert_anthropic_error(self.messages(anthropic_user("BADREQ400")), 400, "invalid_request_error")
+        self.assert_anthropic_error(self.messages(anthropic_user("NOTLOGGEDIN")), 403, "permission_error")
+        self.assert_anthropic_error(self.messages(anthropic_user("CRASH")), 502, "api_error")
+
+    def test_rate_limit_and_overload(self):
+        headers, _ = self.assert_anthropic_error(self.messages(anthropic_user("RATE429")), 429, "rate_limit_error")
+        self.assertEqual(headers["retry-after"], "1")
+        self.assert_anthropic_error(self.messages(dict(anthropic_user("OVERLOAD"), stream=True)),
+                                    529, "overloaded_error")
+
+    def test_error_after_the_stream_started(self):
+        port = self.serve(timeout=1.0).server_address[1]
+        status, _, raw = self.messages(dict(anthropic_user("FLOOD"), stream=True), port=port)
+        events = anthropic_sse(raw)
+        self.assertEqual(status, 200)
+        self.assertEqual(events[0]["type"], "message_start")
+        self.assertEqual(events[-1]["type"], "error")
+        self.assertEqual(events[-1]["error"]["type"], "api_error")
+        self.assertNotIn("message_stop", [e["type"] for e in events])
+
+    def test_auth_and_models(self):
+        port = self.serve(api_keys=["sk-right"]).server_address[1]
+        self.assert_anthropic_error(self.messages(anthropic_user("hi"), port=port), 401, "authentication_error")
+        for headers in ({"x-api-key": "sk-right"}, {"Authorization": "Bearer sk-right"}):
+            with self.subTest(headers):
+                status, _, raw = self.messages(anthropic_user("hi"), port=port, headers=dict(self.HEADERS, **headers))
+                self.assertEqual(status, 200, raw)
+        status, headers, raw = self.request("HEAD", "/", port=port)
+        self.assertEqual((status, raw), (200, b""), "Claude Code's probe needs no key")
+        status, _, raw = self.request("GET", "/v1/models", headers=dict(self.HEADERS, **{"x-api-key": "sk-right"}),
+                                      port=port)
+        listing = json.loads(raw)
+        self.assertEqual(listing, {"data": listing["data"], "has_more": False, "first_id": "sonnet", "last_id": "haiku"})
+        self.assertEqual(set(listing["data"][0]), {"type", "id", "display_name", "created_at"})
+        self.assertRegex(listing["data"][0]["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        status, _, raw = self.request("GET", "/v1/models/claude-sonnet-4-6",
+                                      headers=dict(self.HEADERS, **{"x-api-key": "sk-right"}), port=port)
+        self.assertEqual(json.loads(raw)["type"], "model")
+        status, _, raw = self.request("GET", "/v1/models", headers={"x-api-key": "sk-right"}, port=port)
+        self.assertEqual(json.loads(raw)["object"], "list", "OpenAI's shape without anthropic-version")
