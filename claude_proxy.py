@@ -11,6 +11,7 @@ Standard library only, one file, Python 3.9+:
 Each request runs one headless `claude -p` process: the conversation goes in on stdin as a
 stream-json message, the reply comes back as stream-json events and is translated into an
 OpenAI response or SSE stream. The model is offered none of the CLI's own tools.
+Anthropic clients (the anthropic SDKs, Claude Code) use POST /v1/messages on the same port.
 """
 
 __version__ = "0.1.0"
@@ -2762,7 +2763,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def end_headers(self):
         if self.cors_origin:  # on every response to an allowed page: errors and streams too
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", "Retry-After, x-should-retry")
+            self.send_header("Access-Control-Expose-Headers", "Retry-After, x-should-retry, request-id")
             self.send_header("Vary", "Origin")
         if getattr(self, "dialect", None) == "anthropic":
             self.send_header("request-id", self.request_id)
