@@ -3007,7 +3007,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Run a parsed request through the CLI and hand its reply events to a dialect's sink
         (its stream writer or message collector): the one path every dialect shares.
 
-        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError)."""
+        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError); its
+        `translator` attribute is set to the run's ReplyTranslator before the first event."""
         config = self.server.config
         translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
                                      bool(plan["json_schema"]), live_structured=plan["stream"])
