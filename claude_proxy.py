@@ -11,6 +11,7 @@ Standard library only, one file, Python 3.9+:
 Each request runs one headless `claude -p` process: the conversation goes in on stdin as a
 stream-json message, the reply comes back as stream-json events and is translated into an
 OpenAI response or SSE stream. The model is offered none of the CLI's own tools.
+Anthropic clients (the anthropic SDKs, Claude Code) use POST /v1/messages on the same port.
 """
 
 __version__ = "0.1.0"
@@ -767,6 +768,323 @@ def parse_chat_request(body, default_model=None, default_effort=None):
         "legacy_functions": legacy_functions and bool(tools),
         "json_schema": json_schema,
     }
+
+
+# Anthropic Messages request #################################################################
+# POST /v1/messages: the dialect closest to what the CLI itself speaks. Its content blocks are
+# the neutral ones already; what differs is checked and mapped here.
+
+# Server tools run on Anthropic's side (web search, code execution, ...): the CLI behind the
+# proxy cannot run them for a client, so they are left out of what the model is offered.
+ANTHROPIC_CLIENT_TOOL_TYPES = (None, "custom")
+ANTHROPIC_TOOL_CHOICES = ("auto", "any", "tool", "none")
+ANTHROPIC_THINKING_TYPES = ("enabled", "adaptive", "disabled")
+# Message content the proxy cannot pass on: files, documents and results of server tools.
+ANTHROPIC_UNSUPPORTED_BLOCKS = (
+    "document", "search_result", "container_upload", "server_tool_use", "web_search_tool_result",
+    "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result", "mcp_tool_use", "mcp_tool_result")
+
+
+def thinking_budget_effort(budget):
+    """thinking.budget_tokens -> the CLI effort closest to it (the CLI takes no token budget)."""
+    for limit, effort in ((4096, "low"), (16384, "medium"), (32768, "high")):
+        if budget <= limit:
+            return effort
+    return "max"
+
+
+def anthropic_text(content, param):
+    """A string or an array of text blocks (system, a system-role message) -> its text."""
+    if isinstance(content, str):
+        return content
+    _require(isinstance(content, list), "must be a string or an array of text blocks", param)
+    parts = []
+    for j, block in enumerate(content):
+        where = "%s[%d]" % (param, j)
+        _require(isinstance(block, dict) and block.get("type") == "text",
+                 "only text blocks are allowed here", where + ".type")
+        _require(isinstance(block.get("text"), str), "a text block needs a string `text`", where + ".text")
+        parts.append(block["text"])
+    return "\n\n".join(p for p in parts if p)
+
+
+def anthropic_image(block, param):
+    """An image block -> the neutral image block. Only base64 sources: fetching a URL on a
+    client's behalf would let any client reach the proxy's network."""
+    source = block.get("source")
+    _require(isinstance(source, dict), "an image block needs a `source` object", param + ".source")
+    if source.get("type") in ("url", "file"):
+        raise invalid("Image %s sources are not supported by this proxy (it fetches nothing); send "
+                      "the image as a base64 source." % source["type"], param + ".source.type",
+                      "image_url_not_supported")
+    _require(source.get("type") == "base64", "source.type must be \"base64\"", param + ".source.type")
+    return image_block(source.get("media_type"), source.get("data"), param + ".source")
+
+
+def anthropic_tool_result(block, param):
+    """A tool_result block -> the neutral one: content as text and image blocks."""
+    tool_use_id = block.get("tool_use_id")
+    _require(isinstance(tool_use_id, str) and tool_use_id, "a tool_result needs `tool_use_id`",
+             param + ".tool_use_id")
+    is_error = block.get("is_error", False)
+    _require(is_error is None or isinstance(is_error, bool), "`is_error` must be a boolean",
+             param + ".is_error")
+    content = block.get("content")
+    if content is None:
+        blocks = []
+    elif isinstance(content, str):
+        blocks = [text_block(content)]
+    else:
+        _require(isinstance(content, list), "tool_result content must be a string or an array",
+                 param + ".content")
+        blocks = []
+        for k, part in enumerate(content):
+            where = "%s.content[%d]" % (param, k)
+            _require(isinstance(part, dict), "each content block must be an object", where)
+            if part.get("type") == "text":
+                _require(isinstance(part.get("text"), str), "a text block needs a string `text`",
+                         where + ".text")
+                blocks.append(text_block(part["text"]))
+            elif part.get("type") == "image":
+                blocks.append(anthropic_image(part, where))
+            else:
+                raise invalid("tool_result content may hold text and image blocks, not %r"
+                              % (part.get("type"),), where + ".type", "unsupported_content_type")
+    return {"type": "tool_result", "tool_use_id": tool_use_id,
+            "content": without_empty_text(blocks), "is_error": bool(is_error)}
+
+
+def anthropic_blocks(content, role, param):
+    """A message's content (a string or an array of blocks) -> neutral blocks. cache_control and
+    citations on blocks are accepted and dropped: the CLI places its own cache breakpoints."""
+    if isinstance(content, str):
+        return [text_block(content)]
+    _require(isinstance(content, list), "content must be a string or an array of content blocks", param)
+    blocks = []
+    for j, block in enumerate(content):
+        where = "%s[%d]" % (param, j)
+        _require(isinstance(block, dict), "each content block must be an object", where)
+        kind = block.get("type")
+        allowed = {"user": ("text", "image", "tool_result"),
+                   "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}[role]
+        if kind in ANTHROPIC_UNSUPPORTED_BLOCKS:
+            raise invalid("Content blocks of type %r are not supported by this proxy; send text, "
+                          "base64 images, tool_use and tool_result blocks" % kind, where + ".type",
+                          "unsupported_content_type")
+        _require(kind in allowed, "%s messages may hold %s blocks, not %r"
+                 % (role, ", ".join(allowed), kind), where + ".type")
+        if kind == "text":
+            _require(isinstance(block.get("text"), str), "a text block needs a string `text`", where + ".text")
+            blocks.append(text_block(block["text"]))
+        elif kind == "image":
+            blocks.append(anthropic_image(block, where))
+        elif kind == "tool_result":
+            blocks.append(anthropic_tool_result(block, where))
+        elif kind == "tool_use":
+            _require(isinstance(block.get("id"), str) and block["id"], "a tool_use needs an `id`", where + ".id")
+            _require(isinstance(block.get("name"), str) and block["name"], "a tool_use needs a `name`",
+                     where + ".name")
+            _require(isinstance(block.get("input", {}), dict), "a tool_use's `input` must be an object",
+                     where + ".input")
+            blocks.append({"type": "tool_use", "id": block["id"], "name": block["name"],
+                           "input": block.get("input", {})})
+        elif kind == "thinking":
+            _require(isinstance(block.get("thinking"), str), "a thinking block needs a string `thinking`",
+                     where + ".thinking")
+            signature = block.get("signature")
+            blocks.append({"type": "thinking", "thinking": block["thinking"],
+                           "signature": signature if isinstance(signature, str) else ""})
+        # redacted_thinking: encrypted for the API that made it; nothing the CLI can send on.
+    return blocks
+
+
+def anthropic_conversation(messages, system):
+    """Messages API `system` and `messages` -> the neutral conversation. system-role messages
+    inside `messages` (Claude Code sends them) join the system prompt, in order."""
+    system_parts = [] if system is None else [anthropic_text(system, "system")]
+    _require(isinstance(messages, list) and messages, "`messages` must be a non-empty array", "messages")
+    turns = []
+    for i, message in enumerate(messages):
+        param = "messages[%d]" % i
+        _require(isinstance(message, dict), "each message must be an object", param)
+        role, content = message.get("role"), message.get("content")
+        _require(content is not None, "a message needs `content`", param + ".content")
+        if role == "system":
+            system_parts.append(anthropic_text(content, param + ".content"))
+        elif role in ("user", "assistant"):
+            blocks = anthropic_blocks(content, role, param + ".content")
+            # Tool results first, where the API wants them (the API itself would refuse others).
+            blocks = ([b for b in blocks if b["type"] == "tool_result"]
+                      + [b for b in blocks if b["type"] != "tool_result"])
+            add_turn(turns, role, blocks)
+        else:
+            raise invalid("Unknown role %r: use user or assistant" % (role,), param + ".role")
+    return conversation(system_parts, turns)
+
+
+def anthropic_tools(tools, choice):
+    """tools / tool_choice -> (functions, instruction, single call), through the same checks
+    and instructions as Chat Completions' function calling."""
+    if tools is None:
+        tools = []
+    _require(isinstance(tools, list), "`tools` must be an array", "tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        where = "tools[%d]" % i
+        _require(isinstance(tool, dict), "each tool must be an object", where)
+        if tool.get("type") not in ANTHROPIC_CLIENT_TOOL_TYPES:
+            continue  # a server tool: not available through the CLI (see the README)
+        schema = tool.get("input_schema")
+        _require(isinstance(schema, dict) and schema.get("type", "object") == "object",
+                 "input_schema must be a JSON Schema object with \"type\": \"object\"",
+                 where + ".input_schema")
+        functions.append(parse_function({"name": tool.get("name"), "description": tool.get("description"),
+                                         "parameters": schema}, where))
+    if choice is None:
+        choice = {"type": "auto"}
+    _require(isinstance(choice, dict) and choice.get("type") in ANTHROPIC_TOOL_CHOICES,
+             "tool_choice must be {\"type\": \"auto\" | \"any\" | \"tool\" | \"none\"}", "tool_choice")
+    parallel = choice.get("disable_parallel_tool_use")
+    _require(parallel is None or isinstance(parallel, bool),
+             "tool_choice.disable_parallel_tool_use must be a boolean", "tool_choice.disable_parallel_tool_use")
+    kind = choice["type"]
+    if kind == "tool":
+        _require(isinstance(choice.get("name"), str), "tool_choice of type \"tool\" needs `name`",
+                 "tool_choice.name")
+    if kind != "auto" and not functions:
+        _require(kind == "none", "tool_choice needs tools", "tool_choice")
+    # The same instruction as Chat Completions gives for the same choice.
+    chat_choice = {"auto": "auto", "any": "required", "none": "none",
+                   "tool": {"type": "function", "function": {"name": choice.get("name")}}}[kind]
+    functions, instruction, single, _ = parse_tools({
+        "tools": [{"type": "function", "function": {"name": f["name"], "description": f["description"],
+                                                     "parameters": f["input_schema"]}} for f in functions],
+        "tool_choice": chat_choice, "parallel_tool_calls": False if parallel else None})
+    return functions, instruction, single
+
+
+def anthropic_output_schema(body):
+    """output_config.format (or the older output_format) -> the JSON schema for --json-schema."""
+    output_config = body.get("output_config")
+    _require(output_config is None or isinstance(output_config, dict), "`output_config` must be an object",
+             "output_config")
+    spec, param = (output_config or {}).get("format"), "output_config.format"
+    if spec is None and body.get("output_format") is not None:
+        spec, param = body["output_format"], "output_format"
+    if spec is None:
+        return None
+    _require(isinstance(spec, dict) and spec.get("type") == "json_schema",
+             "%s must be {\"type\": \"json_schema\", \"schema\": {...}}" % param, param + ".type")
+    schema = spec.get("schema")
+    # As for response_format: the CLI silently drops a schema without an object at the root,
+    # and takes it only in argv.
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             "the schema needs \"type\": \"object\" at the root", param + ".schema", "invalid_json_schema")
+    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "the schema is over %d bytes, more than the "
+             "CLI can take" % MAX_SCHEMA_BYTES, param + ".schema", "invalid_json_schema")
+    return schema
+
+
+def anthropic_effort(body, default_effort):
+    """(effort for --effort, whether the client asked to see thinking). output_config.effort
+    wins; else thinking.budget_tokens picks the nearest effort."""
+    thinking = body.get("thinking")
+    _require(thinking is None or (isinstance(thinking, dict) and thinking.get("type") in ANTHROPIC_THINKING_TYPES),
+             "thinking must be {\"type\": \"enabled\" | \"adaptive\" | \"disabled\"}", "thinking.type")
+    effort = default_effort
+    if thinking and thinking["type"] == "enabled" and thinking.get("budget_tokens") is not None:
+        budget = thinking["budget_tokens"]
+        _require(isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1,
+                 "thinking.budget_tokens must be a positive whole number", "thinking.budget_tokens")
+        effort = thinking_budget_effort(budget)
+    wanted = (body.get("output_config") or {}).get("effort")
+    if wanted is not None:
+        _require(wanted in CLI_EFFORTS, "output_config.effort must be one of %s" % ", ".join(CLI_EFFORTS),
+                 "output_config.effort")
+        effort = wanted
+    return effort, bool(thinking) and thinking["type"] != "disabled"
+
+
+def parse_messages_request(body, default_model=None, default_effort=None):
+    """A Messages API request body -> the plan for one CLI run, or a 400.
+
+    temperature, top_p, top_k, metadata, service_tier and cache_control are accepted and
+    ignored (the CLI has no knob for them). The plan's `show_thinking` says whether thinking
+    blocks go to the client: the API sends them only when `thinking` asks for them."""
+    _require(isinstance(body, dict), "The request body must be a JSON object", None)
+    _require("messages" in body, "Missing required parameter: `messages`", "messages")
+    conv = anthropic_conversation(body["messages"], body.get("system"))
+
+    model = body.get("model")
+    if model is None or model == "":
+        model = default_model
+    else:
+        _require(isinstance(model, str) and MODEL_NAME.match(model), "Invalid model name %r" % (model,),
+                 "model", "model_not_found")
+    max_tokens = body.get("max_tokens")
+    _require(max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+                                    and 1 <= max_tokens <= MAX_TOKENS),
+             "`max_tokens` must be a whole number from 1 to %d" % MAX_TOKENS, "max_tokens")
+    stream = body.get("stream", False)
+    _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
+    stop = body.get("stop_sequences")
+    _require(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+             "`stop_sequences` must be an array of strings", "stop_sequences")
+    for name in ("temperature", "top_p", "top_k"):
+        _require(body.get(name) is None or _is_number(body[name]), "`%s` must be a number" % name, name)
+    _require(body.get("metadata") is None or isinstance(body["metadata"], dict), "`metadata` must be an object",
+             "metadata")
+    _require(not body.get("mcp_servers"), "Remote MCP servers (`mcp_servers`) are not available through "
+             "this proxy", "mcp_servers")
+
+    effort, show_thinking = anthropic_effort(body, default_effort)
+    tools, tool_instruction, single_tool_call = anthropic_tools(body.get("tools"), body.get("tool_choice"))
+    system_prompt = conv["system"]
+    if tool_instruction:
+        system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
+    return {
+        "model": model,
+        "effort": effort,
+        "system_prompt": system_prompt,
+        "conversation": conv,
+        "stream": bool(stream),
+        "include_usage": False,
+        "max_tokens": max_tokens,
+        "stop": [s for s in stop or [] if s],
+        "tools": tools,
+        "single_tool_call": single_tool_call,
+        "legacy_functions": False,
+        "json_schema": anthropic_output_schema(body),
+        "show_thinking": show_thinking,
+    }
+
+
+def estimate_tokens(plan):
+    """POST /v1/messages/count_tokens: an estimate, never a model call (the CLI has no way to
+    count without one): a token per 4 characters of the system prompt, text, tool results and
+    tool definitions, 1,600 per image (Anthropic's figure for a large image), and 4 per turn."""
+    characters, images = len(plan["system_prompt"] or ""), 0
+    def walk(blocks):
+        nonlocal characters, images
+        for block in blocks:
+            if block["type"] == "text":
+                characters += len(block["text"])
+            elif block["type"] == "image":
+                images += 1
+            elif block["type"] == "thinking":
+                characters += len(block["thinking"])
+            elif block["type"] == "tool_use":
+                characters += len(block["name"]) + len(json.dumps(block["input"], ensure_ascii=False))
+            elif block["type"] == "tool_result":
+                walk(block["content"])
+    turns = plan["conversation"]["turns"]
+    for turn in turns:
+        walk(turn["content"])
+    for tool in plan["tools"]:
+        characters += len(json.dumps({"name": tool["name"], "description": tool["description"],
+                                      "input_schema": tool["input_schema"]}, ensure_ascii=False))
+    return -(-characters // 4) + 1600 * images + 4 * len(turns)
 
 
 # CLI run: argv, stdin, process ##############################################################
@@ -1832,6 +2150,11 @@ class ReplyTranslator:
         self._stream_usage = {}
         self._blocks = {}  # content block index -> ["call", n, arguments so far] | ["structured"] | ["skip"]
 
+    @property
+    def call_usage(self):
+        """The usage the current model call has reported so far (its input, at message_start)."""
+        return dict(self._stream_usage)
+
     def feed(self, event):
         if self.done:
             return []
@@ -2276,6 +2599,202 @@ class ChatMessageCollector:
 
     def fail(self, error):
         raise error
+
+
+# Anthropic Messages response ################################################################
+
+# ProxyError status -> Anthropic's error type. The statuses the proxy answers are already the
+# API's; overload is 529 there (Claude Code and the SDKs retry it).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 529: "overloaded_error"}
+# Failures a retry cannot fix are 4xx here: Claude Code retries a 5xx about ten times.
+ANTHROPIC_PERMANENT = {"cli_not_logged_in", "cli_not_found"}
+
+
+def anthropic_error(error, request_id):
+    """A ProxyError -> (status, Anthropic error body, headers): the one place this dialect's
+    errors are rendered, as responses and as a stream's `error` event."""
+    status = error.status
+    if error.code in ANTHROPIC_PERMANENT:
+        status = 403
+    elif error.code == "overloaded":
+        status = 529
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    headers = dict(error.headers)
+    if status >= 500 and "x-should-retry" in headers:
+        del headers["x-should-retry"]
+    return status, {"type": "error", "error": {"type": kind, "message": error.message},
+                    "request_id": request_id}, headers
+
+
+def anthropic_usage(usage):
+    """The CLI's usage -> the Messages API's four counts (0 where the CLI said nothing)."""
+    usage = usage or {}
+    return {name: usage[name] if isinstance(usage.get(name), int) and not isinstance(usage[name], bool) else 0
+            for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+                         "output_tokens")}
+
+
+def anthropic_message(message_id, model, content, stop_reason, stop_sequence, usage):
+    """The non-streaming response (and, empty, the message of a stream's message_start)."""
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": usage}
+
+
+def anthropic_stop_reason(reply):
+    return reply.stop_reason if reply.stop_reason in (
+        "end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal") else "end_turn"
+
+
+class AnthropicBlocks:
+    """Neutral reply events -> the Messages API's content block events (start, delta, stop),
+    numbered from 0: the one builder behind both the stream writer and the collector. Events
+    arrive in order: text, thinking or a call of a kind other than the open block's opens a new
+    block; signatures and argument fragments belong to the open one. Thinking is shown only when
+    the request asked for it, as the API does."""
+
+    def __init__(self, show_thinking):
+        self.show_thinking = show_thinking
+        self.index = -1  # the newest block's; -1 before the first
+        self.open = None  # the open block's kind: "text", "thinking", "call" or None
+
+    def events(self, event):
+        if ("thinking" in event or "signature" in event) and not self.show_thinking:
+            return []
+        if "signature" in event:
+            return [self._delta({"type": "signature_delta", "signature": event["signature"]})] \
+                if self.open == "thinking" else []
+        if "arguments" in event:
+            return [self._delta({"type": "input_json_delta", "partial_json": event["arguments"]})] \
+                if self.open == "call" else []
+        if "text" in event:
+            kind, block = "text", {"type": "text", "text": ""}
+            delta = {"type": "text_delta", "text": event["text"]}
+        elif "thinking" in event:
+            kind, block = "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": event["thinking"]}
+        elif "call" in event and "id" in event:
+            kind, delta = "call", None
+            block = {"type": "tool_use", "id": cli_tool_id(event["id"]), "name": event["name"], "input": {}}
+        else:
+            return []
+        out = []
+        if kind != self.open or kind == "call":
+            out = self.close()
+            self.index += 1
+            self.open = kind
+            out.append({"type": "content_block_start", "index": self.index, "content_block": block})
+        return out + ([self._delta(delta)] if delta else [])
+
+    def _delta(self, delta):
+        return {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    def close(self):
+        """The open block's content_block_stop, if one is open."""
+        if self.open is None:
+            return []
+        self.open = None
+        return [{"type": "content_block_stop", "index": self.index}]
+
+
+class AnthropicStreamWriter:
+    """Writes one streamed message: message_start (with the input usage so far) before the first
+    block, the content block events, one message_delta with the stop reason and the whole
+    usage, message_stop. Every data line has its `event:` line: the SDKs dispatch on it."""
+
+    def __init__(self, handler, message_id, model, show_thinking, structured=False):
+        self.stream = SseStream(handler)
+        self.handler = handler
+        self.id, self.model = message_id, model
+        self.blocks = AnthropicBlocks(show_thinking)
+        self.structured = structured
+        self.translator = None  # answer() sets it: message_start reads the input usage from it
+
+    @property
+    def started(self):
+        return self.stream.started
+
+    def _send(self, events):
+        self.stream.write(b"".join(sse_event(e, e["type"]) for e in events))
+
+    def _begin(self):
+        if not self.stream.started:
+            usage = anthropic_usage(self.translator.call_usage if self.translator else None)
+            self._send([{"type": "message_start", "message": anthropic_message(
+                self.id, self.model, [], None, None, usage)}])
+
+    def event(self, event):
+        if "revised" in event:
+            raise revised_error(self.structured)
+        events = self.blocks.events(event)
+        if events:
+            self._begin()
+            self._send(events)
+
+    def finish(self, reply):
+        self._begin()
+        self._send(self.blocks.close() + [
+            {"type": "message_delta", "delta": {"stop_reason": anthropic_stop_reason(reply),
+                                                "stop_sequence": reply.stop_sequence},
+             "usage": anthropic_usage(reply.usage)},
+            {"type": "message_stop"}])
+
+    def fail(self, error):
+        """After message_start, an error is one `event: error`, then the end."""
+        if not self.stream.started:
+            raise error
+        self._send([anthropic_error(error, self.handler.request_id)[1]])
+
+
+class AnthropicMessageCollector:
+    """The non-streaming counterpart: folds the same block events into one message."""
+
+    started = False
+
+    def __init__(self, handler, message_id, model, show_thinking):
+        self.handler = handler
+        self.id, self.model = message_id, model
+        self.blocks = AnthropicBlocks(show_thinking)
+        self.content = []
+        self._arguments = {}  # tool_use block index -> its input JSON so far
+
+    def event(self, event):
+        if "revised" in event:  # not sent yet: the whole answer replaces the part
+            self.content = [b for b in self.content if b["type"] != "text"] + [text_block(event["revised"])]
+            return
+        for block_event in self.blocks.events(event):
+            if block_event["type"] == "content_block_start":
+                self.content.append(dict(block_event["content_block"]))
+            elif block_event["type"] == "content_block_delta":
+                block, delta = self.content[block_event["index"]], block_event["delta"]
+                if delta["type"] == "input_json_delta":
+                    self._arguments[block_event["index"]] = (self._arguments.get(block_event["index"], "")
+                                                             + delta["partial_json"])
+                else:
+                    field = delta["type"][:-len("_delta")]  # text, thinking, signature
+                    block[field] += delta[field]
+
+    def finish(self, reply):
+        for index, arguments in self._arguments.items():
+            try:
+                value = json.loads(arguments)
+            except ValueError:
+                value = {}
+            self.content[index]["input"] = value if isinstance(value, dict) else {}
+        self.handler.send_json(200, anthropic_message(
+            self.id, self.model, self.content, anthropic_stop_reason(reply), reply.stop_sequence,
+            anthropic_usage(reply.usage)))
+
+    def fail(self, error):
+        raise error
+
+
+def anthropic_model_entry(model_id, created):
+    """GET /v1/models for a request carrying anthropic-version: Anthropic's model shape."""
+    return {"type": "model", "id": model_id, "display_name": model_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))}
 
 
 # Access, limits and metrics #################################################################
@@ -3922,6 +4441,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/v1/chat/completions", "/chat/completions"):
             return ("POST",), self.chat_completions, ()
+        if path in ("/v1/messages", "/messages"):
+            return ("POST",), self.messages, ()
+        if path in ("/v1/messages/count_tokens", "/messages/count_tokens"):
+            return ("POST",), self.count_tokens, ()
         if path in ("/v1/models", "/models"):
             return ("GET",), self.list_models, ()
         if path.startswith(("/v1/models/", "/models/")):
@@ -3930,8 +4453,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return ("GET",), self.health, ()
         if path == "/metrics":
             return ("GET",), self.metrics, ()
-        if path == "/" and self.server.config.ui:
-            return ("GET",), self.web_page, ()
+        if path == "/":
+            # The chat page; without it, a small JSON: Claude Code probes the base URL (HEAD /).
+            return ("GET",), self.web_page if self.server.config.ui else self.root, ()
         return None
 
     def setup(self):
@@ -3958,13 +4482,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if method != "POST":
             self.server.read_deadlines.end(self)  # the whole request has arrived
         route = None
+        self.request_id = "req_" + uuid.uuid4().hex[:24]
         try:
             self.framing = body_framing(self.headers)
             route = self.route(method, self.path)
+            self.dialect = self.request_dialect(route)
             self.check_access(route)
             if route is None:
                 raise ProxyError(404, "No route %s %s; the API is under /v1 (POST "
-                                 "/v1/chat/completions, GET /v1/models)." % (method, self.path.split("?")[0]),
+                                 "/v1/chat/completions, POST /v1/messages, GET /v1/models)." % (method, self.path.split("?")[0]),
                                  "invalid_request_error", None, "not_found")
             allowed, handler, arguments = route
             if method == "OPTIONS":
@@ -4024,7 +4550,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                       and (config.loopback_only or config.api_keys)):
                 raise forbidden("Origin %r may not use this proxy; allow it with "
                                 "CLAUDE_PROXY_CORS_ORIGINS." % origin[:100], "origin_not_allowed")
-        public = route is not None and route[1] in (self.health, self.web_page)
+        public = route is not None and route[1] in (self.health, self.web_page, self.root)
         if config.api_keys and not public and self.command != "OPTIONS":
             if not key_matches(presented_key(self.headers), config.api_keys):
                 raise ProxyError(401, "A valid API key is required: Authorization: Bearer <key> "
@@ -4048,8 +4574,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def end_headers(self):
         if self.cors_origin:  # on every response to an allowed page: errors and streams too
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", "Retry-After, x-should-retry")
+            self.send_header("Access-Control-Expose-Headers", "Retry-After, x-should-retry, request-id")
             self.send_header("Vary", "Origin")
+        if getattr(self, "dialect", None) == "anthropic":
+            self.send_header("request-id", self.request_id)
         super().end_headers()
 
     # --- responses
@@ -4069,12 +4597,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def request_dialect(self, route):
+        """Whose conventions the answer follows, errors included: "anthropic" for the Messages
+        API and for requests carrying anthropic-version (except to the OpenAI endpoints)."""
+        if route is not None and route[1] in (self.messages, self.count_tokens):
+            return "anthropic"
+        if self.headers.get("anthropic-version") and not (route and route[1] == self.chat_completions):
+            return "anthropic"
+        return "openai"
+
     def send_error_body(self, error):
         self.log_error = error.code or error.type
         if self.status is not None:  # headers already sent: nothing more can be said
             return
         try:
-            self.send_json(error.status, error.body(), error.headers)
+            if getattr(self, "dialect", "openai") == "anthropic":
+                self.send_json(*anthropic_error(error, self.request_id))
+            else:
+                self.send_json(error.status, error.body(), error.headers)
         except OSError:
             pass
 
@@ -4218,8 +4758,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         data = self.server.metrics.render(self.server.admission, self.server.runner).encode("utf-8")
         self.send_body(200, data, "text/plain; version=0.0.4; charset=utf-8")
 
+    def root(self):
+        """GET or HEAD /: Claude Code probes the base URL before its first request."""
+        self.send_json(200, {"name": "claude-proxy", "version": __version__})
+
     def list_models(self):
         config = self.server.config
+        if self.dialect == "anthropic":
+            data = [anthropic_model_entry(m, config.started) for m in config.models]
+            return self.send_json(200, {"data": data, "has_more": False,
+                                        "first_id": data[0]["id"] if data else None,
+                                        "last_id": data[-1]["id"] if data else None})
         self.send_json(200, {"object": "list",
                              "data": [model_entry(m, config.started) for m in config.models]})
 
@@ -4231,7 +4780,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                                    and MODEL_NAME.match(model_id)):
             raise ProxyError(404, "The model %r does not exist; GET /v1/models lists them." % model_id,
                              "invalid_request_error", "model", "model_not_found")
-        self.send_json(200, model_entry(model_id, config.started))
+        self.send_json(200, (anthropic_model_entry if self.dialect == "anthropic" else model_entry)(
+            model_id, config.started))
 
     def chat_completions(self):
         config = self.server.config
@@ -4246,14 +4796,34 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                         plan["legacy_functions"])
         self.answer(plan, sink)
 
+    def messages(self):
+        """POST /v1/messages: the Anthropic Messages API over the same runs."""
+        config = self.server.config
+        plan = parse_messages_request(self.read_json(), config.model, config.effort)
+        message_id = "msg_" + uuid.uuid4().hex[:24]
+        if plan["stream"]:
+            sink = AnthropicStreamWriter(self, message_id, plan["model"], plan["show_thinking"],
+                                         bool(plan["json_schema"]))
+        else:
+            sink = AnthropicMessageCollector(self, message_id, plan["model"], plan["show_thinking"])
+        self.answer(plan, sink)
+
+    def count_tokens(self):
+        """POST /v1/messages/count_tokens: an estimate (see estimate_tokens); no CLI run."""
+        config = self.server.config
+        plan = parse_messages_request(self.read_json(), config.model, config.effort)
+        self.send_json(200, {"input_tokens": estimate_tokens(plan)})
+
     def answer(self, plan, sink):
         """Run a parsed request through the CLI and hand its reply events to a dialect's sink
         (its stream writer or message collector): the one path every dialect shares.
 
-        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError)."""
+        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError); its
+        `translator` attribute is set to the run's ReplyTranslator before the first event."""
         config = self.server.config
         translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
                                      bool(plan["json_schema"]), live_structured=plan["stream"])
+        sink.translator = translator  # a sink may read the usage as it goes (message_start)
         self.log_model = plan["model"] or "default"
         admission, metrics = self.server.admission, self.server.metrics
         run = None

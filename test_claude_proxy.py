@@ -9,8 +9,10 @@ working directory and environment it got, so tests can assert on what the proxy 
 
 import collections
 import http.client
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -3044,10 +3046,13 @@ class WebPageTest(ServerTestCase):
         self.assertEqual(self.request("GET", "/v1/models", port=port)[0], 401)
 
     def test_turned_off(self):
+        # Without the page, / is a small JSON, with no key too: Claude Code probes it (HEAD /).
         port = self.serve(ui=False).server_address[1]
-        self.assert_error(self.page(port), 404, code="not_found")
+        status, headers, raw = self.page(port)
+        self.assertEqual((status, json.loads(raw)["name"]), (200, "claude-proxy"))
+        self.assertNotIn(b"<html", raw.lower())
         port = self.serve(ui=False, api_keys=["k"]).server_address[1]
-        self.assert_error(self.page(port), 401, code="invalid_api_key")
+        self.assertEqual(self.page(port)[0], 200)
         for env, argv, want in (({}, [], False), ({"CLAUDE_PROXY_UI": "0"}, [], True),
                                 ({"CLAUDE_PROXY_UI": "off"}, [], True), ({"CLAUDE_PROXY_UI": "1"}, [], False),
                                 ({"CLAUDE_PROXY_UI": ""}, [], False), ({}, ["--no-ui"], True)):
@@ -3463,3 +3468,595 @@ class BrowserTest(ServerTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# The Anthropic Messages API ##################################################################
+
+
+def anthropic_sse(raw):
+    """The data objects of an Anthropic SSE body, asserting each has an `event:` line naming
+    its type (the SDKs dispatch on it) and the exact framing."""
+    events = raw.split(b"\n\n")
+    assert events[-1] == b"", "the body must end right after an event"
+    out = []
+    for event in events[:-1]:
+        name, data = event.split(b"\n")
+        assert name.startswith(b"event: ") and data.startswith(b"data: "), event
+        obj = json.loads(data[len(b"data: "):])
+        assert obj["type"] == name[len(b"event: "):].decode(), event
+        out.append(obj)
+    return out
+
+
+def anthropic_user(text, **fields):
+    return dict({"model": "claude-sonnet-4-6", "max_tokens": 1024,
+                 "messages": [{"role": "user", "content": text}]}, **fields)
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"]}}
+
+
+class AnthropicRequestTest(unittest.TestCase):
+    def parse(self, **fields):
+        return cp.parse_messages_request(dict({"model": "claude-sonnet-4-6", "max_tokens": 100}, **fields))
+
+    def test_conversations(self):
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+        cases = [
+            ("a string", [{"role": "user", "content": "hi"}], None,
+             [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
+            ("blocks with cache_control and an image", [{"role": "user", "content": [
+                {"type": "text", "text": "what is", "cache_control": {"type": "ephemeral"}}, image]}], None,
+             [{"role": "user", "content": [{"type": "text", "text": "what is"}, cp.image_block("image/png", PNG_1PX, "")]}]),
+            ("a tool round trip, thinking sent back, redacted thinking dropped", [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hm", "signature": "c2ln"},
+                    {"type": "redacted_thinking", "data": "xxx"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "and?"},
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                     "content": [{"type": "text", "text": "RESULT-sunny"}, image]}]}], None,
+             [{"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+              {"role": "assistant", "content": [
+                  {"type": "thinking", "thinking": "hm", "signature": "c2ln"},
+                  {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+              {"role": "user", "content": [
+                  {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                   "content": [{"type": "text", "text": "RESULT-sunny"}, cp.image_block("image/png", PNG_1PX, "")]},
+                  {"type": "text", "text": "and?"}]}]),
+            ("string tool result, same-role messages joined", [
+                {"role": "user", "content": "a"}, {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t", "content": "42"}]}], None,
+             [{"role": "user", "content": [
+                 {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "42"}], "is_error": False},
+                 {"type": "text", "text": "a"}]}]),
+        ]
+        for name, messages, system, turns in cases:
+            with self.subTest(name):
+                plan = self.parse(messages=messages)
+                self.assertEqual(plan["conversation"]["turns"], turns)
+
+    def test_system_prompt(self):
+        cases = [
+            ("string", {"system": "Be brief."}, "Be brief."),
+            ("text blocks", {"system": [{"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}},
+                                        {"type": "text", "text": "B"}]}, "A\n\nB"),
+            ("system-role messages fold in, in order", {"system": "A", "messages": [
+                {"role": "system", "content": "B"}, {"role": "user", "content": "hi"},
+                {"role": "system", "content": [{"type": "text", "text": "C"}]}]}, "A\n\nB\n\nC"),
+            ("none", {}, None),
+        ]
+        for name, fields, system in cases:
+            with self.subTest(name):
+                fields.setdefault("messages", [{"role": "user", "content": "hi"}])
+                self.assertEqual(self.parse(**fields)["system_prompt"], system)
+
+    def test_fields(self):
+        plan = self.parse(messages=[{"role": "user", "content": "hi"}], stream=True, stop_sequences=["END", ""],
+                          temperature=0.2, top_p=0.9, top_k=5, metadata={"user_id": "u"},
+                          cache_control={"type": "ephemeral"}, service_tier="auto")
+        self.assertEqual((plan["model"], plan["max_tokens"], plan["stream"], plan["stop"]),
+                         ("claude-sonnet-4-6", 100, True, ["END"]))
+        self.assertEqual((plan["tools"], plan["json_schema"], plan["show_thinking"], plan["effort"]),
+                         ([], None, False, None))
+        self.assertEqual(self.parse(messages=[{"role": "user", "content": "hi"}],
+                                    model="claude-opus-4-8[1m]")["model"], "claude-opus-4-8[1m]")
+
+    def test_thinking_and_effort(self):
+        cases = [
+            (None, None, None, False),
+            ({"type": "disabled"}, None, None, False),
+            ({"type": "adaptive"}, None, None, True),
+            ({"type": "enabled", "budget_tokens": 2000}, None, "low", True),
+            ({"type": "enabled", "budget_tokens": 10000}, None, "medium", True),
+            ({"type": "enabled", "budget_tokens": 31999}, None, "high", True),
+            ({"type": "enabled", "budget_tokens": 60000}, None, "max", True),
+            ({"type": "enabled", "budget_tokens": 60000}, "low", "low", True),
+            ({"type": "adaptive"}, "xhigh", "xhigh", True),
+        ]
+        for thinking, effort, want_effort, shown in cases:
+            with self.subTest(thinking=thinking, effort=effort):
+                fields = {"messages": [{"role": "user", "content": "hi"}]}
+                if thinking:
+                    fields["thinking"] = thinking
+                if effort:
+                    fields["output_config"] = {"effort": effort}
+                plan = self.parse(**fields)
+                self.assertEqual((plan["effort"], plan["show_thinking"]), (want_effort, shown))
+
+    def test_tools(self):
+        server_tool = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+        time_tool = {"type": "custom", "name": "get_time", "input_schema": {"type": "object"},
+                     "cache_control": {"type": "ephemeral"}}
+        base = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL, server_tool, time_tool]}
+        plan = self.parse(**base)
+        self.assertEqual([t["name"] for t in plan["tools"]], ["get_weather", "get_time"], "server tools left out")
+        self.assertEqual(plan["tools"][0]["input_schema"], WEATHER_TOOL["input_schema"])
+        self.assertEqual((plan["system_prompt"], plan["single_tool_call"]), (None, False))
+        cases = [
+            ({"type": "auto"}, ["get_weather", "get_time"], None, False),
+            ({"type": "auto", "disable_parallel_tool_use": True}, ["get_weather", "get_time"],
+             "Call at most one tool in this reply.", True),
+            ({"type": "any"}, ["get_weather", "get_time"], "one or more of the tools", False),
+            ({"type": "tool", "name": "get_time"}, ["get_time"], "the tool mcp__fn__get_time", False),
+            ({"type": "none"}, [], None, False),
+        ]
+        for choice, names, instruction, single in cases:
+            with self.subTest(choice):
+                plan = self.parse(tool_choice=choice, **base)
+                self.assertEqual([t["name"] for t in plan["tools"]], names)
+                self.assertEqual(plan["single_tool_call"], single)
+                if instruction:
+                    self.assertIn(instruction, plan["system_prompt"])
+                else:
+                    self.assertIsNone(plan["system_prompt"])
+
+    def test_structured_output(self):
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        for fields in ({"output_config": {"format": {"type": "json_schema", "schema": schema}}},
+                       {"output_format": {"type": "json_schema", "schema": schema}}):
+            with self.subTest(fields):
+                plan = self.parse(messages=[{"role": "user", "content": "hi"}], **fields)
+                self.assertEqual(plan["json_schema"], schema)
+
+    def test_malformed_requests(self):
+        user_msg = [{"role": "user", "content": "hi"}]
+        cases = [
+            ({"messages": "hi"}, "messages"),
+            ({"messages": []}, "messages"),
+            ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+            ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
+            ({"messages": [{"role": "user"}]}, "messages[0].content"),
+            ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f"}]}]},
+             "messages[0].content[0].type"),
+            ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+             "messages[0].content[0].type"),
+            ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+                "type": "url", "url": "http://example.com/a.png"}}]}]}, "messages[0].content[0].source.type"),
+            ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                          "content": [{"type": "document"}]}]}]},
+             "messages[0].content[0].content[0].type"),
+            ({"messages": user_msg, "system": [{"type": "image"}]}, "system[0].type"),
+            ({"messages": user_msg, "model": "--evil"}, "model"),
+            ({"messages": user_msg, "max_tokens": 0}, "max_tokens"),
+            ({"messages": user_msg, "max_tokens": "100"}, "max_tokens"),
+            ({"messages": user_msg, "stop_sequences": "END"}, "stop_sequences"),
+            ({"messages": user_msg, "temperature": "hot"}, "temperature"),
+            ({"messages": user_msg, "thinking": {"type": "always"}}, "thinking.type"),
+            ({"messages": user_msg, "thinking": {"type": "enabled", "budget_tokens": -1}}, "thinking.budget_tokens"),
+            ({"messages": user_msg, "output_config": {"effort": "huge"}}, "output_config.effort"),
+            ({"messages": user_msg, "output_config": {"format": {"type": "json_schema", "schema": {"type": "array"}}}},
+             "output_config.format.schema"),
+            ({"messages": user_msg, "tools": [{"name": "bad name", "input_schema": {"type": "object"}}]}, "tools[0].name"),
+            ({"messages": user_msg, "tools": [{"name": "f"}]}, "tools[0].input_schema"),
+            ({"messages": user_msg, "tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools"),
+            ({"messages": user_msg, "tools": [WEATHER_TOOL], "tool_choice": "auto"}, "tool_choice"),
+            ({"messages": user_msg, "tools": [WEATHER_TOOL], "tool_choice": {"type": "tool", "name": "nope"}},
+             "tool_choice"),
+            ({"messages": user_msg, "tool_choice": {"type": "any"}}, "tool_choice"),
+            ({"messages": user_msg, "mcp_servers": [{"type": "url", "url": "https://x"}]}, "mcp_servers"),
+        ]
+        for fields, param in cases:
+            with self.subTest(fields):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    cp.parse_messages_request(dict({"model": "claude-sonnet-4-6", "max_tokens": 10}, **fields))
+                self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+
+    def test_count_tokens_estimate(self):
+        plan = self.parse(system="x" * 40, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "y" * 80}, {"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": PNG_1PX}}]},
+            {"role": "assistant", "content": "z" * 4}])
+        self.assertEqual(cp.estimate_tokens(plan), 10 + 20 + 1600 + 1 + 4 * 2)
+        with_tool = self.parse(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL])
+        self.assertGreater(cp.estimate_tokens(with_tool), cp.estimate_tokens(self.parse(messages=[
+            {"role": "user", "content": "hi"}])) + 20, "tool definitions count")
+
+
+class FakeReply:
+    """What a sink's finish() reads of a ReplyTranslator."""
+
+    def __init__(self, stop_reason="end_turn", stop_sequence=None, usage=None):
+        self.stop_reason, self.stop_sequence = stop_reason, stop_sequence
+        self.usage = usage or {"input_tokens": 4, "cache_creation_input_tokens": 1,
+                               "cache_read_input_tokens": 2, "output_tokens": 3, "service_tier": "standard"}
+        self.call_usage = {"input_tokens": 4, "cache_read_input_tokens": 2}
+
+
+class FakeHandler:
+    """Just enough of ProxyHandler for a sink: the bytes written, the JSON sent."""
+
+    request_id = "req_test"
+
+    def __init__(self):
+        self.wfile = io.BytesIO()
+        self.head = []
+        self.sent = None
+
+    def send_response(self, status):
+        self.head.append(status)
+
+    def send_header(self, name, value):
+        self.head.append((name, value))
+
+    def end_headers(self):
+        pass
+
+    def send_json(self, status, obj, headers=None):
+        self.sent = (status, obj)
+
+
+def anthropic_translate(cli_events, show_thinking=True, stop=(), tools=()):
+    """CLI events through ReplyTranslator and AnthropicBlocks: (block events, translator)."""
+    translator, blocks, out = cp.ReplyTranslator(stop, tools), cp.AnthropicBlocks(show_thinking), []
+    for event in cli_events:
+        for reply_event in translator.feed(event):
+            out += blocks.events(reply_event)
+        if translator.done:
+            break
+    return out + blocks.close(), translator
+
+
+def thinking_events():
+    return [stream_event({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+            stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Hm"}}),
+            stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}}),
+            stream_event({"type": "content_block_stop", "index": 0})]
+
+
+def start(index, block):
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def delta(index, **d):
+    return {"type": "content_block_delta", "index": index, "delta": d}
+
+
+def stop(index):
+    return {"type": "content_block_stop", "index": index}
+
+
+class AnthropicEventsTest(unittest.TestCase):
+    def test_tables(self):
+        text = text_events("Hel", "lo")
+        cases = [
+            ("text", text, {}, [start(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="Hel"),
+                                delta(0, type="text_delta", text="lo"), stop(0)], "end_turn", None),
+            ("thinking with its signature", text[:2] + thinking_events() + text[2:], {},
+             [start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+              delta(0, type="thinking_delta", thinking="Hm"), delta(0, type="signature_delta", signature="c2ln"),
+              stop(0), start(1, {"type": "text", "text": ""}), delta(1, type="text_delta", text="Hel"),
+              delta(1, type="text_delta", text="lo"), stop(1)], "end_turn", None),
+            ("thinking not asked for is not shown", text[:2] + thinking_events() + text[2:], {"show_thinking": False},
+             [start(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="Hel"),
+              delta(0, type="text_delta", text="lo"), stop(0)], "end_turn", None),
+            ("stop sequence", text_events("abc", "def"), {"stop": ["cd"]},
+             [start(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="ab"), stop(0)],
+             "stop_sequence", "cd"),
+            ("max_tokens", text_events("abc", stop_reason="max_tokens"), {},
+             [start(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="abc"), stop(0)],
+             "max_tokens", None),
+            ("parallel tool calls", tool_events([("mcp__fn__get_weather", ['{"city"', ':"Paris"}']),
+                                                 ("mcp__fn__get_weather", ['{"city":"Rome"}'])]), {"tools": FN_TOOLS},
+             [start(0, {"type": "text", "text": ""}), delta(0, type="text_delta", text="Let me check."), stop(0),
+              start(1, {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}),
+              delta(1, type="input_json_delta", partial_json='{"city"'),
+              delta(1, type="input_json_delta", partial_json=':"Paris"}'), stop(1),
+              start(2, {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {}}),
+              delta(2, type="input_json_delta", partial_json='{"city":"Rome"}'), stop(2)], "tool_use", None),
+            ("a call without arguments", tool_events([("mcp__fn__get_weather", [])], text=""), {"tools": FN_TOOLS},
+             [start(0, {"type": "tool_use", "id": "toolu_0", "name": "get_weather", "input": {}}),
+              delta(0, type="input_json_delta", partial_json="{}"), stop(0)], "tool_use", None),
+        ]
+        for name, cli_events, options, want, stop_reason, stop_sequence in cases:
+            with self.subTest(name):
+                got, translator = anthropic_translate(cli_events, **options)
+                self.assertEqual(got, want)
+                self.assertEqual((translator.stop_reason, translator.stop_sequence), (stop_reason, stop_sequence))
+
+    def test_collected_message(self):
+        handler = FakeHandler()
+        sink = cp.AnthropicMessageCollector(handler, "msg_1", "claude-sonnet-4-6", True)
+        for event in [{"thinking": "Hm"}, {"signature": "c2"}, {"signature": "ln"}, {"text": "Let me "}, {"text": "check."},
+                      {"call": 0, "id": "call_abc", "name": "get_weather"}, {"call": 0, "arguments": '{"city":'},
+                      {"call": 0, "arguments": '"Paris"}'}, {"call": 1, "id": "call_def", "name": "get_time"},
+                      {"call": 1, "arguments": "{}"}]:
+            sink.event(event)
+        sink.finish(FakeReply("tool_use"))
+        self.assertEqual(handler.sent, (200, {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+            "content": [{"type": "thinking", "thinking": "Hm", "signature": "c2ln"},
+                        {"type": "text", "text": "Let me check."},
+                        {"type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {"city": "Paris"}},
+                        {"type": "tool_use", "id": "toolu_def", "name": "get_time", "input": {}}],
+            "stop_reason": "tool_use", "stop_sequence": None,
+            "usage": {"input_tokens": 4, "cache_creation_input_tokens": 1, "cache_read_input_tokens": 2,
+                      "output_tokens": 3}}))
+
+    def test_revised_answer(self):
+        handler = FakeHandler()
+        sink = cp.AnthropicMessageCollector(handler, "msg_1", "m", False)
+        sink.event({"text": "Hel"})
+        sink.event({"revised": "Hello, world"})
+        sink.finish(FakeReply())
+        self.assertEqual(handler.sent[1]["content"], [{"type": "text", "text": "Hello, world"}])
+        stream = cp.AnthropicStreamWriter(FakeHandler(), "msg_1", "m", False)
+        with self.assertRaises(cp.ProxyError):
+            stream.event({"revised": "Hello, world"})
+
+    def test_exact_stream_bytes(self):
+        handler = FakeHandler()
+        sink = cp.AnthropicStreamWriter(handler, "msg_1", "claude-sonnet-4-6", False)
+        sink.translator = FakeReply()
+        for event in ({"text": "Hi"}, {"text": "!"}):
+            sink.event(event)
+        sink.finish(FakeReply())
+        self.assertEqual(handler.head[:2], [200, ("Content-Type", "text/event-stream; charset=utf-8")])
+        self.assertEqual(handler.wfile.getvalue().decode(), (
+            'event: message_start\n'
+            'data: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant",'
+            '"model":"claude-sonnet-4-6","content":[],"stop_reason":null,"stop_sequence":null,'
+            '"usage":{"input_tokens":4,"cache_creation_input_tokens":0,"cache_read_input_tokens":2,"output_tokens":0}}}\n\n'
+            'event: content_block_start\n'
+            'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+            'event: content_block_delta\n'
+            'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+            'event: content_block_delta\n'
+            'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"!"}}\n\n'
+            'event: content_block_stop\n'
+            'data: {"type":"content_block_stop","index":0}\n\n'
+            'event: message_delta\n'
+            'data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+            '"usage":{"input_tokens":4,"cache_creation_input_tokens":1,"cache_read_input_tokens":2,"output_tokens":3}}\n\n'
+            'event: message_stop\n'
+            'data: {"type":"message_stop"}\n\n'))
+
+    def test_error_after_the_start(self):
+        handler = FakeHandler()
+        sink = cp.AnthropicStreamWriter(handler, "msg_1", "m", False)
+        with self.assertRaises(cp.ProxyError):
+            sink.fail(cp.timed_out(5))  # nothing sent yet: a real HTTP status
+        sink.event({"text": "Hi"})
+        sink.fail(cp.timed_out(5))
+        events = anthropic_sse(handler.wfile.getvalue())
+        self.assertEqual(events[-1], {"type": "error", "error": {
+            "type": "api_error", "message": "The claude CLI did not finish within 5 s (CLAUDE_TIMEOUT)."},
+            "request_id": "req_test"})
+        self.assertNotIn("message_delta", [e["type"] for e in events])
+
+
+class AnthropicErrorEnvelopeTest(unittest.TestCase):
+    def test_each_status(self):
+        cases = [
+            (cp.invalid("bad", "messages"), 400, "invalid_request_error"),
+            (cp.ProxyError(401, "key", "invalid_request_error", None, "invalid_api_key"), 401, "authentication_error"),
+            (cp.forbidden("origin", "origin_not_allowed"), 403, "permission_error"),
+            (cp.ProxyError(404, "no", "invalid_request_error", None, "not_found"), 404, "not_found_error"),
+            (cp.ProxyError(405, "method", "invalid_request_error", None, "method_not_allowed"), 405, "invalid_request_error"),
+            (cp.ProxyError(413, "big", "invalid_request_error", None, "request_too_large"), 413, "request_too_large"),
+            (cp.ProxyError(415, "json", "invalid_request_error", None, "unsupported_media_type"), 415, "invalid_request_error"),
+            (cp.rate_limited(7, "slow down"), 429, "rate_limit_error"),
+            (cp.proxy_busy("busy"), 429, "rate_limit_error"),
+            (cp.overloaded(5, "overloaded"), 529, "overloaded_error"),
+            (cp.not_logged_in("x"), 403, "permission_error"),
+            (cp.cli_failed("missing", "cli_not_found"), 403, "permission_error"),
+            (cp.cli_failed("crashed", "cli_crashed"), 502, "api_error"),
+            (cp.timed_out(5), 504, "api_error"),
+            (cp.ProxyError(500, "oops", "server_error", None, "internal_error"), 500, "api_error"),
+        ]
+        for error, status, kind in cases:
+            with self.subTest(error.code):
+                got_status, body, headers = cp.anthropic_error(error, "req_1")
+                self.assertEqual(got_status, status)
+                self.assertEqual(body, {"type": "error", "error": {"type": kind, "message": error.message},
+                                        "request_id": "req_1"})
+                if status == 429:
+                    self.assertTrue(headers["Retry-After"].isdigit())
+                if status >= 500:
+                    self.assertNotIn("x-should-retry", headers)
+
+
+class AnthropicServerTest(ServerTestCase):
+    HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "fine-grained-tool-streaming-2025-05-14"}
+
+    def messages(self, body, path="/v1/messages", **kwargs):
+        kwargs.setdefault("headers", self.HEADERS)
+        return self.request("POST", path, body, **kwargs)
+
+    def stream(self, body):
+        status, headers, raw = self.messages(dict(body, stream=True))
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertTrue(headers["request-id"].startswith("req_"))
+        return anthropic_sse(raw)
+
+    def assert_anthropic_error(self, status_and_body, status, kind):
+        got_status, headers, raw = status_and_body
+        self.assertEqual(got_status, status, raw)
+        body = json.loads(raw)
+        self.assertEqual(set(body), {"type", "error", "request_id"})
+        self.assertEqual((body["type"], body["error"]["type"]), ("error", kind))
+        self.assertTrue(body["error"]["message"])
+        self.assertEqual(headers["request-id"], body["request_id"])
+        return headers, body
+
+    def test_plain_message(self):
+        status, headers, raw = self.messages(anthropic_user("hello"), path="/v1/messages?beta=true")
+        self.assertEqual(status, 200, raw)
+        message = json.loads(raw)
+        self.assertRegex(message["id"], r"^msg_[0-9a-f]{24}$")
+        self.assertEqual(message, {
+            "id": message["id"], "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+            "content": [{"type": "text", "text": "Echo: hello [images: 0]"}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
+                      "output_tokens": 7}})
+        [record] = self.records()
+        argv = record["argv"][1:]
+        self.assertEqual(argv[argv.index("--model") + 1], "claude-sonnet-4-6")
+        self.assertEqual(record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "1024")
+        self.assertEqual(record["system_prompt"], cp.DEFAULT_SYSTEM_PROMPT)
+
+    def test_what_the_cli_is_given(self):
+        status, _, raw = self.messages({
+            "model": "claude-opus-4-8[1m]", "max_tokens": 50, "system": [{"type": "text", "text": "Be brief."}],
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+            "messages": [{"role": "user", "content": "My name is Ada."},
+                         {"role": "assistant", "content": "Hello Ada."},
+                         {"role": "system", "content": "Answer in English."},
+                         {"role": "user", "content": [{"type": "text", "text": "What is my name?",
+                                                       "cache_control": {"type": "ephemeral"}}]}]})
+        self.assertEqual(status, 200, raw)
+        [record] = self.records()
+        argv = record["argv"][1:]
+        self.assertEqual(argv[argv.index("--model") + 1], "claude-opus-4-8[1m]")
+        self.assertEqual(argv[argv.index("--effort") + 1], "high")
+        self.assertEqual(record["system_prompt"], "Be brief.\n\nAnswer in English.")
+        content = json.loads(record["stdin"])["message"]["content"]
+        self.assertEqual(content, [{"type": "text", "text": "What is my name?"}], "only the new turn on stdin")
+        self.assertEqual([m["content"] for m in record["resumed"]],
+                         [[{"type": "text", "text": "My name is Ada."}], [{"type": "text", "text": "Hello Ada."}]],
+                         "the earlier turns, as real turns")
+
+    def test_stream(self):
+        events = self.stream(anthropic_user("SAY[Hello there, friend]"))
+        self.assertEqual([e["type"] for e in events],
+                         ["message_start", "content_block_start"] + ["content_block_delta"] * 3
+                         + ["content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(events[0]["message"]["content"], [])
+        self.assertEqual(events[0]["message"]["usage"]["input_tokens"], 11)
+        self.assertEqual("".join(e["delta"]["text"] for e in events[2:5]), "Hello there, friend")
+        self.assertEqual(events[-2]["delta"], {"stop_reason": "end_turn", "stop_sequence": None})
+        self.assertEqual(events[-2]["usage"]["output_tokens"], 7)
+
+    def test_thinking(self):
+        body = anthropic_user("THINK", thinking={"type": "enabled", "budget_tokens": 2048})
+        status, _, raw = self.messages(body)
+        content = json.loads(raw)["content"]
+        self.assertEqual(content, [{"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"},
+                                   {"type": "text", "text": "Echo: THINK [images: 0]"}])
+        argv = self.records()[0]["argv"]
+        self.assertEqual(argv[argv.index("--effort") + 1], "low", "budget_tokens picks the effort")
+        events = self.stream(body)
+        self.assertEqual([(e["index"], e["delta"]["type"]) for e in events if e["type"] == "content_block_delta"],
+                         [(0, "thinking_delta"), (0, "thinking_delta"), (0, "signature_delta"),
+                          (1, "text_delta"), (1, "text_delta"), (1, "text_delta")])
+        status, _, raw = self.messages(anthropic_user("THINK"))
+        self.assertEqual([b["type"] for b in json.loads(raw)["content"]], ["text"], "not asked for, not shown")
+
+    def test_image(self):
+        status, _, raw = self.messages(anthropic_user([
+            {"type": "text", "text": "what is this"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]))
+        self.assertEqual(json.loads(raw)["content"][0]["text"], "Echo: what is this [images: 1]")
+
+    def test_stop_sequence_and_max_tokens(self):
+        status, _, raw = self.messages(anthropic_user("SAY[one two THREE four]", stop_sequences=["THREE"]))
+        message = json.loads(raw)
+        self.assertEqual((message["content"], message["stop_reason"], message["stop_sequence"]),
+                         ([{"type": "text", "text": "one two "}], "stop_sequence", "THREE"))
+        events = self.stream(anthropic_user("MAXTOKENS"))
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "max_tokens")
+
+    def test_tool_round_trip(self):
+        body = anthropic_user("CALLTOOL2 weather in Paris and Rome?", tools=[WEATHER_TOOL])
+        status, _, raw = self.messages(body)
+        self.assertEqual(status, 200, raw)
+        message = json.loads(raw)
+        self.assertEqual(message["stop_reason"], "tool_use")
+        calls = [b for b in message["content"] if b["type"] == "tool_use"]
+        self.assertEqual([(c["name"], c["input"]) for c in calls],
+                         [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})])
+        self.assertTrue(all(re.match(r"^toolu_[0-9a-f]{20}$", c["id"]) for c in calls))
+        self.assertEqual(self.records()[0]["offered_tools"][0]["name"], "mcp__fn__get_weather")
+        events = self.stream(body)
+        starts = [e for e in events if e["type"] == "content_block_start"]
+        self.assertEqual([(e["index"], e["content_block"]["type"]) for e in starts],
+                         [(0, "text"), (1, "tool_use"), (2, "tool_use")])
+        self.assertEqual(events[-2]["delta"]["stop_reason"], "tool_use")
+        follow_up = dict(body, messages=body["messages"] + [
+            {"role": "assistant", "content": message["content"]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": c["id"], "content": "RESULT-%d" % n}
+                                         for n, c in enumerate(calls)]}])
+        status, _, raw = self.messages(follow_up)
+        message = json.loads(raw)
+        self.assertEqual((message["stop_reason"], message["content"][0]["text"][:25]),
+                         ("end_turn", "Final answer using RESULT"))
+
+    def test_count_tokens(self):
+        status, headers, raw = self.messages(anthropic_user("x" * 400), path="/v1/messages/count_tokens")
+        self.assertEqual((status, json.loads(raw)), (200, {"input_tokens": 104}))
+        self.assertEqual(self.records(runs_only=False), [], "no CLI run")
+        self.assert_anthropic_error(self.messages({"messages": []}, path="/v1/messages/count_tokens"),
+                                    400, "invalid_request_error")
+
+    def test_errors_in_the_anthropic_envelope(self):
+        self.assert_anthropic_error(self.request("POST", "/v1/messages", b"{nope", self.HEADERS),
+                                    400, "invalid_request_error")
+        self.assert_anthropic_error(self.messages({"model": "claude-x", "messages": "hi"}), 400, "invalid_request_error")
+        self.assert_anthropic_error(self.request("GET", "/v1/messages", headers=self.HEADERS), 405, "invalid_request_error")
+        self.assert_anthropic_error(self.request("GET", "/v1/nothing", headers=self.HEADERS), 404, "not_found_error")
+        self.assert_anthropic_error(self.messages(anthropic_user("BADREQ400")), 400, "invalid_request_error")
+        self.assert_anthropic_error(self.messages(anthropic_user("NOTLOGGEDIN")), 403, "permission_error")
+        self.assert_anthropic_error(self.messages(anthropic_user("CRASH")), 502, "api_error")
+
+    def test_rate_limit_and_overload(self):
+        headers, _ = self.assert_anthropic_error(self.messages(anthropic_user("RATE429")), 429, "rate_limit_error")
+        self.assertEqual(headers["retry-after"], "1")
+        self.assert_anthropic_error(self.messages(dict(anthropic_user("OVERLOAD"), stream=True)),
+                                    529, "overloaded_error")
+
+    def test_error_after_the_stream_started(self):
+        port = self.serve(timeout=1.0).server_address[1]
+        status, _, raw = self.messages(dict(anthropic_user("FLOOD"), stream=True), port=port)
+        events = anthropic_sse(raw)
+        self.assertEqual(status, 200)
+        self.assertEqual(events[0]["type"], "message_start")
+        self.assertEqual(events[-1]["type"], "error")
+        self.assertEqual(events[-1]["error"]["type"], "api_error")
+        self.assertNotIn("message_stop", [e["type"] for e in events])
+
+    def test_auth_and_models(self):
+        port = self.serve(api_keys=["sk-right"]).server_address[1]
+        self.assert_anthropic_error(self.messages(anthropic_user("hi"), port=port), 401, "authentication_error")
+        for headers in ({"x-api-key": "sk-right"}, {"Authorization": "Bearer sk-right"}):
+            with self.subTest(headers):
+                status, _, raw = self.messages(anthropic_user("hi"), port=port, headers=dict(self.HEADERS, **headers))
+                self.assertEqual(status, 200, raw)
+        status, headers, raw = self.request("HEAD", "/", port=port)
+        self.assertEqual((status, raw), (200, b""), "Claude Code's probe needs no key")
+        status, _, raw = self.request("GET", "/v1/models", headers=dict(self.HEADERS, **{"x-api-key": "sk-right"}),
+                                      port=port)
+        listing = json.loads(raw)
+        self.assertEqual(listing, {"data": listing["data"], "has_more": False, "first_id": "sonnet", "last_id": "haiku"})
+        self.assertEqual(set(listing["data"][0]), {"type", "id", "display_name", "created_at"})
+        self.assertRegex(listing["data"][0]["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        status, _, raw = self.request("GET", "/v1/models/claude-sonnet-4-6",
+                                      headers=dict(self.HEADERS, **{"x-api-key": "sk-right"}), port=port)
+        self.assertEqual(json.loads(raw)["type"], "model")
+        status, _, raw = self.request("GET", "/v1/models", headers={"x-api-key": "sk-right"}, port=port)
+        self.assertEqual(json.loads(raw)["object"], "list", "OpenAI's shape without anthropic-version")
