@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""claude_proxy.py: an OpenAI-compatible Chat Completions server over the local `claude` CLI.
+"""claude_proxy.py: an OpenAI-compatible API server (Chat Completions and Responses) over the
+local `claude` CLI.
 
 Any OpenAI client (the openai SDKs, LangChain, Continue, Open WebUI, Aider, ...) pointed at
 http://127.0.0.1:8082/v1 talks to the Claude the `claude` CLI is logged into, with no API key.
@@ -2626,7 +2627,8 @@ class Metrics:
                    [((("kind", k),), self.tokens[k]) for k in ("prompt", "completion")])
             summary("time_to_first_token_seconds", "From request to the first token (recent requests).",
                     self.ttft)
-            summary("request_duration_seconds", "Whole successful chat completions (recent requests).",
+            summary("request_duration_seconds", "Whole successful chat completions and responses "
+                    "(recent requests).",
                     self.duration)
         pool = runner.pool.stats() if runner.pool else None
         if pool:
