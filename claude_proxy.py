@@ -815,9 +815,16 @@ def responses_items(items, turns, system_parts):
                                            "name": namespaced(namespace, name), "input": arguments}])
         elif kind in ("function_call_output", "custom_tool_call_output"):
             call_id, output = item.get("call_id"), item.get("output")
-            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
             _require(output is not None, "a %s needs `output`" % kind, param + ".output")
             blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user"))
+            if call_id is None and isinstance(item.get("name"), str):
+                # An output no call asked for (Codex adds some of its own, with only a name):
+                # the API pairs every tool_result with a tool_use, so it is the user's text.
+                name = namespaced(item.get("namespace") if isinstance(item.get("namespace"), str)
+                                  else None, item["name"])
+                add_turn(turns, "user", [text_block("Output of the tool %s:\n" % name)] + blocks)
+                continue
+            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
             add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
                                       "content": blocks, "is_error": False}])
         elif kind in RESPONSES_DROPPED_ITEMS:

@@ -2412,6 +2412,13 @@ class ResponsesRequestTest(unittest.TestCase):
               {"role": "assistant", "content": [
                   {"type": "tool_use", "id": "c1", "name": "agents__close", "input": {}},
                   {"type": "tool_use", "id": "c2", "name": "apply_patch", "input": {"input": "*** Begin"}}]}]),
+            ("an output without a call (Codex adds some) is the user's text",
+             [{"role": "user", "content": "go"},
+              {"type": "function_call_output", "id": "fco_1", "name": "goal_objective", "namespace": "agent", "output": "Paris"}],
+             None,
+             [{"role": "user", "content": [{"type": "text", "text": "go"},
+                                           {"type": "text", "text": "Output of the tool agent__goal_objective:\n"},
+                                           {"type": "text", "text": "Paris"}]}]),
         ]
         for name, items, system, turns in cases:
             with self.subTest(name):
@@ -2481,6 +2488,8 @@ class ResponsesRequestTest(unittest.TestCase):
             ({"input": [{"role": "assistant", "content": "only me"}]}, "input", None),
             ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", None),
             ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "unsupported_item_type"),
+            ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "output": "y"}]},
+             "input[1].call_id", None),
             ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}, {"role": "user", "content": "x"}]},
              "input[0].arguments", "invalid_tool_arguments"),
             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
