@@ -89,6 +89,12 @@ STRUCTURED_OUTPUT_TOOL = "StructuredOutput"
 STRUCTURED_OUTPUT_MAX_TURNS = 3
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_TOKENS = 1000000  # past any model's output limit: a larger max_tokens is a typo
+TOOL_LOOP_MAX_TURNS = 100  # model calls one client message may lead to in a tool loop
+MCP_RESULTS_DIR = "results"  # in a run's directory: the client's tool results for the bridge
+RESUME_START_SECONDS = 15.0
+# A resumed session names a model; the CLI runs it when the request names none. Until a run
+# has said which model the CLI's default is, this one stands in.
+DEFAULT_SESSION_MODEL = "claude-sonnet-4-6"  # a resumed session the CLI cannot load hangs it: give up then
 CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(;[^,;]*)*?);base64,", re.I)
 
@@ -1061,17 +1067,22 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
 # CLI run: argv, stdin, process ##############################################################
 
 
-def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None):
+def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume=None):
     """The argv of one run: headless, stream-json both ways, no built-in tools, no MCP servers
     but ours, nothing persisted. Nothing from the prompt is ever in argv (`ps` shows argv, and
-    argv fails past ~128 KiB): the system prompt is a file, the conversation goes on stdin."""
+    argv fails past ~128 KiB): the system prompt is a file, the conversation goes on stdin or,
+    for its earlier turns, in a session file the run resumes (see Runs)."""
     argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--include-partial-messages", "--no-session-persistence",
             "--tools", "", "--strict-mcp-config", "--system-prompt-file", system_prompt_path]
+    if resume:
+        argv += ["--resume", resume]
     if plan.get("tools"):
-        # The client's functions, through this file's MCP mode. One turn: a reply that calls
-        # them ends the run (the CLI would otherwise deny the call and ask the model again).
-        argv += ["--mcp-config", mcp_config_path, "--max-turns", "1"]
+        # The client's functions, through this file's MCP mode. A reply that calls them is
+        # complete for the client at once; the CLI meanwhile waits in the bridge for the
+        # results, which the client's next request brings (see Continuations). Turns are
+        # counted per message: a tool loop of the client's may take many.
+        argv += ["--mcp-config", mcp_config_path, "--max-turns", str(TOOL_LOOP_MAX_TURNS)]
     elif plan.get("json_schema"):
         argv += ["--max-turns", str(STRUCTURED_OUTPUT_MAX_TURNS)]
     else:
@@ -1098,6 +1109,91 @@ def cli_safe_json(value):
         body = match.group(0)[1:-1].replace('\\"', "\\u0022")
         return '"%s"' % CMD_METACHARACTERS.sub(lambda m: "\\u%04x" % ord(m.group(0)), body)
     return JSON_STRING.sub(escape, json.dumps(value, separators=(",", ":"), ensure_ascii=True))
+
+
+# The CLI's sessions live under its config directory, in a folder named after the working
+# directory with every character but letters and digits made "-" (checked with 2.1.197).
+SESSION_NAME = re.compile(r"[^A-Za-z0-9]")
+# The session format written here is the one CLI 2.1.197 writes (CLI-FACTS, "Conversations").
+SESSION_FORMAT_VERSION = "2.1.197"
+
+
+def cli_config_dir(env):
+    """Where the CLI keeps its sessions: $CLAUDE_CONFIG_DIR, else ~/.claude of its HOME."""
+    if env.get("CLAUDE_CONFIG_DIR"):
+        return env["CLAUDE_CONFIG_DIR"]
+    home = env.get("HOME") or env.get("USERPROFILE") or os.path.expanduser("~")
+    return os.path.join(home, ".claude")
+
+
+def session_folder(env, workdir):
+    """The folder the CLI reads a run's sessions from: one per run, since each run has its own
+    working directory, so the user's own `claude --resume` never lists it."""
+    return os.path.join(cli_config_dir(env), "projects",
+                        SESSION_NAME.sub("-", os.path.realpath(workdir)))
+
+
+def cli_blocks(blocks, role):
+    """Neutral blocks -> the blocks the CLI sends the API: client functions under their MCP
+    names, tool ids in the API's alphabet, thinking only where signed (the API refuses it
+    otherwise)."""
+    out = []
+    for block in blocks:
+        kind = block["type"]
+        if kind == "tool_use":
+            out.append({"type": "tool_use", "id": cli_tool_id(block["id"]),
+                        "name": MCP_PREFIX + mcp_tool_name(block["name"]), "input": block["input"]})
+        elif kind == "tool_result":
+            result = {"type": "tool_result", "tool_use_id": cli_tool_id(block["tool_use_id"]),
+                      "content": block["content"] or ""}
+            if block.get("is_error"):
+                result["is_error"] = True
+            out.append(result)
+        elif kind == "thinking":
+            if role == "assistant" and block.get("signature"):
+                out.append({"type": "thinking", "thinking": block["thinking"],
+                            "signature": block["signature"]})
+        elif kind in ("text", "image"):
+            out.append(block)
+    return out
+
+
+def session_lines(turns, session_id, cwd, model):
+    """A session file the CLI resumes as real turns: one entry per turn, chained by parentUuid.
+    It must end with an assistant turn: resuming a session that ends with a user turn makes
+    the CLI add an answer of its own ("No response requested.")."""
+    lines, parent = [], None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    for number, turn in enumerate(turns):
+        entry_id = str(uuid.uuid4())
+        content = cli_blocks(turn["content"], turn["role"])
+        if turn["role"] == "user":
+            message = {"role": "user", "content": content}
+        else:
+            message = {"id": "msg_%024x" % number, "type": "message", "role": "assistant",
+                       "model": model, "content": content,
+                       "stop_reason": "tool_use" if any(b["type"] == "tool_use" for b in content)
+                       else "end_turn", "stop_sequence": None,
+                       "usage": {"input_tokens": 0, "output_tokens": 0}}
+        lines.append(json.dumps({
+            "parentUuid": parent, "isSidechain": False, "type": turn["role"], "message": message,
+            "uuid": entry_id, "timestamp": stamp, "userType": "external", "entrypoint": "sdk-cli",
+            "cwd": cwd, "sessionId": session_id, "version": SESSION_FORMAT_VERSION},
+            ensure_ascii=False))
+        parent = entry_id
+    return "\n".join(lines) + "\n"
+
+
+def mcp_results(blocks):
+    """A client's tool result blocks -> the MCP tools/call result the bridge answers with."""
+    content = []
+    for block in blocks:
+        if block["type"] == "text":
+            content.append({"type": "text", "text": block["text"]})
+        elif block["type"] == "image":
+            content.append({"type": "image", "data": block["source"]["data"],
+                            "mimeType": block["source"]["media_type"]})
+    return content or [{"type": "text", "text": ""}]
 
 
 def mcp_config(tools_path):
@@ -1160,7 +1256,10 @@ class CliRun:
     given one message, read event by event, and stopped (the whole group) whatever happens.
 
     It may be started ahead of its request (the warm pool): the CLI prints nothing and calls
-    no model until its message arrives on stdin (CLI-FACTS), and it serves that one message only."""
+    no model until its message arrives on stdin (CLI-FACTS). A live run keeps stdin open after
+    its message, so that it can be kept for the conversation's next turn (see Continuations):
+    the CLI then holds the conversation as real turns, and the next turn is one more line (or,
+    after tool calls, the results the MCP bridge is waiting for)."""
 
     def __init__(self, runner, argv, env, workdir, shape=None):
         self.runner = runner
@@ -1170,6 +1269,11 @@ class CliRun:
         self.spawned_at = time.monotonic()
         self.timeout = runner.timeout
         self.sent = False
+        self.serving = False  # answering a request now (not waiting in the pool or parked)
+        self.live = False  # stdin stays open after the message: it can serve the next turn
+        self.model = None  # the model the CLI said it runs (its init event)
+        self.pending_calls = []  # (tool_use id, client name) the MCP bridge waits on, in order
+        self.results_given = 0  # tool results handed to the bridge so far
         self.cancelled = None  # why it was stopped early: "client_gone", "timeout", "shutdown", ...
         self.garbage_lines = 0
         self.stderr_tail = collections.deque(maxlen=40)
@@ -1182,6 +1286,8 @@ class CliRun:
         # the reader fail instead of ending.
         self._stdout_reader = False
         self._stdout_closed = False
+        self._peeked = []
+        self.sessions = None  # the folder of the session file it resumes, removed with it
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
@@ -1192,27 +1298,70 @@ class CliRun:
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
 
-    def send(self, message):
-        """Hand the run its one message and close stdin (so the CLI exits after replying). The
-        timeout counts from here."""
+    def send(self, message, live=False):
+        """Hand the run a message. Unless live, stdin is closed after it, so the CLI exits
+        after replying. The timeout counts from here."""
+        self.live = live
+        self.begin_turn()
+        # Written from a thread: a large message must not deadlock against a CLI that writes
+        # its first events before it has read all of stdin.
+        threading.Thread(target=self._write_stdin, args=(message, not live), daemon=True).start()
+
+    def begin_turn(self):
+        """A request starts using the run: the timeout counts from here."""
         with self._lock:
-            self.sent = True
+            self.sent = self.serving = True
             if self._stopped:
                 return
+            if self._timer:
+                self._timer.cancel()
             self._timer = threading.Timer(self.timeout, self.cancel, ("timeout",))
             self._timer.daemon = True
             self._timer.start()
-        # Written from a thread: a large message must not deadlock against a CLI that writes
-        # its first events before it has read all of stdin.
-        threading.Thread(target=self._write_stdin, args=(message,), daemon=True).start()
+
+    def end_turn(self):
+        """The request is answered and the run is kept: no timeout while it waits."""
+        with self._lock:
+            self.serving = False
+            if self._timer:
+                self._timer.cancel()
+                self._timer = None
+
+    def give_results(self, results):
+        """Tool results for the calls the MCP bridge is waiting on (see mcp_serve): one file
+        each, numbered in the order the CLI makes the calls, each written whole at once."""
+        folder = os.path.join(self.workdir, MCP_RESULTS_DIR)
+        for result in results:
+            path = os.path.join(folder, "%d.json" % self.results_given)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(result, f)
+            os.replace(path + ".tmp", path)
+            self.results_given += 1
+        self.pending_calls = []
+
+    def first_event(self, seconds):
+        """The run's first event, or None if it printed none within `seconds` (the run is then
+        stopped). events() gives it again."""
+        timer = threading.Timer(seconds, self.cancel, ("no_start",))
+        timer.daemon = True
+        timer.start()
+        try:
+            for event in self.events():
+                self._peeked.append(event)
+                return event
+            return None
+        finally:
+            timer.cancel()
 
     def alive(self):
         return not self._stopped and self.proc.poll() is None
 
-    def _write_stdin(self, data):
+    def _write_stdin(self, data, close=True):
         try:
             self.proc.stdin.write(data)
-            self.proc.stdin.close()
+            self.proc.stdin.flush()
+            if close:
+                self.proc.stdin.close()
         except (OSError, ValueError):
             pass  # the CLI exited early; its stdout and exit status tell why
 
@@ -1224,11 +1373,15 @@ class CliRun:
             self.proc.stderr.close()  # at its end of file: the process group is gone
 
     def events(self):
-        """Each JSON object the CLI prints, in order, until it exits or is stopped."""
+        """Each JSON object the CLI prints, in order, until it exits or is stopped. A reader
+        may stop early and call again for the next turn's events."""
+        while self._peeked:
+            yield self._peeked.pop(0)
         with self._lock:
             if self._stdout_closed:
                 return
             self._stdout_reader = True
+        at_end = False
         try:
             for raw in iter(self.proc.stdout.readline, b""):
                 line = raw.strip()
@@ -1244,11 +1397,13 @@ class CliRun:
                     self.garbage_lines += 1
                     if self.garbage_lines <= 3:
                         log("cli printed a line that is not a JSON event: %r" % line[:200])
+            at_end = True
         finally:
             with self._lock:
                 self._stdout_reader = False
-                self._stdout_closed = True
-            self.proc.stdout.close()
+                self._stdout_closed = self._stdout_closed or at_end
+            if at_end:
+                self.proc.stdout.close()
 
     def cancel(self, reason):
         """Stop the run early, remembering why (first reason wins)."""
@@ -1288,6 +1443,8 @@ class CliRun:
             except OSError:
                 pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.sessions:  # the session file the run resumed, and its folder
+            shutil.rmtree(self.sessions, ignore_errors=True)
         self.runner.forget(self)
 
     def __enter__(self):
@@ -1356,7 +1513,12 @@ class CliRunner:
         self._runs = set()
         self._lock = threading.Lock()
         self._closed = False
+        self.idle_seconds = pool_idle
+        self.default_model = None  # the model the CLI runs when a request names none
+        self._logged = set()
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
+        self.continuations = (Continuations(pool_size, pool_idle)
+                              if pool_size > 0 and claude_path else None)
 
     def binary_stamp(self):
         """What identifies the CLI binary on disk; it changes when the CLI updates itself."""
@@ -1366,13 +1528,15 @@ class CliRunner:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def spawn(self, plan, shape=None):
-        """Start a process for a plan's shape, waiting for its message. Raises a 502 ProxyError
-        if the CLI cannot start."""
+    def spawn(self, plan, shape=None, history=None):
+        """Start a process for a plan's shape, waiting for its message; with `history` (turns
+        ending with an assistant turn), resuming a session file that holds them. Raises a 502
+        ProxyError if the CLI cannot start."""
         if not self.claude_path:
             raise cli_failed("The claude CLI was not found: install Claude Code, or set CLAUDE_PATH "
                              "to its full path.", "cli_not_found")
         workdir = tempfile.mkdtemp(prefix="claude-proxy-")  # 0700: private to this user
+        session_id = sessions = None
         try:
             prompt_path = os.path.join(workdir, "system-prompt.txt")
             with open(prompt_path, "w", encoding="utf-8") as f:
@@ -1381,52 +1545,156 @@ class CliRunner:
             if plan.get("tools"):
                 tools_path = os.path.join(workdir, "tools.json")
                 config_path = os.path.join(workdir, "mcp-config.json")
+                os.mkdir(os.path.join(workdir, MCP_RESULTS_DIR))
                 with open(tools_path, "w", encoding="utf-8") as f:
-                    json.dump(plan["tools"], f)
+                    # The bridge waits this long for a result, then ends its run: nothing is
+                    # left running even if the proxy itself is killed.
+                    json.dump({"tools": plan["tools"], "wait_seconds": self.timeout + self.idle_seconds}, f)
                 with open(config_path, "w", encoding="utf-8") as f:
                     json.dump(mcp_config(tools_path), f)
+            env = cli_env(self.env, plan)
+            if history:
+                session_id = str(uuid.uuid4())
+                sessions = session_folder(env, workdir)
+                os.makedirs(sessions, mode=0o700)
+                path = os.path.join(sessions, session_id + ".jsonl")
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(session_lines(history, session_id, os.path.realpath(workdir),
+                                          plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL))
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
-                run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path),
-                             cli_env(self.env, plan), workdir, shape)
+                run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path,
+                                            session_id), env, workdir, shape)
+                run.sessions = sessions
                 self._runs.add(run)
             return run
         except OSError as e:
             shutil.rmtree(workdir, ignore_errors=True)
+            if sessions:
+                shutil.rmtree(sessions, ignore_errors=True)
             log("cannot start the claude CLI at %s: %s" % (self.claude_path, e))
             raise cli_failed("The claude CLI could not be started (%s); check CLAUDE_PATH."
                              % (e.strerror or e), "cli_not_found")
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
+            if sessions:
+                shutil.rmtree(sessions, ignore_errors=True)
             raise
 
     def start(self, plan, scope=""):
-        """A run for a parsed request, given its message: a warm process of the same shape if
-        the pool has one, else a new one. Never waits for the pool."""
+        """A run for a parsed request, given its message. Never waits for the pool.
+
+        How the conversation reaches the CLI, best first:
+        1. its live process, kept after the previous reply (Continuations): the next line, or
+           the tool results the CLI is waiting for; real turns, warm, and the CLI's history is
+           the model's own;
+        2. a new conversation (one user turn): a warm process of the same shape if the pool
+           has one, else a new one;
+        3. earlier turns as a session file the run resumes (`--resume`), the last user turn on
+           stdin: real turns, read from the prompt cache, but a cold start;
+        4. the transcript fallback (transcript_prompt): for what a session cannot say (a
+           conversation that starts with the assistant, or ends with it or with tool results
+           and has no live process), or when the CLI could not load the session."""
         shape = run_shape(plan)
+        turns = plan["conversation"]["turns"]
+        live = self.continuations is not None and not plan.get("json_schema")
+        if self.continuations and len(turns) >= 3 and turns[-1]["role"] == "user":
+            run = self.continuations.take(conversation_key(scope, shape, turns[:-1]))
+            if run is not None and self._continue(run, turns[-1]["content"]):
+                return run
+            if run is not None:
+                run.stop()
+        real_turns = turns[0]["role"] == "user" and turns[-1]["role"] == "user"
+        if len(turns) == 1 and real_turns and not ends_with_tool_results(plan["conversation"]):
+            return self._fresh(plan, shape, turns[0]["content"], live)
+        if real_turns and not ends_with_tool_results(plan["conversation"]):
+            run = self._resumed(plan, shape, turns, live)
+            if run is not None:
+                return run
+        return self._fresh(plan, shape, transcript_prompt(plan["conversation"]), live)
+
+    def _fresh(self, plan, shape, content, live):
         run = self.pool.take(shape, plan) if self.pool else None
         if run is None:
             run = self.spawn(plan, shape)
-        message = cli_stdin(transcript_prompt(plan["conversation"]))
-        if self.log_prompts:
-            log("prompt: system=%r user=%s" % (plan.get("system_prompt"),
-                                              message[:4000].decode("utf-8", "replace")))
-        run.send(message)
+        self._send(run, content, live)
         return run
 
-    def finish(self, run, plan, reply, scope=""):
-        """After a request: its run is stopped, whatever happened."""
+    def _send(self, run, content, live):
+        message = cli_stdin(content)
+        if self.log_prompts:
+            log("prompt: %s" % message[:4000].decode("utf-8", "replace"))
+        run.send(message, live)
+
+    def _resumed(self, plan, shape, turns, live):
+        """A cold run resuming the earlier turns from a session file; None if the CLI could not
+        load it (it may hang without a word: it gets RESUME_START_SECONDS)."""
+        run = self.spawn(plan, shape, history=turns[:-1])
+        self._send(run, turns[-1]["content"], live)
+        first = run.first_event(RESUME_START_SECONDS)
+        if first is not None and not (first.get("type") == "result" and first.get("is_error")):
+            return run
         run.stop()
+        self._log_once("resume", "the claude CLI did not load a session file the proxy wrote "
+                       "(%s); conversations go to it as a transcript instead, which the prompt "
+                       "cache cannot reuse." % (str((first or {}).get("errors") or "no output in "
+                                                    "%gs" % RESUME_START_SECONDS)[:200]))
+        return None
+
+    def _continue(self, run, tail):
+        """Hand a kept run the conversation's new last turn: tool results for exactly the
+        calls it waits on, or (when it waits on none) a user message. False if it cannot take it."""
+        results = [b for b in tail if b["type"] == "tool_result"]
+        if run.pending_calls:
+            by_id = {cli_tool_id(b["tool_use_id"]): b for b in results}
+            wanted = [cli_tool_id(tool_id) for tool_id, _ in run.pending_calls]
+            if len(results) != len(tail) or sorted(by_id) != sorted(wanted) or len(results) != len(wanted):
+                return False
+            run.begin_turn()
+            try:
+                run.give_results([{"content": mcp_results(by_id[i]["content"]),
+                                   "isError": bool(by_id[i].get("is_error"))} for i in wanted])
+            except OSError:
+                return False
+            return True
+        if results:
+            return False
+        self._send(run, tail, True)
+        return True
+
+    def finish(self, run, plan, reply, scope=""):
+        """After a request: keep its run for the conversation's next turn if it can serve it
+        (a live process whose reply was complete and sent as the CLI holds it), else stop it."""
+        if (self.continuations is not None and run.live and reply.done and not reply.error
+                and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
+                and not reply.skipped_calls and run.alive()):
+            run.model = reply.model or run.model
+            if reply.model and not plan.get("model"):
+                self.default_model = reply.model
+            run.pending_calls = [(call_id(tool_id, n), name)
+                                 for n, (tool_id, name, _) in enumerate(reply.calls)]
+            turns = plan["conversation"]["turns"] + [{"role": "assistant",
+                                                      "content": reply.reply_blocks()}]
+            run.end_turn()
+            if self.continuations.park(conversation_key(scope, run.shape, turns), run):
+                return
+        run.stop()
+
+    def _log_once(self, what, message):
+        if what not in self._logged:
+            self._logged.add(what)
+            log(message)
 
     def forget(self, run):
         with self._lock:
             self._runs.discard(run)
 
     def active(self):
-        """How many runs are serving a request now (warm processes not counted)."""
+        """How many runs are serving a request now (warm and kept processes not counted)."""
         with self._lock:
-            return sum(1 for run in self._runs if run.sent)
+            return sum(1 for run in self._runs if run.serving)
 
     def processes(self):
         """How many CLI processes the proxy holds, warm ones included."""
@@ -1439,9 +1707,91 @@ class CliRunner:
             self._closed = True
         if self.pool:
             self.pool.close()
+        if self.continuations:
+            self.continuations.close()
         with self._lock:
             runs = list(self._runs)
         stop_runs(runs, "shutdown")
+
+
+class Continuations:
+    """Live CLI processes kept after a reply, each waiting for its conversation's next turn.
+
+    When a reply ends, the next request of that conversation is known but for its last turn:
+    the history so far plus this reply. Its process is kept under that history's key
+    (conversation_key: the client's key, the process shape and the turns, as clients change
+    them smoothed out), so the next turn starts warm and the CLI sends the API the whole
+    conversation as real turns, its own earlier messages as the model wrote them: the prompt
+    cache reads it all. At most `size` are kept, the oldest going first; one waits at most
+    `idle_seconds` (the API's cache lives 5 minutes: older, it buys little). A key is taken
+    once: two requests can never share a process."""
+
+    def __init__(self, size, idle_seconds):
+        self.size = size
+        self.idle_seconds = idle_seconds
+        self.hits = self.kept = self.retired = 0
+        self._kept = collections.OrderedDict()  # key -> (run, kept at), oldest first
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._retire_idle, daemon=True)
+        self._thread.start()
+
+    def park(self, key, run):
+        """Keep `run` for the turn after `key`; False if closed (the caller stops it)."""
+        victims = []
+        with self._cond:
+            if self._closed:
+                return False
+            if key in self._kept:
+                victims.append(self._kept.pop(key)[0])
+            while len(self._kept) >= self.size:
+                victims.append(self._kept.popitem(last=False)[1][0])
+                self.retired += 1
+            self._kept[key] = (run, time.monotonic())
+            self.kept += 1
+            self._cond.notify()
+        for victim in victims:
+            victim.stop()
+        return True
+
+    def take(self, key):
+        """The run kept for this conversation, or None."""
+        with self._cond:
+            run, _ = self._kept.pop(key, (None, 0))
+        if run is None:
+            return None
+        if not run.alive() or run.binary != run.runner.binary_stamp():
+            run.stop()
+            return None
+        self.hits += 1
+        return run
+
+    def count(self):
+        with self._cond:
+            return len(self._kept)
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            runs = [run for run, _ in self._kept.values()]
+            self._kept.clear()
+            self._cond.notify()
+        self._thread.join(10)
+        stop_runs(runs)
+
+    def _retire_idle(self):
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                old = [key for key, (run, since) in self._kept.items()
+                       if now - since >= self.idle_seconds or not run.alive()]
+                expired = [self._kept.pop(key)[0] for key in old]
+                self.retired += len(expired)
+                if not expired:
+                    self._cond.wait(1.0)
+            stop_runs(expired)
 
 
 class WarmPool:
@@ -3161,11 +3511,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             watch.on_gone(admission.wake)
             admission.acquire(time.monotonic() + config.timeout, watch.gone)
             try:
+                events = iter(())
                 run = self.server.runner.start(plan, self.client_scope())
                 metrics.cli_run()
                 watch.on_gone(lambda: run.cancel("client_gone"))
                 first_token = False
-                for event in run.events():
+                events = run.events()
+                for event in events:
                     try:
                         reply_events = translator.feed(event)
                     except (TypeError, AttributeError, KeyError, ValueError, IndexError):
@@ -3177,7 +3529,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         break
                     # The init event comes first and names the model the CLI really runs:
                     # the response says that one when the request named none.
-                    sink.model = plan["model"] or translator.model or "claude"
+                    sink.model = plan["model"] or translator.model or run.model or "claude"
                     if reply_events and not first_token:
                         first_token = True
                         metrics.first_token(time.monotonic() - self.started)
@@ -3191,6 +3543,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 translator.error = error  # a sink refused the reply (revised after streaming)
             finally:
                 if run is not None:
+                    events.close()  # the run's stdout stays open for a kept run's next turn
                     self.server.runner.finish(run, plan, translator, self.client_scope())
                 admission.release()
         # The run is stopped or kept for the conversation's next turn by now.
@@ -3220,11 +3573,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
 MCP_PROTOCOL_VERSION = "2025-06-18"
 
 
-def mcp_reply(message, tools):
-    """One JSON-RPC message from the CLI -> the reply (a dict), or None for a notification."""
+def mcp_reply(message, tools, wait_for_result=None):
+    """One JSON-RPC message from the CLI -> the reply (a dict), or None for a notification.
+    wait_for_result(name) gives a tools/call its result: the client's, when it comes."""
     if not isinstance(message, dict):
         return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request"}}
-    method, params, request_id = message.get("method"), message.get("params") or {}, message.get("id")
+    method, params, request_id = message.get("method"), message.get("params"), message.get("id")
+    if not isinstance(params, dict):
+        params = {}
     if request_id is None:
         return None  # notifications/initialized, notifications/cancelled, ...
     if method == "initialize":
@@ -3236,6 +3592,8 @@ def mcp_reply(message, tools):
     elif method == "tools/list":
         result = {"tools": [{"name": t["mcp_name"], "description": t["description"],
                              "inputSchema": t["input_schema"]} for t in tools]}
+    elif method == "tools/call" and wait_for_result is not None:
+        result = wait_for_result(params.get("name"))
     elif method == "tools/call":
         result = {"isError": True, "content": [{"type": "text", "text":
                   "This function is run by the client application, not here."}]}
@@ -3245,12 +3603,37 @@ def mcp_reply(message, tools):
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 
+def result_waiter(folder, wait_seconds):
+    """tools/call results from the proxy: the n-th call gets the file n.json in `folder`,
+    which the proxy writes when the client's next request brings the results. The bridge
+    polls: a file is the one channel that works alike on every platform. If none comes in
+    `wait_seconds`, the proxy has gone without stopping the run: end the run's whole process
+    group, so that nothing is left running."""
+    calls = [0]
+
+    def wait_for_result(name):
+        path = os.path.join(folder, "%d.json" % calls[0])
+        calls[0] += 1
+        deadline = time.monotonic() + wait_seconds
+        while not os.path.exists(path):
+            if time.monotonic() > deadline or not os.path.isdir(folder):
+                if os.name != "nt":
+                    os.killpg(os.getpgid(0), signal.SIGTERM)
+                sys.exit(1)
+            time.sleep(0.02)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return wait_for_result
+
+
 def mcp_serve(tools_path, stdin=None, stdout=None):
     """Serve MCP over stdio (newline-delimited JSON-RPC) until the CLI closes stdin."""
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     with open(tools_path, encoding="utf-8") as f:
-        tools = json.load(f)
+        spec = json.load(f)
+    waiter = result_waiter(os.path.join(os.path.dirname(os.path.abspath(tools_path)), MCP_RESULTS_DIR),
+                           float(spec.get("wait_seconds", DEFAULT_TIMEOUT)))
     for line in iter(stdin.readline, b""):
         if not line.strip():
             continue
@@ -3259,7 +3642,7 @@ def mcp_serve(tools_path, stdin=None, stdout=None):
         except ValueError:
             reply = {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}}
         else:
-            reply = mcp_reply(message, tools)
+            reply = mcp_reply(message, spec["tools"], waiter)
         if reply is not None:
             stdout.write(json.dumps(reply).encode("utf-8") + b"\n")
             stdout.flush()

@@ -49,7 +49,7 @@ answers through a StructuredOutput call, as the real CLI does.
 import json, os, re, subprocess, sys, time, uuid
 
 RECORD_DIR = %(record_dir)r
-VALUE_FLAGS = {"--input-format", "--output-format", "--tools", "--mcp-config", "--max-turns",
+VALUE_FLAGS = {"--resume", "--input-format", "--output-format", "--tools", "--mcp-config", "--max-turns",
                "--json-schema", "--system-prompt", "--system-prompt-file", "--append-system-prompt",
                "--model", "--effort", "--setting-sources", "--permission-mode", "--allowedTools",
                "--disallowedTools"}
@@ -118,7 +118,7 @@ if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
 # MCP servers start before any message arrives, as with the real CLI.
-mcp_tools, mcp_servers = [], []
+mcp_tools, mcp_servers, mcp_rpc = [], [], {}
 if flags.get("--mcp-config"):
     raw = flags["--mcp-config"]
     config = json.load(open(raw)) if os.path.exists(raw) else json.loads(raw)
@@ -135,9 +135,7 @@ if flags.get("--mcp-config"):
         rpc({"jsonrpc": "2.0", "method": "notifications/initialized"})
         for tool in rpc({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})["result"]["tools"]:
             mcp_tools.append(dict(tool, name="mcp__%%s__%%s" %% (server, tool["name"])))
-        # Not something the real CLI does: a probe that the server refuses to run a function.
-        record["mcp_call_reply"] = rpc({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                                        "params": {"name": "x", "arguments": {}}})
+        mcp_rpc[server] = rpc
 record["offered_tools"] = mcp_tools
 path = os.path.join(RECORD_DIR, "%%d.json" %% os.getpid())
 def save():
@@ -161,162 +159,235 @@ def result(text, is_error=False, status=None, subtype="success", stop_reason="en
                              "cache_read_input_tokens": 0, "output_tokens": 0},
           "modelUsage": {}, "permission_denials": [], "uuid": str(uuid.uuid4())})
 
+# --resume: the earlier turns from the session file the proxy wrote, as the real CLI reads it.
+history = []
+if flags.get("--resume"):
+    home = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.environ.get("HOME", ""), ".claude")
+    session_path = os.path.join(home, "projects", re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd())),
+                                flags["--resume"] + ".jsonl")
+    record["session_file"] = session_path
+    if not os.path.exists(session_path):
+        emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "num_turns": 0,
+              "session_id": session, "errors": ["No conversation found with session ID: " + flags["--resume"]],
+              "uuid": str(uuid.uuid4())})
+        sys.exit(1)
+    record["session_mode"] = os.stat(session_path).st_mode & 0o777
+    record["session_folder_mode"] = os.stat(os.path.dirname(session_path)).st_mode & 0o777
+    entries = [json.loads(l) for l in open(session_path) if l.strip()]
+    history = [e["message"] for e in entries if e.get("type") in ("user", "assistant")]
+    record["resumed"] = list(history)
+    save()
+    if any(m["role"] == "assistant" and "model" not in m for m in history) or "HANGONRESUME" in json.dumps(history):
+        time.sleep(600)  # the real CLI hangs, silent, on a session it cannot load
+
 # The real CLI spends ~0.5-1.3 s starting up (CLI-FACTS); STUB_START_DELAY imitates that.
 time.sleep(float(os.environ.get("STUB_START_DELAY", "0")))
 record["ready_at"] = time.time()
 save()
 # Like the real CLI, nothing is printed (not even init) until the first message arrives.
-line = sys.stdin.readline()
-record["message_at"] = time.time()
-record["stdin"] = line
-save()
-if not line:
-    sys.exit(0)
-emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
+def reply_once(first):
+  """One model call: the reply to the history so far, as the real CLI streams it. Returns the
+  client tool calls it made ([(tool_use id, name, input)]), after adding the reply to history."""
+  if first:
+    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
       "tools": [t["name"] for t in mcp_tools],
       "mcp_servers": [{"name": n, "status": "connected"} for n in mcp_servers],
       "model": model, "permissionMode": "default",
       "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default",
       "uuid": str(uuid.uuid4())})
+  message = history[-1]
+  texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
+  images = sum(1 for b in message["content"] if b.get("type") == "image")
+  text = texts[-1] if texts else ""
+  everything = "\n".join(all_texts(history))
 
-message = json.loads(line)["message"]
-texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
-images = sum(1 for b in message["content"] if b.get("type") == "image")
-text = texts[-1] if texts else ""
-everything = "\n".join(texts)
+  def api_error(status, kind, message, retried=True):
+      retries = int(os.environ.get("CLAUDE_CODE_MAX_RETRIES", "10")) if retried else 0
+      for attempt in range(1, retries + 1):
+          emit({"type": "system", "subtype": "api_retry", "attempt": attempt, "max_retries": retries,
+                "retry_delay_ms": 1000 * attempt, "error_status": status, "error": kind,
+                "session_id": session, "uuid": str(uuid.uuid4())})
+          time.sleep(attempt)
+      error_text = "API Error: %%d %%s" %% (status, message)
+      emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
+            "model": "<synthetic>", "content": [{"type": "text", "text": error_text}], "stop_reason": "stop_sequence"},
+            "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": kind})
+      result(error_text, True, status)
+      sys.exit(1)
 
-def api_error(status, kind, message, retried=True):
-    retries = int(os.environ.get("CLAUDE_CODE_MAX_RETRIES", "10")) if retried else 0
-    for attempt in range(1, retries + 1):
-        emit({"type": "system", "subtype": "api_retry", "attempt": attempt, "max_retries": retries,
-              "retry_delay_ms": 1000 * attempt, "error_status": status, "error": kind,
-              "session_id": session, "uuid": str(uuid.uuid4())})
-        time.sleep(attempt)
-    error_text = "API Error: %%d %%s" %% (status, message)
-    emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
-          "model": "<synthetic>", "content": [{"type": "text", "text": error_text}], "stop_reason": "stop_sequence"},
-          "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": kind})
-    result(error_text, True, status)
-    sys.exit(1)
+  waiting_for = re.search(r"WAITFOR\[(.*?)\]", text)
+  if waiting_for:  # hold the run until the test creates that file (bounded)
+      deadline = time.time() + 30
+      while not os.path.exists(waiting_for.group(1)) and time.time() < deadline:
+          time.sleep(0.01)
+  if "FLOOD" in text:  # writes deltas without end, until it is stopped
+      stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+      while True:
+          stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "flood "}})
+          time.sleep(0.002)
+  if "HANG" in text:
+      child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+      record["child_pid"] = child.pid
+      save()
+      time.sleep(600)
+  if "CRASH" in text:
+      sys.stderr.write("TypeError: something broke inside the CLI\n"); sys.exit(3)
+  if "GARBAGE" in text:
+      print("this is not json"); print("{neither is this"); sys.exit(0)
+  if "NOTLOGGEDIN" in text:
+      result("Not logged in \u00b7 Please run /login", True, None); sys.exit(1)
+  if "RATE429" in text:
+      api_error(429, "rate_limit", '{"type":"error","error":{"type":"rate_limit_error"}}')
+  if "OVERLOAD" in text:
+      api_error(529, "overloaded", '{"type":"error","error":{"type":"overloaded_error"}}')
+  if "AUTH401" in text:
+      api_error(401, "authentication_failed", '{"type":"error","error":{"type":"authentication_error"}}')
+  if "BADREQ400" in text:  # not retried by the CLI
+      api_error(400, "unknown", '{"type":"error","error":{"type":"invalid_request_error","message":"messages: text content blocks must be non-empty"}}', False)
 
-waiting_for = re.search(r"WAITFOR\[(.*?)\]", text)
-if waiting_for:  # hold the run until the test creates that file (bounded)
-    deadline = time.time() + 30
-    while not os.path.exists(waiting_for.group(1)) and time.time() < deadline:
-        time.sleep(0.01)
-if "FLOOD" in text:  # writes deltas without end, until it is stopped
-    stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-    while True:
-        stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "flood "}})
-        time.sleep(0.002)
-if "HANG" in text:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    record["child_pid"] = child.pid
+  said = re.search(r"SAY\[(.*?)\]", text, re.S)
+  reply = said.group(1) if said else "Echo: %%s [images: %%d]" %% (text[-200:], images)
+  calls = []
+  if schema is not None:
+      calls = [("StructuredOutput", example(schema))]
+  elif "CALLTOOL" in everything and mcp_tools and "RESULT-" not in everything:
+      for n in range(2 if "CALLTOOL2" in everything else 1):
+          tool = mcp_tools[n %% len(mcp_tools)]
+          props = list(tool["inputSchema"].get("properties", {})) or ["input"]
+          calls.append((tool["name"], {} if "NOARGS" in everything else {props[0]: ["Paris", "Rome"][n]}))
+  if "RESULT-" in everything and not calls:
+      reply = "Final answer using " + everything[everything.index("RESULT-"):][:16]
+  emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": session,
+        "uuid": str(uuid.uuid4())})
+  usage = {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
+           "output_tokens": 1}
+  stream({"type": "message_start", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
+          "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+  def assistant(block):
+      emit({"type": "assistant", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
+            "model": model, "content": [block], "stop_reason": None, "usage": usage},
+            "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4())})
+  index = 0
+  said_text = None
+  if "THINK" in text:
+      stream({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+      emit({"type": "system", "subtype": "thinking_tokens", "estimated_tokens": 6, "estimated_tokens_delta": 6,
+            "session_id": session, "uuid": str(uuid.uuid4())})
+      stream({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think"}})
+      stream({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": " about this."}})
+      stream({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}})
+      assistant({"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"})
+      stream({"type": "content_block_stop", "index": 0})
+      index = 1
+  if not calls or calls[0][0] != "StructuredOutput" or "CHATTY" in text:
+      said_text = reply if not calls else "Let me check."
+      slow = "SLOW" in text
+      pieces = 20 if slow else 3
+      size = max(1, -(-len(said_text) // pieces))
+      stream({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
+      if "STAMP" in text:  # for the benchmark: each delta says when it was written
+          said_text = ""
+          for _ in range(10):
+              time.sleep(0.02)
+              piece = "<t=%%.6f>" %% time.time()
+              said_text += piece
+              stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})
+      for start in range(0, len(said_text) if "STAMP" not in text else 0, size):
+          if slow:
+              time.sleep(0.2)
+          stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": said_text[start:start + size]}})
+      assistant({"type": "text", "text": said_text})
+      stream({"type": "content_block_stop", "index": index})
+      index += 1
+  made = []
+  for name, args in calls:
+      tool_id = "toolu_" + uuid.uuid4().hex[:20]
+      stream({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}})
+      encoded = json.dumps(args)
+      if args:
+          for piece in (encoded[:5], encoded[5:]):
+              stream({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}})
+      assistant({"type": "tool_use", "id": tool_id, "name": name, "input": args})
+      stream({"type": "content_block_stop", "index": index})
+      made.append((tool_id, name, args))
+      if name == "StructuredOutput" or flags.get("--max-turns") == "1":
+          answer = ("Structured output provided successfully" if name == "StructuredOutput" else
+                    "Claude requested permissions to use %%s, but you haven't granted it yet." %% name)
+          emit({"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": answer,
+                "is_error": name != "StructuredOutput", "tool_use_id": tool_id}]}, "parent_tool_use_id": None,
+                "session_id": session, "uuid": str(uuid.uuid4())})
+      index += 1
+  stop_reason = "max_tokens" if "MAXTOKENS" in text else "tool_use" if calls else "end_turn"
+  stream({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+          "usage": {"output_tokens": 7}})
+  stream({"type": "message_stop"})
+  usage["output_tokens"] = 7
+  if calls and calls[0][0] == "StructuredOutput":
+      value = calls[0][1]
+      emit({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None,
+            "num_turns": 2, "result": json.dumps(value, separators=(",", ":")), "structured_output": value,
+            "stop_reason": "tool_use", "session_id": session, "usage": usage, "modelUsage": {},
+            "permission_denials": [], "uuid": str(uuid.uuid4())})
+  elif calls and flags.get("--max-turns") == "1":
+      emit({"type": "result", "subtype": "error_max_turns", "is_error": True, "num_turns": 2,
+            "stop_reason": "tool_use", "session_id": session, "usage": usage, "modelUsage": {},
+            "permission_denials": [{"tool_name": n, "tool_input": a} for n, a in calls],
+            "errors": ["Reached maximum number of turns (1)"], "uuid": str(uuid.uuid4())})
+      sys.exit(1)
+  elif calls:  # the client's tools: the bridge answers each call with the client's result
+      history.append({"role": "assistant", "content": ([{"type": "text", "text": said_text}] if said_text else [])
+                      + [{"type": "tool_use", "id": i, "name": n, "input": a} for i, n, a in made]})
+      results = []
+      for tool_id, name, args in made:
+          server = name.split("__")[1]
+          reply_ = mcp_rpc[server]({"jsonrpc": "2.0", "id": 10 + len(results), "method": "tools/call",
+                                    "params": {"name": name.split("__", 2)[2], "arguments": args}})["result"]
+          block = {"type": "tool_result", "tool_use_id": tool_id, "content": reply_["content"]}
+          if reply_.get("isError"):
+              block["is_error"] = True
+          results.append(block)
+          emit({"type": "user", "message": {"role": "user", "content": [block]}, "parent_tool_use_id": None,
+                "session_id": session, "uuid": str(uuid.uuid4())})
+      history.append({"role": "user", "content": results})
+      return True
+  else:
+      history.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+      result(reply, stop_reason=stop_reason, usage=usage)
+  return False
+
+
+def all_texts(messages):
+    """Every text of the conversation, tool results included (the fake API reads them all)."""
+    out = []
+    for m in messages:
+        for b in (m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]):
+            if b.get("type") == "text":
+                out.append(b["text"])
+            elif b.get("type") == "tool_result":
+                content = b.get("content")
+                out += [content] if isinstance(content, str) else [c.get("text", "") for c in content or []]
+    return out
+
+
+# A live process: one user line after another, each answered with the whole history, as the
+# real CLI does; after a call of the client's tools, the next model call once the bridge answers.
+first = True
+while True:
+    line = sys.stdin.readline()
+    record.setdefault("message_at", time.time())
+    record.setdefault("stdin", line)
+    record.setdefault("lines", []).append(line)
     save()
-    time.sleep(600)
-if "CRASH" in text:
-    sys.stderr.write("TypeError: something broke inside the CLI\n"); sys.exit(3)
-if "GARBAGE" in text:
-    print("this is not json"); print("{neither is this"); sys.exit(0)
-if "NOTLOGGEDIN" in text:
-    result("Not logged in \u00b7 Please run /login", True, None); sys.exit(1)
-if "RATE429" in text:
-    api_error(429, "rate_limit", '{"type":"error","error":{"type":"rate_limit_error"}}')
-if "OVERLOAD" in text:
-    api_error(529, "overloaded", '{"type":"error","error":{"type":"overloaded_error"}}')
-if "AUTH401" in text:
-    api_error(401, "authentication_failed", '{"type":"error","error":{"type":"authentication_error"}}')
-if "BADREQ400" in text:  # not retried by the CLI
-    api_error(400, "unknown", '{"type":"error","error":{"type":"invalid_request_error","message":"messages: text content blocks must be non-empty"}}', False)
-
-said = re.search(r"SAY\[(.*?)\]", text, re.S)
-reply = said.group(1) if said else "Echo: %%s [images: %%d]" %% (text[-200:], images)
-calls = []
-if schema is not None:
-    calls = [("StructuredOutput", example(schema))]
-elif "CALLTOOL" in everything and mcp_tools and "RESULT-" not in everything:
-    for n in range(2 if "CALLTOOL2" in everything else 1):
-        tool = mcp_tools[n %% len(mcp_tools)]
-        props = list(tool["inputSchema"].get("properties", {})) or ["input"]
-        calls.append((tool["name"], {} if "NOARGS" in everything else {props[0]: ["Paris", "Rome"][n]}))
-if "RESULT-" in everything and not calls:
-    reply = "Final answer using " + everything[everything.index("RESULT-"):][:16]
-emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": session,
-      "uuid": str(uuid.uuid4())})
-usage = {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
-         "output_tokens": 1}
-stream({"type": "message_start", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
-        "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
-def assistant(block):
-    emit({"type": "assistant", "message": {"id": "msg_stub", "type": "message", "role": "assistant",
-          "model": model, "content": [block], "stop_reason": None, "usage": usage},
-          "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4())})
-index = 0
-if "THINK" in text:
-    stream({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
-    emit({"type": "system", "subtype": "thinking_tokens", "estimated_tokens": 6, "estimated_tokens_delta": 6,
-          "session_id": session, "uuid": str(uuid.uuid4())})
-    stream({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me think"}})
-    stream({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": " about this."}})
-    stream({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}})
-    assistant({"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"})
-    stream({"type": "content_block_stop", "index": 0})
-    index = 1
-if not calls or calls[0][0] != "StructuredOutput" or "CHATTY" in text:
-    said_text = reply if not calls else "Let me check."
-    slow = "SLOW" in text
-    pieces = 20 if slow else 3
-    size = max(1, -(-len(said_text) // pieces))
-    stream({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
-    if "STAMP" in text:  # for the benchmark: each delta says when it was written
-        said_text = ""
-        for _ in range(10):
-            time.sleep(0.02)
-            piece = "<t=%%.6f>" %% time.time()
-            said_text += piece
-            stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})
-    for start in range(0, len(said_text) if "STAMP" not in text else 0, size):
-        if slow:
-            time.sleep(0.2)
-        stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": said_text[start:start + size]}})
-    assistant({"type": "text", "text": said_text})
-    stream({"type": "content_block_stop", "index": index})
-    index += 1
-for name, args in calls:
-    tool_id = "toolu_" + uuid.uuid4().hex[:20]
-    stream({"type": "content_block_start", "index": index, "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}})
-    encoded = json.dumps(args)
-    if args:
-        for piece in (encoded[:5], encoded[5:]):
-            stream({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": piece}})
-    assistant({"type": "tool_use", "id": tool_id, "name": name, "input": args})
-    stream({"type": "content_block_stop", "index": index})
-    answer = ("Structured output provided successfully" if name == "StructuredOutput" else
-              "Claude requested permissions to use %%s, but you haven't granted it yet." %% name)
-    emit({"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": answer,
-          "is_error": name != "StructuredOutput", "tool_use_id": tool_id}]}, "parent_tool_use_id": None,
-          "session_id": session, "uuid": str(uuid.uuid4())})
-    index += 1
-stop_reason = "max_tokens" if "MAXTOKENS" in text else "tool_use" if calls else "end_turn"
-stream({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-        "usage": {"output_tokens": 7}})
-stream({"type": "message_stop"})
-usage["output_tokens"] = 7
-if calls and calls[0][0] == "StructuredOutput":
-    value = calls[0][1]
-    emit({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None,
-          "num_turns": 2, "result": json.dumps(value, separators=(",", ":")), "structured_output": value,
-          "stop_reason": "tool_use", "session_id": session, "usage": usage, "modelUsage": {},
-          "permission_denials": [], "uuid": str(uuid.uuid4())})
-elif calls and flags.get("--max-turns") == "1":
-    emit({"type": "result", "subtype": "error_max_turns", "is_error": True, "num_turns": 2,
-          "stop_reason": "tool_use", "session_id": session, "usage": usage, "modelUsage": {},
-          "permission_denials": [{"tool_name": n, "tool_input": a} for n, a in calls],
-          "errors": ["Reached maximum number of turns (1)"], "uuid": str(uuid.uuid4())})
-    sys.exit(1)
-else:
-    result(reply, stop_reason=stop_reason, usage=usage)
-sys.stdin.read()  # like the real CLI: after the result, wait for more input until stdin closes
+    if not line:
+        sys.exit(0)
+    history.append({"role": "user", "content": json.loads(line)["message"]["content"]})
+    while True:
+        record["history"] = history
+        save()
+        if not reply_once(first):
+            break
+        first = False
+    first = False
 '''
 
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
@@ -375,12 +446,24 @@ LOG_LINES = []  # what the proxy logged during the tests (kept off the test outp
 _real_log = cp.log
 
 
+CONFIG_DIR = tempfile.mkdtemp(prefix="claude-proxy-test-config-")
+
+
 def setUpModule():
     cp.log = LOG_LINES.append
+    # The CLI's config directory (where session files for --resume go): the tests' own.
+    os.environ["CLAUDE_CONFIG_DIR"] = CONFIG_DIR
 
 
 def tearDownModule():
     cp.log = _real_log
+    os.environ.pop("CLAUDE_CONFIG_DIR", None)
+    shutil.rmtree(CONFIG_DIR, ignore_errors=True)
+
+
+def session_files():
+    """Every file under the CLI's config directory: sessions must not outlive their runs."""
+    return [os.path.join(d, f) for d, _, files in os.walk(CONFIG_DIR) for f in files]
 
 
 # Pure translation: tables ###################################################################
@@ -831,7 +914,7 @@ class ToolParsingTest(unittest.TestCase):
         plan = self.parse(tools=[WEATHER])
         argv = cp.cli_argv("claude", plan, "p", "/x/mcp-config.json")
         self.assertEqual(argv[argv.index("--mcp-config") + 1], "/x/mcp-config.json")
-        self.assertEqual(argv[argv.index("--max-turns") + 1], "1")
+        self.assertEqual(argv[argv.index("--max-turns") + 1], str(cp.TOOL_LOOP_MAX_TURNS))
         self.assertNotIn("get_weather", " ".join(argv), "function definitions go in a file")
         plan = self.parse(response_format={"type": "json_object"})
         argv = cp.cli_argv("claude", plan, "p")
@@ -890,18 +973,26 @@ class McpServerTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp, True)
         path = os.path.join(tmp, "tools.json")
         with open(path, "w") as f:
-            json.dump(self.tools, f)
+            json.dump({"tools": self.tools, "wait_seconds": 30}, f)
+        os.mkdir(os.path.join(tmp, cp.MCP_RESULTS_DIR))
+        # The client's result for the first call is there already; the bridge answers with it.
+        with open(os.path.join(tmp, cp.MCP_RESULTS_DIR, "0.json"), "w") as f:
+            json.dump({"content": [{"type": "text", "text": "RESULT-sunny"}], "isError": False}, f)
         requests = [{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}},
                     {"jsonrpc": "2.0", "method": "notifications/initialized"},
-                    {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}]
+                    {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}},
+                    {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": [1]}]
         out = subprocess.run([sys.executable, "-I", "-S", cp.__file__, "--mcp-tools", path],
-                             input="".join(json.dumps(r) + "\n" for r in requests) + "not json\n",
+                             input="".join(json.dumps(r) + "\n" for r in requests[:4]) + "not json\n",
                              capture_output=True, text=True, timeout=30)
         self.assertEqual(out.returncode, 0, out.stderr)
         replies = [json.loads(line) for line in out.stdout.splitlines()]
-        self.assertEqual([r["id"] for r in replies], [0, 1, None])
+        self.assertEqual([r["id"] for r in replies], [0, 1, 2, None])
         self.assertEqual(replies[1]["result"]["tools"][0]["name"], "get_weather")
-        self.assertEqual(replies[2]["error"]["code"], -32700)
+        self.assertEqual(replies[2]["result"]["content"], [{"type": "text", "text": "RESULT-sunny"}],
+                         "a call gets the client's result")
+        self.assertEqual(replies[3]["error"]["code"], -32700)
 
 
 def tool_events(calls, text="Let me check.", structured=False):
@@ -1205,10 +1296,16 @@ class ChatTest(ServerTestCase):
             {"role": "assistant", "content": "Hello Ada."},
             {"role": "user", "content": "What is my name?"}]})
         self.assertEqual(status, 200, raw)
-        content = json.loads(self.records()[0]["stdin"])["message"]["content"]
-        self.assertIn("My name is Ada.", content[0]["text"])
-        self.assertIn("Hello Ada.", content[0]["text"])
-        self.assertEqual(content[-1], {"type": "text", "text": "What is my name?"})
+        [record] = self.records()
+        content = json.loads(record["stdin"])["message"]["content"]
+        self.assertEqual(content, [{"type": "text", "text": "What is my name?"}], "only the new turn on stdin")
+        self.assertEqual([(m["role"], m["content"]) for m in record["resumed"]],
+                         [("user", [{"type": "text", "text": "My name is Ada."}]),
+                          ("assistant", [{"type": "text", "text": "Hello Ada."}])],
+                         "earlier turns are real turns, from the session file it resumed")
+        self.assertEqual((record["session_mode"], record["session_folder_mode"]), (0o600, 0o700))
+        self.assertIn(os.path.realpath(CONFIG_DIR), os.path.realpath(record["session_file"]))
+        self.assertTrue(wait_until(lambda: session_files() == []), "no session file outlives its run")
         self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "Echo: What is my name? [images: 0]")
 
     def test_image(self):
@@ -1438,9 +1535,8 @@ class ErrorTest(ServerTestCase):
         self.assertEqual(record["offered_tools"], [{"name": "mcp__fn__get_weather", "description": "Weather for a city",
                                                     "inputSchema": WEATHER["function"]["parameters"]}],
                          "the schema reaches the model unchanged, through the file's own MCP mode")
-        self.assertTrue(record["mcp_call_reply"]["result"]["isError"], "the proxy never runs a function")
         argv = record["argv"]
-        self.assertEqual(argv[argv.index("--max-turns") + 1], "1")
+        self.assertEqual(argv[argv.index("--max-turns") + 1], str(cp.TOOL_LOOP_MAX_TURNS))
         self.assertEqual(argv[argv.index("--tools") + 1], "", "still no built-in tools")
 
     def test_parallel_calls(self):
@@ -1646,7 +1742,9 @@ class PoolTest(ServerTestCase):
         self.assertEqual(len({r["pid"] for r in runs}), 3)
         for run in runs:
             self.assertEqual(run["stdin"].count("\n"), 1, "one message per process")
-            self.assertTrue(wait_until(lambda: not pid_alive(run["pid"])), "and then it exited")
+        kept = server.runner.continuations
+        self.assertTrue(wait_until(lambda: sum(pid_alive(r["pid"]) for r in runs) == kept.count() <= kept.size),
+                        "each then exited, or waits for its own conversation's next turn")
 
     def test_concurrent_requests_never_share_a_process(self):
         server, port = self.pool_server()
@@ -1681,7 +1779,10 @@ class PoolTest(ServerTestCase):
         self.assertEqual(after("m-two"), ["m-one", "m-two"])
         self.assertEqual(after("m-three"), ["m-one", "m-two"], "a shape seen once pushes nothing out")
         self.assertEqual(after("m-three"), ["m-three", "m-two"], "seen again: the least recent one goes")
-        self.assertTrue(wait_until(lambda: len([r for r in self.records(runs_only=False) if pid_alive(r["pid"])]) == 2))
+        kept = server.runner.continuations
+        self.assertTrue(wait_until(lambda: len([r for r in self.records(runs_only=False) if pid_alive(r["pid"])])
+                                   == 2 + kept.count()), "the waiting ones, and those kept for a next turn")
+        self.assertLessEqual(kept.count(), 2)
 
     def test_idle_processes_are_retired(self):
         server, port = self.pool_server(pool_idle=0.3)
