@@ -2973,13 +2973,32 @@ class ResponsesServerTest(ServerTestCase):
         self.assertIn('<tool_call id="%s" name="get_weather">{"city":"Paris"}</tool_call>' % call["call_id"], transcript)
         self.assertEqual(record["system_prompt"], cp.DEFAULT_SYSTEM_PROMPT, "instructions are not carried over")
         third = self.respond({"previous_response_id": second["id"], "input": "and tomorrow?"})
-        transcript = json.loads(self.records()[-1]["stdin"])["message"]["content"][0]["text"]
-        self.assertIn("Final answer using RESULT-sunny", transcript, "a stored stream is continued too")
-        self.assertEqual(json.loads(self.records()[-1]["stdin"])["message"]["content"][-1]["text"], "and tomorrow?")
+        record = self.records()[-1]
+        self.assertEqual(json.loads(record["stdin"])["message"]["content"], [{"type": "text", "text": "and tomorrow?"}])
+        history = json.dumps(record["resumed"])
+        self.assertIn("CALLTOOL weather?", history, "earlier turns as real turns, from a session file")
+        self.assertIn("Final answer using RESULT-sunny", history, "a stored stream is continued too")
         self.assertEqual(third["status"], "completed")
         self.assert_error(self.request("POST", "/v1/responses", {"previous_response_id": "resp_nope", "input": "x"}),
                           404, "previous_response_id", "response_not_found")
         self.assertEqual(len(self.records()), 3, "an unknown id starts no run")
+
+    def test_previous_response_id_reaches_the_kept_process(self):
+        """With processes kept for a conversation's next turn, a continued response goes to the
+        very process that wrote it: the next line, or the tool results it waits for."""
+        port = self.serve(pool_size=1).server_address[1]
+        first = self.respond({"input": "CALLTOOL weather?", "tools": [RS_WEATHER]}, port=port)
+        [call] = [i for i in first["output"] if i["type"] == "function_call"]
+        second = self.respond({"previous_response_id": first["id"], "tools": [RS_WEATHER], "stream": True,
+                               "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "RESULT-sunny"}]},
+                              port=port)
+        self.assertTrue(second["output_text"].startswith("Final answer using RESULT-sunny"), second["output_text"])
+        third = self.respond({"previous_response_id": second["id"], "tools": [RS_WEATHER], "input": "thanks"}, port=port)
+        self.assertEqual(third["status"], "completed")
+        [record] = self.records()
+        self.assertEqual([json.loads(line)["message"]["content"] for line in record["lines"]],
+                         [[{"type": "text", "text": "CALLTOOL weather?"}], [{"type": "text", "text": "thanks"}]],
+                         "one process: the first message, the tool result through the bridge, the next line")
 
     def test_get_and_delete_only_for_the_same_key(self):
         port = self.serve(api_keys=["key-a", "key-b"]).server_address[1]
