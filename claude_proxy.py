@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""claude_proxy.py: an OpenAI-compatible Chat Completions server over the local `claude` CLI.
+"""claude_proxy.py: an OpenAI-compatible API server (Chat Completions and Responses) over the
+local `claude` CLI.
 
 Any OpenAI client (the openai SDKs, LangChain, Continue, Open WebUI, Aider, ...) pointed at
 http://127.0.0.1:8082/v1 talks to the Claude the `claude` CLI is logged into, with no API key.
@@ -768,6 +769,339 @@ def parse_chat_request(body, default_model=None, default_effort=None):
         "legacy_functions": legacy_functions and bool(tools),
         "json_schema": json_schema,
     }
+
+
+# OpenAI Responses request ###################################################################
+# POST /v1/responses: `input` items (or a string) and `instructions` -> the same plan as a Chat
+# Completions request. Clients: the openai SDKs' client.responses, the OpenAI Agents SDK, Codex.
+
+# Input items of hosted tools a client may replay from a conversation it had elsewhere: there
+# is nothing of ours to map them to, and no client function ran, so they are dropped.
+RESPONSES_DROPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "image_generation_call",
+                           "code_interpreter_call", "computer_call", "computer_call_output",
+                           "local_shell_call", "local_shell_call_output", "mcp_list_tools",
+                           "mcp_call", "mcp_approval_request", "mcp_approval_response",
+                           "tool_search_call", "tool_search_output", "compaction")
+# `include` values that would promise output the proxy cannot give.
+RESPONSES_REFUSED_INCLUDES = ("message.output_text.logprobs",)
+# The model is offered a namespace's function as <namespace>__<name>: names stay unique and
+# the model sees the grouping; the call goes back to the client as {namespace, name}.
+NAMESPACE_SEPARATOR = "__"
+
+
+def responses_content_blocks(content, param, role):
+    """A message item's content (a string or parts) -> blocks. Images only from the user."""
+    if isinstance(content, str):
+        return [text_block(content)]
+    _require(isinstance(content, list), "content must be a string or an array of content parts", param)
+    blocks = []
+    for j, part in enumerate(content):
+        where = "%s[%d]" % (param, j)
+        _require(isinstance(part, dict), "each content part must be an object", where)
+        kind = part.get("type")
+        if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
+            _require(isinstance(part.get("text"), str), "a %s part needs a string `text`" % kind,
+                     where + ".text")
+            blocks.append(text_block(part["text"]))
+        elif kind == "refusal":
+            _require(isinstance(part.get("refusal"), str), "a refusal part needs a string `refusal`",
+                     where + ".refusal")
+            blocks.append(text_block(part["refusal"]))
+        elif kind == "input_image" and role == "user":
+            _require(part.get("file_id") is None, "Uploaded files are not available through this "
+                     "proxy; send the image inline as a data:image/...;base64, URL in `image_url`.",
+                     where + ".file_id", "unsupported_content_type")
+            blocks.append(image_from_data_url(part.get("image_url"), where + ".image_url"))
+        elif kind == "input_image":
+            raise invalid("Images are only accepted in user messages and function call outputs",
+                          where + ".type")
+        elif kind in ("input_file", "input_audio", "input_video"):
+            raise invalid("Content parts of type %r are not supported by this proxy; send text "
+                          "or data: URL images" % kind, where + ".type", "unsupported_content_type")
+        else:
+            raise invalid("Unknown content part type %r" % (kind,), where + ".type")
+    return blocks
+
+
+def namespaced(namespace, name):
+    """The name a function of a namespace is offered and recorded under."""
+    return namespace + NAMESPACE_SEPARATOR + name if namespace else name
+
+
+def responses_items(items, turns, system_parts):
+    """`input` items -> turns (added to `turns`), system and developer text to `system_parts`."""
+    for i, item in enumerate(items):
+        param = "input[%d]" % i
+        _require(isinstance(item, dict), "each input item must be an object", param)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            content = item.get("content")
+            _require(content is not None, "a message needs `content`", param + ".content")
+            if role in ("system", "developer"):
+                system_parts.append(blocks_text(responses_content_blocks(content, param + ".content", role)))
+            elif role in ("user", "assistant"):
+                add_turn(turns, role, responses_content_blocks(content, param + ".content", role))
+            else:
+                raise invalid("Unknown role %r: use user, assistant, system or developer" % (role,),
+                              param + ".role")
+        elif kind in ("function_call", "custom_tool_call"):
+            call_id, name = item.get("call_id"), item.get("name")
+            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
+            _require(isinstance(name, str) and name, "a %s needs `name`" % kind, param + ".name")
+            namespace = item.get("namespace")
+            _require(namespace is None or isinstance(namespace, str), "`namespace` must be a string",
+                     param + ".namespace")
+            if kind == "function_call":
+                arguments = tool_arguments(item.get("arguments"), param + ".arguments")
+            else:  # a freeform tool's input is text; kept so the history reads right
+                _require(isinstance(item.get("input", ""), str), "`input` must be a string", param + ".input")
+                arguments = {"input": item.get("input", "")}
+            add_turn(turns, "assistant", [{"type": "tool_use", "id": call_id,
+                                           "name": namespaced(namespace, name), "input": arguments}])
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            call_id, output = item.get("call_id"), item.get("output")
+            _require(output is not None, "a %s needs `output`" % kind, param + ".output")
+            blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user"))
+            if call_id is None and isinstance(item.get("name"), str):
+                # An output no call asked for (Codex adds some of its own, with only a name):
+                # the API pairs every tool_result with a tool_use, so it is the user's text.
+                name = namespaced(item.get("namespace") if isinstance(item.get("namespace"), str)
+                                  else None, item["name"])
+                add_turn(turns, "user", [text_block("Output of the tool %s:\n" % name)] + blocks)
+                continue
+            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
+            add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
+                                      "content": blocks, "is_error": False}])
+        elif kind in RESPONSES_DROPPED_ITEMS:
+            continue  # reasoning: its encrypted_content is OpenAI's, opaque to us
+        elif kind == "item_reference":
+            raise invalid("Item references are not supported; send the item itself, or continue "
+                          "with previous_response_id", param + ".type", "unsupported_item_type")
+        else:
+            raise invalid("Unknown input item type %r" % (kind,), param + ".type", "unsupported_item_type")
+
+
+def responses_tools(body):
+    """tools / tool_choice / parallel_tool_calls / max_tool_calls -> (the functions to offer,
+    the instruction for the system prompt, whether one call at most, {offered name:
+    (namespace, name)} for the calls of namespaced functions).
+
+    Function tools are offered, a namespace's functions too; tools of other types (web_search,
+    file_search, custom/freeform, computer, mcp, ...) are left out: clients such as Codex send
+    them as a matter of course, and refusing them would refuse the client."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    _require(tools is None or isinstance(tools, list), "`tools` must be an array", "tools")
+    functions, namespaces = [], {}
+    for i, tool in enumerate(tools or ()):
+        where = "tools[%d]" % i
+        _require(isinstance(tool, dict), "each tool must be an object", where)
+        if tool.get("type") == "function":
+            functions.append(parse_function(tool, where))
+        elif tool.get("type") == "namespace":
+            namespace = tool.get("name")
+            _require(isinstance(namespace, str) and TOOL_NAME.match(namespace),
+                     "a namespace needs a `name` matching ^[a-zA-Z0-9_-]{1,64}$", where + ".name")
+            _require(isinstance(tool.get("tools"), list), "a namespace needs `tools`", where + ".tools")
+            for j, inner in enumerate(tool["tools"]):
+                if isinstance(inner, dict) and inner.get("type") == "function":
+                    function = parse_function(inner, "%s.tools[%d]" % (where, j))
+                    offered = namespaced(namespace, function["name"])
+                    _require(TOOL_NAME.match(offered), "namespace and function names together must "
+                             "fit in 64 characters", "%s.tools[%d].name" % (where, j), "invalid_function_name")
+                    namespaces[offered] = (namespace, function["name"])
+                    functions.append(dict(function, name=offered, mcp_name=mcp_tool_name(offered)))
+    names = [f["name"] for f in functions]
+    _require(len(set(names)) == len(names), "function names must be unique", "tools")
+
+    max_calls = body.get("max_tool_calls")
+    _require(max_calls is None or (isinstance(max_calls, int) and not isinstance(max_calls, bool)
+                                   and max_calls >= 1), "`max_tool_calls` must be a positive integer",
+             "max_tool_calls")
+    parallel = body.get("parallel_tool_calls")
+    _require(parallel is None or isinstance(parallel, bool), "`parallel_tool_calls` must be a boolean",
+             "parallel_tool_calls")
+    single = parallel is False or max_calls == 1
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("tools")
+        _require(isinstance(allowed, list), "allowed_tools needs `tools`", "tool_choice.tools")
+        wanted = {namespaced(t.get("namespace"), t.get("name")) for t in allowed
+                  if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("name"), str)}
+        functions = [f for f in functions if f["name"] in wanted]
+        choice = choice.get("mode", "auto")
+    if not functions:
+        _require(choice in (None, "none", "auto"), "tool_choice needs function tools", "tool_choice")
+        return [], None, False, {}
+    if choice in (None, "auto"):
+        instruction = None
+    elif choice == "none":
+        return [], None, False, {}
+    elif choice == "required":
+        instruction = "You must answer by calling %s of the tools you are given." % (
+            "exactly one" if single else "one or more")
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        wanted = namespaced(choice.get("namespace"), choice.get("name"))
+        _require(wanted in names, "tool_choice names a function that is not in `tools`", "tool_choice")
+        functions = [f for f in functions if f["name"] == wanted]
+        instruction = "You must answer by calling the tool %s%s." % (MCP_PREFIX, functions[0]["mcp_name"])
+    else:
+        raise invalid("tool_choice must be \"none\", \"auto\", \"required\", {\"type\": \"function\", "
+                      "\"name\": ...} or allowed_tools; tools of other types are not offered by "
+                      "this proxy", "tool_choice")
+    if single:
+        instruction = ((instruction + " ") if instruction else "") + "Call at most one tool in this reply."
+    return functions, instruction, single, namespaces
+
+
+def responses_text_format(text):
+    """text.format -> the JSON schema the CLI must fill (--json-schema), or None for text."""
+    if text is None:
+        return None
+    _require(isinstance(text, dict), "`text` must be an object", "text")
+    form = text.get("format")
+    if form is None:
+        return None
+    _require(isinstance(form, dict), "text.format must be an object", "text.format")
+    kind = form.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    _require(kind == "json_schema", "text.format.type must be text, json_object or json_schema",
+             "text.format.type")
+    schema = form.get("schema")
+    # As for Chat Completions: the CLI drops a schema without an object root, and takes it in argv.
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             "text.format.schema must be a JSON Schema with \"type\": \"object\" at the root",
+             "text.format.schema", "invalid_json_schema")
+    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "text.format.schema is over %d bytes, "
+             "more than the CLI can take" % MAX_SCHEMA_BYTES, "text.format.schema", "invalid_json_schema")
+    return schema
+
+
+def refuse_misleading_responses_options(body):
+    """Options the proxy cannot honour and that a client would be misled by if ignored."""
+    _require(not body.get("background"), "Background responses are not supported: the proxy "
+             "answers while the client waits. Send background: false, or stream.", "background")
+    _require(body.get("conversation") is None, "Conversation objects are not supported; continue "
+             "with previous_response_id, or send the items in `input`.", "conversation")
+    _require(body.get("prompt") is None, "Stored prompt templates are not available through this "
+             "proxy; send `instructions` and `input`.", "prompt")
+    _require(not body.get("top_logprobs"), "logprobs are not available through the claude CLI",
+             "top_logprobs")
+    include = body.get("include")
+    _require(include is None or (isinstance(include, list) and all(isinstance(v, str) for v in include)),
+             "`include` must be an array of strings", "include")
+    for value in include or ():
+        _require(value not in RESPONSES_REFUSED_INCLUDES, "logprobs are not available through the "
+                 "claude CLI", "include")
+
+
+def parse_responses_request(body, default_model=None, default_effort=None, previous=None):
+    """A Responses API request body -> (the plan for one CLI run, what the response echoes and
+    the store needs), or a 400. `previous` is the stored response named by
+    previous_response_id (its conversation goes first), already looked up by the caller."""
+    _require(isinstance(body, dict), "The request body must be a JSON object", None)
+    if "input" not in body and "messages" in body:
+        raise invalid("This is the Responses endpoint, and the body looks like a Chat Completions "
+                      "request (`messages`). Send `input` instead, or POST to /v1/chat/completions.",
+                      "messages", "unsupported_api")
+    refuse_misleading_responses_options(body)
+    _require("input" in body, "Missing required parameter: `input`", "input")
+    items = body["input"]
+    if isinstance(items, str):
+        _require(items, "`input` is empty", "input")
+        items = [{"role": "user", "content": items}]
+    _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
+    instructions = body.get("instructions")
+    _require(instructions is None or isinstance(instructions, str), "`instructions` must be a string",
+             "instructions")
+
+    # Instructions are not carried over from a previous response; its input's system and
+    # developer messages are, being part of its conversation (as OpenAI does).
+    turns = list(previous["turns"]) if previous else []
+    kept_system = list(previous["system_parts"]) if previous else []
+    system_parts = []
+    responses_items(items, turns, system_parts)
+    conv = conversation([instructions or ""] + kept_system + system_parts, turns, "input")
+    system_prompt = conv["system"]
+
+    model = body.get("model")
+    if model is None or model == "":
+        model = default_model
+    else:
+        _require(isinstance(model, str) and MODEL_NAME.match(model),
+                 "Invalid model name %r" % (model,), "model", "model_not_found")
+    stream = body.get("stream", False)
+    _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
+    store = body.get("store", True)
+    _require(store is None or isinstance(store, bool), "`store` must be a boolean", "store")
+
+    reasoning = body.get("reasoning")
+    _require(reasoning is None or isinstance(reasoning, dict), "`reasoning` must be an object", "reasoning")
+    effort = (reasoning or {}).get("effort")
+    if effort is None:
+        effort = default_effort
+    else:
+        _require(isinstance(effort, str) and effort in REASONING_EFFORT_TO_CLI,
+                 "reasoning.effort must be one of %s" % ", ".join(REASONING_EFFORT_TO_CLI),
+                 "reasoning.effort")
+        effort = REASONING_EFFORT_TO_CLI[effort]
+
+    max_tokens = body.get("max_output_tokens")
+    _require(max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+                                    and 1 <= max_tokens <= MAX_TOKENS),
+             "`max_output_tokens` must be a whole number from 1 to %d" % MAX_TOKENS, "max_output_tokens")
+    for name in ("temperature", "top_p"):
+        _require(body.get(name) is None or _is_number(body[name]), "`%s` must be a number" % name, name)
+    metadata = body.get("metadata")
+    _require(metadata is None or isinstance(metadata, dict), "`metadata` must be an object", "metadata")
+
+    tools, tool_instruction, single_tool_call, namespaces = responses_tools(body)
+    json_schema = responses_text_format(body.get("text"))
+    if tool_instruction:
+        system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
+
+    plan = {
+        "model": model,
+        "effort": effort,
+        "system_prompt": system_prompt,
+        "conversation": conv,
+        "stream": bool(stream),
+        "include_usage": False,
+        "max_tokens": max_tokens,
+        "stop": [],
+        "tools": tools,
+        "single_tool_call": single_tool_call,
+        "legacy_functions": False,
+        "json_schema": json_schema,
+    }
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    request = {
+        "store": store is not False,
+        "system_parts": kept_system + system_parts,
+        "namespaces": namespaces,
+        # Echoed in the response object, as OpenAI does.
+        "echo": {
+            "instructions": instructions,
+            "max_output_tokens": max_tokens,
+            "metadata": metadata or {},
+            "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": (reasoning or {}).get("effort"),
+                          "summary": (reasoning or {}).get("summary")},
+            "store": store is not False,
+            "temperature": body.get("temperature", 1.0),
+            "text": dict(text, format=text.get("format") or {"type": "text"}),
+            "tool_choice": body.get("tool_choice") or "auto",
+            "tools": body.get("tools") or [],
+            "top_p": body.get("top_p", 1.0),
+            "truncation": body.get("truncation") or "disabled",
+            "user": body.get("user"),
+        },
+    }
+    return plan, request
 
 
 # Anthropic Messages request #################################################################
@@ -2601,6 +2935,342 @@ class ChatMessageCollector:
         raise error
 
 
+# OpenAI Responses response ##################################################################
+# The response object and its stream of typed events. One builder, ResponsesOutput, turns
+# neutral reply events into output items and the events that build them; the stream writer
+# sends those events, the collector keeps only the items.
+
+RESPONSES_STATUS = {"end_turn": "completed", "stop_sequence": "completed", "tool_use": "completed",
+                    "max_tokens": "incomplete"}
+
+
+def responses_usage(usage):
+    """Anthropic usage -> the Responses API's usage, both detail objects always present.
+    Thinking tokens are not counted apart by the CLI: reasoning_tokens is 0."""
+    counts = chat_usage(usage)
+    return {"input_tokens": counts["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": counts["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": counts["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": counts["total_tokens"]}
+
+
+def response_object(response_id, created_at, model, echo, status, output, usage=None, error=None,
+                    incomplete_details=None):
+    """The response object: the answer, and what the request asked for, echoed."""
+    text = "".join(part["text"] for item in output if item["type"] == "message"
+                   for part in item["content"] if part["type"] == "output_text")
+    obj = {"id": response_id, "object": "response", "created_at": created_at, "status": status,
+           "background": False, "error": error, "incomplete_details": incomplete_details,
+           "model": model, "output": output, "output_text": text}
+    obj.update(echo)
+    obj["usage"] = usage
+    return obj
+
+
+def new_item_id(prefix):
+    return "%s_%s" % (prefix, uuid.uuid4().hex)
+
+
+class ResponsesOutput:
+    """Neutral reply events -> output items, and the typed stream events (type, fields) that
+    build them, in the documented order: an item is added, its parts and deltas follow, and it
+    is done before the next one is added. Pure: item ids come from `new_id`.
+
+    namespaces: {offered name: (namespace, name)} for the functions of namespace tools."""
+
+    def __init__(self, namespaces=None, new_id=new_item_id):
+        self.namespaces = namespaces or {}
+        self.new_id = new_id
+        self.items = []  # the output items so far
+        self.open = None  # the item being built, if any
+        self.calls = {}  # call number -> its item
+        self.positions = {}  # item id -> its output_index
+
+    def event(self, event):
+        """One reply event -> the stream events it makes."""
+        if "text" in event:
+            out = [] if self._is_open("message") else self.close() + self._open_message()
+            self.open["content"][0]["text"] += event["text"]
+            return out + [self._typed("response.output_text.delta", content_index=0,
+                                      delta=event["text"], logprobs=[])]
+        if "thinking" in event:
+            out = [] if self._is_open("reasoning") else self.close() + self._open_reasoning()
+            self.open["summary"][0]["text"] += event["thinking"]
+            return out + [self._typed("response.reasoning_summary_text.delta", summary_index=0,
+                                      delta=event["thinking"])]
+        if "call" in event and "id" in event:
+            out = self.close()
+            namespace, name = self.namespaces.get(event["name"], (None, event["name"]))
+            item = {"id": self.new_id("fc"), "type": "function_call", "status": "in_progress",
+                    "arguments": "", "call_id": event["id"], "name": name}
+            if namespace:
+                item["namespace"] = namespace
+            self.calls[event["call"]] = item
+            return out + [self._add(item)]
+        if "call" in event:
+            item = self.calls[event["call"]]
+            item["arguments"] += event["arguments"]
+            return [self._typed("response.function_call_arguments.delta", item, delta=event["arguments"])]
+        return []  # signatures: the summary is all a Responses client is given of thinking
+
+    def revise(self, text):
+        """The whole answer replaces what was gathered (not streamed: see ReplyTranslator)."""
+        self.close()
+        self.items = [item for item in self.items if item["type"] != "message"]
+        self.positions = {item["id"]: n for n, item in enumerate(self.items)}
+        self._open_message()
+        self.open["content"][0]["text"] = text
+        self.close()
+
+    def close(self, status="completed"):
+        """Finish the open item: its closing events, then output_item.done."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        out = []
+        if item["type"] == "message":
+            part = item["content"][0]
+            out += [self._typed("response.output_text.done", item, content_index=0, text=part["text"],
+                                logprobs=[]),
+                    self._typed("response.content_part.done", item, content_index=0, part=dict(part))]
+        elif item["type"] == "reasoning":
+            part = item["summary"][0]
+            out += [self._typed("response.reasoning_summary_text.done", item, summary_index=0,
+                                text=part["text"]),
+                    self._typed("response.reasoning_summary_part.done", item, summary_index=0,
+                                part=dict(part))]
+        elif item["type"] == "function_call":
+            item["arguments"] = item["arguments"] or "{}"
+            out.append(self._typed("response.function_call_arguments.done", item,
+                                   name=item["name"], arguments=item["arguments"]))
+        if "status" in item:
+            item["status"] = status
+        return out + [("response.output_item.done", {"output_index": self.positions[item["id"]],
+                                                     "item": json.loads(json.dumps(item))})]
+
+    def _is_open(self, kind):
+        return self.open is not None and self.open["type"] == kind
+
+    def _add(self, item):
+        self.positions[item["id"]] = len(self.items)
+        self.items.append(item)
+        self.open = item
+        # A copy: the item goes on growing, the event must say what it was when added.
+        return ("response.output_item.added", {"output_index": len(self.items) - 1,
+                                               "item": json.loads(json.dumps(item))})
+
+    def _open_message(self):
+        item = {"id": self.new_id("msg"), "type": "message", "status": "in_progress",
+                "role": "assistant", "content": []}
+        added = self._add(item)
+        item["content"].append({"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        return [added, self._typed("response.content_part.added", content_index=0,
+                                   part=dict(item["content"][0], text=""))]
+
+    def _open_reasoning(self):
+        item = {"id": self.new_id("rs"), "type": "reasoning", "summary": []}
+        added = self._add(item)
+        item["summary"].append({"type": "summary_text", "text": ""})
+        return [added, self._typed("response.reasoning_summary_part.added", summary_index=0,
+                                   part={"type": "summary_text", "text": ""})]
+
+    def _typed(self, kind, item=None, **fields):
+        item = item or self.open
+        return (kind, dict({"item_id": item["id"], "output_index": self.positions[item["id"]]}, **fields))
+
+
+def responses_outcome(reply):
+    """How a finished reply ends: (status, incomplete_details)."""
+    status = RESPONSES_STATUS.get(reply.stop_reason, "completed")
+    return status, ({"reason": "max_output_tokens"} if status == "incomplete" else None)
+
+
+def responses_error(error):
+    """A ProxyError as a failed response's `error`."""
+    return {"code": error.code or error.type, "message": error.message}
+
+
+class ResponsesSink:
+    """What the stream writer and the collector share: the request's id and echo, the output
+    builder, and `keep`, called with the final response object before the client gets it (so a
+    client that continues at once with previous_response_id finds it stored)."""
+
+    def __init__(self, response_id, created_at, model, echo, namespaces=None, keep=None,
+                 structured=False, new_id=new_item_id):
+        self.id, self.created_at, self.model, self.echo = response_id, created_at, model, echo
+        self.output = ResponsesOutput(namespaces, new_id)
+        self.keep = keep
+        self.structured = structured
+
+    def response(self, status, usage=None, error=None, incomplete_details=None):
+        return response_object(self.id, self.created_at, self.model, self.echo, status,
+                               json.loads(json.dumps(self.output.items)), usage, error,
+                               incomplete_details)
+
+    def final(self, reply):
+        """The finished response object (and it is kept)."""
+        status, details = responses_outcome(reply)
+        response = self.response(status, responses_usage(reply.usage), None, details)
+        if self.keep:
+            self.keep(response, reply)
+        return response
+
+
+class ResponsesStreamWriter(ResponsesSink):
+    """Writes one streamed response: response.created and response.in_progress with the first
+    event, then the builder's events, then response.completed (or .incomplete / .failed).
+    Every event is `event: <type>` and `data: {"type", ..., "sequence_number"}`."""
+
+    def __init__(self, handler, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream = SseStream(handler)
+        self.sequence = 0
+
+    @property
+    def started(self):
+        return self.stream.started
+
+    def _send(self, events):
+        data = b""
+        for kind, fields in events:
+            payload = dict({"type": kind}, **fields)
+            payload["sequence_number"] = self.sequence
+            self.sequence += 1
+            data += sse_event(payload, event=kind)
+        self.stream.write(data)
+
+    def _opening(self):
+        """response.created and .in_progress, if not sent yet: the response before any output."""
+        if self.stream.started:
+            return []
+        in_progress = self.response("in_progress")
+        return [("response.created", {"response": in_progress}),
+                ("response.in_progress", {"response": in_progress})]
+
+    def event(self, event):
+        if "revised" in event:
+            raise revised_error(self.structured)
+        opening = self._opening()
+        events = self.output.event(event)
+        if events:
+            self._send(opening + events)
+
+    def finish(self, reply):
+        status, _ = responses_outcome(reply)
+        events = self._opening() + self.output.close(status)
+        response = self.final(reply)
+        self._send(events + [("response." + status, {"response": response})])
+
+    def fail(self, error):
+        """After the headers went out, an error is a response.failed event, then the end."""
+        if not self.stream.started:
+            raise error
+        events = self.output.close("incomplete")
+        self._send(events + [("response.failed", {"response": self.response(
+            "failed", None, responses_error(error))})])
+
+
+class ResponsesCollector(ResponsesSink):
+    """The non-streaming counterpart: gathers the output items into one response object."""
+
+    started = False
+
+    def __init__(self, handler, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handler = handler
+
+    def event(self, event):
+        if "revised" in event:
+            self.output.revise(event["revised"])
+        else:
+            self.output.event(event)
+
+    def finish(self, reply):
+        status, _ = responses_outcome(reply)
+        self.output.close(status)
+        self.handler.send_json(200, self.final(reply))
+
+    def fail(self, error):
+        raise error
+
+
+# Stored responses ###########################################################################
+# store: true (OpenAI's default) keeps a response for GET /v1/responses/{id} and for
+# previous_response_id: in memory only, bounded by count, age and size, and visible only to
+# the API key that made it. The proxy's restart forgets them all.
+
+RESPONSE_STORE_SIZE = 1000  # responses kept at most
+RESPONSE_STORE_SECONDS = 3600.0  # how long one is kept
+RESPONSE_STORE_BYTES = 64 * 1024 * 1024  # their conversations together, as JSON (images count)
+
+
+def response_not_found(response_id, param=None):
+    return ProxyError(404, "No stored response %r: it was never stored (store: false), it "
+                      "expired, or it belongs to another API key." % str(response_id)[:100],
+                      "invalid_request_error", param, "response_not_found",
+                      {"x-should-retry": "false"})
+
+
+class ResponseStore:
+    """Stored responses by id: {scope, stored_at, size, record}, oldest first. A record is
+    {"response": the object GET returns, "turns": the conversation with the reply as its last
+    turn, "system_parts": its input's system and developer text}."""
+
+    def __init__(self, size=RESPONSE_STORE_SIZE, seconds=RESPONSE_STORE_SECONDS,
+                 max_bytes=RESPONSE_STORE_BYTES, clock=time.monotonic):
+        self.size, self.seconds, self.max_bytes, self.clock = size, seconds, max_bytes, clock
+        self.bytes = 0
+        self._entries = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, scope, response_id, record):
+        weight = len(json.dumps(record["turns"], ensure_ascii=False))
+        if weight > self.max_bytes:
+            return  # larger than the whole store: kept nowhere, found by nobody
+        with self._lock:
+            self._entries[response_id] = (scope, self.clock(), weight, record)
+            self.bytes += weight
+            self._expire()
+            while len(self._entries) > self.size or self.bytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+
+    def get(self, scope, response_id):
+        """The record, or None: unknown, expired, or another key's (indistinguishable)."""
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(response_id)
+            return entry[3] if entry and hmac.compare_digest(entry[0], scope) else None
+
+    def delete(self, scope, response_id):
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(response_id)
+            if not entry or not hmac.compare_digest(entry[0], scope):
+                return False
+            self._drop(response_id)
+            return True
+
+    def __len__(self):
+        with self._lock:
+            return len(self._entries)
+
+    def _expire(self):
+        cutoff = self.clock() - self.seconds
+        while self._entries and next(iter(self._entries.values()))[1] <= cutoff:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, response_id):
+        self.bytes -= self._entries.pop(response_id)[2]
+
+
+def stored_record(plan, request, response, reply):
+    """What previous_response_id continues from: the conversation with the reply as its turn."""
+    turns = list(plan["conversation"]["turns"])
+    add_turn(turns, "assistant", reply.reply_blocks())
+    return {"response": response, "turns": turns, "system_parts": request["system_parts"]}
+
+
 # Anthropic Messages response ################################################################
 
 # ProxyError status -> Anthropic's error type. The statuses the proxy answers are already the
@@ -2982,7 +3652,7 @@ class Metrics:
             self.requests[(endpoint, str(status))] += 1
             if error_code:
                 self.errors[error_code] += 1
-            if endpoint == "chat_completions" and status == 200:
+            if endpoint in ("chat_completions", "create_response") and status == 200:
                 self.duration.observe(seconds)
             for kind in ("prompt", "completion"):
                 self.tokens[kind] += (usage or {}).get(kind + "_tokens", 0)
@@ -3027,7 +3697,8 @@ class Metrics:
                    [((("kind", k),), self.tokens[k]) for k in ("prompt", "completion")])
             summary("time_to_first_token_seconds", "From request to the first token (recent requests).",
                     self.ttft)
-            summary("request_duration_seconds", "Whole successful chat completions (recent requests).",
+            summary("request_duration_seconds", "Whole successful chat completions and responses "
+                    "(recent requests).",
                     self.duration)
         pool = runner.pool.stats() if runner.pool else None
         if pool:
@@ -4441,6 +5112,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/v1/chat/completions", "/chat/completions"):
             return ("POST",), self.chat_completions, ()
+        if path in ("/v1/responses", "/responses"):
+            return ("POST",), self.create_response, ()
+        if path.startswith(("/v1/responses/", "/responses/")) and path.count("/") == path.startswith("/v1") + 2:
+            return ("GET", "DELETE"), self.stored_response, (path.rsplit("/", 1)[1],)
         if path in ("/v1/messages", "/messages"):
             return ("POST",), self.messages, ()
         if path in ("/v1/messages/count_tokens", "/messages/count_tokens"):
@@ -4808,6 +5483,43 @@ class ProxyHandler(BaseHTTPRequestHandler):
             sink = AnthropicMessageCollector(self, message_id, plan["model"], plan["show_thinking"])
         self.answer(plan, sink)
 
+    def create_response(self):
+        """POST /v1/responses: the Responses API over the same runs as Chat Completions."""
+        config = self.server.config
+        body = self.read_json()
+        scope = self.client_scope()
+        previous = None
+        if isinstance(body, dict) and body.get("previous_response_id") is not None:
+            previous_id = body["previous_response_id"]
+            _require(isinstance(previous_id, str), "`previous_response_id` must be a string",
+                     "previous_response_id")
+            previous = self.server.response_store.get(scope, previous_id)
+            if previous is None:
+                raise response_not_found(previous_id, "previous_response_id")
+        plan, request = parse_responses_request(body, config.model, config.effort, previous)
+        response_id = "resp_" + uuid.uuid4().hex
+        keep = None
+        if request["store"]:
+            def keep(response, reply):
+                self.server.response_store.put(scope, response_id,
+                                               stored_record(plan, request, response, reply))
+        sink_type = ResponsesStreamWriter if plan["stream"] else ResponsesCollector
+        sink = sink_type(self, response_id, int(time.time()), plan["model"], request["echo"],
+                         request["namespaces"], keep, bool(plan["json_schema"]))
+        self.answer(plan, sink)
+
+    def stored_response(self, response_id):
+        """GET or DELETE /v1/responses/{id}: a stored response of this API key's."""
+        store, scope = self.server.response_store, self.client_scope()
+        if self.command == "DELETE":
+            if not store.delete(scope, response_id):
+                raise response_not_found(response_id)
+            return self.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+        record = store.get(scope, response_id)
+        if record is None:
+            raise response_not_found(response_id)
+        self.send_json(200, record["response"])
+
     def count_tokens(self):
         """POST /v1/messages/count_tokens: an estimate (see estimate_tokens); no CLI run."""
         config = self.server.config
@@ -5024,6 +5736,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.runner.known_version(config.claude_version)
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.metrics = Metrics()
+        self.response_store = ResponseStore()
         self.read_deadlines = ReadDeadlines(BODY_READ_SECONDS)
         self.io_seconds = min(SOCKET_IO_SECONDS, config.timeout)
         self.max_connections = config.max_concurrency + config.max_queue + EXTRA_CONNECTIONS

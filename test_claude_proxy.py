@@ -4060,3 +4060,602 @@ class AnthropicServerTest(ServerTestCase):
         self.assertEqual(json.loads(raw)["type"], "model")
         status, _, raw = self.request("GET", "/v1/models", headers={"x-api-key": "sk-right"}, port=port)
         self.assertEqual(json.loads(raw)["object"], "list", "OpenAI's shape without anthropic-version")
+
+
+# The Responses API ##########################################################################
+
+
+def responses_plan(body, previous=None):
+    return cp.parse_responses_request(body, previous=previous)
+
+
+RS_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+class ResponsesRequestTest(unittest.TestCase):
+    def test_items_to_conversation(self):
+        image = {"type": "input_image", "image_url": "data:image/png;base64," + PNG_1PX, "detail": "auto"}
+        cases = [
+            ("a string", "hi", None, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
+            ("message items, with and without type",
+             [{"role": "user", "content": "a"},
+              {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "b", "annotations": []}]},
+              {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "c"}, image]}],
+             None,
+             [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
+              {"role": "user", "content": [{"type": "text", "text": "c"},
+                                           {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}]),
+            ("system and developer anywhere, after instructions; reasoning dropped",
+             [{"role": "developer", "content": "D"}, {"role": "user", "content": "u"},
+              {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+              {"role": "system", "content": [{"type": "input_text", "text": "S"}]}],
+             "I\n\nD\n\nS", [{"role": "user", "content": [{"type": "text", "text": "u"}]}]),
+            ("parallel function calls and their outputs",
+             [{"role": "user", "content": "weather?"},
+              {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}', "id": "fc_1", "status": "completed"},
+              {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": ""},
+              {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+              {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "rain"}]}],
+             None,
+             [{"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+              {"role": "assistant", "content": [
+                  {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+                  {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {}}]},
+              {"role": "user", "content": [
+                  {"type": "tool_result", "tool_use_id": "call_1", "content": [{"type": "text", "text": "sunny"}], "is_error": False},
+                  {"type": "tool_result", "tool_use_id": "call_2", "content": [{"type": "text", "text": "rain"}], "is_error": False}]}]),
+            ("a namespaced call and a freeform call keep their names",
+             [{"role": "user", "content": "go"},
+              {"type": "function_call", "call_id": "c1", "name": "close", "namespace": "agents", "arguments": "{}"},
+              {"type": "custom_tool_call", "call_id": "c2", "name": "apply_patch", "input": "*** Begin"}],
+             None,
+             [{"role": "user", "content": [{"type": "text", "text": "go"}]},
+              {"role": "assistant", "content": [
+                  {"type": "tool_use", "id": "c1", "name": "agents__close", "input": {}},
+                  {"type": "tool_use", "id": "c2", "name": "apply_patch", "input": {"input": "*** Begin"}}]}]),
+            ("an output without a call (Codex adds some) is the user's text",
+             [{"role": "user", "content": "go"},
+              {"type": "function_call_output", "id": "fco_1", "name": "goal_objective", "namespace": "agent", "output": "Paris"}],
+             None,
+             [{"role": "user", "content": [{"type": "text", "text": "go"},
+                                           {"type": "text", "text": "Output of the tool agent__goal_objective:\n"},
+                                           {"type": "text", "text": "Paris"}]}]),
+        ]
+        for name, items, system, turns in cases:
+            with self.subTest(name):
+                plan, _ = responses_plan({"input": items, "instructions": "I" if system else None})
+                self.assertEqual(plan["conversation"]["turns"], turns)
+                self.assertEqual(plan["system_prompt"], system)
+
+    def test_plan_fields(self):
+        plan, request = responses_plan({"model": "opus", "input": "x", "stream": True, "max_output_tokens": 50,
+                                        "reasoning": {"effort": "minimal", "summary": "auto"}, "store": False,
+                                        "temperature": 0.2, "metadata": {"k": "v"}, "user": "u", "prompt_cache_key": "p",
+                                        "include": ["reasoning.encrypted_content"], "truncation": "auto",
+                                        "service_tier": "auto", "background": False, "client_metadata": {}})
+        self.assertEqual({k: plan[k] for k in ("model", "effort", "stream", "max_tokens", "stop", "tools", "json_schema")},
+                         {"model": "opus", "effort": "low", "stream": True, "max_tokens": 50, "stop": [], "tools": [],
+                          "json_schema": None})
+        self.assertFalse(request["store"])
+        self.assertEqual(request["echo"]["reasoning"], {"effort": "minimal", "summary": "auto"})
+        self.assertEqual((request["echo"]["metadata"], request["echo"]["temperature"]), ({"k": "v"}, 0.2))
+
+    def test_tools(self):
+        codex_like = [RS_WEATHER, {"type": "web_search", "external_web_access": False},
+                      {"type": "custom", "name": "apply_patch", "format": {"type": "grammar"}},
+                      {"type": "namespace", "name": "agents", "description": "Sub-agents", "tools": [
+                          {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {}}},
+                          {"type": "custom", "name": "freeform"}]}]
+        plan, request = responses_plan({"input": "x", "tools": codex_like})
+        self.assertEqual([(t["name"], t["mcp_name"]) for t in plan["tools"]],
+                         [("get_weather", "get_weather"), ("agents__spawn", "agents__spawn")])
+        self.assertEqual(request["namespaces"], {"agents__spawn": ("agents", "spawn")})
+        self.assertIsNone(plan["system_prompt"])
+        cases = [
+            ({"tool_choice": "required", "parallel_tool_calls": False},
+             "You must answer by calling exactly one of the tools you are given. Call at most one tool in this reply.", 2),
+            ({"tool_choice": {"type": "function", "name": "spawn", "namespace": "agents"}},
+             "You must answer by calling the tool mcp__fn__agents__spawn.", 1),
+            ({"tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_weather"}]}},
+             "You must answer by calling one or more of the tools you are given.", 1),
+            ({"tool_choice": "none"}, None, 0),
+            ({"max_tool_calls": 1}, "Call at most one tool in this reply.", 2),
+        ]
+        for fields, instruction, offered in cases:
+            with self.subTest(fields):
+                plan, _ = responses_plan(dict({"input": "x", "tools": codex_like}, **fields))
+                self.assertEqual(len(plan["tools"]), offered)
+                self.assertEqual(plan["system_prompt"], instruction and cp.DEFAULT_SYSTEM_PROMPT + "\n\n" + instruction)
+
+    def test_text_format(self):
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        cases = [({"format": {"type": "json_schema", "name": "x", "schema": schema, "strict": True}}, schema),
+                 ({"format": {"type": "json_object"}}, {"type": "object"}),
+                 ({"format": {"type": "text"}, "verbosity": "low"}, None), (None, None)]
+        for text, want in cases:
+            with self.subTest(text):
+                self.assertEqual(responses_plan({"input": "x", "text": text})[0]["json_schema"], want)
+
+    def test_refused(self):
+        cases = [
+            ({"input": "x", "background": True}, "background", None),
+            ({"input": "x", "conversation": "conv_1"}, "conversation", None),
+            ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt", None),
+            ({"input": "x", "include": ["message.output_text.logprobs"]}, "include", None),
+            ({"input": "x", "top_logprobs": 3}, "top_logprobs", None),
+            ({"messages": [{"role": "user", "content": "x"}]}, "messages", "unsupported_api"),
+            ({}, "input", None),
+            ({"input": ""}, "input", None),
+            ({"input": [{"role": "assistant", "content": "only me"}]}, "input", None),
+            ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", None),
+            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "unsupported_item_type"),
+            ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "output": "y"}]},
+             "input[1].call_id", None),
+            ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}, {"role": "user", "content": "x"}]},
+             "input[0].arguments", "invalid_tool_arguments"),
+            ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+             "input[0].content[0].image_url", "image_url_not_supported"),
+            ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+             "input[0].content[0].type", "unsupported_content_type"),
+            ({"input": "x", "tools": [RS_WEATHER], "tool_choice": {"type": "web_search"}}, "tool_choice", None),
+            ({"input": "x", "tools": [RS_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", None),
+            ({"input": "x", "tools": [RS_WEATHER, RS_WEATHER]}, "tools", None),
+            ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {"type": "array"}}}},
+             "text.format.schema", "invalid_json_schema"),
+            ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort", None),
+            ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", None),
+            ({"input": "x", "model": "--evil"}, "model", "model_not_found"),
+        ]
+        for body, param, code in cases:
+            with self.subTest(body=body):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    responses_plan(body)
+                self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+                if code:
+                    self.assertEqual(caught.exception.code, code)
+
+    def test_continuing_a_stored_response(self):
+        previous = {"turns": [{"role": "user", "content": [cp.text_block("Hi, I am Ada.")]},
+                              {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "f", "input": {}}]}],
+                    "system_parts": ["Be brief."]}
+        plan, request = responses_plan({"input": [{"type": "function_call_output", "call_id": "call_1", "output": "done"}],
+                                        "instructions": "New rules."}, previous)
+        self.assertEqual(plan["system_prompt"], "New rules.\n\nBe brief.", "instructions are not carried over")
+        self.assertEqual([t["role"] for t in plan["conversation"]["turns"]], ["user", "assistant", "user"])
+        self.assertEqual(plan["conversation"]["turns"][2]["content"][0]["tool_use_id"], "call_1")
+        self.assertEqual(len(previous["turns"]), 2, "the stored conversation is not changed")
+        self.assertEqual(request["system_parts"], ["Be brief."])
+
+
+def responses_events(cli_events, namespaces=None, **options):
+    """CLI events through the translator and the Responses output builder."""
+    translator = cp.ReplyTranslator((), options.pop("tools", FN_TOOLS), **options)
+    ids = iter(range(100))
+    output = cp.ResponsesOutput(namespaces, new_id=lambda prefix: "%s_%d" % (prefix, next(ids)))
+    events = []
+    for event in cli_events:
+        for reply_event in translator.feed(event):
+            events += output.event(reply_event)
+        if translator.done:
+            break
+    events += output.close(cp.responses_outcome(translator)[0])
+    return translator, output, events
+
+
+def event_summary(events):
+    """(type, output_index, the one varying field) for each event."""
+    out = []
+    for kind, fields in events:
+        detail = fields.get("delta", fields.get("text", fields.get("arguments")))
+        if kind.startswith("response.output_item"):
+            detail = fields["item"]["type"]
+        out.append((kind[len("response."):], fields["output_index"], detail))
+    return out
+
+
+class ResponsesEventsTest(unittest.TestCase):
+    def test_text(self):
+        _, output, events = responses_events(text_events("Hel", "lo"))
+        self.assertEqual(event_summary(events), [
+            ("output_item.added", 0, "message"), ("content_part.added", 0, None),
+            ("output_text.delta", 0, "Hel"), ("output_text.delta", 0, "lo"), ("output_text.done", 0, "Hello"),
+            ("content_part.done", 0, None), ("output_item.done", 0, "message")])
+        self.assertEqual(output.items, [{"id": "msg_0", "type": "message", "status": "completed", "role": "assistant",
+                                         "content": [{"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}]}])
+        self.assertTrue(all(f["item_id"] == "msg_0" for k, f in events if "item_id" in f))
+
+    def test_reasoning_then_text(self):
+        events = text_events("Hi")
+        events[2:2] = [stream_event({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking"}}),
+                       stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}}),
+                       stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "x"}}),
+                       stream_event({"type": "content_block_stop", "index": 0})]
+        _, output, events = responses_events(events)
+        self.assertEqual(event_summary(events)[:6], [
+            ("output_item.added", 0, "reasoning"), ("reasoning_summary_part.added", 0, None),
+            ("reasoning_summary_text.delta", 0, "hmm"), ("reasoning_summary_text.done", 0, "hmm"),
+            ("reasoning_summary_part.done", 0, None), ("output_item.done", 0, "reasoning")])
+        self.assertEqual(event_summary(events)[6], ("output_item.added", 1, "message"))
+        self.assertEqual(output.items[0], {"id": "rs_0", "type": "reasoning", "summary": [{"type": "summary_text", "text": "hmm"}]})
+
+    def test_parallel_function_calls(self):
+        _, output, events = responses_events(tool_events([("mcp__fn__get_weather", ['{"cit', 'y": "Paris"}']),
+                                                          ("mcp__fn__get_weather", [])]))
+        self.assertEqual(event_summary(events), [
+            ("output_item.added", 0, "message"), ("content_part.added", 0, None),
+            ("output_text.delta", 0, "Let me check."), ("output_text.done", 0, "Let me check."),
+            ("content_part.done", 0, None), ("output_item.done", 0, "message"),
+            ("output_item.added", 1, "function_call"),
+            ("function_call_arguments.delta", 1, '{"cit'), ("function_call_arguments.delta", 1, 'y": "Paris"}'),
+            ("function_call_arguments.done", 1, '{"city": "Paris"}'), ("output_item.done", 1, "function_call"),
+            ("output_item.added", 2, "function_call"), ("function_call_arguments.delta", 2, "{}"),
+            ("function_call_arguments.done", 2, "{}"), ("output_item.done", 2, "function_call")])
+        self.assertEqual(output.items[1], {"id": "fc_1", "type": "function_call", "status": "completed",
+                                           "arguments": '{"city": "Paris"}', "call_id": "call_1", "name": "get_weather"})
+        self.assertEqual(events[6][1]["item"]["status"], "in_progress", "added: as it was then")
+        self.assertEqual(events[6][1]["item"]["arguments"], "")
+
+    def test_namespaced_call(self):
+        tools = [{"name": "agents__spawn", "mcp_name": "agents__spawn"}]
+        _, output, _ = responses_events(tool_events([("mcp__fn__agents__spawn", ['{}'])], text=""),
+                                        {"agents__spawn": ("agents", "spawn")}, tools=tools)
+        self.assertEqual((output.items[0]["name"], output.items[0]["namespace"]), ("spawn", "agents"))
+
+    def test_structured_output(self):
+        cli = tool_events([("StructuredOutput", ['{"name": ', '"x"}'])], text="Here it is:", structured=True)
+        _, output, events = responses_events(cli, structured=True, live_structured=True)
+        self.assertEqual([d for k, f in events if k == "response.output_text.delta" for d in [f["delta"]]],
+                         ['{"name": ', '"x"}'], "prose dropped, the JSON streamed")
+        _, output, _ = responses_events(cli, structured=True)
+        self.assertEqual(output.items[0]["content"][0]["text"], '{"name": "x"}')
+
+    def test_max_tokens_is_incomplete(self):
+        translator, output, _ = responses_events(text_events("Hi", stop_reason="max_tokens"))
+        self.assertEqual(cp.responses_outcome(translator), ("incomplete", {"reason": "max_output_tokens"}))
+        self.assertEqual(output.items[0]["status"], "incomplete")
+
+    def test_usage(self):
+        self.assertEqual(cp.responses_usage({"input_tokens": 4, "cache_creation_input_tokens": 1,
+                                             "cache_read_input_tokens": 2, "output_tokens": 3}),
+                         {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 3,
+                          "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 10})
+        self.assertEqual(cp.responses_usage(None)["input_tokens_details"], {"cached_tokens": 0})
+
+
+class SseRecorder:
+    """Just what SseStream writes to."""
+
+    def __init__(self):
+        self.wfile = self
+        self.head, self.body = [], b""
+
+    def send_response(self, status):
+        self.head.append(status)
+
+    def send_header(self, name, value):
+        self.head.append((name, value))
+
+    def end_headers(self):
+        pass
+
+    def write(self, data):
+        self.body += data
+
+    def flush(self):
+        pass
+
+
+class ResponsesWireTest(unittest.TestCase):
+    def writer(self, **options):
+        handler = SseRecorder()
+        ids = iter(range(100))
+        writer = cp.ResponsesStreamWriter(handler, "resp_1", 7, "m", {"store": False}, None, None, False,
+                                          lambda prefix: "%s_%d" % (prefix, next(ids)))
+        return handler, writer
+
+    def test_exact_bytes_of_a_short_stream(self):
+        handler, writer = self.writer()
+        translator = cp.ReplyTranslator()
+        for event in text_events("Hi"):
+            for reply_event in translator.feed(event):
+                writer.event(reply_event)
+        writer.finish(translator)
+        self.assertEqual(handler.head[0], 200)
+        response = ('{"id":"resp_1","object":"response","created_at":7,"status":"%s","background":false,"error":null,'
+                    '"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false,"usage":%s}')
+        message = '{"id":"msg_0","type":"message","status":"%s","role":"assistant","content":%s}'
+        part = '{"type":"output_text","text":"%s","annotations":[],"logprobs":[]}'
+        usage = ('{"input_tokens":7,"input_tokens_details":{"cached_tokens":2},"output_tokens":3,'
+                 '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":10}')
+        ref = '"item_id":"msg_0","output_index":0,"content_index":0'
+        expected = "".join("event: %s\ndata: {\"type\":\"%s\",%s,\"sequence_number\":%d}\n\n" % (kind, kind, fields, n) for n, (kind, fields) in enumerate([
+            ("response.created", '"response":' + response % ("in_progress", "[]", "", "null")),
+            ("response.in_progress", '"response":' + response % ("in_progress", "[]", "", "null")),
+            ("response.output_item.added", '"output_index":0,"item":' + message % ("in_progress", "[]")),
+            ("response.content_part.added", ref + ',"part":' + part % ""),
+            ("response.output_text.delta", ref + ',"delta":"Hi","logprobs":[]'),
+            ("response.output_text.done", ref + ',"text":"Hi","logprobs":[]'),
+            ("response.content_part.done", ref + ',"part":' + part % "Hi"),
+            ("response.output_item.done", '"output_index":0,"item":' + message % ("completed", "[%s]" % part % "Hi")),
+            ("response.completed", '"response":' + response % ("completed", "[%s]" % (message % ("completed", "[%s]" % part % "Hi")), "Hi", usage)),
+        ]))
+        self.assertEqual(handler.body.decode(), expected)
+
+    def test_error_after_the_stream_began_is_response_failed(self):
+        handler, writer = self.writer()
+        with self.assertRaises(cp.ProxyError):
+            writer.fail(cp.timed_out(5))  # nothing sent yet: a real HTTP status
+        writer.event({"text": "Hal"})
+        writer.fail(cp.timed_out(5))
+        events = [json.loads(block.split(b"\ndata: ")[1]) for block in handler.body.split(b"\n\n")[:-1]]
+        self.assertEqual([e["type"] for e in events][-2:], ["response.output_item.done", "response.failed"])
+        self.assertEqual(events[-2]["item"]["status"], "incomplete")
+        failed = events[-1]["response"]
+        self.assertEqual((failed["status"], failed["error"]["code"]), ("failed", "timeout"))
+        self.assertEqual(failed["output"][0]["content"][0]["text"], "Hal")
+        with self.assertRaises(cp.ProxyError) as caught:
+            writer.event({"revised": "Hello"})
+        self.assertEqual(caught.exception.code, "reply_revised")
+
+
+class ResponseStoreTest(unittest.TestCase):
+    def record(self, text="x"):
+        return {"response": {"id": text}, "turns": [{"role": "user", "content": [cp.text_block(text)]}], "system_parts": []}
+
+    def test_visible_only_to_the_same_key(self):
+        store = cp.ResponseStore()
+        store.put("key-a", "resp_1", self.record())
+        self.assertEqual(store.get("key-a", "resp_1")["response"], {"id": "x"})
+        self.assertIsNone(store.get("key-b", "resp_1"))
+        self.assertFalse(store.delete("key-b", "resp_1"))
+        self.assertTrue(store.delete("key-a", "resp_1"))
+        self.assertIsNone(store.get("key-a", "resp_1"))
+        self.assertFalse(store.delete("key-a", "resp_1"))
+
+    def test_bounded_by_count(self):
+        store = cp.ResponseStore(size=3)
+        for n in range(5):
+            store.put("k", "resp_%d" % n, self.record())
+        self.assertEqual(len(store), 3)
+        self.assertEqual([store.get("k", "resp_%d" % n) is not None for n in range(5)], [False, False, True, True, True])
+
+    def test_bounded_by_size(self):
+        one = len(json.dumps(self.record("a" * 100)["turns"]))
+        store = cp.ResponseStore(max_bytes=one * 2)
+        for n in range(3):
+            store.put("k", "resp_%d" % n, self.record("a" * 100))
+        self.assertEqual(([store.get("k", "resp_%d" % n) is not None for n in range(3)], store.bytes), ([False, True, True], one * 2))
+        store.put("k", "huge", self.record("a" * one * 3))
+        self.assertIsNone(store.get("k", "huge"), "larger than the whole store: not kept")
+        self.assertEqual(len(store), 2, "and nothing pushed out for it")
+
+    def test_expiry(self):
+        now = [1000.0]
+        store = cp.ResponseStore(seconds=60, clock=lambda: now[0])
+        store.put("k", "old", self.record())
+        now[0] += 30
+        store.put("k", "new", self.record())
+        now[0] += 29
+        self.assertIsNotNone(store.get("k", "old"))
+        now[0] += 1
+        self.assertIsNone(store.get("k", "old"))
+        self.assertIsNotNone(store.get("k", "new"))
+        now[0] += 30
+        self.assertIsNone(store.get("k", "new"))
+        self.assertEqual((len(store), store.bytes), (0, 0))
+
+
+def responses_sse(raw):
+    """The events of a Responses stream, asserting its framing: `event: <type>` then one data
+    line whose type is the same, sequence numbers counting from 0, nothing after the last."""
+    blocks = raw.split(b"\n\n")
+    assert blocks[-1] == b"", "the body must end right after an event"
+    events = []
+    for n, block in enumerate(blocks[:-1]):
+        head, data = block.split(b"\n")
+        assert head.startswith(b"event: ") and data.startswith(b"data: "), block
+        event = json.loads(data[len(b"data: "):])
+        assert event["type"] == head[len(b"event: "):].decode() and event["sequence_number"] == n, event
+        events.append(event)
+    return events
+
+
+def accumulate(test, events):
+    """Rebuild the output from a stream's events, as the openai SDK's accumulator does, checking
+    that every event refers to an item added before it; returns the final response."""
+    test.assertEqual([e["type"] for e in events[:2]], ["response.created", "response.in_progress"])
+    items, done = {}, {}
+    for event in events[2:-1]:
+        kind = event["type"]
+        if kind == "response.output_item.added":
+            test.assertNotIn(event["output_index"], items)
+            test.assertEqual(event["output_index"], len(items), "items are added in order")
+            items[event["output_index"]] = event["item"]
+            continue
+        item = items[event["output_index"]]
+        test.assertNotIn(event["output_index"], done, "%s after its item was done" % kind)
+        if kind == "response.output_item.done":
+            test.assertEqual(event["item"]["id"], item["id"])
+            done[event["output_index"]] = event["item"]
+            continue
+        test.assertEqual(event["item_id"], item["id"])
+        if kind == "response.content_part.added":
+            item["content"].append(event["part"])
+        elif kind == "response.output_text.delta":
+            item["content"][event["content_index"]]["text"] += event["delta"]
+        elif kind == "response.output_text.done":
+            test.assertEqual(event["text"], item["content"][event["content_index"]]["text"])
+        elif kind == "response.function_call_arguments.delta":
+            item["arguments"] += event["delta"]
+        elif kind == "response.reasoning_summary_part.added":
+            item["summary"].append(event["part"])
+        elif kind == "response.reasoning_summary_text.delta":
+            item["summary"][event["summary_index"]]["text"] += event["delta"]
+    final = events[-1]["response"]
+    test.assertEqual(sorted(done), sorted(items), "every item added is done")
+    test.assertEqual(final["output"], [done[n] for n in sorted(done)])
+    for n, item in items.items():
+        for key in ("content", "summary", "arguments"):
+            if key in item:
+                test.assertEqual(item[key], done[n][key], "the deltas add up to the item")
+    return final
+
+
+class ResponsesServerTest(ServerTestCase):
+    def respond(self, body, port=None, headers=None):
+        status, got_headers, raw = self.request("POST", "/v1/responses", body, headers=headers, port=port)
+        self.assertEqual(status, 200, raw)
+        if body.get("stream"):
+            self.assertEqual(got_headers["content-type"], "text/event-stream; charset=utf-8")
+            events = responses_sse(raw)
+            self.assertEqual(events[-1]["type"], "response.completed")
+            return accumulate(self, events)
+        self.assertEqual(got_headers["content-type"], "application/json")
+        return json.loads(raw)
+
+    def test_plain_reply(self):
+        for path in ("/v1/responses", "/responses"):
+            status, _, raw = self.request("POST", path, {"model": "sonnet", "input": "hello"})
+            response = json.loads(raw)
+            self.assertEqual(status, 200, raw)
+            self.assertTrue(response["id"].startswith("resp_"))
+            self.assertEqual((response["object"], response["status"], response["model"], response["output_text"]),
+                             ("response", "completed", "sonnet", "Echo: hello [images: 0]"))
+            self.assertEqual(response["usage"], {"input_tokens": 19, "input_tokens_details": {"cached_tokens": 5},
+                                                 "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 0},
+                                                 "total_tokens": 26})
+            self.assertIsNone(response["error"])
+
+    def test_stream_with_reasoning(self):
+        final = self.respond({"input": "THINK SAY[Hello there]", "stream": True})
+        self.assertEqual([i["type"] for i in final["output"]], ["reasoning", "message"])
+        self.assertEqual(final["output"][0]["summary"][0]["text"], "Let me think about this.")
+        self.assertEqual((final["output_text"], final["model"]), ("Hello there", "claude-sonnet-5"))
+
+    def test_what_the_cli_is_given(self):
+        response = self.respond({"model": "opus", "instructions": "INSTR", "reasoning": {"effort": "high"},
+                                 "max_output_tokens": 99, "store": False, "include": ["reasoning.encrypted_content"],
+                                 "tools": [RS_WEATHER, {"type": "web_search"}],
+                                 "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "DEV"}]},
+                                           {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]})
+        [record] = self.records()
+        argv = record["argv"][1:]
+        self.assertEqual((argv[argv.index("--model") + 1], argv[argv.index("--effort") + 1]), ("opus", "high"))
+        self.assertEqual(record["system_prompt"], "INSTR\n\nDEV")
+        self.assertEqual(record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "99")
+        self.assertEqual([t["name"] for t in record["offered_tools"]], ["mcp__fn__get_weather"], "web_search left out")
+        self.assertEqual(json.loads(record["stdin"])["message"]["content"], [{"type": "text", "text": "hi"}])
+        self.assertEqual(response["tools"][1], {"type": "web_search"}, "the request's tools echoed")
+        self.assert_error(self.request("GET", "/v1/responses/" + response["id"]), 404, None, "response_not_found")
+
+    def test_function_call_round_trip_stateless(self):
+        first = self.respond({"input": "CALLTOOL2 weather?", "tools": [RS_WEATHER], "store": False, "stream": True})
+        calls = [i for i in first["output"] if i["type"] == "function_call"]
+        self.assertEqual([(c["name"], json.loads(c["arguments"]), c["status"]) for c in calls],
+                         [("get_weather", {"city": "Paris"}, "completed"), ("get_weather", {"city": "Rome"}, "completed")])
+        self.assertEqual(len({c["call_id"] for c in calls} | {c["id"] for c in calls}), 4)
+        items = [{"role": "user", "content": "CALLTOOL2 weather?"}] + first["output"] + [
+            {"type": "function_call_output", "call_id": c["call_id"], "output": "RESULT-%d" % n} for n, c in enumerate(calls)]
+        second = self.respond({"input": items, "tools": [RS_WEATHER]})
+        self.assertTrue(second["output_text"].startswith("Final answer using RESULT-0"), second["output_text"])
+        self.assertIn(calls[1]["call_id"], json.loads(self.records()[-1]["stdin"])["message"]["content"][0]["text"])
+
+    def test_previous_response_id_continues_the_conversation(self):
+        first = self.respond({"input": "CALLTOOL weather?", "tools": [RS_WEATHER], "instructions": "FIRST"})
+        [call] = [i for i in first["output"] if i["type"] == "function_call"]
+        second = self.respond({"previous_response_id": first["id"], "tools": [RS_WEATHER], "stream": True,
+                               "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "RESULT-sunny"}]})
+        self.assertEqual(second["previous_response_id"], first["id"])
+        self.assertTrue(second["output_text"].startswith("Final answer using RESULT-sunny"))
+        record = self.records()[-1]
+        transcript = json.loads(record["stdin"])["message"]["content"][0]["text"]
+        self.assertIn("CALLTOOL weather?", transcript)
+        self.assertIn('<tool_call id="%s" name="get_weather">{"city":"Paris"}</tool_call>' % call["call_id"], transcript)
+        self.assertEqual(record["system_prompt"], cp.DEFAULT_SYSTEM_PROMPT, "instructions are not carried over")
+        third = self.respond({"previous_response_id": second["id"], "input": "and tomorrow?"})
+        record = self.records()[-1]
+        self.assertEqual(json.loads(record["stdin"])["message"]["content"], [{"type": "text", "text": "and tomorrow?"}])
+        history = json.dumps(record["resumed"])
+        self.assertIn("CALLTOOL weather?", history, "earlier turns as real turns, from a session file")
+        self.assertIn("Final answer using RESULT-sunny", history, "a stored stream is continued too")
+        self.assertEqual(third["status"], "completed")
+        self.assert_error(self.request("POST", "/v1/responses", {"previous_response_id": "resp_nope", "input": "x"}),
+                          404, "previous_response_id", "response_not_found")
+        self.assertEqual(len(self.records()), 3, "an unknown id starts no run")
+
+    def test_previous_response_id_reaches_the_kept_process(self):
+        """With processes kept for a conversation's next turn, a continued response goes to the
+        very process that wrote it: the next line, or the tool results it waits for."""
+        port = self.serve(pool_size=1).server_address[1]
+        first = self.respond({"input": "CALLTOOL weather?", "tools": [RS_WEATHER]}, port=port)
+        [call] = [i for i in first["output"] if i["type"] == "function_call"]
+        second = self.respond({"previous_response_id": first["id"], "tools": [RS_WEATHER], "stream": True,
+                               "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "RESULT-sunny"}]},
+                              port=port)
+        self.assertTrue(second["output_text"].startswith("Final answer using RESULT-sunny"), second["output_text"])
+        third = self.respond({"previous_response_id": second["id"], "tools": [RS_WEATHER], "input": "thanks"}, port=port)
+        self.assertEqual(third["status"], "completed")
+        [record] = self.records()
+        self.assertEqual([json.loads(line)["message"]["content"] for line in record["lines"]],
+                         [[{"type": "text", "text": "CALLTOOL weather?"}], [{"type": "text", "text": "thanks"}]],
+                         "one process: the first message, the tool result through the bridge, the next line")
+
+    def test_get_and_delete_only_for_the_same_key(self):
+        port = self.serve(api_keys=["key-a", "key-b"]).server_address[1]
+        a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+        response = self.respond({"input": "hello"}, port=port, headers=a)
+        path = "/v1/responses/" + response["id"]
+        status, _, raw = self.request("GET", path, headers=a, port=port)
+        self.assertEqual((status, json.loads(raw)), (200, response))
+        self.assert_error(self.request("GET", path, headers=b, port=port), 404, None, "response_not_found")
+        self.assert_error(self.request("DELETE", path, headers=b, port=port), 404)
+        self.assert_error(self.request("POST", "/v1/responses", {"previous_response_id": response["id"], "input": "x"},
+                                       headers=b, port=port), 404, "previous_response_id")
+        status, _, raw = self.request("DELETE", path, headers=a, port=port)
+        self.assertEqual((status, json.loads(raw)), (200, {"id": response["id"], "object": "response", "deleted": True}))
+        self.assert_error(self.request("GET", path, headers=a, port=port), 404)
+        self.assert_error(self.request("GET", "/responses/" + response["id"], port=port, headers=a), 404)
+        self.assert_error(self.request("PUT", path, {}, headers=a, port=port), 405)
+
+    def test_structured_output(self):
+        schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                response = self.respond({"input": "CHATTY person", "stream": stream,
+                                         "text": {"format": {"type": "json_schema", "name": "p", "schema": schema}}})
+                self.assertEqual(json.loads(response["output_text"]), {"name": "x", "age": 1})
+                self.assertEqual(response["text"]["format"]["name"], "p")
+
+    def test_max_output_tokens_is_incomplete(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                status, _, raw = self.request("POST", "/v1/responses", {"input": "MAXTOKENS", "max_output_tokens": 5, "stream": stream})
+                response = responses_sse(raw)[-1]["response"] if stream else json.loads(raw)
+                self.assertEqual((response["status"], response["incomplete_details"]),
+                                 ("incomplete", {"reason": "max_output_tokens"}))
+                if stream:
+                    self.assertEqual(responses_sse(raw)[-1]["type"], "response.incomplete")
+
+    def test_errors(self):
+        headers, _ = self.assert_error(self.request("POST", "/v1/responses", {"input": "RATE429", "stream": True}),
+                                       429, None, "rate_limit_exceeded")
+        self.assertEqual(headers["retry-after"], "1")
+        self.assert_error(self.request("POST", "/v1/responses", {"input": "x", "background": True}), 400, "background")
+        self.assert_error(self.request("GET", "/v1/responses"), 405)
+
+    def test_failure_mid_stream_is_response_failed(self):
+        port = self.serve(timeout=1.0).server_address[1]
+        status, _, raw = self.request("POST", "/v1/responses", {"input": "SLOW", "stream": True}, port=port)
+        events = responses_sse(raw)
+        self.assertEqual(status, 200)
+        self.assertEqual([e["type"] for e in events][-2:], ["response.output_item.done", "response.failed"])
+        self.assertEqual(events[-1]["response"]["error"]["code"], "timeout")
+        self.assertTrue(events[-1]["response"]["output"][0]["content"][0]["text"].startswith("Ec"))
+        pid = self.records()[0]["pid"]
+        self.assertTrue(wait_until(lambda: not pid_alive(pid)), "the run is stopped")
+
+
+if __name__ == "__main__":
+    unittest.main()
