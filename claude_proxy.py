@@ -61,6 +61,7 @@ DEFAULT_POOL_IDLE = 300.0  # seconds a warm process may wait before it is retire
 DEFAULT_MAX_CONCURRENCY = 4  # CLI runs at once
 DEFAULT_MAX_QUEUE = 32  # requests waiting for a run slot; more get 429
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGHUP/SIGINT
+DEFAULT_KEEPALIVE = 15.0  # seconds of stream silence before a keep-alive (CLAUDE_KEEPALIVE)
 BUSY_RETRY_AFTER = 2  # Retry-After, in seconds, when every slot and queue place is taken
 # A connection costs a thread only once its request head has arrived whole: until then one
 # selectors loop holds it, for at most HEAD_READ_SECONDS and MAX_HEAD_BYTES (common servers'
@@ -245,6 +246,15 @@ def result_error(result):
         return invalid("An image could not be used: %s" % detail, "messages", "invalid_image")
     if status in (401, 403) or "/login" in detail or "Not logged in" in detail:
         return not_logged_in(detail)
+    if result.get("subtype") == "error_max_budget_usd":
+        # The CLI checks --max-budget-usd between model calls: this run made none for the
+        # request (the call that crossed the cap was answered: see ReplyTranslator._result).
+        errors = result.get("errors") if isinstance(result.get("errors"), list) else []
+        return ProxyError(400, "This conversation's CLI run reached the per-run cost cap "
+                          "(CLAUDE_MAX_REQUEST_USD): %s. Start a new conversation, or raise "
+                          "the cap." % (str(errors[0]) if errors else detail)[:300],
+                          "invalid_request_error", None, "request_budget_exceeded",
+                          {"x-should-retry": "false"})
     if status == 404:
         return ProxyError(404, "Claude's API did not find that: %s" % detail,
                           "invalid_request_error", "model", "model_not_found",
@@ -350,10 +360,17 @@ def add_turn(turns, role, blocks):
 
 
 def conversation(system_parts, turns, param="messages"):
-    """The neutral conversation, checked: it must end with something for the model to answer."""
+    """The neutral conversation, checked: it must end with something for the model to answer.
+
+    System messages alone (OpenAI answers them; LangChain and some UIs send them) are the
+    user's turn: the model answers the instructions themselves, under the default system
+    prompt, and no words are made up for a user who said none."""
+    system = "\n\n".join(p for p in system_parts if p.strip()) or None
+    if system and not any(t["role"] == "user" for t in turns):
+        turns = [{"role": "user", "content": [text_block(system)]}] + list(turns)
+        system = None
     _require(any(t["role"] == "user" for t in turns), "`%s` needs at least one user message"
              % param, param)
-    system = "\n\n".join(p for p in system_parts if p.strip()) or None
     return {"system": system, "turns": turns}
 
 
@@ -1453,6 +1470,8 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
         argv += ["--model", plan["model"]]
     if plan.get("effort"):
         argv += ["--effort", plan["effort"]]
+    if plan.get("max_budget_usd"):  # CLAUDE_MAX_REQUEST_USD (see Spend and budgets)
+        argv += ["--max-budget-usd", repr(float(plan["max_budget_usd"]))]
     return argv
 
 
@@ -1891,7 +1910,8 @@ def stop_runs(runs, reason=None):
 
 # What a process must be started with, as opposed to what its message carries: requests whose
 # plans agree on these can be served by the same kind of warm process.
-SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens")
+SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens",
+                "max_budget_usd")
 
 
 def run_shape(plan):
@@ -2474,6 +2494,7 @@ class ReplyTranslator:
         self.cost_before = 0.0
         self.usage_before = {}
         self.total_cost_usd = None
+        self.budget_reached = False  # the run reached --max-budget-usd: it takes no more calls
         self.tool_calls = 0
         self.skipped_calls = 0  # tool_use blocks not passed on (not the client's, or over one)
         self.calls = []  # [(tool_use id, client name, input JSON text)] in order
@@ -2660,6 +2681,12 @@ class ReplyTranslator:
                     if self.structured else "it tried to use a tool that was not offered."),
                 "no_structured_output" if self.structured else "no_answer")
             return events
+        if event.get("subtype") == "error_max_budget_usd":
+            self.budget_reached = True
+            if self.text and self.stop_reason in ("end_turn", "max_tokens", "stop_sequence"):
+                # The model call that crossed the cap answered in full (its cost is spent):
+                # the answer goes out; the run is not kept for more.
+                event = dict(event, subtype="success", is_error=False)
         self.error = result_error(event)
         if self.error:
             return events
@@ -2744,11 +2771,22 @@ def sse_event(obj, event=None):
 
 class SseStream:
     """The HTTP side of every stream: 200 and the event-stream headers at the first write (so
-    that errors before any output are still real HTTP statuses), then events, flushed."""
+    that errors before any output are still real HTTP statuses), then events, flushed.
+
+    Keep-alives: while nothing has been written for `keepalive` seconds (before the first
+    event, while the model prefills a long prompt or thinks unseen, and in any later silence),
+    a heartbeat thread writes the dialect's keep-alive, committing the 200 and its headers if
+    they were not sent: reverse proxies cut idle upstreams (nginx after 60 s) and clients give
+    up on a read timeout. Every write holds `lock`, so a sink that also holds it while it
+    decides what to write (ChatStreamWriter) never interleaves with a heartbeat."""
 
     def __init__(self, handler):
         self.handler = handler
         self.started = False
+        self.lock = threading.RLock()
+        self.last_write = time.monotonic()
+        self._beating = None  # (stop event, thread) while keep-alives are on
+        self.keepalives = 0  # how many were sent (tests and the log look at it)
 
     def begin(self):
         if self.started:
@@ -2762,9 +2800,50 @@ class SseStream:
         self.handler.end_headers()
 
     def write(self, data):
-        self.begin()
-        self.handler.wfile.write(data)
-        self.handler.wfile.flush()
+        with self.lock:
+            self.begin()
+            self.handler.wfile.write(data)
+            self.handler.wfile.flush()
+            self.last_write = time.monotonic()
+
+    def keep_alive(self, seconds, keepalive):
+        """Write keepalive() (bytes, made under the lock) after every `seconds` of silence,
+        until stop_keep_alive(). Silence counts from now."""
+        if not seconds or self._beating:
+            return
+        self.last_write = time.monotonic()
+        stop = threading.Event()
+
+        def beat():
+            wait = seconds
+            while not stop.wait(wait):
+                with self.lock:
+                    if stop.is_set():
+                        return
+                    idle = time.monotonic() - self.last_write
+                    if idle >= seconds:
+                        try:
+                            self.write(keepalive())
+                            self.keepalives += 1
+                        except (OSError, ValueError):
+                            return  # the client is gone: the request's own writes will say so
+                        idle = 0.0
+                wait = max(0.01, seconds - idle)
+        self._beating = (stop, threading.Thread(target=beat, name="sse-keepalive", daemon=True))
+        self._beating[1].start()
+
+    def stop_keep_alive(self):
+        """No keep-alive is written after this returns."""
+        if self._beating:
+            stop, thread = self._beating
+            stop.set()
+            with self.lock:  # a beat that is writing finishes first
+                pass
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+SSE_COMMENT_KEEPALIVE = b": keep-alive\n\n"
 
 
 def revised_error(structured):
@@ -2815,7 +2894,7 @@ def chat_delta(event):
 def completion_chunk(completion_id, created, model, delta, finish_reason=None, usage=False):
     """One chat.completion.chunk. `usage=False` leaves the key out; None writes null."""
     chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-             "model": model, "system_fingerprint": None,
+             "model": model,
              "choices": [{"index": 0, "delta": delta, "logprobs": None,
                           "finish_reason": finish_reason}]}
     if usage is not False:
@@ -2826,13 +2905,13 @@ def completion_chunk(completion_id, created, model, delta, finish_reason=None, u
 def usage_chunk(completion_id, created, model, usage):
     """The last chunk under stream_options.include_usage: no choices, just usage."""
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "system_fingerprint": None, "choices": [], "usage": usage}
+            "model": model, "choices": [], "usage": usage}
 
 
 def chat_completion(completion_id, created, model, message, finish_reason, usage):
-    """The non-streaming response."""
+    """The non-streaming response. OpenAI's schema wants system_fingerprint a string when
+    present: it is left out (there is no backend configuration to fingerprint)."""
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": finish_reason}],
             "usage": usage}
@@ -2864,35 +2943,51 @@ class ChatStreamWriter:
         self.id, self.created, self.model = completion_id, created, model
         self.include_usage = include_usage
         self.structured = structured
+        self.opened = False  # the role chunk went out
+        self.chunk_model = None  # every chunk names the same model: the first one's
 
     @property
     def started(self):
         return self.stream.started
 
     def _chunk(self, delta, finish_reason=None):
-        return completion_chunk(self.id, self.created, self.model, delta, finish_reason,
+        return completion_chunk(self.id, self.created, self.chunk_model, delta, finish_reason,
                                 None if self.include_usage else False)
 
     def _begin(self):
-        if not self.stream.started:
+        if not self.opened:
             # openai-python concatenates `role` strings: send it exactly once.
+            self.opened = True
+            self.chunk_model = self.model or "claude"
             self.stream.write(sse_event(self._chunk({"role": "assistant", "content": ""})))
+
+    def keepalive(self):
+        """An empty content delta (the role chunk, if none went out yet), not an SSE comment:
+        comments are skipped by the openai SDKs but break clients with simpler parsers, while
+        every Chat Completions client takes a delta that adds nothing."""
+        if not self.opened:
+            self.opened = True
+            self.chunk_model = self.model or "claude"
+            return sse_event(self._chunk({"role": "assistant", "content": ""}))
+        return sse_event(self._chunk({"content": ""}))
 
     def event(self, event):
         if "revised" in event:
             raise revised_error(self.structured)
         delta = chat_delta(event)
         if delta:
-            self._begin()
-            self.stream.write(sse_event(self._chunk(delta)))
+            with self.stream.lock:
+                self._begin()
+                self.stream.write(sse_event(self._chunk(delta)))
 
     def finish(self, reply):
-        self._begin()
-        usage = chat_usage(reply.usage)
-        data = sse_event(self._chunk({}, CHAT_FINISH_REASONS.get(reply.stop_reason, "stop")))
-        if self.include_usage:
-            data += sse_event(usage_chunk(self.id, self.created, self.model, usage))
-        self.stream.write(data + SSE_DONE)
+        with self.stream.lock:
+            self._begin()
+            usage = chat_usage(reply.usage)
+            data = sse_event(self._chunk({}, CHAT_FINISH_REASONS.get(reply.stop_reason, "stop")))
+            if self.include_usage:
+                data += sse_event(usage_chunk(self.id, self.created, self.chunk_model, usage))
+            self.stream.write(data + SSE_DONE)
 
     def fail(self, error):
         """After the headers went out, an error is one `data: {"error": ...}` event, then the end."""
@@ -2910,7 +3005,8 @@ class ChatMessageCollector:
         self.handler = handler
         self.id, self.created, self.model = completion_id, created, model
         self.legacy_functions = legacy_functions
-        self.message = {"role": "assistant", "content": None}
+        # refusal: required (nullable) by OpenAI's schema; the CLI reports no refusals apart.
+        self.message = {"role": "assistant", "content": None, "refusal": None}
 
     def event(self, event):
         if "revised" in event:  # not sent yet: the whole answer replaces the part
@@ -3126,6 +3222,11 @@ class ResponsesStreamWriter(ResponsesSink):
         super().__init__(*args, **kwargs)
         self.stream = SseStream(handler)
         self.sequence = 0
+        self.opened = False  # response.created went out
+
+    def keepalive(self):
+        """An SSE comment: the openai SDKs and Codex skip them; the API has no no-op event."""
+        return SSE_COMMENT_KEEPALIVE
 
     @property
     def started(self):
@@ -3138,11 +3239,12 @@ class ResponsesStreamWriter(ResponsesSink):
             payload["sequence_number"] = self.sequence
             self.sequence += 1
             data += sse_event(payload, event=kind)
+        self.opened = True  # every send starts with _opening()'s events
         self.stream.write(data)
 
     def _opening(self):
         """response.created and .in_progress, if not sent yet: the response before any output."""
-        if self.stream.started:
+        if self.opened:
             return []
         in_progress = self.response("in_progress")
         return [("response.created", {"response": in_progress}),
@@ -3166,7 +3268,7 @@ class ResponsesStreamWriter(ResponsesSink):
         """After the headers went out, an error is a response.failed event, then the end."""
         if not self.stream.started:
             raise error
-        events = self.output.close("incomplete")
+        events = self._opening() + self.output.close("incomplete")
         self._send(events + [("response.failed", {"response": self.response(
             "failed", None, responses_error(error))})])
 
@@ -3381,16 +3483,22 @@ class AnthropicStreamWriter:
         self.blocks = AnthropicBlocks(show_thinking)
         self.structured = structured
         self.translator = None  # answer() sets it: message_start reads the input usage from it
+        self.opened = False  # message_start went out
 
     @property
     def started(self):
         return self.stream.started
 
+    def keepalive(self):
+        """The API's own keep-alive: the SDKs skip `ping` events wherever they come."""
+        return sse_event({"type": "ping"}, "ping")
+
     def _send(self, events):
         self.stream.write(b"".join(sse_event(e, e["type"]) for e in events))
 
     def _begin(self):
-        if not self.stream.started:
+        if not self.opened:
+            self.opened = True
             usage = anthropic_usage(self.translator.call_usage if self.translator else None)
             self._send([{"type": "message_start", "message": anthropic_message(
                 self.id, self.model, [], None, None, usage)}])
@@ -3743,6 +3851,223 @@ class ReadDeadlines:
                     handler.connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+# Model aliases ##############################################################################
+# Clients that hard-code OpenAI model names (gpt-4o, gpt-4o-mini) are served by the Claude
+# model an alias names (CLAUDE_MODEL_ALIASES); the response says the name the client asked for.
+
+
+def parse_model_aliases(text):
+    """`gpt-4o=sonnet,gpt-4o-mini=haiku` -> {"gpt-4o": "sonnet", ...}; ValueError names the
+    bad entry. Both sides are model names as argv takes them."""
+    aliases = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        alias, sep, target = (part.strip() for part in entry.partition("="))
+        if not sep or not MODEL_NAME.match(alias) or not MODEL_NAME.match(target):
+            raise ValueError("%r is not alias=model (e.g. gpt-4o=sonnet)" % entry.strip()[:100])
+        aliases[alias] = target
+    return aliases
+
+
+def listed_models(config):
+    """What GET /v1/models lists: the configured models, then the aliases."""
+    return list(config.models) + [alias for alias in config.model_aliases if alias not in config.models]
+
+
+def unknown_model(model, config, detail=""):
+    """A 404 for a model Claude's API does not know, naming what is available and the option
+    that maps another name onto one of them."""
+    return ProxyError(
+        404, "The model %r does not exist or is not available to the claude CLI's account%s. "
+        "Available: %s. To serve another name, map it with CLAUDE_MODEL_ALIASES (or "
+        "--model-alias), e.g. %s=sonnet." % (
+            model, " (%s)" % detail[:200] if detail else "", ", ".join(listed_models(config)),
+            model if model and MODEL_NAME.match(model) else "gpt-4o"),
+        "invalid_request_error", "model", "model_not_found", {"x-should-retry": "false"})
+
+
+# Spend and budgets ##########################################################################
+# The CLI's result carries total_cost_usd: what its run would cost at API prices, from the
+# CLI's own price table (the translator keeps this request's share). Spend adds it up by model
+# and by day, with the tokens by kind, for /metrics, /health, the access log and the daily
+# budget (CLAUDE_PROXY_DAILY_BUDGET_USD). Today's spend is kept in a small state file, so a
+# restart does not reset the budget.
+
+SPEND_FILE = "spend.json"
+TOKEN_KINDS = (("input", "input_tokens"), ("output", "output_tokens"),
+               ("cache_read", "cache_read_input_tokens"), ("cache_write", "cache_creation_input_tokens"))
+
+
+def state_dir(env=None, platform=None):
+    """Where the proxy keeps its state: CLAUDE_PROXY_STATE_DIR, else the platform's per-user
+    state folder: $XDG_STATE_HOME or ~/.local/state (Linux and others), ~/Library/Application
+    Support (macOS), %LOCALAPPDATA% (Windows); claude-proxy/ inside it."""
+    env = os.environ if env is None else env
+    platform = platform or sys.platform
+    if env.get("CLAUDE_PROXY_STATE_DIR"):
+        return env["CLAUDE_PROXY_STATE_DIR"]
+    home = env.get("USERPROFILE" if platform == "win32" else "HOME") or os.path.expanduser("~")
+    if platform == "win32":
+        base = env.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+    elif platform == "darwin":
+        base = os.path.join(home, "Library", "Application Support")
+    else:
+        base = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "claude-proxy")
+
+
+def next_midnight(now):
+    """The epoch time of the local midnight after `now` (DST changes included)."""
+    t = time.localtime(now)
+    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, 0, 0, 0, 0, 0, -1))
+
+
+def budget_exceeded(spent, budget, retry_after):
+    return ProxyError(429, "The proxy's daily budget of $%.2f is used up ($%.4f spent since "
+                      "local midnight; CLAUDE_PROXY_DAILY_BUDGET_USD). New requests are refused "
+                      "until midnight, in %d s." % (budget, spent, retry_after),
+                      "rate_limit_error", None, "budget_exceeded", {"Retry-After": str(retry_after)})
+
+
+class Spend:
+    """What the CLI runs cost: since the proxy started by model and token kind (for /metrics),
+    and since local midnight (for the budget and /health).
+
+    folder: where today's spend is kept (None: memory only); clock: time.time (tests pass
+    their own). The file is written whole and replaced, mode 0600. One that cannot be read or
+    written is a warning in the log, never an error: the spend then counts from zero."""
+
+    def __init__(self, daily_budget=None, folder=None, clock=time.time):
+        self.daily_budget = daily_budget or None
+        self.folder = folder
+        self.path = os.path.join(folder, SPEND_FILE) if folder else None
+        self.clock = clock
+        self.cost_by_model = collections.Counter()  # since start
+        self.tokens = collections.Counter()  # kind -> tokens since start
+        self.runs_costed = 0
+        self._lock = threading.Lock()
+        self._day = self._today()
+        self._today_usd = 0.0
+        self._write_failed = False
+        self._load()
+
+    def _today(self):
+        return time.strftime("%Y-%m-%d", time.localtime(self.clock()))
+
+    def _roll(self):
+        """At local midnight today's spend starts again (called under the lock)."""
+        day = self._today()
+        if day != self._day:
+            self._day, self._today_usd = day, 0.0
+
+    def _load(self):
+        if not self.path:
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                state = json.load(f)
+            spent = state["spent_usd"]
+            if not isinstance(spent, (int, float)) or isinstance(spent, bool) or not 0 <= spent < 1e9:
+                raise ValueError("spent_usd is %r" % (spent,))
+            if state.get("date") == self._day:
+                self._today_usd = float(spent)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log("WARNING: the spend state file %s cannot be read (%s); today's spend counts "
+                "from zero." % (self.path, printable(str(e))))
+
+    def _save(self):
+        """Write today's spend (called under the lock). A failure is logged once, until a
+        write succeeds again."""
+        if not self.path:
+            return
+        data = json.dumps({"date": self._day, "spent_usd": self._today_usd}).encode("utf-8")
+        temporary = self.path + ".tmp"
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(temporary, self.path)
+            self._write_failed = False
+        except OSError as e:
+            if not self._write_failed:
+                log("WARNING: cannot write the spend state file %s (%s); a restart will count "
+                    "today's spend from zero." % (self.path, e.strerror or e))
+            self._write_failed = True
+
+    def record(self, model, cost_usd, usage):
+        """One request's share of a run: its cost (None when the CLI reported none) and usage."""
+        with self._lock:
+            for kind, field in TOKEN_KINDS:
+                value = (usage or {}).get(field)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    self.tokens[kind] += value
+            if cost_usd is None:
+                return
+            self.runs_costed += 1
+            self.cost_by_model[model or "unknown"] += cost_usd
+            self._roll()
+            self._today_usd += cost_usd
+            if cost_usd:
+                self._save()
+
+    def check(self):
+        """Before a request starts a run: 429 budget_exceeded once today's spend reached the
+        daily budget, with Retry-After until local midnight."""
+        if not self.daily_budget:
+            return
+        with self._lock:
+            self._roll()
+            spent = self._today_usd
+        if spent >= self.daily_budget:
+            now = self.clock()
+            raise budget_exceeded(spent, self.daily_budget, max(1, int(-(-(next_midnight(now) - now) // 1))))
+
+    def today(self):
+        with self._lock:
+            self._roll()
+            return self._today_usd
+
+    def summary(self):
+        """The `spend` object of /health."""
+        spent = self.today()
+        now = self.clock()
+        return {"today_usd": round(spent, 6),
+                "daily_budget_usd": self.daily_budget,
+                "remaining_usd": (round(max(0.0, self.daily_budget - spent), 6)
+                                  if self.daily_budget else None),
+                "resets_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(next_midnight(now))),
+                "since_start_usd": round(sum(self.cost_by_model.values()), 6)}
+
+    def render(self):
+        """The spend's Prometheus metrics (appended to Metrics.render's)."""
+        def label(value):
+            return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        with self._lock:
+            self._roll()
+            lines = ["# HELP claude_proxy_cost_usd_total What the CLI runs cost at API prices "
+                     "(the CLI's total_cost_usd), by model, since the proxy started.",
+                     "# TYPE claude_proxy_cost_usd_total counter"]
+            lines += ['claude_proxy_cost_usd_total{model="%s"} %r' % (label(m), c)
+                      for m, c in sorted(self.cost_by_model.items())]
+            lines += ["# HELP claude_proxy_tokens_by_kind_total Tokens the CLI reported, by kind "
+                      "(cache_write: cache creation), since the proxy started.",
+                      "# TYPE claude_proxy_tokens_by_kind_total counter"]
+            lines += ['claude_proxy_tokens_by_kind_total{kind="%s"} %d' % (kind, self.tokens[kind])
+                      for kind, _ in TOKEN_KINDS]
+            lines += ["# HELP claude_proxy_spend_today_usd Spent since local midnight (the daily "
+                      "budget's count).", "# TYPE claude_proxy_spend_today_usd gauge",
+                      "claude_proxy_spend_today_usd %r" % self._today_usd]
+            if self.daily_budget:
+                lines += ["# HELP claude_proxy_daily_budget_usd CLAUDE_PROXY_DAILY_BUDGET_USD.",
+                          "# TYPE claude_proxy_daily_budget_usd gauge",
+                          "claude_proxy_daily_budget_usd %r" % float(self.daily_budget)]
+        return "\n".join(lines) + "\n"
 
 
 # Web page ###################################################################################
@@ -5153,6 +5478,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def dispatch(self, method):
         self.started = time.monotonic()
         self.log_model, self.log_usage, self.log_error, self.status = "-", None, None, None
+        self.log_cost, self.reply_headers = None, {}
         self.server.metrics.started()
         if method != "POST":
             self.server.read_deadlines.end(self)  # the whole request has arrived
@@ -5249,10 +5575,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def end_headers(self):
         if self.cors_origin:  # on every response to an allowed page: errors and streams too
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", "Retry-After, x-should-retry, request-id")
+            self.send_header("Access-Control-Expose-Headers",
+                             "Retry-After, x-should-retry, request-id, x-claude-cost-usd")
             self.send_header("Vary", "Origin")
         if getattr(self, "dialect", None) == "anthropic":
             self.send_header("request-id", self.request_id)
+        for name, value in getattr(self, "reply_headers", {}).items():
+            self.send_header(name, value)
         super().end_headers()
 
     # --- responses
@@ -5316,11 +5645,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_access(self, method):
         usage = self.log_usage or {}
         tokens = "%s+%s" % (usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
-        log('%s %s %s %s%s model=%s tokens=%s %.0fms' % (
+        cost = getattr(self, "log_cost", None)
+        log('%s %s %s %s%s model=%s tokens=%s%s %.0fms' % (
             self.client_address[0], printable(method, 20),
             printable((getattr(self, "path", None) or "-").split("?")[0]),
             self.status or "-",
             " error=%s" % self.log_error if self.log_error else "", self.log_model, tokens,
+            " cost=$%.6f" % cost if cost is not None else "",
             (time.monotonic() - self.started) * 1000))
 
     # --- request bodies
@@ -5423,6 +5754,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                        "queued": self.server.admission.waiting,
                        "reading_heads": self.server.heads.pending()},
             "auth": bool(config.api_keys),
+            "spend": self.server.spend.summary(),
         })
 
     def web_page(self):
@@ -5430,7 +5762,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_body(200, WEB_PAGE, "text/html; charset=utf-8", WEB_PAGE_HEADERS)
 
     def metrics(self):
-        data = self.server.metrics.render(self.server.admission, self.server.runner).encode("utf-8")
+        data = (self.server.metrics.render(self.server.admission, self.server.runner)
+                + self.server.spend.render()).encode("utf-8")
         self.send_body(200, data, "text/plain; version=0.0.4; charset=utf-8")
 
     def root(self):
@@ -5440,18 +5773,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def list_models(self):
         config = self.server.config
         if self.dialect == "anthropic":
-            data = [anthropic_model_entry(m, config.started) for m in config.models]
+            data = [anthropic_model_entry(m, config.started) for m in listed_models(config)]
             return self.send_json(200, {"data": data, "has_more": False,
                                         "first_id": data[0]["id"] if data else None,
                                         "last_id": data[-1]["id"] if data else None})
         self.send_json(200, {"object": "list",
-                             "data": [model_entry(m, config.started) for m in config.models]})
+                             "data": [model_entry(m, config.started) for m in listed_models(config)]})
 
     def get_model(self, model_id):
         config = self.server.config
         # Any Claude model name the CLI would take is "there": clients that verify their
         # configured model with this call must not be turned away for a valid full name.
-        if model_id not in config.models and not (model_id.startswith("claude-")
+        if model_id not in listed_models(config) and not (model_id.startswith("claude-")
                                                    and MODEL_NAME.match(model_id)):
             raise ProxyError(404, "The model %r does not exist; GET /v1/models lists them." % model_id,
                              "invalid_request_error", "model", "model_not_found")
@@ -5531,12 +5864,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         (its stream writer or message collector): the one path every dialect shares.
 
         A sink has `model`, event(reply event), finish(translator) and fail(ProxyError); its
-        `translator` attribute is set to the run's ReplyTranslator before the first event."""
+        `translator` attribute is set to the run's ReplyTranslator before the first event. A
+        stream writer also has `stream` (its SseStream) and keepalive(): the bytes that keep
+        a silent stream alive. Model aliases and the daily budget are applied here."""
+        config = self.server.config
+        requested = plan["model"]  # what the client asked for: the response says this name
+        plan["model"] = config.model_aliases.get(requested, requested)
+        if config.max_request_usd:
+            plan["max_budget_usd"] = config.max_request_usd
+        self.server.spend.check()  # a spent daily budget: 429 before any run or wait
+        stream = getattr(sink, "stream", None)
+        if stream is not None and config.keepalive:
+            stream.keep_alive(config.keepalive, sink.keepalive)
+        try:
+            self._answer(plan, sink, requested)
+        except ProxyError as error:
+            if stream is not None:
+                stream.stop_keep_alive()
+            if not sink.started:
+                raise  # nothing committed: a real HTTP status
+            # Keep-alives committed the 200 (a long wait for a run slot): the error event.
+            log("request failed: %s %s" % (error.status, error.message))
+            self.log_error = error.code or error.type
+            sink.fail(error)
+        finally:
+            if stream is not None:
+                stream.stop_keep_alive()
+
+    def _answer(self, plan, sink, requested):
         config = self.server.config
         translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
                                      bool(plan["json_schema"]), live_structured=plan["stream"])
         sink.translator = translator  # a sink may read the usage as it goes (message_start)
         self.log_model = plan["model"] or "default"
+        if requested and requested != plan["model"]:
+            self.log_model = "%s(%s)" % (requested, plan["model"])  # an alias, and what it ran
         admission, metrics = self.server.admission, self.server.metrics
         run = None
         with ClientWatch(self.connection) as watch:
@@ -5562,7 +5924,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         break
                     # The init event comes first and names the model the CLI really runs:
                     # the response says that one when the request named none.
-                    sink.model = plan["model"] or translator.model or run.model or "claude"
+                    sink.model = requested or translator.model or run.model or "claude"
                     if reply_events and not first_token:
                         first_token = True
                         metrics.first_token(time.monotonic() - self.started)
@@ -5577,13 +5939,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
             finally:
                 if run is not None:
                     events.close()  # the run's stdout stays open for a kept run's next turn
+                    if translator.budget_reached:
+                        run.live = False  # the CLI would refuse its next turn: not kept
                     self.server.runner.finish(run, plan, translator, self.client_scope())
+                    self.account(plan, sink, translator, run)
                 admission.release()
         # The run is stopped or kept for the conversation's next turn by now.
         if not translator.done:
             if run.cancelled == "client_gone":
                 raise ClientGone()
             translator.error = run_failure(run, plan)
+        if translator.error and translator.error.code == "model_not_found":
+            translator.error = unknown_model(requested, config, "" if requested == plan["model"]
+                                             else "it is an alias of %r" % plan["model"])
+        stream = getattr(sink, "stream", None)
+        if stream is not None:
+            stream.stop_keep_alive()  # the reply's end is written by the sink alone
         if translator.error:
             log("request failed: %s %s" % (translator.error.status, translator.error.message))
             self.log_error = translator.error.code or translator.error.type  # a stream's status is already 200
@@ -5591,6 +5962,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         self.log_usage = chat_usage(translator.usage)
         sink.finish(translator)
+
+    def account(self, plan, sink, translator, run):
+        """Count what the run cost for this request (also when it failed, if the CLI said)."""
+        cost = translator.cost_usd
+        self.server.spend.record(translator.model or run.model or plan["model"] or "claude",
+                                 cost, translator.usage)
+        if cost is not None:
+            self.log_cost = cost
+            if getattr(sink, "stream", None) is None:  # known before the body: a header
+                self.reply_headers["x-claude-cost-usd"] = "%.6f" % cost
 
     def client_scope(self):
         """Whose conversations these are: a continuation is only ever found by the same key."""
@@ -5697,7 +6078,8 @@ class Config:
                  claude_version=None, pool_size=0, pool_idle=DEFAULT_POOL_IDLE, api_keys=(),
                  cors_origins=(), max_concurrency=DEFAULT_MAX_CONCURRENCY,
                  max_queue=DEFAULT_MAX_QUEUE, loopback_only=True,
-                 shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True):
+                 shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True, keepalive=DEFAULT_KEEPALIVE,
+                 model_aliases=None, daily_budget=None, max_request_usd=None, state_dir=None):
         self.claude_path = claude_path
         self.model = model or None
         self.effort = effort or None
@@ -5717,6 +6099,11 @@ class Config:
         self.loopback_only = loopback_only  # bound to loopback: answer loopback Host names only
         self.shutdown_grace = shutdown_grace
         self.ui = ui  # the chat page at GET /
+        self.keepalive = keepalive  # seconds of stream silence before a keep-alive; 0: none
+        self.model_aliases = dict(model_aliases or {})  # client's name -> the Claude model run
+        self.daily_budget = daily_budget or None  # USD since local midnight; then 429
+        self.max_request_usd = max_request_usd or None  # --max-budget-usd of each run
+        self.state_dir = state_dir  # where today's spend is kept; None: memory only (tests)
         self.started = int(time.time())
 
 
@@ -5736,6 +6123,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.runner.known_version(config.claude_version)
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.metrics = Metrics()
+        self.spend = Spend(config.daily_budget, config.state_dir)
         self.response_store = ResponseStore()
         self.read_deadlines = ReadDeadlines(BODY_READ_SECONDS)
         self.io_seconds = min(SOCKET_IO_SECONDS, config.timeout)
@@ -5873,6 +6261,17 @@ def parse_args(argv=None):
         default=env("CLAUDE_PROXY_UI", "").strip().lower() in ("0", "false", "no", "off"),
         help="Default: the chat page is on (env CLAUDE_PROXY_UI=0 turns it off). Serve no page "
         "at /: a 404, as any unknown path.")
+    add("--keepalive", type=float, default=env("CLAUDE_KEEPALIVE", str(DEFAULT_KEEPALIVE)),
+        help="Default: %g (env CLAUDE_KEEPALIVE). Seconds a stream may stay silent before a "
+        "keep-alive is sent (the headers too, if not sent yet); 0 sends none." % DEFAULT_KEEPALIVE)
+    add("--model-alias", action="append", default=[env("CLAUDE_MODEL_ALIASES") or ""],
+        metavar="ALIAS=MODEL", help="Default: none (env CLAUDE_MODEL_ALIASES, comma-separated). "
+        "Serve a model name clients hard-code with a Claude model, e.g. gpt-4o=sonnet; repeatable.")
+    add("--daily-budget", type=float, default=env("CLAUDE_PROXY_DAILY_BUDGET_USD") or "0",
+        help="Default: none (env CLAUDE_PROXY_DAILY_BUDGET_USD). US dollars the CLI runs may "
+        "cost since local midnight (at API prices); past it, new requests get 429.")
+    add("--max-request-usd", type=float, default=env("CLAUDE_MAX_REQUEST_USD") or "0",
+        help="Default: none (env CLAUDE_MAX_REQUEST_USD). Each CLI run's --max-budget-usd.")
     add("--log-prompts", action="store_true", default=env_flag("CLAUDE_PROXY_LOG_PROMPTS"),
         help="Default: off (env CLAUDE_PROXY_LOG_PROMPTS=1). Log each prompt to stderr.")
     add("--version", action="version", version="claude_proxy.py " + __version__)
@@ -5883,7 +6282,14 @@ def parse_args(argv=None):
         parser.error("invalid --model / CLAUDE_MODEL %r" % args.model)
     if args.effort and args.effort not in CLI_EFFORTS:
         parser.error("--effort / CLAUDE_EFFORT must be one of %s" % ", ".join(CLI_EFFORTS))
-    for name in ("port", "pool_size", "max_queue", "shutdown_grace"):
+    try:
+        args.model_aliases = {}
+        for text in args.model_alias:
+            args.model_aliases.update(parse_model_aliases(text))
+    except ValueError as e:
+        parser.error("--model-alias / CLAUDE_MODEL_ALIASES: %s" % e)
+    for name in ("port", "pool_size", "max_queue", "shutdown_grace", "keepalive", "daily_budget",
+                 "max_request_usd"):
         if getattr(args, name) < 0:
             parser.error("--%s must be 0 or more" % name.replace("_", "-"))
     for name in ("timeout", "max_body", "pool_idle", "max_concurrency"):
@@ -5919,7 +6325,8 @@ def main(argv=None):
                     args.log_prompts, version, args.pool_size, args.pool_idle, api_keys,
                     [o.strip() for o in args.cors_origins.split(",") if o.strip()],
                     args.max_concurrency, args.max_queue, loopback, args.shutdown_grace,
-                    not args.no_ui)
+                    not args.no_ui, args.keepalive, args.model_aliases, args.daily_budget,
+                    args.max_request_usd, state_dir())
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:
@@ -5939,6 +6346,13 @@ def main(argv=None):
                           "required" if api_keys else "off"))
     if config.ui:
         log("chat and status page on %s/  (--no-ui turns it off)" % url[:-len("/v1")])
+    if config.model_aliases:
+        log("model aliases: %s" % ", ".join("%s=%s" % item for item in config.model_aliases.items()))
+    if config.daily_budget or config.max_request_usd:
+        log("budget: %s a day (spent today: $%.4f, kept in %s), %s a run" % (
+            "$%g" % config.daily_budget if config.daily_budget else "no limit",
+            server.spend.today(), server.spend.path,
+            "$%g" % config.max_request_usd if config.max_request_usd else "no limit"))
     sys.stderr.write("Point any OpenAI client at it, e.g.:\n%s\n" % client_snippet(url))
     sys.stderr.flush()
 

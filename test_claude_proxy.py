@@ -560,7 +560,7 @@ class MessagesToPromptTest(unittest.TestCase):
             ("not an object", ["hi"], "messages[0]"),
             ("unknown role", [{"role": "wizard", "content": "x"}], "messages[0].role"),
             ("missing role", [{"content": "x"}], "messages[0].role"),
-            ("only system", [{"role": "system", "content": "x"}], "messages"),
+            ("only an assistant", [{"role": "assistant", "content": "x"}], "messages"),
             ("tool without id", [{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}],
              "messages[1].tool_call_id"),
             ("audio part", [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
@@ -854,7 +854,7 @@ class WireFormatTest(unittest.TestCase):
     def test_chunk_shapes(self):
         chunk = cp.completion_chunk("chatcmpl-1", 5, "m", {"content": "x"})
         self.assertEqual(chunk, {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5,
-                                 "model": "m", "system_fingerprint": None,
+                                 "model": "m",
                                  "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None,
                                               "finish_reason": None}]})
         self.assertIsNone(cp.completion_chunk("c", 5, "m", {}, "stop", None)["usage"])
@@ -1365,7 +1365,7 @@ class ChatTest(ServerTestCase):
         self.assertEqual(reply["object"], "chat.completion")
         self.assertIsInstance(reply["created"], int)
         self.assertEqual(reply["model"], "sonnet")
-        self.assertEqual(reply["choices"], [{"index": 0, "message": {"role": "assistant", "content": "Echo: hello [images: 0]"},
+        self.assertEqual(reply["choices"], [{"index": 0, "message": {"role": "assistant", "content": "Echo: hello [images: 0]", "refusal": None},
                                              "logprobs": None, "finish_reason": "stop"}])
         self.assertEqual(reply["usage"], {"prompt_tokens": 19, "completion_tokens": 7, "total_tokens": 26,
                                           "prompt_tokens_details": {"cached_tokens": 5}})
