@@ -2685,8 +2685,10 @@ class ReplyTranslator:
             self.budget_reached = True
             if self.text and self.stop_reason in ("end_turn", "max_tokens", "stop_sequence"):
                 # The model call that crossed the cap answered in full (its cost is spent):
-                # the answer goes out; the run is not kept for more.
+                # the answer goes out; the run is not kept for more. This result's usage is
+                # all zeros (CLI 2.1.197): the stream's counts are the call's.
                 event = dict(event, subtype="success", is_error=False)
+                self.usage = dict(self._stream_usage)
         self.error = result_error(event)
         if self.error:
             return events
@@ -2864,7 +2866,7 @@ CHAT_FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens"
 
 def chat_usage(usage):
     """Anthropic usage (as the CLI reports it) -> OpenAI usage. Cache reads and writes are
-    prompt tokens too; reads are reported as cached_tokens."""
+    prompt tokens too; reads are reported as cached_tokens, writes as cache_write_tokens."""
     usage = usage or {}
     def count(name):
         value = usage.get(name)
@@ -2874,7 +2876,8 @@ def chat_usage(usage):
     completion = count("output_tokens")
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": cached,
+                                      "cache_write_tokens": count("cache_creation_input_tokens")}}
 
 
 def chat_delta(event):
@@ -3045,7 +3048,8 @@ def responses_usage(usage):
     Thinking tokens are not counted apart by the CLI: reasoning_tokens is 0."""
     counts = chat_usage(usage)
     return {"input_tokens": counts["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": counts["prompt_tokens_details"]["cached_tokens"]},
+            # Both required by OpenAI's schema (ResponseUsage).
+            "input_tokens_details": dict(counts["prompt_tokens_details"]),
             "output_tokens": counts["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": counts["total_tokens"]}
@@ -3926,10 +3930,13 @@ def next_midnight(now):
 
 
 def budget_exceeded(spent, budget, retry_after):
-    return ProxyError(429, "The proxy's daily budget of $%.2f is used up ($%.4f spent since "
+    # x-should-retry: false, or the SDKs retry at once (a Retry-After of hours is past what
+    # they wait for, so they use their own short backoff instead).
+    return ProxyError(429, "The proxy's daily budget of $%g is used up ($%.4f spent since "
                       "local midnight; CLAUDE_PROXY_DAILY_BUDGET_USD). New requests are refused "
                       "until midnight, in %d s." % (budget, spent, retry_after),
-                      "rate_limit_error", None, "budget_exceeded", {"Retry-After": str(retry_after)})
+                      "rate_limit_error", None, "budget_exceeded",
+                      {"Retry-After": str(retry_after), "x-should-retry": "false"})
 
 
 class Spend:
@@ -4010,7 +4017,8 @@ class Spend:
             if cost_usd is None:
                 return
             self.runs_costed += 1
-            self.cost_by_model[model or "unknown"] += cost_usd
+            if cost_usd:  # a model the API refused costs 0: a client's made-up name is no label
+                self.cost_by_model[model or "unknown"] += cost_usd
             self._roll()
             self._today_usd += cost_usd
             if cost_usd:

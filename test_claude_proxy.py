@@ -802,7 +802,7 @@ class ReplyTranslatorTest(unittest.TestCase):
         self.assertEqual(finish(translator), "stop")
         self.assertEqual(translator.model, "claude-sonnet-5")
         self.assertEqual(cp.chat_usage(translator.usage), {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
-                                            "prompt_tokens_details": {"cached_tokens": 2}})
+                                            "prompt_tokens_details": {"cached_tokens": 2, "cache_write_tokens": 1}})
 
     def test_thinking_becomes_reasoning_content(self):
         events = text_events("Hi")
@@ -1368,7 +1368,7 @@ class ChatTest(ServerTestCase):
         self.assertEqual(reply["choices"], [{"index": 0, "message": {"role": "assistant", "content": "Echo: hello [images: 0]", "refusal": None},
                                              "logprobs": None, "finish_reason": "stop"}])
         self.assertEqual(reply["usage"], {"prompt_tokens": 19, "completion_tokens": 7, "total_tokens": 26,
-                                          "prompt_tokens_details": {"cached_tokens": 5}})
+                                          "prompt_tokens_details": {"cached_tokens": 5, "cache_write_tokens": 3}})
 
     def test_model_defaults_to_what_the_cli_runs(self):
         status, _, raw = self.chat(user("hello"))
@@ -4319,9 +4319,9 @@ class ResponsesEventsTest(unittest.TestCase):
     def test_usage(self):
         self.assertEqual(cp.responses_usage({"input_tokens": 4, "cache_creation_input_tokens": 1,
                                              "cache_read_input_tokens": 2, "output_tokens": 3}),
-                         {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 3,
+                         {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 2, "cache_write_tokens": 1}, "output_tokens": 3,
                           "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 10})
-        self.assertEqual(cp.responses_usage(None)["input_tokens_details"], {"cached_tokens": 0})
+        self.assertEqual(cp.responses_usage(None)["input_tokens_details"], {"cached_tokens": 0, "cache_write_tokens": 0})
 
 
 class SseRecorder:
@@ -4367,7 +4367,7 @@ class ResponsesWireTest(unittest.TestCase):
                     '"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false,"usage":%s}')
         message = '{"id":"msg_0","type":"message","status":"%s","role":"assistant","content":%s}'
         part = '{"type":"output_text","text":"%s","annotations":[],"logprobs":[]}'
-        usage = ('{"input_tokens":7,"input_tokens_details":{"cached_tokens":2},"output_tokens":3,'
+        usage = ('{"input_tokens":7,"input_tokens_details":{"cached_tokens":2,"cache_write_tokens":1},"output_tokens":3,'
                  '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":10}')
         ref = '"item_id":"msg_0","output_index":0,"content_index":0'
         expected = "".join("event: %s\ndata: {\"type\":\"%s\",%s,\"sequence_number\":%d}\n\n" % (kind, kind, fields, n) for n, (kind, fields) in enumerate([
@@ -4523,7 +4523,7 @@ class ResponsesServerTest(ServerTestCase):
             self.assertTrue(response["id"].startswith("resp_"))
             self.assertEqual((response["object"], response["status"], response["model"], response["output_text"]),
                              ("response", "completed", "sonnet", "Echo: hello [images: 0]"))
-            self.assertEqual(response["usage"], {"input_tokens": 19, "input_tokens_details": {"cached_tokens": 5},
+            self.assertEqual(response["usage"], {"input_tokens": 19, "input_tokens_details": {"cached_tokens": 5, "cache_write_tokens": 3},
                                                  "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 0},
                                                  "total_tokens": 26})
             self.assertIsNone(response["error"])
