@@ -1112,13 +1112,22 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
             "temperature": body.get("temperature", 1.0),
             "text": dict(text, format=text.get("format") or {"type": "text"}),
             "tool_choice": body.get("tool_choice") or "auto",
-            "tools": body.get("tools") or [],
+            "tools": [responses_tool_echo(tool) for tool in body.get("tools") or []],
             "top_p": body.get("top_p", 1.0),
             "truncation": body.get("truncation") or "disabled",
-            "user": body.get("user"),
         },
     }
+    if isinstance(body.get("user"), str):  # a string or absent in OpenAI's schema, never null
+        request["echo"]["user"] = body["user"]
     return plan, request
+
+
+def responses_tool_echo(tool):
+    """A tool as the response echoes it: a function's `strict` and `parameters` are required
+    (nullable) in OpenAI's schema."""
+    if isinstance(tool, dict) and tool.get("type") == "function":
+        return dict({"strict": None, "parameters": None}, **tool)
+    return tool
 
 
 # Anthropic Messages request #################################################################
@@ -3064,7 +3073,8 @@ def response_object(response_id, created_at, model, echo, status, output, usage=
            "background": False, "error": error, "incomplete_details": incomplete_details,
            "model": model, "output": output, "output_text": text}
     obj.update(echo)
-    obj["usage"] = usage
+    if usage is not None:  # not nullable in OpenAI's schema: absent until it is known
+        obj["usage"] = usage
     return obj
 
 

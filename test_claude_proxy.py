@@ -4364,22 +4364,22 @@ class ResponsesWireTest(unittest.TestCase):
         writer.finish(translator)
         self.assertEqual(handler.head[0], 200)
         response = ('{"id":"resp_1","object":"response","created_at":7,"status":"%s","background":false,"error":null,'
-                    '"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false,"usage":%s}')
+                    '"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false%s}')
         message = '{"id":"msg_0","type":"message","status":"%s","role":"assistant","content":%s}'
         part = '{"type":"output_text","text":"%s","annotations":[],"logprobs":[]}'
         usage = ('{"input_tokens":7,"input_tokens_details":{"cached_tokens":2,"cache_write_tokens":1},"output_tokens":3,'
                  '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":10}')
         ref = '"item_id":"msg_0","output_index":0,"content_index":0'
         expected = "".join("event: %s\ndata: {\"type\":\"%s\",%s,\"sequence_number\":%d}\n\n" % (kind, kind, fields, n) for n, (kind, fields) in enumerate([
-            ("response.created", '"response":' + response % ("in_progress", "[]", "", "null")),
-            ("response.in_progress", '"response":' + response % ("in_progress", "[]", "", "null")),
+            ("response.created", '"response":' + response % ("in_progress", "[]", "", "")),
+            ("response.in_progress", '"response":' + response % ("in_progress", "[]", "", "")),
             ("response.output_item.added", '"output_index":0,"item":' + message % ("in_progress", "[]")),
             ("response.content_part.added", ref + ',"part":' + part % ""),
             ("response.output_text.delta", ref + ',"delta":"Hi","logprobs":[]'),
             ("response.output_text.done", ref + ',"text":"Hi","logprobs":[]'),
             ("response.content_part.done", ref + ',"part":' + part % "Hi"),
             ("response.output_item.done", '"output_index":0,"item":' + message % ("completed", "[%s]" % part % "Hi")),
-            ("response.completed", '"response":' + response % ("completed", "[%s]" % (message % ("completed", "[%s]" % part % "Hi")), "Hi", usage)),
+            ("response.completed", '"response":' + response % ("completed", "[%s]" % (message % ("completed", "[%s]" % part % "Hi")), "Hi", ',"usage":' + usage)),
         ]))
         self.assertEqual(handler.body.decode(), expected)
 
