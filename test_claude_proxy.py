@@ -4657,5 +4657,608 @@ class ResponsesServerTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: not pid_alive(pid)), "the run is stopped")
 
 
+# Conformance, keep-alives, models and spend (issue 12) #######################################
+
+# A stub CLI of these tests' own: one message, the events the real CLI (2.1.197) prints for it.
+# Words in the message: PAUSE[s] silence before anything; COST[usd] the run's total_cost_usd;
+# FAILMID text, then an API error result (with its cost); CAPCROSS a whole answer, then the
+# result of a run that crossed --max-budget-usd; CAPSTOP that result at once, no model call;
+# LATEFAIL a PAUSE, then an error result. A --model the API would not know gets what the real
+# CLI prints for one (a synthetic error message and a 404 result).
+SPEND_STUB = r'''#!%(python)s
+import json, re, sys, time
+argv = sys.argv[1:]
+def flag(name):
+    return argv[argv.index(name) + 1] if name in argv else None
+content = json.loads(sys.stdin.readline())["message"]["content"]
+text = content if isinstance(content, str) else " ".join(b.get("text", "") for b in content if b.get("type") == "text")
+with open(%(log)r, "a") as f:
+    f.write(json.dumps({"argv": argv, "text": text}) + "\n")
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
+def stream(event):
+    emit({"type": "stream_event", "event": event})
+asked = flag("--model") or "sonnet"
+model = {"sonnet": "claude-sonnet-5", "haiku": "claude-haiku-5", "opus": "claude-opus-5"}.get(asked, asked)
+emit({"type": "system", "subtype": "init", "model": model})
+pause = re.search(r"PAUSE\[([0-9.]+)\]", text)
+if pause:
+    time.sleep(float(pause.group(1)))
+priced = re.search(r"COST\[([0-9.]+)\]", text)
+cost = float(priced.group(1)) if priced else 0.25
+zero = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
+def result(**fields):
+    emit(dict({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None,
+               "stop_reason": "end_turn", "total_cost_usd": cost, "usage": zero}, **fields))
+if not model.startswith("claude"):
+    message = ("There's an issue with the selected model (%%s). It may not exist or you may not have "
+               "access to it. Run --model to pick a different model." %% asked)
+    emit({"type": "assistant", "message": {"model": "<synthetic>", "role": "assistant", "stop_reason": "stop_sequence",
+          "content": [{"type": "text", "text": message}]}, "error": "model_not_found"})
+    cost = 0
+    result(is_error=True, api_error_status=404, result=message, stop_reason="stop_sequence")
+    sys.exit(1)
+if "CAPSTOP" in text:
+    result(subtype="error_max_budget_usd", is_error=True, stop_reason=None, errors=["Reached maximum budget ($0.01)"])
+    sys.exit(1)
+if "LATEFAIL" in text:
+    result(is_error=True, api_error_status=500, result="API Error: 500 internal")
+    sys.exit(1)
+usage = {"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 30, "output_tokens": 1}
+stream({"type": "message_start", "message": {"model": model, "usage": usage}})
+stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+for piece in ("Hello", " there"):
+    stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+if "FAILMID" in text:
+    result(is_error=True, api_error_status=500, result="API Error: 500 internal",
+           usage=dict(usage, output_tokens=2))
+    sys.exit(1)
+stream({"type": "content_block_stop", "index": 0})
+stream({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})
+stream({"type": "message_stop"})
+if "CAPCROSS" in text:
+    result(subtype="error_max_budget_usd", is_error=True, errors=["Reached maximum budget ($0.01)"])
+    sys.exit(1)
+result(result="Hello there", usage=dict(usage, output_tokens=4))
+'''
+
+
+def write_spend_stub(directory):
+    path = os.path.join(directory, "claude-spend-stub")
+    log_path = os.path.join(directory, "runs.jsonl")
+    with open(path, "w") as f:
+        f.write(SPEND_STUB % {"python": sys.executable, "log": log_path})
+    os.chmod(path, 0o755)
+    return path, log_path
+
+
+def data_lines(raw):
+    """The JSON objects of a Chat Completions stream's data lines ([DONE] left out)."""
+    return [json.loads(line[6:]) for line in raw.decode().split("\n")
+            if line.startswith("data: {")]
+
+
+# OpenAI's published OpenAPI description, distilled: what its CreateChatCompletionResponse and
+# CreateChatCompletionStreamResponse schemas require of each reply and chunk (checked against
+# the document itself with a JSON Schema validator; the suite stays stdlib only).
+def chat_schema_violations(obj, chunk):
+    problems = []
+    def need(condition, message):
+        if not condition:
+            problems.append(message)
+    need(isinstance(obj.get("id"), str), "id is a string")
+    need(obj.get("object") == ("chat.completion.chunk" if chunk else "chat.completion"), "object")
+    need(isinstance(obj.get("created"), int) and not isinstance(obj.get("created"), bool), "created is an integer")
+    need(isinstance(obj.get("model"), str), "model is a string")
+    need("system_fingerprint" not in obj or isinstance(obj["system_fingerprint"], str),
+         "system_fingerprint is a string when present (never null)")
+    need(isinstance(obj.get("choices"), list), "choices is a list")
+    if "usage" in obj and obj["usage"] is not None:
+        usage = obj["usage"]
+        need(all(isinstance(usage.get(k), int) for k in ("prompt_tokens", "completion_tokens", "total_tokens")),
+             "usage has the three integer counts")
+    need(chunk or isinstance(obj.get("usage"), dict), "a reply has usage")
+    for choice in obj.get("choices") or []:
+        need(isinstance(choice.get("index"), int), "choice index")
+        need("logprobs" in choice if not chunk else True, "a reply's choice has logprobs")
+        need(choice.get("logprobs") is None, "logprobs is null")
+        reasons = ("stop", "length", "tool_calls", "content_filter", "function_call")
+        need(choice.get("finish_reason") in reasons or (chunk and choice.get("finish_reason") is None),
+             "finish_reason in the enum (null only in a chunk)")
+        need("finish_reason" in choice, "finish_reason is present")
+        message = choice.get("delta" if chunk else "message")
+        need(isinstance(message, dict), "a message/delta object")
+        message = message or {}
+        if not chunk:
+            need(message.get("role") == "assistant", "role assistant")
+            need("refusal" in message and (message["refusal"] is None or isinstance(message["refusal"], str)),
+                 "refusal is present, null or a string")
+            need("content" in message and (message["content"] is None or isinstance(message["content"], str)),
+                 "content is present, null or a string")
+        need("annotations" not in message or (isinstance(message["annotations"], list) and message["annotations"]),
+             "annotations only when there are some")
+        for call in message.get("tool_calls") or []:
+            need(isinstance(call.get("index"), int) if chunk else isinstance(call.get("id"), str), "tool call index/id")
+            need(isinstance(call.get("function"), dict), "tool call function")
+            if not chunk:
+                need(call.get("type") == "function" and isinstance(call["function"].get("arguments"), str)
+                     and isinstance(call["function"].get("name"), str), "tool call type, name, arguments")
+    return problems
+
+
+class ChatSchemaRulesTest(unittest.TestCase):
+    """The distilled rules, shown to catch what the proxy used to send."""
+
+    REPLY = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "x", "refusal": None},
+                          "logprobs": None, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    def test_rules_reject_what_strict_clients_reject(self):
+        def changed(path, value):
+            obj = json.loads(json.dumps(self.REPLY))
+            target = obj
+            for key in path[:-1]:
+                target = target[key]
+            if value is KeyError:
+                del target[path[-1]]
+            else:
+                target[path[-1]] = value
+            return obj
+        cases = [
+            ("as sent", self.REPLY, False),
+            ("null system_fingerprint", changed(["system_fingerprint"], None), True),
+            ("a fixed system_fingerprint", changed(["system_fingerprint"], "fp_claude"), False),
+            ("no refusal", changed(["choices", 0, "message", "refusal"], KeyError), True),
+            ("empty annotations", changed(["choices", 0, "message", "annotations"], []), True),
+            ("logprobs missing", changed(["choices", 0, "logprobs"], KeyError), True),
+            ("finish_reason null", changed(["choices", 0, "finish_reason"], None), True),
+            ("created a string", changed(["created"], "1"), True),
+        ]
+        for name, obj, bad in cases:
+            with self.subTest(name):
+                self.assertEqual(bool(chat_schema_violations(obj, chunk=False)), bad, chat_schema_violations(obj, False))
+
+    def test_shapes_the_proxy_builds(self):
+        message = {"role": "assistant", "content": None, "refusal": None}
+        cp.merge_delta(message, {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                 "function": {"name": "f", "arguments": ""}}]})
+        cases = [
+            ("reply", cp.chat_completion("c", 1, "m", {"role": "assistant", "content": "x", "refusal": None},
+                                         "stop", cp.chat_usage({})), False),
+            ("tool call reply", cp.chat_completion("c", 1, "m", message, "tool_calls", cp.chat_usage(None)), False),
+            ("chunk", cp.completion_chunk("c", 1, "m", {"content": "x"}), True),
+            ("finish chunk with usage null", cp.completion_chunk("c", 1, "m", {}, "stop", None), True),
+            ("usage chunk", cp.usage_chunk("c", 1, "m", cp.chat_usage({"input_tokens": 3})), True),
+        ]
+        for name, obj, chunk in cases:
+            with self.subTest(name):
+                self.assertEqual(chat_schema_violations(obj, chunk), [])
+                self.assertNotIn("system_fingerprint", obj)
+
+
+class ConformanceServerTest(ServerTestCase):
+    """Every reply and chunk of the real endpoints against the rules (the shared stub CLI)."""
+
+    def test_every_reply_and_chunk(self):
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}
+        schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
+        cases = [("plain", user("hello")), ("thinking", user("THINK hi")),
+                 ("max tokens", user("MAXTOKENS hi")),
+                 ("tool call", dict(user("CALLTOOL weather"), tools=[tool])),
+                 ("structured", dict(user("a name"), response_format=schema)),
+                 ("system only", {"messages": [{"role": "system", "content": "Say hi"}]})]
+        for name, body in cases:
+            body = dict(body, model="sonnet")
+            with self.subTest(name):
+                status, _, raw = self.chat(body)
+                self.assertEqual(status, 200, raw)
+                self.assertEqual(chat_schema_violations(json.loads(raw), chunk=False), [])
+                for extra in ({}, {"stream_options": {"include_usage": True}}):
+                    status, _, raw = self.chat(dict(body, stream=True, **extra))
+                    chunks = data_lines(raw)
+                    self.assertGreater(len(chunks), 1)
+                    for chunk in chunks:
+                        self.assertEqual(chat_schema_violations(chunk, chunk=True), [], chunk)
+
+    def test_system_only_conversation_is_the_users_turn(self):
+        status, _, raw = self.chat({"model": "sonnet", "messages": [
+            {"role": "system", "content": "SAY[titled] Write a title"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "titled")
+        run = self.records()[0]
+        # The instructions reached the model as the user's message, under the default prompt.
+        self.assertIn("Write a title", run["stdin"])
+        for body, param in (({"input": [], "instructions": "Say hi"}, None),):
+            status, _, raw = self.request("POST", "/v1/responses", body)
+            self.assertEqual(status, 200, raw)
+        conv = cp.parse_chat_request({"messages": [{"role": "developer", "content": "A"},
+                                                   {"role": "system", "content": "B"}]})["conversation"]
+        self.assertEqual(conv, {"system": None, "turns": [{"role": "user", "content": [
+            {"type": "text", "text": "A\n\nB"}]}]})
+        self.assertEqual(cp.parse_chat_request({"messages": [{"role": "system", "content": "S"},
+                                                             {"role": "user", "content": "U"}]})["system_prompt"], "S")
+
+    def test_responses_and_messages_shapes(self):
+        tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+        status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "hello", "tools": [tool]})
+        response = json.loads(raw)
+        self.assertEqual(status, 200, raw)
+        self.assertNotIn("user", response)  # a string or absent, never null
+        self.assertEqual(response["tools"], [dict(tool, strict=None)])  # strict and parameters are required
+        self.assertEqual(set(response["usage"]["input_tokens_details"]), {"cached_tokens", "cache_write_tokens"})
+        status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "hello", "stream": True})
+        events = responses_sse(raw)
+        self.assertNotIn("usage", events[0]["response"])  # not nullable: absent until known
+        self.assertIn("usage", events[-1]["response"])
+
+
+class KeepAliveTest(ServerTestCase):
+    """Keep-alives while a run is silent (a stub that pauses before anything), in each dialect."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
+        cls.record_dir = os.path.join(cls.tmp, "records")
+        os.makedirs(cls.record_dir)
+        cls.stub, cls.runs_log = write_spend_stub(cls.tmp)
+        cls.server = cls.make_server(keepalive=0.1)
+        cls.thread = threading.Thread(target=cls.server.serve_forever, args=(0.05,), daemon=True)
+        cls.thread.start()
+        cls.port = cls.server.server_address[1]
+
+    def test_chat_keepalive_is_the_role_chunk_then_empty_deltas(self):
+        status, headers, raw = self.chat({"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "PAUSE[1] hi"}]})
+        self.assertEqual(status, 200)
+        chunks = data_lines(raw)
+        deltas = [c["choices"][0]["delta"] if c["choices"] else None for c in chunks]
+        self.assertEqual(deltas[0], {"role": "assistant", "content": ""})
+        idle = 0
+        while deltas[1 + idle] == {"content": ""}:
+            idle += 1
+        self.assertGreaterEqual(idle, 2, "keep-alives during a 1 s silence every 0.1 s")
+        self.assertEqual(deltas[1 + idle:], [{"content": "Hello"}, {"content": " there"}, {}])
+        self.assertEqual(sum("role" in d for d in deltas if d), 1, "role exactly once")
+        self.assertEqual(len({(c["id"], c["model"], c["created"]) for c in chunks}), 1)
+        self.assertNotIn(b"\n:", b"\n" + raw, "no comment lines in Chat Completions")
+        self.assertTrue(raw.endswith(b"data: [DONE]\n\n"))
+        for chunk in chunks:
+            self.assertEqual(chat_schema_violations(chunk, chunk=True), [])
+
+    def test_messages_keepalive_is_ping(self):
+        status, _, raw = self.request("POST", "/v1/messages", {
+            "model": "sonnet", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "PAUSE[1] hi"}]})
+        self.assertEqual(status, 200)
+        kinds = [e["type"] for e in anthropic_sse(raw)]
+        pings = kinds.index("message_start")
+        self.assertGreaterEqual(pings, 2)
+        self.assertEqual(kinds[:pings], ["ping"] * pings)
+        self.assertEqual(kinds[-1], "message_stop")
+
+    def test_responses_keepalive_is_a_comment(self):
+        status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "stream": True,
+                                                                "input": "PAUSE[1] hi"})
+        self.assertEqual(status, 200)
+        comments = 0
+        while raw.startswith(b": keep-alive\n\n"):
+            raw, comments = raw[len(b": keep-alive\n\n"):], comments + 1
+        self.assertGreaterEqual(comments, 2)
+        events = responses_sse(raw)  # the rest: framing and sequence numbers from 0 as ever
+        self.assertEqual(events[0]["type"], "response.created")
+        self.assertEqual(events[-1]["type"], "response.completed")
+
+    def test_error_after_keepalives_is_the_dialects_error_event(self):
+        status, _, raw = self.chat({"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "PAUSE[0.6] LATEFAIL"}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(data_lines(raw)[-1]["error"]["code"], "upstream_error")
+        status, _, raw = self.request("POST", "/v1/messages", {
+            "model": "sonnet", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": "PAUSE[0.6] LATEFAIL"}]})
+        events = anthropic_sse(raw)
+        self.assertEqual((status, events[0]["type"], events[-1]["type"]), (200, "ping", "error"))
+        status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "stream": True,
+                                                                "input": "PAUSE[0.6] LATEFAIL"})
+        events = responses_sse(raw.replace(b": keep-alive\n\n", b""))
+        self.assertEqual([e["type"] for e in events], ["response.created", "response.in_progress", "response.failed"])
+
+    def test_error_before_any_keepalive_is_a_real_status(self):
+        self.assert_error(self.chat({"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "LATEFAIL"}]}), 502, code="upstream_error")
+
+    def test_non_streaming_gets_nothing_but_the_json(self):
+        status, _, raw = self.chat({"model": "sonnet", "messages": [{"role": "user", "content": "PAUSE[0.5] hi"}]})
+        self.assertEqual(status, 200)
+        self.assertTrue(raw.startswith(b"{"))
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "Hello there")
+
+    def test_heartbeat_stops_with_the_stream(self):
+        threads = lambda: [t for t in threading.enumerate() if t.name == "sse-keepalive"]
+        self.chat({"model": "sonnet", "stream": True, "messages": [{"role": "user", "content": "PAUSE[0.3] hi"}]})
+        self.assertTrue(wait_until(lambda: not threads()), threads())
+
+
+class ModelAliasTest(ServerTestCase):
+    """Aliases, and a model Claude's API does not know (the stub answers as the real CLI)."""
+
+    @classmethod
+    def setUpClass(cls):
+        KeepAliveTest.setUpClass.__func__(cls)
+        cls.server.config.model_aliases = {"gpt-4o": "sonnet", "gpt-4o-mini": "haiku"}
+        cls.server.config.keepalive = 0
+
+    def runs(self):
+        with open(self.runs_log) as f:
+            return [json.loads(line) for line in f]
+
+    def test_parse_aliases(self):
+        self.assertEqual(cp.parse_model_aliases(" gpt-4o=sonnet, gpt-4o-mini = haiku ,"),
+                         {"gpt-4o": "sonnet", "gpt-4o-mini": "haiku"})
+        self.assertEqual(cp.parse_model_aliases(""), {})
+        for bad in ("gpt-4o", "=sonnet", "gpt-4o=", "a=--dangerous", "a=b c", "a=x&y"):
+            with self.subTest(bad):
+                with self.assertRaises(ValueError):
+                    cp.parse_model_aliases(bad)
+        args = cp.parse_args(["--model-alias", "a=sonnet", "--model-alias", "b=opus,c=haiku"])
+        self.assertEqual(args.model_aliases, {"a": "sonnet", "b": "opus", "c": "haiku"})
+        with self.assertRaises(SystemExit), contextlib_redirect_stderr():
+            cp.parse_args(["--model-alias", "nonsense"])
+
+    def test_models_list_aliases(self):
+        status, _, raw = self.request("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in json.loads(raw)["data"]],
+                         ["sonnet", "opus", "haiku", "gpt-4o", "gpt-4o-mini"])
+        status, _, raw = self.request("GET", "/v1/models", headers={"anthropic-version": "2023-06-01"})
+        self.assertIn("gpt-4o-mini", [m["id"] for m in json.loads(raw)["data"]])
+        self.assertEqual(self.request("GET", "/v1/models/gpt-4o")[0], 200)
+
+    def test_alias_runs_its_model_and_echoes_the_clients_name(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                status, _, raw = self.chat({"model": "gpt-4o-mini", "stream": stream,
+                                            "messages": [{"role": "user", "content": "hi"}]})
+                self.assertEqual(status, 200, raw)
+                models = {c["model"] for c in data_lines(raw)} if stream else {json.loads(raw)["model"]}
+                self.assertEqual(models, {"gpt-4o-mini"})
+                argv = self.runs()[-1]["argv"]
+                self.assertEqual(argv[argv.index("--model") + 1], "haiku")
+        status, _, raw = self.request("POST", "/v1/messages", {"model": "gpt-4o", "max_tokens": 5,
+                                                               "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(json.loads(raw)["model"], "gpt-4o")
+
+    def test_unknown_model_is_a_prompt_404_in_every_envelope(self):
+        body = {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-5-turbo"}
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                _, error = self.assert_error(self.chat(dict(body, stream=stream)), 404, "model", "model_not_found")
+                for name in ("sonnet", "opus", "haiku", "gpt-4o", "CLAUDE_MODEL_ALIASES", "--model-alias", "gpt-5-turbo"):
+                    self.assertIn(name, error["message"])
+        status, headers, raw = self.request("POST", "/v1/messages", dict(body, max_tokens=5))
+        self.assertEqual((status, json.loads(raw)["error"]["type"]), (404, "not_found_error"))
+        self.assertIn("CLAUDE_MODEL_ALIASES", json.loads(raw)["error"]["message"])
+        status, _, raw = self.request("POST", "/v1/responses", {"model": "gpt-5-turbo", "input": "hi", "stream": True})
+        self.assertEqual((status, json.loads(raw)["error"]["code"]), (404, "model_not_found"))
+
+    def test_alias_to_an_unknown_model_says_so(self):
+        self.server.config.model_aliases["broken"] = "gpt-9"
+        self.addCleanup(self.server.config.model_aliases.pop, "broken")
+        _, error = self.assert_error(self.chat({"model": "broken", "messages": [{"role": "user", "content": "hi"}]}),
+                                     404, "model", "model_not_found")
+        self.assertIn("alias of 'gpt-9'", error["message"])
+
+
+def contextlib_redirect_stderr():
+    import contextlib
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+class SpendTest(unittest.TestCase):
+    """Spend accounting, the daily budget and its state file, with an injected clock."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="claude-proxy-state-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.now = [time.mktime((2026, 3, 14, 23, 59, 0, 0, 0, -1))]  # a minute before local midnight
+        del LOG_LINES[:]
+
+    def spend(self, budget=None, folder=None):
+        return cp.Spend(budget, self.folder if folder is None else folder, clock=lambda: self.now[0])
+
+    def test_counts_by_model_and_kind(self):
+        spend = self.spend()
+        spend.record("claude-sonnet-5", 0.25, {"input_tokens": 10, "cache_creation_input_tokens": 20,
+                                               "cache_read_input_tokens": 30, "output_tokens": 4})
+        spend.record("claude-haiku-5", 0.5, {"input_tokens": 1, "output_tokens": True})
+        spend.record("gpt-nope", 0.0, None)  # a refused model: no label
+        spend.record("claude-sonnet-5", None, {"output_tokens": 2})  # a run without a result
+        self.assertEqual(dict(spend.cost_by_model), {"claude-sonnet-5": 0.25, "claude-haiku-5": 0.5})
+        self.assertEqual(dict(spend.tokens), {"input": 11, "cache_write": 20, "cache_read": 30, "output": 6})
+        self.assertEqual(spend.today(), 0.75)
+        text = spend.render()
+        self.assertIn('claude_proxy_cost_usd_total{model="claude-haiku-5"} 0.5\n', text)
+        self.assertIn('claude_proxy_tokens_by_kind_total{kind="cache_write"} 20\n', text)
+        self.assertIn("claude_proxy_spend_today_usd 0.75\n", text)
+
+    def test_budget_refuses_until_midnight_then_rolls_over(self):
+        spend = self.spend(budget=1.0)
+        spend.check()
+        spend.record("m", 0.6, None)
+        spend.check()
+        spend.record("m", 0.6, None)
+        with self.assertRaises(cp.ProxyError) as caught:
+            spend.check()
+        error = caught.exception
+        self.assertEqual((error.status, error.code, error.headers["Retry-After"]), (429, "budget_exceeded", "60"))
+        self.assertEqual(error.headers["x-should-retry"], "false")
+        self.assertEqual(spend.summary()["remaining_usd"], 0.0)
+        self.now[0] += 30
+        with self.assertRaises(cp.ProxyError) as caught:
+            spend.check()
+        self.assertEqual(caught.exception.headers["Retry-After"], "30")
+        self.now[0] += 31  # past midnight
+        spend.check()
+        self.assertEqual(spend.today(), 0.0)
+        self.assertEqual(spend.summary()["remaining_usd"], 1.0)
+        self.assertAlmostEqual(sum(spend.cost_by_model.values()), 1.2)  # the counter goes on
+
+    def test_survives_a_restart_but_not_a_new_day(self):
+        self.spend().record("m", 0.5, None)
+        path = os.path.join(self.folder, cp.SPEND_FILE)
+        if os.name == "posix":
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(self.spend().today(), 0.5)
+        self.now[0] += 120  # the next day
+        self.assertEqual(self.spend().today(), 0.0)
+        self.assertEqual(os.listdir(self.folder), [cp.SPEND_FILE])  # no temporary file left
+
+    def test_folder_is_created_private(self):
+        folder = os.path.join(self.folder, "state", "claude-proxy")
+        self.spend(folder=folder).record("m", 0.1, None)
+        self.assertTrue(os.path.exists(os.path.join(folder, cp.SPEND_FILE)))
+        if os.name == "posix":
+            self.assertEqual(os.stat(folder).st_mode & 0o777, 0o700)
+
+    def test_corrupt_state_is_a_warning(self):
+        path = os.path.join(self.folder, cp.SPEND_FILE)
+        for content in (b"{not json", b"[]", b'{"date": "x"}', b'{"spent_usd": -1, "date": "2026-03-14"}',
+                        b'{"spent_usd": "1", "date": "2026-03-14"}', b"\xff\xfe"):
+            with self.subTest(content):
+                with open(path, "wb") as f:
+                    f.write(content)
+                del LOG_LINES[:]
+                spend = self.spend(budget=1.0)
+                self.assertEqual(spend.today(), 0.0)
+                self.assertTrue(any("cannot be read" in line for line in LOG_LINES), LOG_LINES)
+                spend.record("m", 0.2, None)  # and it is replaced by a good one
+                self.assertEqual(self.spend().today(), 0.2)
+
+    def test_unwritable_state_is_a_warning_once(self):
+        blocker = os.path.join(self.folder, "not-a-folder")
+        with open(blocker, "w") as f:
+            f.write("x")
+        spend = self.spend(budget=1.0, folder=os.path.join(blocker, "claude-proxy"))
+        spend.record("m", 0.3, None)
+        spend.record("m", 0.3, None)
+        self.assertEqual(spend.today(), 0.6)  # counted all the same
+        self.assertEqual(sum("cannot write the spend state file" in line for line in LOG_LINES), 1)
+
+    def test_memory_only_without_a_folder(self):
+        spend = cp.Spend(1.0, None, clock=lambda: self.now[0])
+        spend.record("m", 0.5, None)
+        self.assertIsNone(spend.path)
+        self.assertEqual(spend.today(), 0.5)
+
+    def test_state_dir_per_platform(self):
+        cases = [
+            ({"CLAUDE_PROXY_STATE_DIR": "/s", "HOME": "/h"}, "linux", "/s"),
+            ({"XDG_STATE_HOME": "/x", "HOME": "/h"}, "linux", os.path.join("/x", "claude-proxy")),
+            ({"HOME": "/h"}, "linux", os.path.join("/h", ".local", "state", "claude-proxy")),
+            ({"HOME": "/h"}, "darwin", os.path.join("/h", "Library", "Application Support", "claude-proxy")),
+            ({"LOCALAPPDATA": "C:\\L", "USERPROFILE": "C:\\U"}, "win32", os.path.join("C:\\L", "claude-proxy")),
+        ]
+        for env, platform, expected in cases:
+            with self.subTest(platform=platform, env=env):
+                self.assertEqual(cp.state_dir(env, platform), expected)
+
+    def test_next_midnight(self):
+        now = time.mktime((2026, 3, 14, 12, 0, 0, 0, 0, -1))
+        self.assertEqual(time.localtime(cp.next_midnight(now))[:6], (2026, 3, 15, 0, 0, 0))
+        now = time.mktime((2026, 12, 31, 23, 0, 0, 0, 0, -1))
+        self.assertEqual(time.localtime(cp.next_midnight(now))[:6], (2027, 1, 1, 0, 0, 0))
+
+
+class SpendServerTest(ServerTestCase):
+    """Spend through the server: metrics, /health, the header, the log, the budget's refusal."""
+
+    @classmethod
+    def setUpClass(cls):
+        KeepAliveTest.setUpClass.__func__(cls)
+        cls.server.config.keepalive = 0
+
+    def runs(self):
+        try:
+            with open(self.runs_log) as f:
+                return [json.loads(line) for line in f]
+        except FileNotFoundError:
+            return []
+
+    def budget_server(self, budget, **config):
+        state = tempfile.mkdtemp(prefix="claude-proxy-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        server = self.serve(daily_budget=budget, state_dir=state, keepalive=0, **config)
+        return server, server.server_address[1], state
+
+    def test_spend_is_counted_and_shown(self):
+        server, port, state = self.budget_server(None)
+        del LOG_LINES[:]
+        status, headers, raw = self.chat({"model": "sonnet", "messages": [
+            {"role": "user", "content": "COST[0.125] hi"}]}, port=port)
+        self.assertEqual((status, headers["x-claude-cost-usd"]), (200, "0.125000"))
+        status, headers, raw = self.chat({"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "COST[0.5] hi"}]}, port=port)
+        self.assertNotIn("x-claude-cost-usd", headers)  # not known when a stream's headers go
+        # A run that fails midway counts what the CLI said it cost.
+        self.assert_error(self.chat({"model": "sonnet", "messages": [
+            {"role": "user", "content": "COST[0.25] FAILMID"}]}, port=port), 502)
+        metrics = self.request("GET", "/metrics", port=port)[2].decode()
+        self.assertIn('claude_proxy_cost_usd_total{model="claude-sonnet-5"} 0.875\n', metrics)
+        self.assertIn('claude_proxy_tokens_by_kind_total{kind="output"} 10\n', metrics)
+        self.assertIn('claude_proxy_tokens_by_kind_total{kind="cache_read"} 90\n', metrics)
+        spend = json.loads(self.request("GET", "/health", port=port)[2])["spend"]
+        self.assertEqual((spend["today_usd"], spend["since_start_usd"], spend["daily_budget_usd"]), (0.875, 0.875, None))
+        access = [line for line in LOG_LINES if "POST /v1/chat/completions" in line]
+        self.assertEqual([re.search(r"cost=\$([0-9.]+)", line).group(1) for line in access],
+                         ["0.125000", "0.500000", "0.250000"])
+        with open(os.path.join(state, cp.SPEND_FILE)) as f:
+            self.assertEqual(json.load(f)["spent_usd"], 0.875)
+
+    def test_budget_refuses_before_any_run_in_every_envelope(self):
+        server, port, state = self.budget_server(0.3)
+        self.assertEqual(self.chat({"model": "sonnet", "messages": [
+            {"role": "user", "content": "COST[0.3] hi"}]}, port=port)[0], 200)
+        runs = len(self.runs())
+        headers, error = self.assert_error(self.chat({"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "hi"}]}, port=port), 429, None, "budget_exceeded")
+        self.assertTrue(1 <= int(headers["retry-after"]) <= 25 * 3600)
+        self.assertIn("CLAUDE_PROXY_DAILY_BUDGET_USD", error["message"])
+        status, _, raw = self.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 5,
+                                                               "messages": [{"role": "user", "content": "hi"}]}, port=port)
+        self.assertEqual((status, json.loads(raw)["error"]["type"]), (429, "rate_limit_error"))
+        status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "hi"}, port=port)
+        self.assertEqual((status, json.loads(raw)["error"]["code"]), (429, "budget_exceeded"))
+        self.assertEqual(len(self.runs()), runs, "no CLI run was started")
+        # Requests that run nothing are still answered.
+        self.assertEqual(self.request("POST", "/v1/messages/count_tokens", {"model": "sonnet", "messages": [
+            {"role": "user", "content": "hi"}]}, port=port)[0], 200)
+        spend = json.loads(self.request("GET", "/health", port=port)[2])["spend"]
+        self.assertEqual((spend["today_usd"], spend["remaining_usd"]), (0.3, 0.0))
+        # A restart remembers the day's spend.
+        server.stop()
+        again = self.serve(daily_budget=0.3, state_dir=state, keepalive=0).server_address[1]
+        self.assert_error(self.chat(user("hi"), port=again), 429, None, "budget_exceeded")
+        self.assertEqual(len(self.runs()), runs)
+
+    def test_max_request_usd_reaches_the_cli(self):
+        server, port, state = self.budget_server(None, max_request_usd=0.05)
+        self.chat({"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}, port=port)
+        argv = self.runs()[-1]["argv"]
+        self.assertEqual(argv[argv.index("--max-budget-usd") + 1], "0.05")
+        # The call that crossed the cap answered in full: the answer goes out, counted.
+        status, headers, raw = self.chat({"model": "sonnet", "messages": [
+            {"role": "user", "content": "CAPCROSS"}]}, port=port)
+        self.assertEqual((status, json.loads(raw)["choices"][0]["message"]["content"]), (200, "Hello there"), raw)
+        self.assertEqual(json.loads(raw)["usage"]["completion_tokens"], 4)  # the stream's count
+        self.assertEqual(headers["x-claude-cost-usd"], "0.250000")
+        # A run the cap stops before any model call: 400, no retry.
+        headers, error = self.assert_error(self.chat({"model": "sonnet", "messages": [
+            {"role": "user", "content": "CAPSTOP"}]}, port=port), 400, None, "request_budget_exceeded")
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assertIn("CLAUDE_MAX_REQUEST_USD", error["message"])
+
+
 if __name__ == "__main__":
     unittest.main()
