@@ -113,6 +113,7 @@ MAX_SCHEMA_BYTES = 24 * 1024 if os.name == "nt" else 64 * 1024
 MAX_TOKENS = 1000000  # past any model's output limit: a larger max_tokens is a typo
 TOOL_LOOP_MAX_TURNS = 100  # model calls one client message may lead to in a tool loop
 MCP_RESULTS_DIR = "results"  # in a run's directory: the client's tool results for the bridge
+HISTORY_MODES = ("turns", "transcript")
 RESUME_START_SECONDS = 15.0  # a resumed session the CLI cannot load hangs it: give up then
 # A resumed session names a model; the CLI runs it when the request names none. Until a run
 # has said which model the CLI's default is, this one stands in.
@@ -1946,7 +1947,7 @@ class CliRunner:
     stopping them all at shutdown."""
 
     def __init__(self, claude_path, timeout=DEFAULT_TIMEOUT, env=None, log_prompts=False,
-                 pool_size=0, pool_idle=DEFAULT_POOL_IDLE):
+                 pool_size=0, pool_idle=DEFAULT_POOL_IDLE, history="turns"):
         self.claude_path = claude_path
         self.timeout = timeout
         self.env = dict(os.environ if env is None else env)
@@ -1960,8 +1961,9 @@ class CliRunner:
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
+        self.real_turns = history != "transcript"
         self.continuations = (Continuations(pool_size, pool_idle)
-                              if pool_size > 0 and claude_path else None)
+                              if pool_size > 0 and claude_path and self.real_turns else None)
 
     def binary_stamp(self):
         """What identifies the CLI binary on disk; it changes when the CLI updates itself."""
@@ -2056,7 +2058,7 @@ class CliRunner:
                 return run
             if run is not None:
                 run.stop()
-        real_turns = turns[0]["role"] == "user" and turns[-1]["role"] == "user"
+        real_turns = self.real_turns and turns[0]["role"] == "user" and turns[-1]["role"] == "user"
         if len(turns) == 1 and real_turns and not ends_with_tool_results(plan["conversation"]):
             return self._fresh(plan, shape, turns[0]["content"], live)
         if real_turns and not ends_with_tool_results(plan["conversation"]):
@@ -5697,8 +5699,9 @@ class Config:
                  claude_version=None, pool_size=0, pool_idle=DEFAULT_POOL_IDLE, api_keys=(),
                  cors_origins=(), max_concurrency=DEFAULT_MAX_CONCURRENCY,
                  max_queue=DEFAULT_MAX_QUEUE, loopback_only=True,
-                 shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True):
+                 shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True, history="turns"):
         self.claude_path = claude_path
+        self.history = history  # "turns", or "transcript": how earlier turns reach the CLI
         self.model = model or None
         self.effort = effort or None
         self.timeout = timeout
@@ -5732,7 +5735,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.runner = runner or CliRunner(config.claude_path, config.timeout,
                                           log_prompts=config.log_prompts,
-                                          pool_size=config.pool_size, pool_idle=config.pool_idle)
+                                          pool_size=config.pool_size, pool_idle=config.pool_idle,
+                                          history=config.history)
         self.runner.known_version(config.claude_version)
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.metrics = Metrics()
@@ -5853,6 +5857,10 @@ def parse_args(argv=None):
     add("--pool-idle", type=float, default=env("CLAUDE_POOL_IDLE", str(DEFAULT_POOL_IDLE)),
         help="Default: %g (env CLAUDE_POOL_IDLE). Seconds a warm process may wait unused."
         % DEFAULT_POOL_IDLE)
+    add("--history", choices=HISTORY_MODES, default=env("CLAUDE_HISTORY", "turns"),
+        help="Default: turns (env CLAUDE_HISTORY). How a conversation's earlier turns reach the "
+        "CLI: `turns`, as the API's own messages (read from the prompt cache: see the README), or "
+        "`transcript`, as one tagged text (0.1.0's way: every turn pays for the whole history again).")
     add("--api-key", default=env("CLAUDE_PROXY_API_KEY") or "",
         help="Default: none (env CLAUDE_PROXY_API_KEY). Keys clients must send, comma-separated; "
         "prefer the environment variable (argv is visible to other local users).")
@@ -5919,7 +5927,7 @@ def main(argv=None):
                     args.log_prompts, version, args.pool_size, args.pool_idle, api_keys,
                     [o.strip() for o in args.cors_origins.split(",") if o.strip()],
                     args.max_concurrency, args.max_queue, loopback, args.shutdown_grace,
-                    not args.no_ui)
+                    not args.no_ui, args.history)
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:
