@@ -671,14 +671,7 @@ def parse_response_format(response_format):
     spec = response_format.get("json_schema")
     _require(isinstance(spec, dict), "response_format.json_schema must be an object",
              "response_format.json_schema")
-    schema = spec.get("schema")
-    # The CLI silently drops a schema it cannot use (CLI-FACTS), which would turn a JSON answer
-    # into prose; and its StructuredOutput tool needs an object at the root.
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             "response_format.json_schema.schema must be a JSON Schema with \"type\": \"object\" "
-             "at the root", "response_format.json_schema.schema", "invalid_json_schema")
-    check_schema_argv(schema)
-    return schema
+    return cli_schema(spec.get("schema"), "response_format.json_schema.schema")
 
 
 def parse_chat_request(body, default_model=None, default_effort=None):
@@ -971,13 +964,7 @@ def responses_text_format(text):
         return {"type": "object"}
     _require(kind == "json_schema", "text.format.type must be text, json_object or json_schema",
              "text.format.type")
-    schema = form.get("schema")
-    # As for Chat Completions: the CLI drops a schema without an object root, and takes it in argv.
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             "text.format.schema must be a JSON Schema with \"type\": \"object\" at the root",
-             "text.format.schema", "invalid_json_schema")
-    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "text.format.schema is over %d bytes, "
-             "more than the CLI can take" % MAX_SCHEMA_BYTES, "text.format.schema", "invalid_json_schema")
+    schema = cli_schema(form.get("schema"), "text.format.schema")
     return schema
 
 
@@ -1311,14 +1298,7 @@ def anthropic_output_schema(body):
         return None
     _require(isinstance(spec, dict) and spec.get("type") == "json_schema",
              "%s must be {\"type\": \"json_schema\", \"schema\": {...}}" % param, param + ".type")
-    schema = spec.get("schema")
-    # As for response_format: the CLI silently drops a schema without an object at the root,
-    # and takes it only in argv.
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             "the schema needs \"type\": \"object\" at the root", param + ".schema", "invalid_json_schema")
-    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "the schema is over %d bytes, more than the "
-             "CLI can take" % MAX_SCHEMA_BYTES, param + ".schema", "invalid_json_schema")
-    return schema
+    return cli_schema(spec.get("schema"), param + ".schema")
 
 
 def anthropic_effort(body, default_effort):
@@ -1557,15 +1537,21 @@ def mcp_results(blocks):
     return content or [{"type": "text", "text": ""}]
 
 
-def check_schema_argv(schema):
-    """A 400 unless a response_format schema fits the command line in the form the CLI is
-    really given: cli_safe_json's escapes make it up to six times longer than its JSON."""
+def cli_schema(schema, param):
+    """A structured-output schema (any dialect's) the CLI can be given, or a 400 naming `param`.
+    The CLI silently drops a schema it cannot use (CLI-FACTS), which would turn a JSON answer
+    into prose, and its StructuredOutput tool needs an object at the root. It takes the schema
+    only as an argument: measured in the form it is really given, since cli_safe_json's escapes
+    make it up to six times longer than its JSON."""
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             "%s must be a JSON Schema with \"type\": \"object\" at the root" % param, param,
+             "invalid_json_schema")
     size = len(cli_safe_json(schema))
     if size > MAX_SCHEMA_BYTES:
-        raise invalid("response_format.json_schema.schema is %d bytes as a command-line argument "
-                      "(with & | < > ^ %% ! ( ) \" escaped), over the %d the CLI can be given; "
-                      "shorten it" % (size, MAX_SCHEMA_BYTES), "response_format.json_schema.schema",
-                      "invalid_json_schema")
+        raise invalid("%s is %d bytes as a command-line argument (with & | < > ^ %% ! ( ) \" "
+                      "escaped), over the %d the CLI can be given; shorten it"
+                      % (param, size, MAX_SCHEMA_BYTES), param, "invalid_json_schema")
+    return schema
 
 
 def mcp_config(tools_path):

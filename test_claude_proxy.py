@@ -4909,3 +4909,26 @@ class ConversationTest(ServerTestCase):
         [record] = self.records()
         self.assertNotIn("resumed", record)
         self.assertIn("<assistant>\nsecond\n</assistant>", json.loads(record["stdin"])["message"]["content"][0]["text"])
+
+
+class SchemaLimitTest(unittest.TestCase):
+    def test_every_dialect_measures_the_schema_as_the_cli_gets_it(self):
+        # Under the limit as JSON, six times over it once escaped for claude.cmd.
+        schema = {"type": "object", "description": "&" * (cp.MAX_SCHEMA_BYTES // 2)}
+        self.assertLess(len(json.dumps(schema)), cp.MAX_SCHEMA_BYTES)
+        user_msg = [{"role": "user", "content": "hi"}]
+        cases = [
+            (lambda: cp.parse_chat_request({"messages": user_msg, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}),
+             "response_format.json_schema.schema"),
+            (lambda: cp.parse_responses_request({"input": "hi", "text": {"format": {
+                "type": "json_schema", "name": "x", "schema": schema}}}), "text.format.schema"),
+            (lambda: cp.parse_messages_request({"messages": user_msg, "max_tokens": 5, "output_config": {
+                "format": {"type": "json_schema", "schema": schema}}}), "output_config.format.schema"),
+        ]
+        for parse, param in cases:
+            with self.subTest(param):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    parse()
+                self.assertEqual((caught.exception.status, caught.exception.param, caught.exception.code),
+                                 (400, param, "invalid_json_schema"))
