@@ -2215,6 +2215,11 @@ class Continuations:
         with self._cond:
             return len(self._kept)
 
+    def stats(self):
+        """For /health and /metrics: processes kept now, and what became of them."""
+        return {"size": self.size, "idle_seconds": self.idle_seconds, "kept_now": self.count(),
+                "kept": self.kept, "continued": self.hits, "retired": self.retired}
+
     def close(self):
         with self._cond:
             self._closed = True
@@ -3688,6 +3693,12 @@ class Metrics:
             summary("request_duration_seconds", "Whole successful chat completions and responses "
                     "(recent requests).",
                     self.duration)
+        kept = runner.continuations.stats() if runner.continuations else None
+        if kept:
+            metric("conversations_kept", "gauge", "CLI processes kept for a conversation's next turn.",
+                   [((), kept["kept_now"])])
+            metric("conversations_continued_total", "counter",
+                   "Requests served by their conversation's kept process.", [((), kept["continued"])])
         pool = runner.pool.stats() if runner.pool else None
         if pool:
             metric("pool_idle", "gauge", "Warm CLI processes waiting.", [((), sum(pool["idle"].values()))])
@@ -5405,6 +5416,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "default_effort": config.effort,
             "active_runs": self.server.runner.active(),
             "pool": self.server.runner.pool.stats() if self.server.runner.pool else None,
+            "conversations": (self.server.runner.continuations.stats()
+                              if self.server.runner.continuations else None),
             "limits": {"max_concurrency": self.server.admission.concurrency,
                        "max_queue": self.server.admission.queue,
                        "running": self.server.admission.running,

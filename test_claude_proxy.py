@@ -4812,6 +4812,10 @@ class ConversationTest(ServerTestCase):
         self.assertEqual([m["role"] for m in record["history"]], ["user", "assistant", "user"], "real turns")
         self.assertEqual(server.runner.continuations.hits, 1)
         self.assertEqual(server.runner.active(), 0, "a kept process is not a running one")
+        health = json.loads(self.request("GET", "/health", port=port)[2])["conversations"]
+        self.assertEqual((health["continued"], health["kept"], health["size"]), (1, 2, 2))
+        metrics = self.request("GET", "/metrics", port=port)[2].decode()
+        self.assertIn("claude_proxy_conversations_continued_total 1", metrics)
 
     def test_a_kept_process_is_its_own_clients_only(self):
         server, port = self.kept_server(api_keys=["key-a", "key-b"])
