@@ -43,6 +43,9 @@ the behaviour:
   WAITFOR[path]  reply only once that file exists (a test holds a run slot with it)
   FLOOD       text deltas every 2 ms, without end
   STAMP       ten deltas 20 ms apart, each "<t=TIME>" with the time it was written (benchmark)
+  DROPPED     only the first third of the reply streamed, the whole in the result (the real CLI
+              after a dropped API connection: it asks again without streaming)
+  REVISED     a different text streamed than the result holds
   TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
               is_error, no API status, terminal_reason blocking_limit), exit 1
   BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
@@ -323,10 +326,15 @@ def reply_once(first):
               piece = "<t=%%.6f>" %% time.time()
               said_text += piece
               stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})
-      for start in range(0, len(said_text) if "STAMP" not in text else 0, size):
+      streamed = said_text
+      if "DROPPED" in text:  # the API connection dropped after a part: the CLI asked again
+          streamed = said_text[:len(said_text) // 3]  # without streaming; only its result has it all
+      elif "REVISED" in text:
+          streamed = "A first draft that the retry did not keep."
+      for start in range(0, len(streamed) if "STAMP" not in text else 0, size):
           if slow:
               time.sleep(0.2)
-          stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": said_text[start:start + size]}})
+          stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": streamed[start:start + size]}})
       assistant({"type": "text", "text": said_text})
       stream({"type": "content_block_stop", "index": index})
       index += 1
@@ -4936,3 +4944,30 @@ class SchemaLimitTest(unittest.TestCase):
                     parse()
                 self.assertEqual((caught.exception.status, caught.exception.param, caught.exception.code),
                                  (400, param, "invalid_json_schema"))
+
+
+class CutOffUpstreamTest(ServerTestCase):
+    """The CLI's result is the truth: an answer cut off upstream is never sent as complete."""
+
+    def test_the_rest_of_a_dropped_answer_is_sent(self):
+        text = "SAY[The whole answer, in three parts, all of it.] DROPPED"
+        status, _, raw = self.chat(user(text))
+        self.assertEqual(status, 200, raw)
+        body = json.loads(raw)
+        self.assertEqual(body["choices"][0]["message"]["content"], "The whole answer, in three parts, all of it.")
+        self.assertEqual(body["usage"]["completion_tokens"], 7, "usage from the result")
+        status, _, raw = self.chat(dict(user(text), stream=True))
+        chunks = sse_payloads(raw)
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if isinstance(c, dict) and c.get("choices"))
+        self.assertEqual(content, "The whole answer, in three parts, all of it.")
+
+    def test_a_different_answer_is_never_a_clean_stop(self):
+        text = "SAY[The final answer.] REVISED"
+        status, _, raw = self.chat(user(text))
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "The final answer.")
+        status, _, raw = self.chat(dict(user(text), stream=True))
+        self.assertEqual(status, 200)
+        chunks = [json.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n") if e]
+        self.assertEqual(chunks[-1]["error"]["code"], "reply_revised")
+        self.assertFalse(any(isinstance(c, dict) and c.get("choices") and c["choices"][0].get("finish_reason")
+                             for c in chunks), "no finish_reason: the stream did not end cleanly")
