@@ -1463,7 +1463,10 @@ def cli_config_dir(env):
     """Where the CLI keeps its sessions: $CLAUDE_CONFIG_DIR, else ~/.claude of its HOME."""
     if env.get("CLAUDE_CONFIG_DIR"):
         return env["CLAUDE_CONFIG_DIR"]
-    home = env.get("HOME") or env.get("USERPROFILE") or os.path.expanduser("~")
+    # Node's os.homedir(), as the CLI finds it: USERPROFILE on Windows (even where HOME is set,
+    # as Git Bash does), HOME elsewhere.
+    names = ("USERPROFILE", "HOME") if os.name == "nt" else ("HOME", "USERPROFILE")
+    home = next((env[n] for n in names if env.get(n)), None) or os.path.expanduser("~")
     return os.path.join(home, ".claude")
 
 
@@ -1591,8 +1594,11 @@ def find_claude(configured=None):
     """The CLI's path: CLAUDE_PATH if given, else `claude` on PATH (shutil.which also finds
     claude.cmd / claude.exe on Windows through PATHEXT). None when there is none."""
     if configured:
-        return shutil.which(configured) or (configured if os.path.isfile(configured) else None)
-    return shutil.which("claude")
+        found = shutil.which(configured) or (configured if os.path.isfile(configured) else None)
+    else:
+        found = shutil.which("claude")
+    # Absolute: each run starts in a directory of its own, where ./claude means nothing.
+    return os.path.abspath(found) if found else None
 
 
 def cli_version(claude_path, timeout=15.0):
@@ -1663,6 +1669,7 @@ class CliRun:
         self.results_given = 0  # tool results handed to the bridge so far
         self.cost_seen = 0.0  # the CLI's total_cost_usd at its last result (it adds up)
         self.usage_before = {}  # usage of this message's model calls already answered
+        self.model_usage_seen = {}  # the CLI's modelUsage totals at its last result
         self.cancelled = None  # why it was stopped early: "client_gone", "timeout", "shutdown", ...
         self.garbage_lines = 0
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -1943,6 +1950,7 @@ class CliRunner:
         self._closed = False
         self.idle_seconds = pool_idle
         self.default_model = None  # the model the CLI runs when a request names none
+        self._resume_failed = None  # the binary stamp of a CLI that could not load a session
         self._logged = set()
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
@@ -2068,13 +2076,17 @@ class CliRunner:
 
     def _resumed(self, plan, shape, turns, live):
         """A cold run resuming the earlier turns from a session file; None if the CLI could not
-        load it (it may hang without a word: it gets RESUME_START_SECONDS)."""
+        load it (it may hang without a word: it gets RESUME_START_SECONDS). A CLI binary that
+        failed once is not asked again: every continuation would pay the wait."""
+        if self._resume_failed is not None and self._resume_failed == self.binary_stamp():
+            return None
         run = self.spawn(plan, shape, history=turns[:-1])
         self._send(run, turns[-1]["content"], live)
         first = run.first_event(RESUME_START_SECONDS)
         if first is not None and not (first.get("type") == "result" and first.get("is_error")):
             return run
         run.stop()
+        self._resume_failed = run.binary
         self._log_once("resume", "the claude CLI did not load a session file the proxy wrote "
                        "(%s); conversations go to it as a transcript instead, which the prompt "
                        "cache cannot reuse." % (str((first or {}).get("errors") or "no output in "
@@ -2107,6 +2119,7 @@ class CliRunner:
         (a live process whose reply was complete and sent as the CLI holds it), else stop it."""
         if (self.continuations is not None and run.live and reply.done and not reply.error
                 and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
+                and not (reply.calls and reply.stop_reason == "max_tokens")  # a call cut short
                 and not reply.skipped_calls and run.alive()):
             run.model = reply.model or run.model
             if reply.model and not plan.get("model"):
@@ -2115,6 +2128,8 @@ class CliRunner:
                                  for n, (tool_id, name, _) in enumerate(reply.calls)]
             if reply.total_cost_usd is not None:
                 run.cost_seen = reply.total_cost_usd
+            if reply.model_usage_total is not None:
+                run.model_usage_seen = reply.model_usage_total
             if reply.stop_reason == "tool_use":  # the message goes on when the results come
                 run.usage_before = {k: run.usage_before.get(k, 0) + v
                                     for k, v in (reply.usage or {}).items() if isinstance(v, int)}
@@ -2404,6 +2419,26 @@ class WarmPool:
 # CLI events #################################################################################
 
 
+# The CLI's modelUsage fields -> the API's usage names.
+MODEL_USAGE_FIELDS = {"inputTokens": "input_tokens", "outputTokens": "output_tokens",
+                      "cacheReadInputTokens": "cache_read_input_tokens",
+                      "cacheCreationInputTokens": "cache_creation_input_tokens"}
+
+
+def model_usage_totals(model_usage):
+    """A result's modelUsage ({model: {inputTokens, ...}}) -> usage counts summed over models,
+    or None when there is none."""
+    if not isinstance(model_usage, dict) or not model_usage:
+        return None
+    totals = dict.fromkeys(MODEL_USAGE_FIELDS.values(), 0)
+    for counts in model_usage.values():
+        for field, name in MODEL_USAGE_FIELDS.items():
+            value = counts.get(field) if isinstance(counts, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[name] += value
+    return totals
+
+
 def held_back(text, stops):
     """How many characters at the end of `text` could be the start of a stop sequence."""
     longest = 0
@@ -2466,7 +2501,9 @@ class ReplyTranslator:
         # answered earlier included. What those came to is taken off (see Runs.finish).
         self.cost_before = 0.0
         self.usage_before = {}
+        self.model_usage_before = {}
         self.total_cost_usd = None
+        self.model_usage_total = None  # modelUsage summed over models: it adds up like the cost
         self.tool_calls = 0
         self.skipped_calls = 0  # tool_use blocks not passed on (not the client's, or over one)
         self.calls = []  # [(tool_use id, client name, input JSON text)] in order
@@ -2517,10 +2554,13 @@ class ReplyTranslator:
             if reason:
                 self.stop_reason = reason
         elif kind == "message_stop":
-            if self.stop_reason == "tool_use" and self.tool_calls and not self.structured:
+            if self.tool_calls:
                 # The calls are the client's to run: the reply is complete, and the CLI (which
-                # now waits in the MCP bridge for their results) sends no result event.
+                # now waits in the MCP bridge for their results) sends no result event. So
+                # also with structured output on, and for a call cut short by max_tokens.
                 self.done = True
+                if self.stop_reason != "max_tokens":
+                    self.stop_reason = "tool_use"
                 self.usage = dict(self._stream_usage)
                 return self._flush()
         elif kind == "content_block_start":
@@ -2637,6 +2677,12 @@ class ReplyTranslator:
                           for k, v in usage.items()}
         else:
             self.usage = dict(self._stream_usage)
+        self.model_usage_total = model_usage_totals(event.get("modelUsage"))
+        if self.model_usage_total and not any(self.usage.get(k) for k in MODEL_USAGE_FIELDS.values()):
+            # After a dropped connection and a retry the result's usage is all zeros (seen with
+            # 2.1.197); modelUsage still has what the retry used, added up over the process.
+            self.usage = {k: max(0, v - self.model_usage_before.get(k, 0))
+                          for k, v in self.model_usage_total.items()}
         stop_reason = event.get("stop_reason") or self.stop_reason
         self.stop_reason = stop_reason if isinstance(stop_reason, str) else None
         if self.tool_calls:
@@ -2695,12 +2741,12 @@ class ReplyTranslator:
     def reply_blocks(self):
         """The reply as the assistant turn a client will send back: text and tool calls."""
         blocks = [dict(b) for b in self.content]
-        for tool_id, name, arguments in self.calls:
+        for number, (tool_id, name, arguments) in enumerate(self.calls):
             try:
                 value = json.loads(arguments)
             except ValueError:
                 value = {}
-            blocks.append({"type": "tool_use", "id": call_id(tool_id, 0), "name": name,
+            blocks.append({"type": "tool_use", "id": call_id(tool_id, number), "name": name,
                            "input": value if isinstance(value, dict) else {}})
         return blocks
 
@@ -5544,11 +5590,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             watch.on_gone(admission.wake)
             admission.acquire(time.monotonic() + config.timeout, watch.gone)
             try:
-                events = iter(())
+                events, holding = None, [True]
                 run = self.server.runner.start(plan, self.client_scope())
                 translator.cost_before, translator.usage_before = run.cost_seen, run.usage_before
+                translator.model_usage_before = run.model_usage_seen
                 metrics.cli_run()
-                watch.on_gone(lambda: run.cancel("client_gone"))
+                # Only while this request holds the run: once kept for the next turn, it is not
+                # this client's hang-up to act on.
+                watch.on_gone(lambda: holding[0] and run.cancel("client_gone"))
                 first_token = False
                 events = run.events()
                 for event in events:
@@ -5576,10 +5625,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     raise
                 translator.error = error  # a sink refused the reply (revised after streaming)
             finally:
-                if run is not None:
-                    events.close()  # the run's stdout stays open for a kept run's next turn
-                    self.server.runner.finish(run, plan, translator, self.client_scope())
-                admission.release()
+                try:
+                    if run is not None:
+                        if events is not None:
+                            events.close()  # stdout stays open for a kept run's next turn
+                        holding[0] = False
+                        self.server.runner.finish(run, plan, translator, self.client_scope())
+                finally:
+                    admission.release()
         # The run is stopped or kept for the conversation's next turn by now.
         if not translator.done:
             if run.cancelled == "client_gone":

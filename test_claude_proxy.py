@@ -46,6 +46,7 @@ the behaviour:
   DROPPED     only the first third of the reply streamed, the whole in the result (the real CLI
               after a dropped API connection: it asks again without streaming)
   REVISED     a different text streamed than the result holds
+  TOOLFIRST   with --json-schema and client tools: a call of the first tool before any answer
   TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
               is_error, no API status, terminal_reason blocking_limit), exit 1
   BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
@@ -163,13 +164,13 @@ def emit(obj):
 def stream(event):
     emit({"type": "stream_event", "event": event, "session_id": session, "parent_tool_use_id": None,
           "uuid": str(uuid.uuid4())})
-def result(text, is_error=False, status=None, subtype="success", stop_reason="end_turn", usage=None):
+def result(text, is_error=False, status=None, subtype="success", stop_reason="end_turn", usage=None, model_usage=None):
     emit({"type": "result", "subtype": subtype, "is_error": is_error, "api_error_status": status,
           "duration_ms": 250, "duration_api_ms": 200, "num_turns": 1, "result": text,
           "stop_reason": stop_reason, "session_id": session, "total_cost_usd": 0.00046,
           "usage": usage or {"input_tokens": 0, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 0, "output_tokens": 0},
-          "modelUsage": {}, "permission_denials": [], "uuid": str(uuid.uuid4())})
+          "modelUsage": model_usage or {}, "permission_denials": [], "uuid": str(uuid.uuid4())})
 
 # --resume: the earlier turns from the session file the proxy wrote, as the real CLI reads it.
 history = []
@@ -282,9 +283,9 @@ def reply_once(first):
   said = re.search(r"SAY\[(.*?)\]", text, re.S)
   reply = said.group(1) if said else "Echo: %%s [images: %%d]" %% (text[-200:], images)
   calls = []
-  if schema is not None:
+  if schema is not None and not ("TOOLFIRST" in everything and mcp_tools and "RESULT-" not in everything):
       calls = [("StructuredOutput", example(schema))]
-  elif "CALLTOOL" in everything and mcp_tools and "RESULT-" not in everything:
+  elif ("CALLTOOL" in everything or "TOOLFIRST" in everything) and mcp_tools and "RESULT-" not in everything:
       for n in range(2 if "CALLTOOL2" in everything else 1):
           tool = mcp_tools[n %% len(mcp_tools)]
           props = list(tool["inputSchema"].get("properties", {})) or ["input"]
@@ -391,7 +392,13 @@ def reply_once(first):
       return True
   else:
       history.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
-      result(reply, stop_reason=stop_reason, usage=usage)
+      if "DROPPED" in text:  # like the real CLI after a retry: zeros, the truth in modelUsage
+          result(reply, stop_reason=stop_reason, usage=dict.fromkeys(usage, 0), model_usage={model: {
+              "inputTokens": usage["input_tokens"], "outputTokens": usage["output_tokens"],
+              "cacheReadInputTokens": usage["cache_read_input_tokens"],
+              "cacheCreationInputTokens": usage["cache_creation_input_tokens"], "costUSD": 0.001}})
+      else:
+          result(reply, stop_reason=stop_reason, usage=usage)
   return False
 
 
@@ -4888,6 +4895,13 @@ class ConversationTest(ServerTestCase):
                       "the transcript carries the history")
         self.assertEqual(sum("did not load a session file" in line for line in LOG_LINES), 1)
         self.assertTrue(wait_until(lambda: session_files() == []))
+        # The same CLI is not asked to resume again: every continuation would wait for it.
+        status, _, raw = self.chat({"messages": [
+            {"role": "user", "content": "fine"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "once more"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(len([r for r in self.records(runs_only=False) if "resumed" in r]), 1)
+        self.server.runner._resume_failed = None  # the class's server: the next tests resume again
 
     def test_nothing_left_after_failures_timeouts_and_shutdown(self):
         history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
@@ -4955,7 +4969,8 @@ class CutOffUpstreamTest(ServerTestCase):
         self.assertEqual(status, 200, raw)
         body = json.loads(raw)
         self.assertEqual(body["choices"][0]["message"]["content"], "The whole answer, in three parts, all of it.")
-        self.assertEqual(body["usage"]["completion_tokens"], 7, "usage from the result")
+        self.assertEqual((body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]), (19, 7),
+                         "usage from the result's modelUsage when its usage is all zeros, as after a retry")
         status, _, raw = self.chat(dict(user(text), stream=True))
         chunks = sse_payloads(raw)
         content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if isinstance(c, dict) and c.get("choices"))
@@ -4971,3 +4986,20 @@ class CutOffUpstreamTest(ServerTestCase):
         self.assertEqual(chunks[-1]["error"]["code"], "reply_revised")
         self.assertFalse(any(isinstance(c, dict) and c.get("choices") and c["choices"][0].get("finish_reason")
                              for c in chunks), "no finish_reason: the stream did not end cleanly")
+
+
+class ToolsWithStructuredOutputTest(ServerTestCase):
+    def test_a_tool_call_under_a_schema_comes_back_at_once(self):
+        for pool_size in (0, 2):
+            with self.subTest(pool_size=pool_size):
+                server = self.serve(pool_size=pool_size)
+                status, _, raw = self.chat(dict(user("TOOLFIRST weather?"), tools=[WEATHER], response_format={
+                    "type": "json_schema", "json_schema": {"name": "w", "schema": {
+                        "type": "object", "properties": {"summary": {"type": "string"}}}}}),
+                    port=server.server_address[1])
+                self.assertEqual(status, 200, raw)
+                choice = json.loads(raw)["choices"][0]
+                self.assertEqual(choice["finish_reason"], "tool_calls")
+                self.assertEqual(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather")
+                self.assertTrue(wait_until(lambda: not any(pid_alive(r["pid"]) for r in self.records())),
+                                "with a schema the run is not kept: it waited on the bridge, and stopped")
