@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""claude_proxy.py: an OpenAI-compatible API server (Chat Completions and Responses) over the
-local `claude` CLI.
+"""claude_proxy.py: an API server over the local `claude` CLI, in the three dialects its
+users' clients speak: OpenAI Chat Completions, the OpenAI Responses API and the Anthropic
+Messages API.
 
-Any OpenAI client (the openai SDKs, LangChain, Continue, Open WebUI, Aider, ...) pointed at
-http://127.0.0.1:8082/v1 talks to the Claude the `claude` CLI is logged into, with no API key.
+Any OpenAI client (the openai SDKs, LangChain, Continue, Open WebUI, Aider, Codex, the Agents
+SDK, ...) pointed at http://127.0.0.1:8082/v1, and any Anthropic client (the anthropic SDKs,
+Claude Code, OpenCode) pointed at http://127.0.0.1:8082, talks to the Claude the `claude` CLI
+is logged into, with no API key; a browser at http://127.0.0.1:8082/ gets a chat page.
 Standard library only, one file, Python 3.9+:
 
     python3 claude_proxy.py            # then: base_url="http://127.0.0.1:8082/v1"
     python3 claude_proxy.py --help     # every option, with its environment variable
 
-Each request runs one headless `claude -p` process: the conversation goes in on stdin as a
-stream-json message, the reply comes back as stream-json events and is translated into an
-OpenAI response or SSE stream. The model is offered none of the CLI's own tools.
-Anthropic clients (the anthropic SDKs, Claude Code) use POST /v1/messages on the same port.
+Each dialect parses its requests into one neutral conversation and writes its replies from one
+stream of neutral reply events; in between, a headless `claude -p` process gets the
+conversation as real turns (its live process kept from the previous turn, or a session file it
+resumes) and answers in stream-json events. The model is offered none of the CLI's own tools:
+only the client's functions, which the client runs.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import argparse
 import base64
