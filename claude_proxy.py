@@ -1120,6 +1120,13 @@ def thinking_budget_effort(budget):
     return "max"
 
 
+#: Claude Code, as a client, starts its system prompt with a block "x-anthropic-billing-header:
+#: cc_version=<version>.<hex>; ..." whose hex changes with the conversation: a tag for the API's
+#: billing that the real API leaves out of the prompt. Kept, it would make every conversation a
+#: process shape of its own, and the warm pool would never serve Claude Code's first turns.
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
 def anthropic_text(content, param):
     """A string or an array of text blocks (system, a system-role message) -> its text."""
     if isinstance(content, str):
@@ -1131,7 +1138,8 @@ def anthropic_text(content, param):
         _require(isinstance(block, dict) and block.get("type") == "text",
                  "only text blocks are allowed here", where + ".type")
         _require(isinstance(block.get("text"), str), "a text block needs a string `text`", where + ".text")
-        parts.append(block["text"])
+        if not block["text"].startswith(BILLING_HEADER):
+            parts.append(block["text"])
     return "\n\n".join(p for p in parts if p)
 
 

@@ -5003,3 +5003,11 @@ class ToolsWithStructuredOutputTest(ServerTestCase):
                 self.assertEqual(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather")
                 self.assertTrue(wait_until(lambda: not any(pid_alive(r["pid"]) for r in self.records())),
                                 "with a schema the run is not kept: it waited on the bridge, and stopped")
+
+
+class ClaudeCodeSystemPromptTest(unittest.TestCase):
+    def test_the_billing_tag_is_not_part_of_the_prompt(self):
+        plan = cp.parse_messages_request({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
+            {"type": "text", "text": "You are Claude Code."}]})
+        self.assertEqual(plan["system_prompt"], "You are Claude Code.")
