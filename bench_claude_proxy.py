@@ -13,6 +13,17 @@ reports the proxy's memory and the warm pool's. Standard library only; loopback 
 
 The stub imitates the real CLI's start-up with a sleep (--stub-delay) before it reads stdin.
 Machines are noisy: compare figures from the same run, not across runs.
+
+    python3 bench_claude_proxy.py --conversation --claude PATH --fake-api ../shared/fake_anthropic_api.py
+
+The conversation benchmark: one long conversation (--turns, default 12: a ~600-token system
+prompt, ~1,500-token user turns, ~200-token replies) and a tool loop (--tool-rounds, default 4)
+through the real CLI against the fake Anthropic API, three ways in one run: real turns with the
+conversation's process kept between turns (the default), real turns resumed cold from a session
+file every turn (--pool-size 0), and the transcript (--history transcript). What each way would
+be billed comes from the fake API's own usage log (in units of uncached input: writes 1.25,
+reads 0.1), not from the proxy; the time to the first token of the last turns is set beside a
+cold `claude -p` started directly.
 """
 
 import argparse
@@ -34,10 +45,10 @@ sys.path.insert(0, HERE)
 import claude_proxy as cp  # noqa: E402
 
 
-def start_proxy(claude, pool_size, env):
+def start_proxy(claude, pool_size, env, *extra):
     """A proxy subprocess on a free loopback port; returns (process, port)."""
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_proxy.py"), "--port", "0",
-                             "--claude-path", claude, "--pool-size", str(pool_size)],
+                             "--claude-path", claude, "--pool-size", str(pool_size)] + list(extra),
                             stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:
         match = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)/v1", line)
@@ -58,9 +69,13 @@ def stop_proxy(proc):
         proc.wait()
 
 
-def via_proxy(port, text):
-    """(seconds to the first content delta, seconds to the end, content) of one streamed request."""
-    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": text}]})
+def via_proxy(port, text, messages=None, tools=None):
+    """(seconds to the first content delta, seconds to the end, content arrivals) of one streamed
+    request; with `messages`, that conversation (and `text` is not used)."""
+    body = {"stream": True, "messages": messages or [{"role": "user", "content": text}]}
+    if tools:
+        body["tools"] = tools
+    body = json.dumps(body)
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -80,6 +95,9 @@ def via_proxy(port, text):
                 continue
             chunk = json.loads(payload)
             delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+            for call in delta.get("tool_calls") or ():
+                first = first if first is not None else time.perf_counter() - start
+                arrivals.append((time.time(), call))
             if delta.get("content"):
                 now = time.perf_counter()
                 first = first if first is not None else now - start
@@ -95,12 +113,12 @@ def direct(claude, text, env):
     prompt = os.path.join(workdir, "system-prompt.txt")
     with open(prompt, "w") as f:
         f.write(cp.DEFAULT_SYSTEM_PROMPT)
-    plan = {"content": [{"type": "text", "text": text}]}
+    plan = {}
     start = time.perf_counter()
     proc = subprocess.Popen(cp.cli_argv(claude, plan, prompt), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir,
                             env=cp.cli_env(env, plan))
-    proc.stdin.write(cp.cli_stdin(plan))
+    proc.stdin.write(cp.cli_stdin([{"type": "text", "text": text}]))
     proc.stdin.close()
     first, arrivals = None, []
     for line in proc.stdout:
@@ -158,6 +176,134 @@ def median(values):
     return statistics.median(values) if values else float("nan")
 
 
+def start_fake_api(path, log, env):
+    """The shared fake Anthropic API on a free port; returns (process, port)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, path, str(port)], env=dict(env, FAKE_LOG=log),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("the fake API did not start")
+
+
+def log_lines(log):
+    try:
+        with open(log) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def billed(log, start, end):
+    """(billed, uncached) input tokens of the fake API's answered requests logged in lines
+    [start, end), from its own usage log: I + 1.25 W5 + 2 W1 + 0.1 R, and I + W + R."""
+    bill = uncached = 0.0
+    reads = []
+    with open(log) as f:
+        for number, line in enumerate(f):
+            entry = json.loads(line)
+            if entry.get("event") != "usage" or not start <= number < end:
+                continue
+            split = entry.get("cache_creation") or {}
+            bill += (entry["input_tokens"] + 1.25 * split.get("ephemeral_5m_input_tokens", 0)
+                     + 2 * split.get("ephemeral_1h_input_tokens", 0) + 0.1 * entry["cache_read_input_tokens"])
+            uncached += entry["total_input_tokens"]
+            reads.append(entry["cache_read_input_tokens"])
+    return bill, uncached, reads
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def conversation_benchmark(args):
+    if not args.claude or not args.fake_api:
+        raise SystemExit("--conversation needs --claude (the real CLI) and --fake-api (the shared "
+                         "fake Anthropic API, which bills and simulates the prompt cache)")
+    tmp = tempfile.mkdtemp(prefix="bench-claude-proxy-")
+    log = os.path.join(tmp, "fake.log")
+    env = dict(os.environ, FAKE_REPLY="R" * 800)  # ~200-token replies
+    fake, fake_port = start_fake_api(args.fake_api, log, env)
+    # The CLI talks to the fake, and keeps its sessions in a home of its own.
+    env.update(ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % fake_port, ANTHROPIC_API_KEY="sk-fake",
+               HOME=os.path.join(tmp, "home"))
+    env.pop("CLAUDE_CONFIG_DIR", None)
+    os.makedirs(env["HOME"])
+    ways = [("real turns, process kept", 2, ()), ("real turns, resumed cold", 0, ()),
+            ("transcript", 2, ("--history", "transcript"))]
+    results = {}
+    try:
+        cold = [direct(args.claude, "Say hello.", env)[0] for _ in range(3)]
+        for number, (name, pool, extra) in enumerate(ways):
+            proc, port = start_proxy(args.claude, pool, env, *extra)
+            try:
+                tag = "way%d" % number
+                system = "[%s] You are a careful assistant. " % tag + "S" * 2400  # ~600 tokens
+                messages, firsts = [{"role": "system", "content": system}], []
+                text_start = log_lines(log)
+                for turn in range(args.turns):
+                    messages.append({"role": "user", "content": "[%s turn %d] " % (tag, turn) + "U" * 6000})
+                    first, _, arrivals = via_proxy(port, None, messages)
+                    firsts.append(first)
+                    messages.append({"role": "assistant", "content": "".join(a[1] for a in arrivals)})
+                # The tool loop: each round a call, its result, then the answer.
+                tag_tools = "tools%d" % number
+                messages = [{"role": "system", "content": system}]
+                tools_start = log_lines(log)
+                for round_ in range(args.tool_rounds):
+                    messages.append({"role": "user", "content": "[%s round %d] CALLTOOL " % (tag_tools, round_) + "U" * 2000})
+                    _, _, arrivals = via_proxy(port, None, messages, [WEATHER_TOOL])
+                    calls = {}
+                    for _, piece in arrivals:
+                        if isinstance(piece, dict):
+                            calls.setdefault(piece["index"], {"id": None, "function": {"name": None, "arguments": ""}})
+                            call = calls[piece["index"]]
+                            call["id"] = piece.get("id") or call["id"]
+                            call["function"]["name"] = (piece.get("function") or {}).get("name") or call["function"]["name"]
+                            call["function"]["arguments"] += (piece.get("function") or {}).get("arguments", "")
+                    calls = [dict(c, type="function") for _, c in sorted(calls.items())]
+                    said = "".join(a[1] for a in arrivals if isinstance(a[1], str))
+                    messages.append({"role": "assistant", "content": said or None, "tool_calls": calls})
+                    for call in calls:
+                        messages.append({"role": "tool", "tool_call_id": call["id"], "content": "sunny " + "W" * 1000})
+                    _, _, arrivals = via_proxy(port, None, messages, [WEATHER_TOOL])
+                    messages.append({"role": "assistant", "content": "".join(a[1] for a in arrivals if isinstance(a[1], str))})
+                time.sleep(0.5)  # the fake's last log lines
+                results[name] = (firsts, (text_start, tools_start), (tools_start, log_lines(log)))
+            finally:
+                stop_proxy(proc)
+        leftovers = [f for _, _, files in os.walk(os.path.join(env["HOME"], ".claude", "projects")) for f in files]
+        print("claude_proxy.py %s conversation benchmark: CLI %s against the fake Anthropic API"
+              % (cp.__version__, args.claude))
+        print("%d turns (system ~600 tokens, user turns ~1,500, replies ~200); tool loop of %d rounds"
+              % (args.turns, args.tool_rounds))
+        print("%-26s %16s %22s %24s %18s" % ("", "billed/uncached", "first token, last 4", "/ cold claude -p",
+                                             "tool loop billed"))
+        base = median(cold)
+        for name, (firsts, text_lines, tool_lines) in results.items():
+            bill, uncached, _ = billed(log, *text_lines)
+            tool_bill, tool_uncached, reads = billed(log, *tool_lines)
+            last = median(firsts[-4:])
+            print("%-26s %16.2f %20.3f s %24.2f %18.2f" % (name, bill / uncached, last, last / base,
+                                                          tool_bill / tool_uncached))
+            print("%-26s tool loop, cache read per request: %s" % ("", " ".join(map(str, reads))))
+        print("cold claude -p started directly: first token %.3f s (median of %d)" % (base, len(cold)))
+        print("session files left behind: %d" % len(leftovers))
+    finally:
+        fake.terminate()
+        fake.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claude", help="Default: the test suite's stub CLI. A real CLI (or a "
@@ -168,7 +314,14 @@ def main(argv=None):
     parser.add_argument("--stub-delay", type=float, default=0.5,
                         help="Default: 0.5. The stub's start-up time in seconds (the real CLI "
                         "2.1.197 measured 0.5 s here; CLI-FACTS saw 1.1-1.4 s).")
+    parser.add_argument("--conversation", action="store_true",
+                        help="Run the conversation benchmark instead (needs --claude and --fake-api).")
+    parser.add_argument("--fake-api", help="The shared fake_anthropic_api.py, for --conversation.")
+    parser.add_argument("--turns", type=int, default=12, help="Default: 12. Turns of the conversation.")
+    parser.add_argument("--tool-rounds", type=int, default=4, help="Default: 4. Rounds of the tool loop.")
     args = parser.parse_args(argv)
+    if args.conversation:
+        return conversation_benchmark(args)
 
     tmp = tempfile.mkdtemp(prefix="bench-claude-proxy-")
     env = dict(os.environ)

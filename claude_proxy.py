@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""claude_proxy.py: an OpenAI-compatible API server (Chat Completions and Responses) over the
-local `claude` CLI.
+"""claude_proxy.py: an API server over the local `claude` CLI, in the three dialects its
+users' clients speak: OpenAI Chat Completions, the OpenAI Responses API and the Anthropic
+Messages API.
 
-Any OpenAI client (the openai SDKs, LangChain, Continue, Open WebUI, Aider, ...) pointed at
-http://127.0.0.1:8082/v1 talks to the Claude the `claude` CLI is logged into, with no API key.
+Any OpenAI client (the openai SDKs, LangChain, Continue, Open WebUI, Aider, Codex, the Agents
+SDK, ...) pointed at http://127.0.0.1:8082/v1, and any Anthropic client (the anthropic SDKs,
+Claude Code, OpenCode) pointed at http://127.0.0.1:8082, talks to the Claude the `claude` CLI
+is logged into, with no API key; a browser at http://127.0.0.1:8082/ gets a chat page.
 Standard library only, one file, Python 3.9+:
 
     python3 claude_proxy.py            # then: base_url="http://127.0.0.1:8082/v1"
     python3 claude_proxy.py --help     # every option, with its environment variable
 
-Each request runs one headless `claude -p` process: the conversation goes in on stdin as a
-stream-json message, the reply comes back as stream-json events and is translated into an
-OpenAI response or SSE stream. The model is offered none of the CLI's own tools.
-Anthropic clients (the anthropic SDKs, Claude Code) use POST /v1/messages on the same port.
+Each dialect parses its requests into one neutral conversation and writes its replies from one
+stream of neutral reply events; in between, a headless `claude -p` process gets the
+conversation as real turns (its live process kept from the previous turn, or a session file it
+resumes) and answers in stream-json events. The model is offered none of the CLI's own tools:
+only the client's functions, which the client runs.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import argparse
 import base64
@@ -114,6 +118,7 @@ MAX_SCHEMA_BYTES = 24 * 1024 if os.name == "nt" else 64 * 1024
 MAX_TOKENS = 1000000  # past any model's output limit: a larger max_tokens is a typo
 TOOL_LOOP_MAX_TURNS = 100  # model calls one client message may lead to in a tool loop
 MCP_RESULTS_DIR = "results"  # in a run's directory: the client's tool results for the bridge
+HISTORY_MODES = ("turns", "transcript")
 RESUME_START_SECONDS = 15.0  # a resumed session the CLI cannot load hangs it: give up then
 # A resumed session names a model; the CLI runs it when the request names none. Until a run
 # has said which model the CLI's default is, this one stands in.
@@ -687,14 +692,7 @@ def parse_response_format(response_format):
     spec = response_format.get("json_schema")
     _require(isinstance(spec, dict), "response_format.json_schema must be an object",
              "response_format.json_schema")
-    schema = spec.get("schema")
-    # The CLI silently drops a schema it cannot use (CLI-FACTS), which would turn a JSON answer
-    # into prose; and its StructuredOutput tool needs an object at the root.
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             "response_format.json_schema.schema must be a JSON Schema with \"type\": \"object\" "
-             "at the root", "response_format.json_schema.schema", "invalid_json_schema")
-    check_schema_argv(schema)
-    return schema
+    return cli_schema(spec.get("schema"), "response_format.json_schema.schema")
 
 
 def parse_chat_request(body, default_model=None, default_effort=None):
@@ -987,13 +985,7 @@ def responses_text_format(text):
         return {"type": "object"}
     _require(kind == "json_schema", "text.format.type must be text, json_object or json_schema",
              "text.format.type")
-    schema = form.get("schema")
-    # As for Chat Completions: the CLI drops a schema without an object root, and takes it in argv.
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             "text.format.schema must be a JSON Schema with \"type\": \"object\" at the root",
-             "text.format.schema", "invalid_json_schema")
-    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "text.format.schema is over %d bytes, "
-             "more than the CLI can take" % MAX_SCHEMA_BYTES, "text.format.schema", "invalid_json_schema")
+    schema = cli_schema(form.get("schema"), "text.format.schema")
     return schema
 
 
@@ -1154,6 +1146,13 @@ def thinking_budget_effort(budget):
     return "max"
 
 
+#: Claude Code, as a client, starts its system prompt with a block "x-anthropic-billing-header:
+#: cc_version=<version>.<hex>; ..." whose hex changes with the conversation: a tag for the API's
+#: billing that the real API leaves out of the prompt. Kept, it would make every conversation a
+#: process shape of its own, and the warm pool would never serve Claude Code's first turns.
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
 def anthropic_text(content, param):
     """A string or an array of text blocks (system, a system-role message) -> its text."""
     if isinstance(content, str):
@@ -1165,7 +1164,8 @@ def anthropic_text(content, param):
         _require(isinstance(block, dict) and block.get("type") == "text",
                  "only text blocks are allowed here", where + ".type")
         _require(isinstance(block.get("text"), str), "a text block needs a string `text`", where + ".text")
-        parts.append(block["text"])
+        if not block["text"].startswith(BILLING_HEADER):
+            parts.append(block["text"])
     return "\n\n".join(p for p in parts if p)
 
 
@@ -1336,14 +1336,7 @@ def anthropic_output_schema(body):
         return None
     _require(isinstance(spec, dict) and spec.get("type") == "json_schema",
              "%s must be {\"type\": \"json_schema\", \"schema\": {...}}" % param, param + ".type")
-    schema = spec.get("schema")
-    # As for response_format: the CLI silently drops a schema without an object at the root,
-    # and takes it only in argv.
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             "the schema needs \"type\": \"object\" at the root", param + ".schema", "invalid_json_schema")
-    _require(len(json.dumps(schema)) <= MAX_SCHEMA_BYTES, "the schema is over %d bytes, more than the "
-             "CLI can take" % MAX_SCHEMA_BYTES, param + ".schema", "invalid_json_schema")
-    return schema
+    return cli_schema(spec.get("schema"), param + ".schema")
 
 
 def anthropic_effort(body, default_effort):
@@ -1510,7 +1503,10 @@ def cli_config_dir(env):
     """Where the CLI keeps its sessions: $CLAUDE_CONFIG_DIR, else ~/.claude of its HOME."""
     if env.get("CLAUDE_CONFIG_DIR"):
         return env["CLAUDE_CONFIG_DIR"]
-    home = env.get("HOME") or env.get("USERPROFILE") or os.path.expanduser("~")
+    # Node's os.homedir(), as the CLI finds it: USERPROFILE on Windows (even where HOME is set,
+    # as Git Bash does), HOME elsewhere.
+    names = ("USERPROFILE", "HOME") if os.name == "nt" else ("HOME", "USERPROFILE")
+    home = next((env[n] for n in names if env.get(n)), None) or os.path.expanduser("~")
     return os.path.join(home, ".claude")
 
 
@@ -1584,15 +1580,21 @@ def mcp_results(blocks):
     return content or [{"type": "text", "text": ""}]
 
 
-def check_schema_argv(schema):
-    """A 400 unless a response_format schema fits the command line in the form the CLI is
-    really given: cli_safe_json's escapes make it up to six times longer than its JSON."""
+def cli_schema(schema, param):
+    """A structured-output schema (any dialect's) the CLI can be given, or a 400 naming `param`.
+    The CLI silently drops a schema it cannot use (CLI-FACTS), which would turn a JSON answer
+    into prose, and its StructuredOutput tool needs an object at the root. It takes the schema
+    only as an argument: measured in the form it is really given, since cli_safe_json's escapes
+    make it up to six times longer than its JSON."""
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             "%s must be a JSON Schema with \"type\": \"object\" at the root" % param, param,
+             "invalid_json_schema")
     size = len(cli_safe_json(schema))
     if size > MAX_SCHEMA_BYTES:
-        raise invalid("response_format.json_schema.schema is %d bytes as a command-line argument "
-                      "(with & | < > ^ %% ! ( ) \" escaped), over the %d the CLI can be given; "
-                      "shorten it" % (size, MAX_SCHEMA_BYTES), "response_format.json_schema.schema",
-                      "invalid_json_schema")
+        raise invalid("%s is %d bytes as a command-line argument (with & | < > ^ %% ! ( ) \" "
+                      "escaped), over the %d the CLI can be given; shorten it"
+                      % (param, size, MAX_SCHEMA_BYTES), param, "invalid_json_schema")
+    return schema
 
 
 def mcp_config(tools_path):
@@ -1632,8 +1634,11 @@ def find_claude(configured=None):
     """The CLI's path: CLAUDE_PATH if given, else `claude` on PATH (shutil.which also finds
     claude.cmd / claude.exe on Windows through PATHEXT). None when there is none."""
     if configured:
-        return shutil.which(configured) or (configured if os.path.isfile(configured) else None)
-    return shutil.which("claude")
+        found = shutil.which(configured) or (configured if os.path.isfile(configured) else None)
+    else:
+        found = shutil.which("claude")
+    # Absolute: each run starts in a directory of its own, where ./claude means nothing.
+    return os.path.abspath(found) if found else None
 
 
 def cli_version(claude_path, timeout=15.0):
@@ -1704,6 +1709,7 @@ class CliRun:
         self.results_given = 0  # tool results handed to the bridge so far
         self.cost_seen = 0.0  # the CLI's total_cost_usd at its last result (it adds up)
         self.usage_before = {}  # usage of this message's model calls already answered
+        self.model_usage_seen = {}  # the CLI's modelUsage totals at its last result
         self.cancelled = None  # why it was stopped early: "client_gone", "timeout", "shutdown", ...
         self.garbage_lines = 0
         self.stderr_tail = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -1975,7 +1981,7 @@ class CliRunner:
     stopping them all at shutdown."""
 
     def __init__(self, claude_path, timeout=DEFAULT_TIMEOUT, env=None, log_prompts=False,
-                 pool_size=0, pool_idle=DEFAULT_POOL_IDLE):
+                 pool_size=0, pool_idle=DEFAULT_POOL_IDLE, history="turns"):
         self.claude_path = claude_path
         self.timeout = timeout
         self.env = dict(os.environ if env is None else env)
@@ -1985,12 +1991,14 @@ class CliRunner:
         self._closed = False
         self.idle_seconds = pool_idle
         self.default_model = None  # the model the CLI runs when a request names none
+        self._resume_failed = None  # the binary stamp of a CLI that could not load a session
         self._logged = set()
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
+        self.real_turns = history != "transcript"
         self.continuations = (Continuations(pool_size, pool_idle)
-                              if pool_size > 0 and claude_path else None)
+                              if pool_size > 0 and claude_path and self.real_turns else None)
 
     def binary_stamp(self):
         """What identifies the CLI binary on disk; it changes when the CLI updates itself."""
@@ -2085,7 +2093,7 @@ class CliRunner:
                 return run
             if run is not None:
                 run.stop()
-        real_turns = turns[0]["role"] == "user" and turns[-1]["role"] == "user"
+        real_turns = self.real_turns and turns[0]["role"] == "user" and turns[-1]["role"] == "user"
         if len(turns) == 1 and real_turns and not ends_with_tool_results(plan["conversation"]):
             return self._fresh(plan, shape, turns[0]["content"], live)
         if real_turns and not ends_with_tool_results(plan["conversation"]):
@@ -2109,13 +2117,17 @@ class CliRunner:
 
     def _resumed(self, plan, shape, turns, live):
         """A cold run resuming the earlier turns from a session file; None if the CLI could not
-        load it (it may hang without a word: it gets RESUME_START_SECONDS)."""
+        load it (it may hang without a word: it gets RESUME_START_SECONDS). A CLI binary that
+        failed once is not asked again: every continuation would pay the wait."""
+        if self._resume_failed is not None and self._resume_failed == self.binary_stamp():
+            return None
         run = self.spawn(plan, shape, history=turns[:-1])
         self._send(run, turns[-1]["content"], live)
         first = run.first_event(RESUME_START_SECONDS)
         if first is not None and not (first.get("type") == "result" and first.get("is_error")):
             return run
         run.stop()
+        self._resume_failed = run.binary
         self._log_once("resume", "the claude CLI did not load a session file the proxy wrote "
                        "(%s); conversations go to it as a transcript instead, which the prompt "
                        "cache cannot reuse." % (str((first or {}).get("errors") or "no output in "
@@ -2148,6 +2160,7 @@ class CliRunner:
         (a live process whose reply was complete and sent as the CLI holds it), else stop it."""
         if (self.continuations is not None and run.live and reply.done and not reply.error
                 and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
+                and not (reply.calls and reply.stop_reason == "max_tokens")  # a call cut short
                 and not reply.skipped_calls and run.alive()):
             run.model = reply.model or run.model
             if reply.model and not plan.get("model"):
@@ -2156,6 +2169,8 @@ class CliRunner:
                                  for n, (tool_id, name, _) in enumerate(reply.calls)]
             if reply.total_cost_usd is not None:
                 run.cost_seen = reply.total_cost_usd
+            if reply.model_usage_total is not None:
+                run.model_usage_seen = reply.model_usage_total
             if reply.stop_reason == "tool_use":  # the message goes on when the results come
                 run.usage_before = {k: run.usage_before.get(k, 0) + v
                                     for k, v in (reply.usage or {}).items() if isinstance(v, int)}
@@ -2255,6 +2270,11 @@ class Continuations:
     def count(self):
         with self._cond:
             return len(self._kept)
+
+    def stats(self):
+        """For /health and /metrics: processes kept now, and what became of them."""
+        return {"size": self.size, "idle_seconds": self.idle_seconds, "kept_now": self.count(),
+                "kept": self.kept, "continued": self.hits, "retired": self.retired}
 
     def close(self):
         with self._cond:
@@ -2440,6 +2460,26 @@ class WarmPool:
 # CLI events #################################################################################
 
 
+# The CLI's modelUsage fields -> the API's usage names.
+MODEL_USAGE_FIELDS = {"inputTokens": "input_tokens", "outputTokens": "output_tokens",
+                      "cacheReadInputTokens": "cache_read_input_tokens",
+                      "cacheCreationInputTokens": "cache_creation_input_tokens"}
+
+
+def model_usage_totals(model_usage):
+    """A result's modelUsage ({model: {inputTokens, ...}}) -> usage counts summed over models,
+    or None when there is none."""
+    if not isinstance(model_usage, dict) or not model_usage:
+        return None
+    totals = dict.fromkeys(MODEL_USAGE_FIELDS.values(), 0)
+    for counts in model_usage.values():
+        for field, name in MODEL_USAGE_FIELDS.items():
+            value = counts.get(field) if isinstance(counts, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[name] += value
+    return totals
+
+
 def held_back(text, stops):
     """How many characters at the end of `text` could be the start of a stop sequence."""
     longest = 0
@@ -2502,7 +2542,9 @@ class ReplyTranslator:
         # answered earlier included. What those came to is taken off (see Runs.finish).
         self.cost_before = 0.0
         self.usage_before = {}
+        self.model_usage_before = {}
         self.total_cost_usd = None
+        self.model_usage_total = None  # modelUsage summed over models: it adds up like the cost
         self.budget_reached = False  # the run reached --max-budget-usd: it takes no more calls
         self.tool_calls = 0
         self.skipped_calls = 0  # tool_use blocks not passed on (not the client's, or over one)
@@ -2554,10 +2596,13 @@ class ReplyTranslator:
             if reason:
                 self.stop_reason = reason
         elif kind == "message_stop":
-            if self.stop_reason == "tool_use" and self.tool_calls and not self.structured:
+            if self.tool_calls:
                 # The calls are the client's to run: the reply is complete, and the CLI (which
-                # now waits in the MCP bridge for their results) sends no result event.
+                # now waits in the MCP bridge for their results) sends no result event. So
+                # also with structured output on, and for a call cut short by max_tokens.
                 self.done = True
+                if self.stop_reason != "max_tokens":
+                    self.stop_reason = "tool_use"
                 self.usage = dict(self._stream_usage)
                 return self._flush()
         elif kind == "content_block_start":
@@ -2674,6 +2719,12 @@ class ReplyTranslator:
                           for k, v in usage.items()}
         else:
             self.usage = dict(self._stream_usage)
+        self.model_usage_total = model_usage_totals(event.get("modelUsage"))
+        if self.model_usage_total and not any(self.usage.get(k) for k in MODEL_USAGE_FIELDS.values()):
+            # After a dropped connection and a retry the result's usage is all zeros (seen with
+            # 2.1.197); modelUsage still has what the retry used, added up over the process.
+            self.usage = {k: max(0, v - self.model_usage_before.get(k, 0))
+                          for k, v in self.model_usage_total.items()}
         stop_reason = event.get("stop_reason") or self.stop_reason
         self.stop_reason = stop_reason if isinstance(stop_reason, str) else None
         if self.tool_calls:
@@ -2695,9 +2746,10 @@ class ReplyTranslator:
             if self.text and self.stop_reason in ("end_turn", "max_tokens", "stop_sequence"):
                 # The model call that crossed the cap answered in full (its cost is spent):
                 # the answer goes out; the run is not kept for more. This result's usage is
-                # all zeros (CLI 2.1.197): the stream's counts are the call's.
+                # all zeros (CLI 2.1.197): without modelUsage, the stream's counts are the call's.
                 event = dict(event, subtype="success", is_error=False)
-                self.usage = dict(self._stream_usage)
+                if not any(self.usage.get(k) for k in MODEL_USAGE_FIELDS.values()):
+                    self.usage = dict(self._stream_usage)
         self.error = result_error(event)
         if self.error:
             return events
@@ -2740,12 +2792,12 @@ class ReplyTranslator:
     def reply_blocks(self):
         """The reply as the assistant turn a client will send back: text and tool calls."""
         blocks = [dict(b) for b in self.content]
-        for tool_id, name, arguments in self.calls:
+        for number, (tool_id, name, arguments) in enumerate(self.calls):
             try:
                 value = json.loads(arguments)
             except ValueError:
                 value = {}
-            blocks.append({"type": "tool_use", "id": call_id(tool_id, 0), "name": name,
+            blocks.append({"type": "tool_use", "id": call_id(tool_id, number), "name": name,
                            "input": value if isinstance(value, dict) else {}})
         return blocks
 
@@ -3822,6 +3874,12 @@ class Metrics:
             summary("request_duration_seconds", "Whole successful chat completions and responses "
                     "(recent requests).",
                     self.duration)
+        kept = runner.continuations.stats() if runner.continuations else None
+        if kept:
+            metric("conversations_kept", "gauge", "CLI processes kept for a conversation's next turn.",
+                   [((), kept["kept_now"])])
+            metric("conversations_continued_total", "counter",
+                   "Requests served by their conversation's kept process.", [((), kept["continued"])])
         pool = runner.pool.stats() if runner.pool else None
         if pool:
             metric("pool_idle", "gauge", "Warm CLI processes waiting.", [((), sum(pool["idle"].values()))])
@@ -5766,6 +5824,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "default_effort": config.effort,
             "active_runs": self.server.runner.active(),
             "pool": self.server.runner.pool.stats() if self.server.runner.pool else None,
+            "conversations": (self.server.runner.continuations.stats()
+                              if self.server.runner.continuations else None),
             "limits": {"max_concurrency": self.server.admission.concurrency,
                        "max_queue": self.server.admission.queue,
                        "running": self.server.admission.running,
@@ -5923,11 +5983,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             watch.on_gone(admission.wake)
             admission.acquire(time.monotonic() + config.timeout, watch.gone)
             try:
-                events = iter(())
+                events, holding = None, [True]
                 run = self.server.runner.start(plan, self.client_scope())
                 translator.cost_before, translator.usage_before = run.cost_seen, run.usage_before
+                translator.model_usage_before = run.model_usage_seen
                 metrics.cli_run()
-                watch.on_gone(lambda: run.cancel("client_gone"))
+                # Only while this request holds the run: once kept for the next turn, it is not
+                # this client's hang-up to act on.
+                watch.on_gone(lambda: holding[0] and run.cancel("client_gone"))
                 first_token = False
                 events = run.events()
                 for event in events:
@@ -5955,13 +6018,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     raise
                 translator.error = error  # a sink refused the reply (revised after streaming)
             finally:
-                if run is not None:
-                    events.close()  # the run's stdout stays open for a kept run's next turn
-                    if translator.budget_reached:
-                        run.live = False  # the CLI would refuse its next turn: not kept
-                    self.server.runner.finish(run, plan, translator, self.client_scope())
-                    self.account(plan, sink, translator, run)
-                admission.release()
+                try:
+                    if run is not None:
+                        if events is not None:
+                            events.close()  # stdout stays open for a kept run's next turn
+                        holding[0] = False
+                        if translator.budget_reached:
+                            run.live = False  # the CLI would refuse its next turn: not kept
+                        self.server.runner.finish(run, plan, translator, self.client_scope())
+                        self.account(plan, sink, translator, run)
+                finally:
+                    admission.release()
         # The run is stopped or kept for the conversation's next turn by now.
         if not translator.done:
             if run.cancelled == "client_gone":
@@ -6096,9 +6163,11 @@ class Config:
                  claude_version=None, pool_size=0, pool_idle=DEFAULT_POOL_IDLE, api_keys=(),
                  cors_origins=(), max_concurrency=DEFAULT_MAX_CONCURRENCY,
                  max_queue=DEFAULT_MAX_QUEUE, loopback_only=True,
-                 shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True, keepalive=DEFAULT_KEEPALIVE,
-                 model_aliases=None, daily_budget=None, max_request_usd=None, state_dir=None):
+                 shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True, history="turns",
+                 keepalive=DEFAULT_KEEPALIVE, model_aliases=None, daily_budget=None,
+                 max_request_usd=None, state_dir=None):
         self.claude_path = claude_path
+        self.history = history  # "turns", or "transcript": how earlier turns reach the CLI
         self.model = model or None
         self.effort = effort or None
         self.timeout = timeout
@@ -6137,7 +6206,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.runner = runner or CliRunner(config.claude_path, config.timeout,
                                           log_prompts=config.log_prompts,
-                                          pool_size=config.pool_size, pool_idle=config.pool_idle)
+                                          pool_size=config.pool_size, pool_idle=config.pool_idle,
+                                          history=config.history)
         self.runner.known_version(config.claude_version)
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.metrics = Metrics()
@@ -6259,6 +6329,10 @@ def parse_args(argv=None):
     add("--pool-idle", type=float, default=env("CLAUDE_POOL_IDLE", str(DEFAULT_POOL_IDLE)),
         help="Default: %g (env CLAUDE_POOL_IDLE). Seconds a warm process may wait unused."
         % DEFAULT_POOL_IDLE)
+    add("--history", choices=HISTORY_MODES, default=env("CLAUDE_HISTORY", "turns"),
+        help="Default: turns (env CLAUDE_HISTORY). How a conversation's earlier turns reach the "
+        "CLI: `turns`, as the API's own messages (read from the prompt cache: see the README), or "
+        "`transcript`, as one tagged text (0.1.0's way: every turn pays for the whole history again).")
     add("--api-key", default=env("CLAUDE_PROXY_API_KEY") or "",
         help="Default: none (env CLAUDE_PROXY_API_KEY). Keys clients must send, comma-separated; "
         "prefer the environment variable (argv is visible to other local users).")
@@ -6343,8 +6417,8 @@ def main(argv=None):
                     args.log_prompts, version, args.pool_size, args.pool_idle, api_keys,
                     [o.strip() for o in args.cors_origins.split(",") if o.strip()],
                     args.max_concurrency, args.max_queue, loopback, args.shutdown_grace,
-                    not args.no_ui, args.keepalive, args.model_aliases, args.daily_budget,
-                    args.max_request_usd, state_dir())
+                    not args.no_ui, args.history, args.keepalive, args.model_aliases,
+                    args.daily_budget, args.max_request_usd, state_dir())
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:
