@@ -493,17 +493,22 @@ _real_log = cp.log
 
 
 CONFIG_DIR = tempfile.mkdtemp(prefix="claude-proxy-test-config-")
+STATE_DIR = tempfile.mkdtemp(prefix="claude-proxy-test-state-")  # never the user's own
 
 
 def setUpModule():
     cp.log = LOG_LINES.append
     # The CLI's config directory (where session files for --resume go): the tests' own.
     os.environ["CLAUDE_CONFIG_DIR"] = CONFIG_DIR
+    # And the proxy's state folder (today's spend), for the proxies main() starts.
+    os.environ["CLAUDE_PROXY_STATE_DIR"] = STATE_DIR
 
 
 def tearDownModule():
     cp.log = _real_log
     os.environ.pop("CLAUDE_CONFIG_DIR", None)
+    os.environ.pop("CLAUDE_PROXY_STATE_DIR", None)
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
     shutil.rmtree(CONFIG_DIR, ignore_errors=True)
 
 
