@@ -54,11 +54,11 @@ DEFAULT_PORT = 8082
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MODELS = ("sonnet", "opus", "haiku")
 DEFAULT_MAX_BODY = 32 * 1024 * 1024  # base64 images make bodies large
-# Used when a request has no system/developer message. Without --system-prompt-file the CLI
-# would use Claude Code's own agent prompt, which talks about tools the model is not given.
+#: Used when a request has no system/developer message. Without --system-prompt-file the CLI
+#: would use Claude Code's own agent prompt, which talks about tools the model is not given.
 DEFAULT_SYSTEM_PROMPT = "You are Claude, a helpful AI assistant made by Anthropic."
-# The CLI retries 429/529/5xx by itself for minutes; the proxy answers 429/529 at the first
-# retry notice, and bounds the others (5xx, network) to a few seconds of retrying.
+#: The CLI retries 429/529/5xx by itself for minutes; the proxy answers 429/529 at the first
+#: retry notice, and bounds the others (5xx, network) to a few seconds of retrying.
 DEFAULT_CLI_MAX_RETRIES = "2"
 DEFAULT_POOL_SIZE = 2  # warm CLI processes waiting in all; each holds ~165 MB
 DEFAULT_POOL_IDLE = 300.0  # seconds a warm process may wait before it is retired
@@ -67,9 +67,9 @@ DEFAULT_MAX_QUEUE = 32  # requests waiting for a run slot; more get 429
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGHUP/SIGINT
 DEFAULT_KEEPALIVE = 15.0  # seconds of stream silence before a keep-alive (CLAUDE_KEEPALIVE)
 BUSY_RETRY_AFTER = 2  # Retry-After, in seconds, when every slot and queue place is taken
-# A connection costs a thread only once its request head has arrived whole: until then one
-# selectors loop holds it, for at most HEAD_READ_SECONDS and MAX_HEAD_BYTES (common servers'
-# default). When MAX_PENDING_HEADS connections are still sending heads, the oldest is dropped.
+#: A connection costs a thread only once its request head has arrived whole: until then one
+#: selectors loop holds it, for at most HEAD_READ_SECONDS and MAX_HEAD_BYTES (common servers'
+#: default). When MAX_PENDING_HEADS connections are still sending heads, the oldest is dropped.
 MAX_HEAD_BYTES = 64 * 1024  # a request line and its headers, in all
 HEAD_RECV_BYTES = 16 * 1024  # read at a time while a head arrives
 HEAD_READ_SECONDS = 10.0  # from connecting to the head's blank line
@@ -78,54 +78,54 @@ BODY_READ_SECONDS = 30.0  # from the head to the body's last byte
 DISCARD_SECONDS, DISCARD_BYTES = 2.0, 64 * 1024 * 1024  # unread body dropped after an early answer
 EXTRA_CONNECTIONS = 64  # requests served at once beyond concurrency + queue (GETs, errors)
 STOP_GRACE_SECONDS = 1.5  # SIGTERM, then SIGKILL after this long
-# A read or write of the client's socket that makes no progress for this long (or for the
-# run's timeout, if shorter) drops the client: a client that stops reading frees its run slot.
+#: A read or write of the client's socket that makes no progress for this long (or for the
+#: run's timeout, if shorter) drops the client: a client that stops reading frees its run slot.
 SOCKET_IO_SECONDS = 30.0
 WRITE_PIECE_BYTES = 64 * 1024  # each piece of an answer must be taken within SOCKET_IO_SECONDS
-# What a broken CLI can make the proxy hold: real events are far below 1 MiB, stderr lines short.
+#: What a broken CLI can make the proxy hold: real events are far below 1 MiB, stderr lines short.
 MAX_EVENT_LINE = 16 * 1024 * 1024  # a longer stdout line stops the run: cli_bad_output
 MAX_STDERR_LINE = 4 * 1024  # kept (and logged) per stderr line; the rest of a line is dropped
 STDERR_TAIL_LINES = 40
 TMPDIR_MIN_FREE_BYTES = 16 * 1024 * 1024  # less free space for a run's files: 503 tmpdir_unavailable
 
-# CLI effort levels, and what OpenAI's reasoning_effort values mean in them.
+#: CLI effort levels, and what OpenAI's reasoning_effort values mean in them.
 CLI_EFFORTS = ("low", "medium", "high", "xhigh", "max")
 REASONING_EFFORT_TO_CLI = {
     "none": "low", "minimal": "low", "low": "low", "medium": "medium",
     "high": "high", "xhigh": "xhigh", "max": "max",
 }
-# A model name goes into argv: it must never look like a flag, nor carry shell metacharacters
-# (on Windows claude.cmd runs under cmd.exe, which interprets & | ^ % and quotes).
-# `\Z`, not `$`, in every pattern that guards argv or a name: `$` also matches before a final
-# newline, so "sonnet\n" would pass.
+#: A model name goes into argv: it must never look like a flag, nor carry shell metacharacters
+#: (on Windows claude.cmd runs under cmd.exe, which interprets & | ^ % and quotes).
+#: `\Z`, not `$`, in every pattern that guards argv or a name: `$` also matches before a final
+#: newline, so "sonnet\n" would pass.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]-]{0,127}\Z")
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
-# The client's functions reach the model through an MCP server of this same file, named
-# MCP_SERVER: the CLI calls them mcp__fn__<name>. The API caps a tool name at 64 characters.
+#: The client's functions reach the model through an MCP server of this same file, named
+#: MCP_SERVER: the CLI calls them mcp__fn__<name>. The API caps a tool name at 64 characters.
 MCP_SERVER = "fn"
 MCP_PREFIX = "mcp__%s__" % MCP_SERVER
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 TOOL_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")  # the API's tool_use ids, used with fullmatch
 API_TOOL_NAME_MAX = 64
-# The CLI's own tool for --json-schema: its input is the structured output.
+#: The CLI's own tool for --json-schema: its input is the structured output.
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"
-# Turns the CLI may take when it must produce structured output and no client tool is offered:
-# if the model answers in prose, the CLI asks again for the StructuredOutput call.
+#: Turns the CLI may take when it must produce structured output and no client tool is offered:
+#: if the model answers in prose, the CLI asks again for the StructuredOutput call.
 STRUCTURED_OUTPUT_MAX_TURNS = 3
-# The schema is an argument: measured in its argv form (cli_safe_json), under Linux's 128 KiB per
-# argument, and on Windows under CreateProcess's 32,767 characters for the whole command line.
+#: The schema is an argument: measured in its argv form (cli_safe_json), under Linux's 128 KiB per
+#: argument, and on Windows under CreateProcess's 32,767 characters for the whole command line.
 MAX_SCHEMA_BYTES = 24 * 1024 if os.name == "nt" else 64 * 1024
 MAX_TOKENS = 1000000  # past any model's output limit: a larger max_tokens is a typo
 TOOL_LOOP_MAX_TURNS = 100  # model calls one client message may lead to in a tool loop
 MCP_RESULTS_DIR = "results"  # in a run's directory: the client's tool results for the bridge
 HISTORY_MODES = ("turns", "transcript")
 RESUME_START_SECONDS = 15.0  # a resumed session the CLI cannot load hangs it: give up then
-# A resumed session names a model; the CLI runs it when the request names none. Until a run
-# has said which model the CLI's default is, this one stands in.
+#: A resumed session names a model; the CLI runs it when the request names none. Until a run
+#: has said which model the CLI's default is, this one stands in.
 DEFAULT_SESSION_MODEL = "claude-sonnet-4-6"
 CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}\Z")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}\Z")
-# A Host header: a name or [IPv6], then an optional port; nothing else (no userinfo, no path).
+#: A Host header: a name or [IPv6], then an optional port; nothing else (no userinfo, no path).
 HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>[0-9]{0,5}))?\Z")
 HEADER_NAME_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*\Z")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
@@ -272,14 +272,14 @@ def result_error(result):
 
 
 # Conversation ###############################################################################
-# The neutral form every dialect parses into. A conversation is {"system": text or None,
-# "turns": [{"role": "user" | "assistant", "content": [block, ...]}, ...]}: roles alternate,
-# and the blocks are the Messages API's own, as the CLI sends them on:
-#   {"type": "text", "text"}          {"type": "image", "source": {base64 source}}
-#   {"type": "tool_use", "id", "name", "input": {...}}     (name: the client's function name)
-#   {"type": "tool_result", "tool_use_id", "content": [text and image blocks], "is_error"}
-#   {"type": "thinking", "thinking", "signature"}
-# Tool ids are the client's own; cli_tool_id() maps them to what the API accepts.
+#: The neutral form every dialect parses into. A conversation is {"system": text or None,
+#: "turns": [{"role": "user" | "assistant", "content": [block, ...]}, ...]}: roles alternate,
+#: and the blocks are the Messages API's own, as the CLI sends them on:
+#:   {"type": "text", "text"}          {"type": "image", "source": {base64 source}}
+#:   {"type": "tool_use", "id", "name", "input": {...}}     (name: the client's function name)
+#:   {"type": "tool_result", "tool_use_id", "content": [text and image blocks], "is_error"}
+#:   {"type": "thinking", "thinking", "signature"}
+#: Tool ids are the client's own; cli_tool_id() maps them to what the API accepts.
 
 
 def _require(condition, message, param, code=None):
@@ -787,20 +787,20 @@ def parse_chat_request(body, default_model=None, default_effort=None):
 
 
 # OpenAI Responses request ###################################################################
-# POST /v1/responses: `input` items (or a string) and `instructions` -> the same plan as a Chat
-# Completions request. Clients: the openai SDKs' client.responses, the OpenAI Agents SDK, Codex.
+#: POST /v1/responses: `input` items (or a string) and `instructions` -> the same plan as a Chat
+#: Completions request. Clients: the openai SDKs' client.responses, the OpenAI Agents SDK, Codex.
 
-# Input items of hosted tools a client may replay from a conversation it had elsewhere: there
-# is nothing of ours to map them to, and no client function ran, so they are dropped.
+#: Input items of hosted tools a client may replay from a conversation it had elsewhere: there
+#: is nothing of ours to map them to, and no client function ran, so they are dropped.
 RESPONSES_DROPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "image_generation_call",
                            "code_interpreter_call", "computer_call", "computer_call_output",
                            "local_shell_call", "local_shell_call_output", "mcp_list_tools",
                            "mcp_call", "mcp_approval_request", "mcp_approval_response",
                            "tool_search_call", "tool_search_output", "compaction")
-# `include` values that would promise output the proxy cannot give.
+#: `include` values that would promise output the proxy cannot give.
 RESPONSES_REFUSED_INCLUDES = ("message.output_text.logprobs",)
-# The model is offered a namespace's function as <namespace>__<name>: names stay unique and
-# the model sees the grouping; the call goes back to the client as {namespace, name}.
+#: The model is offered a namespace's function as <namespace>__<name>: names stay unique and
+#: the model sees the grouping; the call goes back to the client as {namespace, name}.
 NAMESPACE_SEPARATOR = "__"
 
 
@@ -1123,15 +1123,15 @@ def responses_tool_echo(tool):
 
 
 # Anthropic Messages request #################################################################
-# POST /v1/messages: the dialect closest to what the CLI itself speaks. Its content blocks are
-# the neutral ones already; what differs is checked and mapped here.
+#: POST /v1/messages: the dialect closest to what the CLI itself speaks. Its content blocks are
+#: the neutral ones already; what differs is checked and mapped here.
 
-# Server tools run on Anthropic's side (web search, code execution, ...): the CLI behind the
-# proxy cannot run them for a client, so they are left out of what the model is offered.
+#: Server tools run on Anthropic's side (web search, code execution, ...): the CLI behind the
+#: proxy cannot run them for a client, so they are left out of what the model is offered.
 ANTHROPIC_CLIENT_TOOL_TYPES = (None, "custom")
 ANTHROPIC_TOOL_CHOICES = ("auto", "any", "tool", "none")
 ANTHROPIC_THINKING_TYPES = ("enabled", "adaptive", "disabled")
-# Message content the proxy cannot pass on: files, documents and results of server tools.
+#: Message content the proxy cannot pass on: files, documents and results of server tools.
 ANTHROPIC_UNSUPPORTED_BLOCKS = (
     "document", "search_result", "container_upload", "server_tool_use", "web_search_tool_result",
     "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
@@ -1477,7 +1477,7 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
     return argv
 
 
-# Characters cmd.exe acts on even inside an argument (claude.cmd on Windows runs under it).
+#: Characters cmd.exe acts on even inside an argument (claude.cmd on Windows runs under it).
 CMD_METACHARACTERS = re.compile(r'[&|<>^%!()"]')
 JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
@@ -1492,10 +1492,10 @@ def cli_safe_json(value):
     return JSON_STRING.sub(escape, json.dumps(value, separators=(",", ":"), ensure_ascii=True))
 
 
-# The CLI's sessions live under its config directory, in a folder named after the working
-# directory with every character but letters and digits made "-" (checked with 2.1.197).
+#: The CLI's sessions live under its config directory, in a folder named after the working
+#: directory with every character but letters and digits made "-" (checked with 2.1.197).
 SESSION_NAME = re.compile(r"[^A-Za-z0-9]")
-# The session format written here is the one CLI 2.1.197 writes (CLI-FACTS, "Conversations").
+#: The session format written here is the one CLI 2.1.197 writes (CLI-FACTS, "Conversations").
 SESSION_FORMAT_VERSION = "2.1.197"
 
 
@@ -1923,8 +1923,8 @@ def stop_runs(runs, reason=None):
         thread.join()
 
 
-# What a process must be started with, as opposed to what its message carries: requests whose
-# plans agree on these can be served by the same kind of warm process.
+#: What a process must be started with, as opposed to what its message carries: requests whose
+#: plans agree on these can be served by the same kind of warm process.
 SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens",
                 "max_budget_usd")
 
@@ -2460,7 +2460,7 @@ class WarmPool:
 # CLI events #################################################################################
 
 
-# The CLI's modelUsage fields -> the API's usage names.
+#: The CLI's modelUsage fields -> the API's usage names.
 MODEL_USAGE_FIELDS = {"inputTokens": "input_tokens", "outputTokens": "output_tokens",
                       "cacheReadInputTokens": "cache_read_input_tokens",
                       "cacheCreationInputTokens": "cache_creation_input_tokens"}
@@ -2920,7 +2920,7 @@ def revised_error(structured):
 
 # OpenAI Chat Completions response ###########################################################
 
-# The neutral stop reason -> Chat Completions' finish_reason.
+#: The neutral stop reason -> Chat Completions' finish_reason.
 CHAT_FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                        "tool_use": "tool_calls"}
 
@@ -3096,9 +3096,9 @@ class ChatMessageCollector:
 
 
 # OpenAI Responses response ##################################################################
-# The response object and its stream of typed events. One builder, ResponsesOutput, turns
-# neutral reply events into output items and the events that build them; the stream writer
-# sends those events, the collector keeps only the items.
+#: The response object and its stream of typed events. One builder, ResponsesOutput, turns
+#: neutral reply events into output items and the events that build them; the stream writer
+#: sends those events, the collector keeps only the items.
 
 RESPONSES_STATUS = {"end_turn": "completed", "stop_sequence": "completed", "tool_use": "completed",
                     "max_tokens": "incomplete"}
@@ -3364,9 +3364,9 @@ class ResponsesCollector(ResponsesSink):
 
 
 # Stored responses ###########################################################################
-# store: true (OpenAI's default) keeps a response for GET /v1/responses/{id} and for
-# previous_response_id: in memory only, bounded by count, age and size, and visible only to
-# the API key that made it. The proxy's restart forgets them all.
+#: store: true (OpenAI's default) keeps a response for GET /v1/responses/{id} and for
+#: previous_response_id: in memory only, bounded by count, age and size, and visible only to
+#: the API key that made it. The proxy's restart forgets them all.
 
 RESPONSE_STORE_SIZE = 1000  # responses kept at most
 RESPONSE_STORE_SECONDS = 3600.0  # how long one is kept
@@ -3441,12 +3441,12 @@ def stored_record(plan, request, response, reply):
 
 # Anthropic Messages response ################################################################
 
-# ProxyError status -> Anthropic's error type. The statuses the proxy answers are already the
-# API's; overload is 529 there (Claude Code and the SDKs retry it).
+#: ProxyError status -> Anthropic's error type. The statuses the proxy answers are already the
+#: API's; overload is 529 there (Claude Code and the SDKs retry it).
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                          403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                          429: "rate_limit_error", 529: "overloaded_error"}
-# Failures a retry cannot fix are 4xx here: Claude Code retries a 5xx about ten times.
+#: Failures a retry cannot fix are 4xx here: Claude Code retries a 5xx about ten times.
 ANTHROPIC_PERMANENT = {"cli_not_logged_in", "cli_not_found"}
 
 
@@ -3926,8 +3926,8 @@ class ReadDeadlines:
 
 
 # Model aliases ##############################################################################
-# Clients that hard-code OpenAI model names (gpt-4o, gpt-4o-mini) are served by the Claude
-# model an alias names (CLAUDE_MODEL_ALIASES); the response says the name the client asked for.
+#: Clients that hard-code OpenAI model names (gpt-4o, gpt-4o-mini) are served by the Claude
+#: model an alias names (CLAUDE_MODEL_ALIASES); the response says the name the client asked for.
 
 
 def parse_model_aliases(text):
@@ -3962,11 +3962,11 @@ def unknown_model(model, config, detail=""):
 
 
 # Spend and budgets ##########################################################################
-# The CLI's result carries total_cost_usd: what its run would cost at API prices, from the
-# CLI's own price table (the translator keeps this request's share). Spend adds it up by model
-# and by day, with the tokens by kind, for /metrics, /health, the access log and the daily
-# budget (CLAUDE_PROXY_DAILY_BUDGET_USD). Today's spend is kept in a small state file, so a
-# restart does not reset the budget.
+#: The CLI's result carries total_cost_usd: what its run would cost at API prices, from the
+#: CLI's own price table (the translator keeps this request's share). Spend adds it up by model
+#: and by day, with the tokens by kind, for /metrics, /health, the access log and the daily
+#: budget (CLAUDE_PROXY_DAILY_BUDGET_USD). Today's spend is kept in a small state file, so a
+#: restart does not reset the budget.
 
 SPEND_FILE = "spend.json"
 TOKEN_KINDS = (("input", "input_tokens"), ("output", "output_tokens"),
@@ -4147,11 +4147,11 @@ class Spend:
 
 
 # Web page ###################################################################################
-# GET /: a chat and status page for someone who has a browser and nothing else. One document,
-# its style and script inline and allowed by hash in a strict Content-Security-Policy: it loads
-# nothing from anywhere, and talks only to this proxy's own API (same origin, so CORS stays
-# off). Model and user text reach the page's DOM only as text nodes: its Markdown renderer
-# builds elements, and the policy's Trusted Types clause makes any HTML sink throw.
+#: GET /: a chat and status page for someone who has a browser and nothing else. One document,
+#: its style and script inline and allowed by hash in a strict Content-Security-Policy: it loads
+#: nothing from anywhere, and talks only to this proxy's own API (same origin, so CORS stays
+#: off). Model and user text reach the page's DOM only as text nodes: its Markdown renderer
+#: builds elements, and the policy's Trusted Types clause makes any HTML sink throw.
 
 WEB_PAGE_HTML = r"""<!doctype html>
 <html lang="en">
@@ -5109,7 +5109,7 @@ WEB_PAGE_HEADERS = {
 _log_lock = threading.Lock()
 
 
-# Control characters from outside (ESC starts a terminal escape sequence) never reach the log.
+#: Control characters from outside (ESC starts a terminal escape sequence) never reach the log.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 LOG_UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
@@ -6065,9 +6065,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 
 # MCP server mode ############################################################################
-# `claude_proxy.py --mcp-tools FILE`: started by the CLI (see mcp_config), it lists the client's
-# functions as MCP tools so the model calls them natively. It never runs them: the proxy hands
-# the model's calls back to the client as OpenAI tool_calls.
+#: `claude_proxy.py --mcp-tools FILE`: started by the CLI (see mcp_config), it lists the client's
+#: functions as MCP tools so the model calls them natively. It never runs them: the proxy hands
+#: the model's calls back to the client as OpenAI tool_calls.
 
 MCP_PROTOCOL_VERSION = "2025-06-18"
 
@@ -6286,9 +6286,9 @@ class ProxyServer(ThreadingHTTPServer):
             time.sleep(0.02)
 
 
-# Every signal whose default would end the proxy at once (leaving clients without an answer and
-# the runs' system-prompt files in TMPDIR) is a graceful shutdown instead: SIGHUP comes from a
-# closed terminal or ssh session. Only SIGKILL (and a crash) cannot be handled.
+#: Every signal whose default would end the proxy at once (leaving clients without an answer and
+#: the runs' system-prompt files in TMPDIR) is a graceful shutdown instead: SIGHUP comes from a
+#: closed terminal or ssh session. Only SIGKILL (and a crash) cannot be handled.
 GRACEFUL_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGBREAK", "SIGUSR1", "SIGUSR2",
                     "SIGALRM", "SIGXCPU", "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGPWR")
 
