@@ -492,11 +492,14 @@ LOG_LINES = []  # what the proxy logged during the tests (kept off the test outp
 _real_log = cp.log
 
 
-CONFIG_DIR = tempfile.mkdtemp(prefix="claude-proxy-test-config-")
-STATE_DIR = tempfile.mkdtemp(prefix="claude-proxy-test-state-")  # never the user's own
+# Made when the tests start, not on import: the benchmark imports this module for its stub.
+CONFIG_DIR = STATE_DIR = None
 
 
 def setUpModule():
+    global CONFIG_DIR, STATE_DIR
+    CONFIG_DIR = tempfile.mkdtemp(prefix="claude-proxy-test-config-")
+    STATE_DIR = tempfile.mkdtemp(prefix="claude-proxy-test-state-")  # never the user's own
     cp.log = LOG_LINES.append
     # The CLI's config directory (where session files for --resume go): the tests' own.
     os.environ["CLAUDE_CONFIG_DIR"] = CONFIG_DIR
