@@ -77,7 +77,7 @@ MAX_PENDING_HEADS = 500  # under the 512 sockets select() takes on Windows
 BODY_READ_SECONDS = 30.0  # from the head to the body's last byte
 DISCARD_SECONDS, DISCARD_BYTES = 2.0, 64 * 1024 * 1024  # unread body dropped after an early answer
 EXTRA_CONNECTIONS = 64  # requests served at once beyond concurrency + queue (GETs, errors)
-STOP_GRACE_SECONDS = 1.5  # SIGTERM, then SIGKILL after this long
+STOP_GRACE_SECONDS = 1.5  # how long a killed run may take to end, and its last stderr lines to arrive
 #: A read or write of the client's socket that makes no progress for this long (or for the
 #: run's timeout, if shorter) drops the client: a client that stops reading frees its run slot.
 SOCKET_IO_SECONDS = 30.0
@@ -1542,10 +1542,17 @@ def cli_blocks(blocks, role):
     return out
 
 
-def session_lines(turns, session_id, cwd, model):
+def session_lines(turns, session_id, cwd, model, deferred=None):
     """A session file the CLI resumes as real turns: one entry per turn, chained by parentUuid.
     It must end with an assistant turn: resuming a session that ends with a user turn makes
-    the CLI add an answer of its own ("No response requested.")."""
+    the CLI add an answer of its own ("No response requested."), and tool results cannot come
+    on stdin (the CLI drops a tool_use it finds unanswered in the session).
+
+    deferred: the one tool_use block of the last turn whose result the client has sent. The
+    file then ends with the marker a PreToolUse hook's "defer" leaves (checked with 2.1.197):
+    on resume the CLI runs that call itself, through the MCP bridge, which answers with the
+    client's result, and goes on with the model, adding "Continue from where you left off." to
+    the tool result. Only one call can be deferred."""
     lines, parent = [], None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     for number, turn in enumerate(turns):
@@ -1565,7 +1572,32 @@ def session_lines(turns, session_id, cwd, model):
             "cwd": cwd, "sessionId": session_id, "version": SESSION_FORMAT_VERSION},
             ensure_ascii=False))
         parent = entry_id
+    if deferred:
+        lines.append(json.dumps({
+            "parentUuid": parent, "isSidechain": False, "type": "attachment",
+            "attachment": {"type": "hook_deferred_tool", "toolUseID": cli_tool_id(deferred["id"]),
+                           "toolName": MCP_PREFIX + mcp_tool_name(deferred["name"]),
+                           "toolInput": deferred["input"], "hookName": "settings",
+                           "hookEvent": "PreToolUse", "permissionMode": "default"},
+            "uuid": str(uuid.uuid4()), "timestamp": stamp, "userType": "external",
+            "entrypoint": "sdk-cli", "cwd": cwd, "sessionId": session_id,
+            "version": SESSION_FORMAT_VERSION}, ensure_ascii=False))
     return "\n".join(lines) + "\n"
+
+
+def deferrable_call(plan, turns):
+    """The one tool_use block whose result alone makes the conversation's last turn, when the
+    CLI can be resumed with that call deferred (session_lines): the call is the last assistant
+    turn's only one and a function this request offers. Else None."""
+    last, reply = turns[-1]["content"], turns[-2]["content"] if len(turns) > 1 else []
+    calls = [b for b in reply if b["type"] == "tool_use"]
+    if len(turns) < 3 or len(last) != 1 or last[0]["type"] != "tool_result" or len(calls) != 1:
+        return None
+    if cli_tool_id(calls[0]["id"]) != cli_tool_id(last[0]["tool_use_id"]):
+        return None
+    if calls[0]["name"] not in {t["name"] for t in plan.get("tools") or ()}:
+        return None
+    return calls[0]
 
 
 def mcp_results(blocks):
@@ -1858,7 +1890,12 @@ class CliRun:
         self.stop()
 
     def stop(self):
-        """Stop the process group: TERM, then KILL after a short grace. Idempotent."""
+        """Stop the process group at once (KILL). Idempotent.
+
+        Not TERM first: a CLI waiting in the MCP bridge for a tool result, given TERM, sees the
+        bridge die before itself, takes the failed call as the tool's answer and asks the model
+        again while it shuts down: a paid call nobody reads (seen with 2.1.197). It has nothing
+        to save (--no-session-persistence), and its folder goes with it."""
         with self._lock:
             if self._stopped:
                 return
@@ -1866,15 +1903,14 @@ class CliRun:
             if self._timer:
                 self._timer.cancel()
         if self.proc.poll() is None:
-            signal_group(self.proc, hard=False)
+            kill_group(self.proc)
             try:
                 self.proc.wait(STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                signal_group(self.proc, hard=True)
-                self.proc.wait()
+                log("a claude CLI process did not end after SIGKILL within %gs" % STOP_GRACE_SECONDS)
         elif os.name != "nt":
             # The CLI itself exited; anything it left behind in its group goes too.
-            signal_group(self.proc, hard=True)
+            kill_group(self.proc)
         self.returncode = self.proc.returncode
         # Its last stderr lines explain a failure (run_failure reads them): the reader gets
         # them and its end of file once the process group is gone.
@@ -1899,8 +1935,8 @@ class CliRun:
         self.stop()
 
 
-def signal_group(proc, hard):
-    """TERM (or KILL) a run's whole process group; on Windows, its whole process tree."""
+def kill_group(proc):
+    """KILL a run's whole process group; on Windows, its whole process tree."""
     try:
         if os.name == "nt":
             # claude.cmd is cmd.exe running node: ending cmd.exe alone would orphan the CLI,
@@ -1908,13 +1944,13 @@ def signal_group(proc, hard):
             subprocess.run(["taskkill", "/T", "/F", "/PID", str(proc.pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         else:
-            os.killpg(proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL)
     except (OSError, subprocess.SubprocessError):
         pass  # already gone
 
 
 def stop_runs(runs, reason=None):
-    """Stop several runs at once: each may take STOP_GRACE_SECONDS to answer its TERM."""
+    """Stop several runs at once: each may take STOP_GRACE_SECONDS to end."""
     threads = [threading.Thread(target=run.cancel if reason else run.stop,
                                 args=(reason,) if reason else ()) for run in runs]
     for thread in threads:
@@ -2024,7 +2060,7 @@ class CliRunner:
         with self._version_lock:
             self._version, self._version_stamp = version, self.binary_stamp()
 
-    def spawn(self, plan, shape=None, history=None):
+    def spawn(self, plan, shape=None, history=None, deferred=None):
         """Start a process for a plan's shape, waiting for its message; with `history` (turns
         ending with an assistant turn), resuming a session file that holds them. Raises a
         ProxyError if it cannot start: 502 for the CLI, 503 for TMPDIR."""
@@ -2049,7 +2085,8 @@ class CliRunner:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(session_lines(history, session_id, os.path.realpath(workdir),
-                                          plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL))
+                                          plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL,
+                                          deferred))
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
@@ -2100,6 +2137,11 @@ class CliRunner:
             run = self._resumed(plan, shape, turns, live)
             if run is not None:
                 return run
+        deferred = real_turns and deferrable_call(plan, turns)
+        if deferred:
+            run = self._resumed(plan, shape, turns, live, deferred)
+            if run is not None:
+                return run
         return self._fresh(plan, shape, transcript_prompt(plan["conversation"]), live)
 
     def _fresh(self, plan, shape, content, live):
@@ -2115,14 +2157,26 @@ class CliRunner:
             log("prompt: %s" % message[:4000].decode("utf-8", "replace"))
         run.send(message, live)
 
-    def _resumed(self, plan, shape, turns, live):
+    def _resumed(self, plan, shape, turns, live, deferred=None):
         """A cold run resuming the earlier turns from a session file; None if the CLI could not
         load it (it may hang without a word: it gets RESUME_START_SECONDS). A CLI binary that
-        failed once is not asked again: every continuation would pay the wait."""
+        failed once is not asked again: every continuation would pay the wait.
+
+        deferred: the last turn is the result of this one call (deferrable_call): the session
+        ends with it deferred, and the bridge gets its result; nothing goes on stdin."""
         if self._resume_failed is not None and self._resume_failed == self.binary_stamp():
             return None
-        run = self.spawn(plan, shape, history=turns[:-1])
-        self._send(run, turns[-1]["content"], live)
+        run = self.spawn(plan, shape, history=turns[:-1], deferred=deferred)
+        if deferred:
+            [result] = turns[-1]["content"]
+            run.give_results([{"content": mcp_results(result["content"]),
+                               "isError": bool(result.get("is_error"))}])
+            run.live = live
+            run.begin_turn()
+            if not live:  # the CLI exits once it has answered
+                threading.Thread(target=run._write_stdin, args=(b"",), daemon=True).start()
+        else:
+            self._send(run, turns[-1]["content"], live)
         first = run.first_event(RESUME_START_SECONDS)
         if first is not None and not (first.get("type") == "result" and first.get("is_error")):
             return run

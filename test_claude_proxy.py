@@ -173,7 +173,7 @@ def result(text, is_error=False, status=None, subtype="success", stop_reason="en
           "modelUsage": model_usage or {}, "permission_denials": [], "uuid": str(uuid.uuid4())})
 
 # --resume: the earlier turns from the session file the proxy wrote, as the real CLI reads it.
-history = []
+history, deferred_call = [], None
 if flags.get("--resume"):
     home = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.environ.get("HOME", ""), ".claude")
     session_path = os.path.join(home, "projects", re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd())),
@@ -188,6 +188,9 @@ if flags.get("--resume"):
     record["session_folder_mode"] = os.stat(os.path.dirname(session_path)).st_mode & 0o777
     entries = [json.loads(l) for l in open(session_path) if l.strip()]
     history = [e["message"] for e in entries if e.get("type") in ("user", "assistant")]
+    if entries and (entries[-1].get("attachment") or {}).get("type") == "hook_deferred_tool":
+        deferred_call = entries[-1]["attachment"]  # the real CLI runs it at once on resume
+        record["deferred"] = deferred_call
     record["resumed"] = list(history)
     save()
     if any(m["role"] == "assistant" and "model" not in m for m in history) or "HANGONRESUME" in json.dumps(history):
@@ -418,6 +421,19 @@ def all_texts(messages):
 # A live process: one user line after another, each answered with the whole history, as the
 # real CLI does; after a call of the client's tools, the next model call once the bridge answers.
 first = True
+if deferred_call:  # a deferred tool call: run it through the bridge, then answer, as the real CLI
+    server, tool = deferred_call["toolName"].split("__")[1], deferred_call["toolName"].split("__", 2)[2]
+    answered = mcp_rpc[server]({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                                "params": {"name": tool, "arguments": deferred_call["toolInput"]}})["result"]
+    block = {"type": "tool_result", "tool_use_id": deferred_call["toolUseID"], "content": answered["content"]}
+    emit({"type": "user", "message": {"role": "user", "content": [block]}, "session_id": session,
+          "uuid": str(uuid.uuid4())})
+    history.append({"role": "user", "content": [block, {"type": "text", "text": "Continue from where you left off."}]})
+    record["history"] = history
+    save()
+    while reply_once(first):
+        first = False
+    first = False
 while True:
     line = sys.stdin.readline()
     record.setdefault("message_at", time.time())
@@ -1311,7 +1327,7 @@ class ServerTestCase(unittest.TestCase):
                 except (OSError, ValueError):
                     continue  # being replaced right now
         out.sort(key=lambda r: r["started_at"])
-        return [r for r in out if r.get("stdin") or not runs_only]
+        return [r for r in out if r.get("stdin") or r.get("deferred") or not runs_only]
 
     def assert_error(self, status_and_body, status, param=None, code=None):
         got_status, headers, raw = status_and_body
@@ -1764,11 +1780,15 @@ class ErrorTest(ServerTestCase):
                     messages.append({"role": "user", "content": "CALLTOOL and tomorrow?"})
         self.assertEqual(reply["choices"][0]["finish_reason"], "stop")
         self.assertTrue(message["content"].startswith("Final answer using RESULT-rainy"), message["content"])
-        transcript = json.loads(self.records()[-1]["stdin"])["message"]["content"][0]["text"]
+        # Round 2 (a result and words in one turn) went as a transcript; round 3 (a result alone)
+        # as real turns, resuming a session in which the call is deferred.
+        transcript = json.loads(self.records()[-2]["stdin"])["message"]["content"][0]["text"]
         for piece in ('<tool_call id="%s" name="get_weather">{"city":"Paris"}</tool_call>' % messages[2]["tool_calls"][0]["id"],
-                      '<tool tool_call_id="%s">\nsunny\n</tool>' % messages[2]["tool_calls"][0]["id"],
-                      "CALLTOOL and tomorrow?", "RESULT-rainy"):
+                      '<tool tool_call_id="%s">\nsunny\n</tool>' % messages[2]["tool_calls"][0]["id"]):
             self.assertIn(piece, transcript)
+        last = self.records()[-1]
+        self.assertIn("CALLTOOL and tomorrow?", json.dumps(last["resumed"]))
+        self.assertIn("RESULT-rainy", json.dumps(last["history"]))
 
     def test_bad_tools_are_400(self):
         cases = [([{"type": "function", "function": {"name": "bad name!"}}], "tools[0].function.name"),
@@ -4593,9 +4613,9 @@ class ResponsesServerTest(ServerTestCase):
         self.assertEqual(second["previous_response_id"], first["id"])
         self.assertTrue(second["output_text"].startswith("Final answer using RESULT-sunny"))
         record = self.records()[-1]
-        transcript = json.loads(record["stdin"])["message"]["content"][0]["text"]
-        self.assertIn("CALLTOOL weather?", transcript)
-        self.assertIn('<tool_call id="%s" name="get_weather">{"city":"Paris"}</tool_call>' % call["call_id"], transcript)
+        # No process kept here (no pool): the stored conversation is resumed, the call deferred.
+        self.assertIn("CALLTOOL weather?", json.dumps(record["resumed"]))
+        self.assertEqual(record["deferred"]["toolUseID"], cp.cli_tool_id(call["call_id"]))
         self.assertEqual(record["system_prompt"], cp.DEFAULT_SYSTEM_PROMPT, "instructions are not carried over")
         third = self.respond({"previous_response_id": second["id"], "input": "and tomorrow?"})
         record = self.records()[-1]
@@ -5622,3 +5642,34 @@ class ClaudeCodeSystemPromptTest(unittest.TestCase):
             {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
             {"type": "text", "text": "You are Claude Code."}]})
         self.assertEqual(plan["system_prompt"], "You are Claude Code.")
+
+
+class DeferredToolTest(ServerTestCase):
+    """A conversation that ends with a tool's result and has no process kept for it: the CLI
+    resumes a session in which that call is deferred, and the bridge hands it the result."""
+
+    def test_a_tool_result_without_its_process_is_still_a_real_turn(self):
+        status, _, raw = self.chat({"tools": [WEATHER], "messages": [
+            {"role": "user", "content": "CALLTOOL weather?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_abc", "content": "RESULT-sunny"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertTrue(json.loads(raw)["choices"][0]["message"]["content"].startswith("Final answer using RESULT-sunny"))
+        [record] = [r for r in self.records(runs_only=False) if "resumed" in r]
+        self.assertEqual(record["deferred"]["toolUseID"], "toolu_abc")
+        self.assertEqual(record["deferred"]["toolName"], "mcp__fn__get_weather")
+        self.assertEqual([m["role"] for m in record["resumed"]], ["user", "assistant"])
+        self.assertEqual(record["history"][2]["content"][0]["content"], [{"type": "text", "text": "RESULT-sunny"}],
+                         "the client's result, as a real tool_result")
+        self.assertTrue(wait_until(lambda: session_files() == []))
+
+    def test_parallel_results_go_as_a_transcript(self):
+        calls = [{"id": "call_%d" % n, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                 for n in range(2)]
+        status, _, raw = self.chat({"tools": [WEATHER], "messages": [
+            {"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "call_0", "content": "a"}, {"role": "tool", "tool_call_id": "call_1", "content": "b"}]})
+        self.assertEqual(status, 200, raw)
+        [record] = self.records()
+        self.assertNotIn("resumed", record, "only one call can be deferred")
