@@ -656,25 +656,37 @@ def parse_tools(body):
 
     single = body.get("parallel_tool_calls") is False
     choice_param = "tool_choice" if param == "tools" else "function_call"
-    if choice in (None, "auto"):
-        instruction = None
-    elif choice == "none":
-        return [], None, False, legacy  # nothing offered: the model can only answer in text
-    elif choice in ("required", "any"):
-        instruction = "You must answer by calling %s of the tools you are given." % (
-            "exactly one" if single else "one or more")
+    if choice in (None, "auto", "none", "required", "any"):
+        mode, wanted = {None: "auto", "any": "required"}.get(choice, choice), None
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        wanted = choice["function"].get("name")
-        _require(wanted in names, "tool_choice names a function that is not in `%s`" % param,
-                 choice_param)
-        functions = [f for f in functions if f["name"] == wanted]
-        instruction = "You must answer by calling the tool %s%s." % (MCP_PREFIX, functions[0]["mcp_name"])
+        mode, wanted = "named", choice["function"].get("name")
     else:
         raise invalid("tool_choice must be \"none\", \"auto\", \"required\" or "
                       "{\"type\": \"function\", \"function\": {\"name\": ...}}", choice_param)
+    functions, instruction = offered_tools(functions, mode, wanted, single, param, choice_param)
+    return functions, instruction, single and bool(functions), legacy
+
+
+def offered_tools(functions, mode, wanted, single, tools_param, choice_param):
+    """What every dialect's tool choice comes to: (the functions the model is offered, the
+    instruction for the system prompt). The CLI has no tool_choice: "required" and a named
+    function are instructions, and a named function is the only one offered; "none" offers
+    none. mode: auto, none, required (one call or more) or named (`wanted`)."""
+    if mode == "none":
+        return [], None  # nothing offered: the model can only answer in text
+    if mode == "auto":
+        instruction = None
+    elif mode == "required":
+        instruction = "You must answer by calling %s of the tools you are given." % (
+            "exactly one" if single else "one or more")
+    else:
+        _require(wanted in [f["name"] for f in functions], "tool_choice names a function that is "
+                 "not in `%s`" % tools_param, choice_param)
+        functions = [f for f in functions if f["name"] == wanted]
+        instruction = "You must answer by calling the tool %s%s." % (MCP_PREFIX, functions[0]["mcp_name"])
     if single:
         instruction = ((instruction + " ") if instruction else "") + "Call at most one tool in this reply."
-    return functions, instruction, single, legacy
+    return functions, instruction
 
 
 def parse_response_format(response_format):
@@ -948,24 +960,17 @@ def responses_tools(body):
     if not functions:
         _require(choice in (None, "none", "auto"), "tool_choice needs function tools", "tool_choice")
         return [], None, False, {}
-    if choice in (None, "auto"):
-        instruction = None
-    elif choice == "none":
-        return [], None, False, {}
-    elif choice == "required":
-        instruction = "You must answer by calling %s of the tools you are given." % (
-            "exactly one" if single else "one or more")
+    if choice in (None, "auto", "none", "required"):
+        mode, wanted = choice or "auto", None
     elif isinstance(choice, dict) and choice.get("type") == "function":
-        wanted = namespaced(choice.get("namespace"), choice.get("name"))
-        _require(wanted in names, "tool_choice names a function that is not in `tools`", "tool_choice")
-        functions = [f for f in functions if f["name"] == wanted]
-        instruction = "You must answer by calling the tool %s%s." % (MCP_PREFIX, functions[0]["mcp_name"])
+        mode, wanted = "named", namespaced(choice.get("namespace"), choice.get("name"))
     else:
         raise invalid("tool_choice must be \"none\", \"auto\", \"required\", {\"type\": \"function\", "
                       "\"name\": ...} or allowed_tools; tools of other types are not offered by "
                       "this proxy", "tool_choice")
-    if single:
-        instruction = ((instruction + " ") if instruction else "") + "Call at most one tool in this reply."
+    functions, instruction = offered_tools(functions, mode, wanted, single, "tools", "tool_choice")
+    if not functions:
+        return [], None, False, {}
     return functions, instruction, single, namespaces
 
 
@@ -1314,14 +1319,15 @@ def anthropic_tools(tools, choice):
                  "tool_choice.name")
     if kind != "auto" and not functions:
         _require(kind == "none", "tool_choice needs tools", "tool_choice")
-    # The same instruction as Chat Completions gives for the same choice.
-    chat_choice = {"auto": "auto", "any": "required", "none": "none",
-                   "tool": {"type": "function", "function": {"name": choice.get("name")}}}[kind]
-    functions, instruction, single, _ = parse_tools({
-        "tools": [{"type": "function", "function": {"name": f["name"], "description": f["description"],
-                                                     "parameters": f["input_schema"]}} for f in functions],
-        "tool_choice": chat_choice, "parallel_tool_calls": False if parallel else None})
-    return functions, instruction, single
+    if not functions:
+        return [], None, False
+    names = [f["name"] for f in functions]
+    _require(len(set(names)) == len(names), "tool names must be unique", "tools")
+    single = parallel is True
+    mode = {"auto": "auto", "any": "required", "none": "none", "tool": "named"}[kind]
+    functions, instruction = offered_tools(functions, mode, choice.get("name"), single, "tools",
+                                           "tool_choice")
+    return functions, instruction, single and bool(functions)
 
 
 def anthropic_output_schema(body):
