@@ -2173,17 +2173,21 @@ class CliRunner:
         if self._resume_failed is not None and self._resume_failed == self.binary_stamp():
             return None
         run = self.spawn(plan, shape, history=turns[:-1], deferred=deferred)
-        if deferred:
-            [result] = turns[-1]["content"]
-            run.give_results([{"content": mcp_results(result["content"]),
-                               "isError": bool(result.get("is_error"))}])
-            run.live = live
-            run.begin_turn()
-            if not live:  # the CLI exits once it has answered
-                threading.Thread(target=run._write_stdin, args=(b"",), daemon=True).start()
-        else:
-            self._send(run, turns[-1]["content"], live)
-        first = run.first_event(RESUME_START_SECONDS)
+        try:
+            if deferred:
+                [result] = turns[-1]["content"]
+                run.give_results([{"content": mcp_results(result["content"]),
+                                   "isError": bool(result.get("is_error"))}])
+                run.live = live
+                run.begin_turn()
+                if not live:  # the CLI exits once it has answered
+                    threading.Thread(target=run._write_stdin, args=(b"",), daemon=True).start()
+            else:
+                self._send(run, turns[-1]["content"], live)
+            first = run.first_event(RESUME_START_SECONDS)
+        except BaseException:
+            run.stop()  # no request holds it yet
+            raise
         if first is not None and not (first.get("type") == "result" and first.get("is_error")):
             return run
         run.stop()
