@@ -689,22 +689,34 @@ def offered_tools(functions, mode, wanted, single, tools_param, choice_param):
     return functions, instruction
 
 
-def parse_response_format(response_format):
-    """response_format -> the JSON schema the CLI must fill (--json-schema), or None for text."""
-    if response_format is None:
+def output_format(form, param, schema_of):
+    """An OpenAI output format (Chat's response_format, Responses' text.format) -> the JSON
+    schema the CLI must fill (--json-schema), or None for text. schema_of(form) finds the
+    schema where the dialect keeps it, as (schema, its param)."""
+    if form is None:
         return None
-    _require(isinstance(response_format, dict), "response_format must be an object", "response_format")
-    kind = response_format.get("type")
+    _require(isinstance(form, dict), "%s must be an object" % param, param)
+    kind = form.get("type")
     if kind in (None, "text"):
         return None
     if kind == "json_object":
         return {"type": "object"}
-    _require(kind == "json_schema", "response_format.type must be text, json_object or json_schema",
-             "response_format.type")
+    _require(kind == "json_schema", "%s.type must be text, json_object or json_schema" % param,
+             param + ".type")
+    return cli_schema(*schema_of(form))
+
+
+def chat_format_schema(response_format):
+    """Chat Completions nests the schema: response_format.json_schema.schema."""
     spec = response_format.get("json_schema")
     _require(isinstance(spec, dict), "response_format.json_schema must be an object",
              "response_format.json_schema")
-    return cli_schema(spec.get("schema"), "response_format.json_schema.schema")
+    return spec.get("schema"), "response_format.json_schema.schema"
+
+
+def parse_response_format(response_format):
+    """response_format -> the JSON schema the CLI must fill, or None for text."""
+    return output_format(response_format, "response_format", chat_format_schema)
 
 
 def parse_chat_request(body, default_model=None, default_effort=None):
@@ -979,19 +991,8 @@ def responses_text_format(text):
     if text is None:
         return None
     _require(isinstance(text, dict), "`text` must be an object", "text")
-    form = text.get("format")
-    if form is None:
-        return None
-    _require(isinstance(form, dict), "text.format must be an object", "text.format")
-    kind = form.get("type")
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    _require(kind == "json_schema", "text.format.type must be text, json_object or json_schema",
-             "text.format.type")
-    schema = cli_schema(form.get("schema"), "text.format.schema")
-    return schema
+    return output_format(text.get("format"), "text.format",
+                         lambda form: (form.get("schema"), "text.format.schema"))
 
 
 def refuse_misleading_responses_options(body):
