@@ -473,6 +473,23 @@ def conversation_key(scope, shape, turns):
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
+def request_model(body, default_model):
+    """A request's `model` (every dialect's), checked: it goes into argv; else the default."""
+    model = body.get("model")
+    if model is None or model == "":
+        return default_model
+    _require(isinstance(model, str) and MODEL_NAME.match(model), "Invalid model name %r" % (model,),
+             "model", "model_not_found")
+    return model
+
+
+def request_stream(body):
+    """A request's `stream` (every dialect's): a boolean, or absent."""
+    stream = body.get("stream", False)
+    _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
+    return bool(stream)
+
+
 # OpenAI Chat Completions request ############################################################
 
 
@@ -736,15 +753,9 @@ def parse_chat_request(body, default_model=None, default_effort=None):
     conv = chat_conversation(body["messages"])
     system_prompt = conv["system"]
 
-    model = body.get("model")
-    if model is None or model == "":
-        model = default_model
-    else:
-        _require(isinstance(model, str) and MODEL_NAME.match(model),
-                 "Invalid model name %r" % (model,), "model", "model_not_found")
+    model = request_model(body, default_model)
 
-    stream = body.get("stream", False)
-    _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
+    stream = request_stream(body)
     stream_options = body.get("stream_options") or {}
     _require(isinstance(stream_options, dict), "`stream_options` must be an object", "stream_options")
     include_usage = bool(stream) and stream_options.get("include_usage") is True
@@ -1042,14 +1053,8 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     conv = conversation([instructions or ""] + kept_system + system_parts, turns, "input")
     system_prompt = conv["system"]
 
-    model = body.get("model")
-    if model is None or model == "":
-        model = default_model
-    else:
-        _require(isinstance(model, str) and MODEL_NAME.match(model),
-                 "Invalid model name %r" % (model,), "model", "model_not_found")
-    stream = body.get("stream", False)
-    _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
+    model = request_model(body, default_model)
+    stream = request_stream(body)
     store = body.get("store", True)
     _require(store is None or isinstance(store, bool), "`store` must be a boolean", "store")
 
@@ -1376,18 +1381,12 @@ def parse_messages_request(body, default_model=None, default_effort=None):
     _require("messages" in body, "Missing required parameter: `messages`", "messages")
     conv = anthropic_conversation(body["messages"], body.get("system"))
 
-    model = body.get("model")
-    if model is None or model == "":
-        model = default_model
-    else:
-        _require(isinstance(model, str) and MODEL_NAME.match(model), "Invalid model name %r" % (model,),
-                 "model", "model_not_found")
+    model = request_model(body, default_model)
     max_tokens = body.get("max_tokens")
     _require(max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
                                     and 1 <= max_tokens <= MAX_TOKENS),
              "`max_tokens` must be a whole number from 1 to %d" % MAX_TOKENS, "max_tokens")
-    stream = body.get("stream", False)
-    _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
+    stream = request_stream(body)
     stop = body.get("stop_sequences")
     _require(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
              "`stop_sequences` must be an array of strings", "stop_sequences")
