@@ -1739,7 +1739,6 @@ class CliRun:
         self.binary = runner.binary_stamp()
         self.spawned_at = time.monotonic()
         self.timeout = runner.timeout
-        self.sent = False
         self.serving = False  # answering a request now (not waiting in the pool or parked)
         self.live = False  # stdin stays open after the message: it can serve the next turn
         self.model = None  # the model the CLI said it runs (its init event)
@@ -1784,7 +1783,7 @@ class CliRun:
     def begin_turn(self):
         """A request starts using the run: the timeout counts from here."""
         with self._lock:
-            self.sent = self.serving = True
+            self.serving = True
             if self._stopped:
                 return
             if self._timer:
