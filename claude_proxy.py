@@ -24,6 +24,7 @@ __version__ = "0.2.0"
 import argparse
 import base64
 import binascii
+import calendar
 import collections
 import hashlib
 import errno
@@ -67,6 +68,14 @@ DEFAULT_MAX_QUEUE = 32  # requests waiting for a run slot; more get 429
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGHUP/SIGINT
 DEFAULT_KEEPALIVE = 15.0  # seconds of stream silence before a keep-alive (CLAUDE_KEEPALIVE)
 BUSY_RETRY_AFTER = 2  # Retry-After, in seconds, when every slot and queue place is taken
+#: At a subscriber's reached limit, requests are refused from what the proxy knows, without a
+#: run, but one probe run is let through this often: the user may have bought more usage.
+PLAN_PROBE_SECONDS = 60.0
+PLAN_WARN_LEVELS = (0.8, 0.95)  # a window's use the log mentions once, on the way up
+CACHE_TTLS = ("auto", "5m", "1h")
+#: With --cache-ttl auto, a conversation whose turns come further apart than this outlives the
+#: API's 5-minute cache entries: it is given 1-hour entries from then on.
+CACHE_5M_SECONDS = 270.0
 #: A connection costs a thread only once its request head has arrived whole: until then one
 #: selectors loop holds it, for at most HEAD_READ_SECONDS and MAX_HEAD_BYTES (common servers'
 #: default). When MAX_PENDING_HEADS connections are still sending heads, the oldest is dropped.
@@ -231,12 +240,113 @@ def retry_error(event):
     return None
 
 
-def result_error(result):
-    """A `result` event -> the ProxyError it stands for, or None for a successful run."""
+def iso_utc(seconds):
+    """Epoch seconds -> ISO 8601 in UTC, to the second: 2026-12-06T04:17:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+#: How the CLI names a subscriber's windows in words (its rateLimitType and unifiedWindows keys).
+PLAN_WINDOW_WORDS = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
+                     "seven_day_sonnet": "weekly Sonnet", "overage": "extra usage"}
+#: A limit further away than this is not worth a client's retry: x-should-retry: false.
+PLAN_NO_RETRY_SECONDS = 60
+#: The CLI's words for a subscriber's reached limit (2.1.197 and 2.1.332: "You've hit your
+#: limit · resets 4:17am (UTC)", "You've hit your 5-hour limit", "your weekly limit · resets
+#: Dec 9, 3:17am (UTC)"), and for spent usage credits ("You're out of extra usage. Add more at
+#: claude.ai/settings/usage and keep going."). The API's status decides first; these only tell a
+#: plan's 429 from any other 429, and spent credits from any other 400.
+PLAN_LIMIT_TEXT = re.compile(r"(?:hit|reached) your (?:[\w-]+ )*limit", re.I)
+CREDITS_SPENT_TEXT = re.compile(r"out of (?:extra usage|usage credits|credits)|credit balance is too low", re.I)
+#: "resets 4:17am (UTC)" or "resets Dec 9, 3:17am (UTC)": the reset time, when the CLI printed
+#: no rate_limit_event in this run to give it exactly (only read when the zone is UTC).
+LIMIT_RESET_TEXT = re.compile(r"resets (?:(?P<month>[A-Z][a-z]{2}) (?P<day>\d{1,2}), )?"
+                              r"(?P<hour>\d{1,2})(?::(?P<minute>\d{2}))?(?P<half>am|pm) \(UTC\)")
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def limit_reset_from_text(text, now):
+    """The reset time a limit message names in UTC, as epoch seconds after `now`, or None."""
+    match = LIMIT_RESET_TEXT.search(text or "")
+    if not match:
+        return None
+    hour = int(match.group("hour")) % 12 + (12 if match.group("half") == "pm" else 0)
+    minute = int(match.group("minute") or 0)
+    today = time.gmtime(now)
+    if match.group("month"):
+        month, day = MONTHS.index(match.group("month")) + 1, int(match.group("day"))
+        year = today.tm_year + (1 if month < today.tm_mon else 0)  # Dec 30 -> Jan 2
+    else:
+        year, month, day = today.tm_year, today.tm_mon, today.tm_mday
+    reset = calendar.timegm((year, month, day, hour, minute, 0))
+    if not match.group("month") and reset <= now:
+        reset += 86400  # "resets 1:00am" said at 11pm: tomorrow
+    return reset if reset > now else None
+
+
+def plan_limit_reached(window, resets_at, now, detail=""):
+    """A subscriber's plan window (five_hour, seven_day, ...) is used up until `resets_at`.
+
+    429 with Retry-After to the reset, and x-should-retry: false when that is more than a
+    minute away: the SDKs would otherwise retry at once, and frameworks for hours, each try a
+    CLI run and a model request that cannot succeed."""
+    words = PLAN_WINDOW_WORDS.get(window, window or "usage")
+    if resets_at:
+        wait = max(1, int(-(-(resets_at - now) // 1)))
+        message = ("Your Claude plan's %s limit is reached; it resets at %s (in %d s). Requests "
+                   "are refused until then." % (words, iso_utc(resets_at), wait))
+    else:
+        wait = PLAN_PROBE_SECONDS
+        message = "Your Claude plan's %s limit is reached (the CLI said: %s)." % (words, detail[:200])
+    headers = {"Retry-After": str(wait)}
+    if wait > PLAN_NO_RETRY_SECONDS:
+        headers["x-should-retry"] = "false"
+    error = ProxyError(429, message, "rate_limit_error", None, "plan_limit_reached", headers)
+    error.plan_window = (window, resets_at)  # what PlanLimits refuses by until the reset
+    return error
+
+
+def credits_spent(detail):
+    """The plan's usage credits (what headless runs draw on) are spent: a quota, not a bad
+    request. OpenAI answers a spent balance with 429 insufficient_quota; the Anthropic dialect
+    says 402 billing_error (anthropic_error)."""
+    return ProxyError(429, "The Claude plan's usage credits are spent: %s Add credits at "
+                      "claude.ai/settings/usage, or wait for the monthly credit to renew."
+                      % detail[:300].rstrip(), "insufficient_quota", None, "insufficient_quota",
+                      {"x-should-retry": "false"})
+
+
+def plan_limit_of(rate_limit):
+    """(window, resets_at) of a rate_limit_event's info that says a limit is reached, else None."""
+    if not isinstance(rate_limit, dict) or rate_limit.get("status") != "rejected":
+        return None
+    window = rate_limit.get("rateLimitType")
+    windows = rate_limit.get("unifiedWindows")
+    reset = None
+    if isinstance(windows, dict) and isinstance(windows.get(window), dict):
+        reset = windows[window].get("resetsAt")
+    if not isinstance(reset, (int, float)) or isinstance(reset, bool):
+        reset = rate_limit.get("resetsAt")
+    if not isinstance(reset, (int, float)) or isinstance(reset, bool):
+        reset = None
+    return (window if isinstance(window, str) else None), reset
+
+
+def result_error(result, rate_limit=None, now=None):
+    """A `result` event -> the ProxyError it stands for, or None for a successful run.
+
+    rate_limit: the last rate_limit_event's info (this run's, or the one the proxy last saw):
+    it says which plan window a 429 is about, and when it resets."""
     if not result.get("is_error") and result.get("subtype") in ("success", None):
         return None
     status = result.get("api_error_status")
     detail = str(result.get("result") or result.get("subtype") or "unknown error")[:500]
+    now = time.time() if now is None else now
+    limit = plan_limit_of(rate_limit)
+    if status == 429 and (limit or PLAN_LIMIT_TEXT.search(detail)):
+        window, reset = limit or ((rate_limit or {}).get("rateLimitType"), None)
+        return plan_limit_reached(window, reset or limit_reset_from_text(detail, now), now, detail)
+    if status in (400, 402, 403) and CREDITS_SPENT_TEXT.search(detail):
+        return credits_spent(detail)
     if status == 429:
         return rate_limited(5, "Claude's API is rate limiting this account: %s" % detail)
     if status in (529, 503):
@@ -1659,6 +1769,17 @@ def cli_env(base_env, plan):
     env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
     if plan.get("max_tokens"):
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
+    ttl = plan.get("cache_ttl")
+    if ttl in ("5m", "1h"):
+        # The CLI writes a subscriber's prompt cache for 1 hour (a write costs 2x the input
+        # price, a 5-minute one 1.25x), an API key's for 5 minutes. FORCE_PROMPT_CACHING_5M
+        # and ENABLE_PROMPT_CACHING_1H decide it in 2.1.197 and 2.1.332 alike (5M wins over
+        # 1H); 2.1.332 also reads CLAUDE_CODE_PROMPT_CACHE_TTL, and its MESSAGES_ variant.
+        for name in ("FORCE_PROMPT_CACHING_5M", "ENABLE_PROMPT_CACHING_1H",
+                     "CLAUDE_CODE_PROMPT_CACHE_TTL", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL"):
+            env.pop(name, None)
+        env["FORCE_PROMPT_CACHING_5M" if ttl == "5m" else "ENABLE_PROMPT_CACHING_1H"] = "1"
+        env["CLAUDE_CODE_PROMPT_CACHE_TTL"] = ttl
     return env
 
 
@@ -1967,7 +2088,7 @@ def stop_runs(runs, reason=None):
 #: What a process must be started with, as opposed to what its message carries: requests whose
 #: plans agree on these can be served by the same kind of warm process.
 SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens",
-                "max_budget_usd")
+                "max_budget_usd", "cache_ttl")
 
 
 def run_shape(plan):
@@ -2363,6 +2484,63 @@ class Continuations:
             stop_runs(expired)
 
 
+class TurnRhythm:
+    """How far apart a conversation's turns come, for --cache-ttl auto: which prompt-cache
+    lifetime its runs get.
+
+    A 5-minute cache entry costs 1.25x the input price to write, a 1-hour one 2x; a read costs
+    0.1x either way, and a read refreshes the entry. Turns seconds or a few minutes apart (an
+    agent, a tool loop, a quick chat) read every earlier turn from 5-minute entries, at the lower
+    write price. A conversation whose turns come further apart than CACHE_5M_SECONDS (a person
+    who reads, thinks and comes back) would write its whole history again each turn: from the
+    first such gap on it gets 1-hour entries. Its process shape then differs (cache_ttl is a
+    SHAPE_FIELD), so its next turn resumes in a run started with the longer lifetime.
+
+    Remembered per conversation (conversation_key, without the lifetime), for an hour past its
+    last reply, at most `size` conversations."""
+
+    def __init__(self, mode="auto", gap_seconds=CACHE_5M_SECONDS, size=4096, clock=time.monotonic):
+        self.mode = mode
+        self.gap_seconds = gap_seconds
+        self.size = size
+        self.clock = clock
+        self.slow = 0  # conversations given 1-hour entries
+        self._seen = collections.OrderedDict()  # key -> (last reply at, given 1h)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(scope, plan, turns):
+        return conversation_key(scope, run_shape(dict(plan, cache_ttl=None)), turns)
+
+    def ttl_for(self, scope, plan):
+        """The cache lifetime a request's run gets: the mode's, or for auto, its rhythm's."""
+        if self.mode != "auto":
+            return self.mode
+        turns = plan["conversation"]["turns"]
+        if len(turns) < 3:
+            return "5m"
+        with self._lock:
+            last, long_lived = self._seen.get(self._key(scope, plan, turns[:-1]), (None, False))
+            if last is not None and not long_lived and self.clock() - last > self.gap_seconds:
+                long_lived = True
+                self.slow += 1
+        return "1h" if long_lived else "5m"
+
+    def replied(self, scope, plan, reply_blocks):
+        """A reply was sent: the conversation's next turn will follow these turns."""
+        if self.mode != "auto":
+            return
+        turns = plan["conversation"]["turns"] + [{"role": "assistant", "content": reply_blocks}]
+        key = self._key(scope, plan, turns)
+        now = self.clock()
+        with self._lock:
+            self._seen[key] = (now, plan.get("cache_ttl") == "1h")
+            self._seen.move_to_end(key)
+            while self._seen and (len(self._seen) > self.size
+                                  or now - next(iter(self._seen.values()))[0] > 3600):
+                self._seen.popitem(last=False)
+
+
 class WarmPool:
     """CLI processes started ahead of their requests, waiting on stdin, keyed by shape.
 
@@ -2586,8 +2764,11 @@ class ReplyTranslator:
     results (see Runs), and no result event comes."""
 
     def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
-                 live_structured=False):
+                 live_structured=False, rate_limit=None):
         self.stop = list(stop)
+        # The subscriber's plan as the CLI last reported it (a rate_limit_event's info): a kept
+        # process prints one only when the figures change, so the proxy's last one stands in.
+        self.rate_limit = rate_limit
         self.tool_names = {MCP_PREFIX + t["mcp_name"]: t["name"] for t in tools}
         self.single_tool_call = single_tool_call
         self.structured = structured
@@ -2635,6 +2816,8 @@ class ReplyTranslator:
             return self._stream_event(inner if isinstance(inner, dict) else {})
         if kind == "result":
             return self._result(event)
+        if kind == "rate_limit_event" and isinstance(event.get("rate_limit_info"), dict):
+            self.rate_limit = event["rate_limit_info"]
         return []  # "assistant"/"user" repeat what the stream events already carried
 
     def _system(self, event):
@@ -2813,7 +2996,7 @@ class ReplyTranslator:
                 event = dict(event, subtype="success", is_error=False)
                 if not any(self.usage.get(k) for k in MODEL_USAGE_FIELDS.values()):
                     self.usage = dict(self._stream_usage)
-        self.error = result_error(event)
+        self.error = result_error(event, self.rate_limit)
         if self.error:
             return events
         if self.stop_reason not in ("max_tokens", "stop_sequence"):
@@ -3507,7 +3690,7 @@ def stored_record(plan, request, response, reply):
 #: ProxyError status -> Anthropic's error type. The statuses the proxy answers are already the
 #: API's; overload is 529 there (Claude Code and the SDKs retry it).
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         402: "billing_error", 403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                          429: "rate_limit_error", 529: "overloaded_error"}
 #: Failures a retry cannot fix are 4xx here: Claude Code retries a 5xx about ten times.
 ANTHROPIC_PERMANENT = {"cli_not_logged_in", "cli_not_found"}
@@ -3521,6 +3704,8 @@ def anthropic_error(error, request_id):
         status = 403
     elif error.code == "overloaded":
         status = 529
+    elif error.code == "insufficient_quota":
+        status = 402  # what Claude's API answers for a spent balance: billing_error
     kind = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
     headers = dict(error.headers)
     if status >= 500 and "x-should-retry" in headers:
@@ -4206,6 +4391,246 @@ class Spend:
                 lines += ["# HELP claude_proxy_daily_budget_usd CLAUDE_PROXY_DAILY_BUDGET_USD.",
                           "# TYPE claude_proxy_daily_budget_usd gauge",
                           "claude_proxy_daily_budget_usd %r" % float(self.daily_budget)]
+        return "\n".join(lines) + "\n"
+
+
+# Your plan's limits #########################################################################
+#: A subscriber's CLI (logged in with a Pro or Max plan, not an API key) prints a
+#: rate_limit_event in its runs: each window's use (five_hour, seven_day, ...) and when it
+#: resets. PlanLimits keeps the last of them for /health, /metrics, the chat page and the
+#: Anthropic dialect's headers; and once a window is used up (the CLI's result: a 429 naming the
+#: limit) or the plan's usage credits are spent, it refuses new requests from that record,
+#: without a run, but for one probe run a minute, until a run succeeds again.
+
+#: The unified rate-limit headers' names for the windows that have them (anthropic-ratelimit-
+#: unified-5h-utilization, ...): the ones Claude's API sends a subscriber's client.
+UNIFIED_WINDOW_HEADERS = {"five_hour": "5h", "seven_day": "7d"}
+#: rate_limit_info fields that PlanLimits reads; any others are kept as they came, under "other".
+RATE_LIMIT_INFO_FIELDS = ("status", "resetsAt", "rateLimitType", "utilization", "unifiedWindows",
+                          "overageStatus", "isUsingOverage", "overageDisabledReason",
+                          "overageResetsAt")
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plan_windows(info):
+    """A rate_limit_event's info -> {window: {"utilization", "resets_at", "status", ...}}, in the
+    CLI's own window names; the fields a window has beyond those are kept as they came.
+
+    The info's `status` is its representative window's (rateLimitType); another window's status
+    is read off its use: rejected at 100 %, allowed_warning from 80 %."""
+    windows = {}
+    named = info.get("unifiedWindows") if isinstance(info.get("unifiedWindows"), dict) else {}
+    representative = info.get("rateLimitType") if isinstance(info.get("rateLimitType"), str) else None
+    if representative and not isinstance(named.get(representative), dict):
+        named = dict(named, **{representative: {"utilization": info.get("utilization"),
+                                                "resetsAt": info.get("resetsAt")}})
+    for name, window in named.items():
+        if not isinstance(window, dict) or not isinstance(name, str):
+            continue
+        used = window.get("utilization")
+        used = used if is_number(used) else None
+        status = window.get("status")
+        if not isinstance(status, str):
+            if name == representative and isinstance(info.get("status"), str):
+                status = info["status"]
+            elif used is not None:
+                status = ("rejected" if used >= 1 else "allowed_warning" if used >= PLAN_WARN_LEVELS[0]
+                          else "allowed")
+        entry = {"utilization": used,
+                 "resets_at": iso_utc(window["resetsAt"]) if is_number(window.get("resetsAt")) else None,
+                 "status": status}
+        entry.update((k, v) for k, v in window.items() if k not in ("utilization", "resetsAt", "status"))
+        windows[name] = entry
+    return windows
+
+
+def plan_overage(info):
+    """The overage (extra usage) part of a rate_limit_event's info, or None when it has none."""
+    fields = {"status": info.get("overageStatus"), "in_use": info.get("isUsingOverage"),
+              "disabled_reason": info.get("overageDisabledReason"),
+              "resets_at": iso_utc(info["overageResetsAt"]) if is_number(info.get("overageResetsAt")) else None}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return fields or None
+
+
+class PlanLimits:
+    """The subscriber's plan as the CLI last reported it, and whether it is refusing requests.
+
+    observe() takes each rate_limit_event's info, from every kind of run; after_run() learns
+    from each finished run's result: a reached limit or spent credits start refusing, a success
+    ends it. admit() is asked before a request's run: while refusing, it raises the refusal
+    (429 with Retry-After to the reset) at once, but lets one run through every probe_seconds,
+    or as soon as the window's reset time has passed. clock: time.time (tests pass their own)."""
+
+    def __init__(self, clock=time.time, probe_seconds=PLAN_PROBE_SECONDS):
+        self.clock = clock
+        self.probe_seconds = probe_seconds
+        self.refused = 0  # requests answered from the record, without a run
+        self.probes = 0  # runs let through while refusing
+        self._lock = threading.Lock()
+        self._info = None  # the last rate_limit_event's info, as the CLI printed it
+        self._windows = {}
+        self._overage = None
+        self._other = {}
+        self._updated_at = None
+        self._refusal = None  # {"kind": "limit"|"credits", "window", "resets_at", "detail", "since"}
+        self._last_try = 0.0  # when the last run was let through (or ended) while refusing
+        self._warned = {}  # window -> the highest PLAN_WARN_LEVELS mark logged
+
+    def last_info(self):
+        with self._lock:
+            return self._info
+
+    def observe(self, info):
+        """A rate_limit_event's rate_limit_info: the record now says what it says. A field of
+        the wrong type is left out; none is fatal (the event changes between CLI releases)."""
+        if not isinstance(info, dict):
+            return
+        windows = plan_windows(info)
+        notes = []
+        with self._lock:
+            self._info = info
+            self._windows.update(windows)
+            self._overage = plan_overage(info) or self._overage
+            self._other = {k: v for k, v in info.items() if k not in RATE_LIMIT_INFO_FIELDS}
+            self._updated_at = self.clock()
+            for name, window in windows.items():
+                used = window["utilization"]
+                if used is None:
+                    continue
+                mark = max([level for level in PLAN_WARN_LEVELS if used >= level] or [0])
+                if mark > self._warned.get(name, 0):
+                    notes.append("the plan's %s window is at %d %% (resets %s)"
+                                 % (PLAN_WINDOW_WORDS.get(name, name), round(used * 100),
+                                    window["resets_at"] or "at an unknown time"))
+                self._warned[name] = mark  # lower again once the window has reset
+        for note in notes:
+            log(note)
+
+    def admit(self):
+        """Before a request's run: raise the refusal while a limit holds, but for a probe."""
+        with self._lock:
+            refusal = self._refusal
+            if refusal is None:
+                return
+            now = self.clock()
+            reset = refusal["resets_at"]
+            if (now - self._last_try >= self.probe_seconds
+                    or (reset is not None and self._last_try < reset <= now)):
+                self._last_try = now
+                self.probes += 1
+                return
+            self.refused += 1
+        raise self._refusal_error(refusal, now)
+
+    def after_run(self, error):
+        """A run finished with this error (None: it succeeded)."""
+        now = self.clock()
+        code = error.code if error is not None else None
+        with self._lock:
+            was = self._refusal
+            self._last_try = now
+            if code == "plan_limit_reached":
+                window, reset = getattr(error, "plan_window", None)
+                self._refusal = {"kind": "limit", "window": window, "resets_at": reset,
+                                 "detail": error.message, "since": (was or {}).get("since", now)}
+            elif code == "insufficient_quota":
+                self._refusal = {"kind": "credits", "window": None, "resets_at": None,
+                                 "detail": error.message, "since": (was or {}).get("since", now)}
+            elif error is None:
+                self._refusal = None
+            refusal = self._refusal
+        if refusal and not was:
+            log("%s; new requests are refused without a run (429), one probe run a minute "
+                "excepted, until one succeeds." % (
+                    "the plan's usage credits are spent" if refusal["kind"] == "credits" else
+                    "the plan's %s limit is reached, until %s" % (
+                        PLAN_WINDOW_WORDS.get(refusal["window"], refusal["window"] or "usage"),
+                        iso_utc(refusal["resets_at"]) if refusal["resets_at"] else "an unknown time")))
+        elif was and not refusal:
+            log("the plan's limit has lifted: a run succeeded; requests are served again.")
+
+    def _refusal_error(self, refusal, now):
+        if refusal["kind"] == "credits":
+            return ProxyError(429, refusal["detail"], "insufficient_quota", None,
+                              "insufficient_quota", {"x-should-retry": "false"})
+        return plan_limit_reached(refusal["window"], refusal["resets_at"], now, refusal["detail"])
+
+    def snapshot(self):
+        """The `plan` object of /health: None until a run has reported the plan (always, for
+        an API key); then each window, the overage, when it was last seen, and any limit."""
+        with self._lock:
+            if self._info is None and self._refusal is None:
+                return None
+            plan = {name: dict(window) for name, window in self._windows.items()}
+            plan["overage"] = self._overage
+            plan["updated_at"] = iso_utc(self._updated_at) if self._updated_at else None
+            refusal = self._refusal
+            plan["limit_reached"] = refusal and {
+                "kind": refusal["kind"], "window": refusal["window"],
+                "resets_at": iso_utc(refusal["resets_at"]) if refusal["resets_at"] else None,
+                "since": iso_utc(refusal["since"]), "message": refusal["detail"]}
+            if self._other:
+                plan["other"] = dict(self._other)
+            return plan
+
+    def headers(self):
+        """The anthropic-ratelimit-unified-* headers Claude's API sends a subscriber's client,
+        from the last report: Anthropic clients (Claude Code) show their own usage warnings."""
+        with self._lock:
+            info = self._info
+            if info is None:
+                return {}
+            prefix = "anthropic-ratelimit-unified-"
+            headers = {}
+            if isinstance(info.get("status"), str):
+                headers[prefix + "status"] = info["status"]
+            if is_number(info.get("resetsAt")):
+                headers[prefix + "reset"] = str(int(info["resetsAt"]))
+            if isinstance(info.get("rateLimitType"), str):
+                headers[prefix + "representative-claim"] = info["rateLimitType"]
+            windows = info.get("unifiedWindows") if isinstance(info.get("unifiedWindows"), dict) else {}
+            for name, short in UNIFIED_WINDOW_HEADERS.items():
+                window = windows.get(name) if isinstance(windows.get(name), dict) else {}
+                if is_number(window.get("utilization")):
+                    headers[prefix + short + "-utilization"] = "%g" % window["utilization"]
+                if is_number(window.get("resetsAt")):
+                    headers[prefix + short + "-reset"] = str(int(window["resetsAt"]))
+            if isinstance(info.get("overageStatus"), str):
+                headers[prefix + "overage-status"] = info["overageStatus"]
+            if isinstance(info.get("overageDisabledReason"), str):
+                headers[prefix + "overage-disabled-reason"] = info["overageDisabledReason"]
+            return {k: printable(v, 100) for k, v in headers.items()}
+
+    def render(self):
+        """The plan's Prometheus metrics (appended to Metrics.render's)."""
+        def label(value):
+            return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        with self._lock:
+            windows = sorted(self._windows.items())
+            limited = self._refusal is not None
+            lines = ["# HELP claude_proxy_plan_utilization A subscriber's plan window's use, 0-1, "
+                     "as the CLI last reported it (window: the CLI's name).",
+                     "# TYPE claude_proxy_plan_utilization gauge"]
+            lines += ['claude_proxy_plan_utilization{window="%s"} %r' % (label(name), float(w["utilization"]))
+                      for name, w in windows if w["utilization"] is not None]
+            lines += ["# HELP claude_proxy_plan_resets_at_seconds When a plan window resets (Unix time).",
+                      "# TYPE claude_proxy_plan_resets_at_seconds gauge"]
+            lines += ['claude_proxy_plan_resets_at_seconds{window="%s"} %d' % (
+                label(name), calendar.timegm(time.strptime(w["resets_at"], "%Y-%m-%dT%H:%M:%SZ")))
+                for name, w in windows if w["resets_at"]]
+            lines += ["# HELP claude_proxy_plan_limited 1 while a reached limit or spent credits "
+                      "make the proxy refuse requests.", "# TYPE claude_proxy_plan_limited gauge",
+                      "claude_proxy_plan_limited %d" % limited,
+                      "# HELP claude_proxy_plan_refused_total Requests refused at a plan limit "
+                      "without a run.", "# TYPE claude_proxy_plan_refused_total counter",
+                      "claude_proxy_plan_refused_total %d" % self.refused,
+                      "# HELP claude_proxy_plan_probes_total Runs let through while at a plan "
+                      "limit, to see whether it lifted.", "# TYPE claude_proxy_plan_probes_total counter",
+                      "claude_proxy_plan_probes_total %d" % self.probes]
         return "\n".join(lines) + "\n"
 
 
@@ -5034,6 +5459,35 @@ WEB_PAGE_SCRIPT = r"""
     $("status-text").textContent = text;
   }
 
+  // A subscriber's plan (`plan` in /health, null for an API key): each window's use and when
+  // it resets, in the reader's time; a warning from 80 % up and at a reached limit.
+  var WINDOW_NAMES = {five_hour: "5-hour", seven_day: "weekly", seven_day_opus: "weekly Opus", seven_day_sonnet: "weekly Sonnet"};
+  var PLAN_FIELDS = {overage: true, updated_at: true, limit_reached: true, other: true};
+  function resetText(iso) {
+    var when = new Date(iso);
+    if (isNaN(when.getTime())) return "";
+    var time = when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+    return when.getTime() - Date.now() > 20 * 3600 * 1000
+      ? when.toLocaleDateString([], {weekday: "short"}) + " " + time : time;
+  }
+  function planParts(plan) {
+    var out = {parts: [], warn: false};
+    if (!plan) return out;
+    Object.keys(plan).forEach(function (name) {
+      var use = plan[name];
+      if (PLAN_FIELDS[name] || !use || typeof use.utilization !== "number") return;
+      var percent = Math.round(use.utilization * 100), reset = use.resets_at ? resetText(use.resets_at) : "";
+      if (use.utilization >= 0.8 || use.status === "rejected") out.warn = true;
+      out.parts.push((WINDOW_NAMES[name] || name) + " " + percent + "%" + (reset ? " (resets " + reset + ")" : ""));
+    });
+    if (plan.limit_reached) {
+      out.warn = true;
+      out.parts.unshift(plan.limit_reached.kind === "credits" ? "usage credits spent"
+        : "plan limit reached" + (plan.limit_reached.resets_at ? " until " + resetText(plan.limit_reached.resets_at) : ""));
+    }
+    return out;
+  }
+
   function refreshHealth() {
     return api("health", {}).then(function (response) { return response.json(); }, function (failure) {
       if (failure instanceof ProxyFailure && failure.status === 503) return {status: "cli_not_found"};
@@ -5052,7 +5506,8 @@ WEB_PAGE_SCRIPT = r"""
       }
       // Spend appears once the proxy accounts for it (a `spend` object in /health).
       if (health.spend && typeof health.spend.today_usd === "number") parts.push("$" + health.spend.today_usd.toFixed(2) + " today");
-      setStatus("ok", parts.join(" \u00b7 "));
+      var plan = planParts(health.plan);
+      setStatus(plan.warn ? "warn" : "ok", parts.concat(plan.parts).join(" \u00b7 "));
     }).catch(function () { setStatus("bad", "cannot reach the proxy"); });
   }
 
@@ -5719,6 +6174,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Vary", "Origin")
         if getattr(self, "dialect", None) == "anthropic":
             self.send_header("request-id", self.request_id)
+            for name, value in self.server.plan_limits.headers().items():
+                self.send_header(name, value)
         for name, value in getattr(self, "reply_headers", {}).items():
             self.send_header(name, value)
         super().end_headers()
@@ -5896,6 +6353,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                        "reading_heads": self.server.heads.pending()},
             "auth": bool(config.api_keys),
             "spend": self.server.spend.summary(),
+            "plan": self.server.plan_limits.snapshot(),
+            "cache_ttl": {"mode": self.server.rhythm.mode,
+                          "conversations_given_1h": self.server.rhythm.slow},
         })
 
     def web_page(self):
@@ -5904,7 +6364,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def metrics(self):
         data = (self.server.metrics.render(self.server.admission, self.server.runner)
-                + self.server.spend.render()).encode("utf-8")
+                + self.server.spend.render() + self.server.plan_limits.render()).encode("utf-8")
         self.send_body(200, data, "text/plain; version=0.0.4; charset=utf-8")
 
     def root(self):
@@ -6014,6 +6474,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if config.max_request_usd:
             plan["max_budget_usd"] = config.max_request_usd
         self.server.spend.check()  # a spent daily budget: 429 before any run or wait
+        self.server.plan_limits.admit()  # a reached plan limit: 429 without a run, but probes
+        plan["cache_ttl"] = self.server.rhythm.ttl_for(self.client_scope(), plan)
         stream = getattr(sink, "stream", None)
         if stream is not None and config.keepalive:
             stream.keep_alive(config.keepalive, sink.keepalive)
@@ -6034,8 +6496,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _answer(self, plan, sink, requested):
         config = self.server.config
+        limits = self.server.plan_limits
         translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
-                                     bool(plan["json_schema"]), live_structured=plan["stream"])
+                                     bool(plan["json_schema"]), live_structured=plan["stream"],
+                                     rate_limit=limits.last_info())
         sink.translator = translator  # a sink may read the usage as it goes (message_start)
         self.log_model = plan["model"] or "default"
         if requested and requested != plan["model"]:
@@ -6057,6 +6521,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 first_token = False
                 events = run.events()
                 for event in events:
+                    if event.get("type") == "rate_limit_event":  # from any kind of run
+                        limits.observe(event.get("rate_limit_info"))
                     try:
                         reply_events = translator.feed(event)
                     except (TypeError, AttributeError, KeyError, ValueError, IndexError):
@@ -6090,6 +6556,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                             run.live = False  # the CLI would refuse its next turn: not kept
                         self.server.runner.finish(run, plan, translator, self.client_scope())
                         self.account(plan, sink, translator, run)
+                        if translator.done:
+                            limits.after_run(translator.error)
+                            if not translator.error:
+                                self.server.rhythm.replied(self.client_scope(), plan,
+                                                           translator.reply_blocks())
                 finally:
                     admission.release()
         # The run is stopped or kept for the conversation's next turn by now.
@@ -6228,7 +6699,8 @@ class Config:
                  max_queue=DEFAULT_MAX_QUEUE, loopback_only=True,
                  shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True, history="turns",
                  keepalive=DEFAULT_KEEPALIVE, model_aliases=None, daily_budget=None,
-                 max_request_usd=None, state_dir=None):
+                 max_request_usd=None, state_dir=None, cache_ttl="auto",
+                 cache_gap=CACHE_5M_SECONDS):
         self.claude_path = claude_path
         self.history = history  # "turns", or "transcript": how earlier turns reach the CLI
         self.model = model or None
@@ -6254,6 +6726,8 @@ class Config:
         self.daily_budget = daily_budget or None  # USD since local midnight; then 429
         self.max_request_usd = max_request_usd or None  # --max-budget-usd of each run
         self.state_dir = state_dir  # where today's spend is kept; None: memory only (tests)
+        self.cache_ttl = cache_ttl  # the prompt cache's lifetime: auto, 5m or 1h (TurnRhythm)
+        self.cache_gap = cache_gap  # with auto: a longer wait between turns gives a conversation 1h
         self.started = int(time.time())
 
 
@@ -6275,6 +6749,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.metrics = Metrics()
         self.spend = Spend(config.daily_budget, config.state_dir)
+        self.plan_limits = PlanLimits()
+        self.rhythm = TurnRhythm(config.cache_ttl, config.cache_gap)
         self.response_store = ResponseStore()
         self.read_deadlines = ReadDeadlines(BODY_READ_SECONDS)
         self.io_seconds = min(SOCKET_IO_SECONDS, config.timeout)
@@ -6425,6 +6901,14 @@ def parse_args(argv=None):
     add("--daily-budget", type=float, default=env("CLAUDE_PROXY_DAILY_BUDGET_USD") or "0",
         help="Default: none (env CLAUDE_PROXY_DAILY_BUDGET_USD). US dollars the CLI runs may "
         "cost since local midnight (at API prices); past it, new requests get 429.")
+    add("--cache-ttl", choices=CACHE_TTLS, default=env("CLAUDE_CACHE_TTL", "auto"),
+        help="Default: auto (env CLAUDE_CACHE_TTL). How long the prompt cache the CLI writes "
+        "lives: 5m (a write costs 1.25x the input price), 1h (2x), or auto: 5m, and 1h for a "
+        "conversation once its turns come more than --cache-gap seconds apart.")
+    add("--cache-gap", type=float, default=env("CLAUDE_CACHE_GAP", "%g" % CACHE_5M_SECONDS),
+        help="Default: %g (env CLAUDE_CACHE_GAP). With --cache-ttl auto: a wait between a "
+        "conversation's turns longer than this outlives 5-minute cache entries, and gives the "
+        "conversation 1-hour ones." % CACHE_5M_SECONDS)
     add("--max-request-usd", type=float, default=env("CLAUDE_MAX_REQUEST_USD") or "0",
         help="Default: none (env CLAUDE_MAX_REQUEST_USD). Each CLI run's --max-budget-usd.")
     add("--log-prompts", action="store_true", default=env_flag("CLAUDE_PROXY_LOG_PROMPTS"),
@@ -6447,7 +6931,7 @@ def parse_args(argv=None):
                  "max_request_usd"):
         if getattr(args, name) < 0:
             parser.error("--%s must be 0 or more" % name.replace("_", "-"))
-    for name in ("timeout", "max_body", "pool_idle", "max_concurrency"):
+    for name in ("timeout", "max_body", "pool_idle", "max_concurrency", "cache_gap"):
         if getattr(args, name) <= 0:
             parser.error("--%s must be more than 0" % name.replace("_", "-"))
     return args
@@ -6481,7 +6965,8 @@ def main(argv=None):
                     [o.strip() for o in args.cors_origins.split(",") if o.strip()],
                     args.max_concurrency, args.max_queue, loopback, args.shutdown_grace,
                     not args.no_ui, args.history, args.keepalive, args.model_aliases,
-                    args.daily_budget, args.max_request_usd, state_dir())
+                    args.daily_budget, args.max_request_usd, state_dir(), args.cache_ttl,
+                    args.cache_gap)
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:

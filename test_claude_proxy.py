@@ -52,6 +52,13 @@ the behaviour:
   BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
   BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
   STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
+  Logged in as a subscriber (CLAUDE_CODE_OAUTH_TOKEN set), each reply is followed, after its
+  message_stop, by a rate_limit_event (a kept process prints one only when the figures change),
+  as 2.1.332 prints it; STUB_PLAN_5H / STUB_PLAN_7D set the windows' use (0.12, 0.30), and:
+  PLAN<n>     the 5-hour window at n %%
+  LIMIT5H / LIMITWEEK  the 5-hour / weekly limit reached: a rejected rate_limit_event, the
+              synthetic "You've hit your limit · resets ..." message, a 429 result, exit 1
+  NOCREDIT    spent usage credits: "API Error: 400 You're out of extra usage...", a 400 result
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
 and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
@@ -124,7 +131,8 @@ if effort and effort not in ("low", "medium", "high", "xhigh", "max"):
 record = {"pid": os.getpid(), "started_at": time.time(), "argv": sys.argv, "cwd": os.getcwd(), "cwd_entries": sorted(os.listdir(".")),
           "env": {k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_MAX_OUTPUT_TOKENS",
-                  "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_DISABLE_CLAUDE_MDS")}}
+                  "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_DISABLE_CLAUDE_MDS", "FORCE_PROMPT_CACHING_5M",
+                  "ENABLE_PROMPT_CACHING_1H")}}
 if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
@@ -280,6 +288,51 @@ def reply_once(first):
       api_error(529, "overloaded", '{"type":"error","error":{"type":"overloaded_error"}}')
   if "AUTH401" in text:
       api_error(401, "authentication_failed", '{"type":"error","error":{"type":"authentication_error"}}')
+  subscriber = bool(os.environ.get("CLAUDE_CODE_OAUTH_TOKEN"))
+  def plan_info(rejected=None):
+      now = time.time()
+      reset5, reset7 = int(now + 3600), int(now + 259200)
+      u5 = float(os.environ.get("STUB_PLAN_5H", "0.12"))
+      u7 = float(os.environ.get("STUB_PLAN_7D", "0.30"))
+      word = re.search(r"PLAN(\d{1,3})", text)
+      if word:
+          u5 = int(word.group(1)) / 100.0
+      status, claim, reset = "allowed", "five_hour", reset5
+      if rejected == "five_hour":
+          status, u5 = "rejected", 1
+      elif rejected == "seven_day":
+          status, u7, claim, reset = "rejected", 1, "seven_day", reset7
+      return {"status": status, "resetsAt": reset, "rateLimitType": claim,
+              "overageStatus": "rejected" if rejected else "allowed", "isUsingOverage": False,
+              "unifiedWindows": {"five_hour": {"utilization": u5, "resetsAt": reset5},
+                                 "seven_day": {"utilization": u7, "resetsAt": reset7}}}
+  def plan_event(info):
+      figures = json.dumps([info["status"], info["unifiedWindows"]], sort_keys=True)
+      if subscriber and PLAN_SEEN.get("figures") != figures:  # only when they changed
+          PLAN_SEEN["figures"] = figures
+          emit({"type": "rate_limit_event", "rate_limit_info": info, "uuid": str(uuid.uuid4()),
+                "session_id": session})
+  limit = "five_hour" if "LIMIT5H" in text else "seven_day" if "LIMITWEEK" in text else None
+  if limit or "NOCREDIT" in text:
+      emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": session,
+            "uuid": str(uuid.uuid4())})
+      if limit:
+          info = plan_info(limit)
+          plan_event(info)
+          when = time.strftime("%%b %%-d, %%-I:%%M%%p" if limit == "seven_day" else "%%-I:%%M%%p",
+                               time.gmtime(info["resetsAt"])).replace("AM", "am").replace("PM", "pm")
+          error_text, status, kind = "You've hit your limit \u00b7 resets %%s (UTC)" %% when, 429, "rate_limit"
+      else:
+          error_text, status, kind = ("API Error: 400 You're out of extra usage. Add more at "
+                                      "claude.ai/settings/usage and keep going."), 400, "unknown"
+      emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
+            "model": "<synthetic>", "content": [{"type": "text", "text": error_text}], "stop_reason": "stop_sequence"},
+            "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": kind})
+      emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": status,
+            "duration_ms": 30, "result": error_text, "stop_reason": "stop_sequence", "session_id": session,
+            "total_cost_usd": 0, "usage": {"input_tokens": 0, "output_tokens": 0}, "modelUsage": {},
+            "permission_denials": [], "terminal_reason": "api_error", "uuid": str(uuid.uuid4())})
+      sys.exit(1)
   if "BADREQ400" in text:  # not retried by the CLI
       api_error(400, "unknown", '{"type":"error","error":{"type":"invalid_request_error","message":"messages: text content blocks must be non-empty"}}', False)
 
@@ -364,6 +417,7 @@ def reply_once(first):
   stream({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
           "usage": {"output_tokens": 7}})
   stream({"type": "message_stop"})
+  plan_event(plan_info())  # 2.1.332: after the message, before its result
   usage["output_tokens"] = 7
   if calls and calls[0][0] == "StructuredOutput":
       value = calls[0][1]
@@ -418,6 +472,7 @@ def all_texts(messages):
     return out
 
 
+PLAN_SEEN = {}  # the figures of the last rate_limit_event this process printed
 # A live process: one user line after another, each answered with the whole history, as the
 # real CLI does; after a call of the client's tools, the next model call once the bridge answers.
 first = True
@@ -3508,6 +3563,16 @@ class BrowserTest(ServerTestCase):
         self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
         self.until(lambda d: not self.find("#sidebar").is_displayed())
 
+    def test_the_status_bar_shows_the_plans_windows(self):
+        server, port = serve_subscriber(self, env={"STUB_PLAN_5H": "0.85", "STUB_PLAN_7D": "0.3"})
+        self.assertEqual(self.chat(user("hi"), port=port)[0], 200)
+        self.open_page(port, fresh=True)
+        self.until(lambda d: "5-hour 85%" in self.find("#status-text").text, "the 5-hour window")
+        text = self.find("#status-text").text
+        self.assertRegex(text, r"5-hour 85% \(resets [^)]+\)")
+        self.assertRegex(text, r"weekly 30% \(resets [^)]+\)")
+        self.assertEqual(self.find("#status").get_attribute("class"), "warn", "85 % is past 80 %")
+
 
 if __name__ == "__main__":
     unittest.main()
@@ -3539,6 +3604,7 @@ def anthropic_user(text, **fields):
 WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city",
                 "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                                  "required": ["city"]}}
+
 
 
 class AnthropicRequestTest(unittest.TestCase):
@@ -5010,8 +5076,10 @@ class KeepAliveTest(ServerTestCase):
         self.assertEqual([e["type"] for e in events], ["response.created", "response.in_progress", "response.failed"])
 
     def test_error_before_any_keepalive_is_a_real_status(self):
+        # A keep-alive interval no stub start-up reaches, however loaded the machine.
+        port = self.serve(keepalive=30).server_address[1]
         self.assert_error(self.chat({"model": "sonnet", "stream": True, "messages": [
-            {"role": "user", "content": "LATEFAIL"}]}), 502, code="upstream_error")
+            {"role": "user", "content": "LATEFAIL"}]}, port=port), 502, code="upstream_error")
 
     def test_non_streaming_gets_nothing_but_the_json(self):
         status, _, raw = self.chat({"model": "sonnet", "messages": [{"role": "user", "content": "PAUSE[0.5] hi"}]})
@@ -5673,3 +5741,462 @@ class DeferredToolTest(ServerTestCase):
         self.assertEqual(status, 200, raw)
         [record] = self.records()
         self.assertNotIn("resumed", record, "only one call can be deferred")
+
+
+# Your plan's limits ############################################################################
+
+#: A subscriber's rate_limit_event info, as CLI 2.1.332 prints it (CLI-FACTS).
+PLAN_INFO = {"status": "allowed", "resetsAt": 1796530665, "rateLimitType": "five_hour",
+             "overageStatus": "allowed", "isUsingOverage": False,
+             "unifiedWindows": {"five_hour": {"utilization": 0.85, "resetsAt": 1796530665},
+                                "seven_day": {"utilization": 0.3, "resetsAt": 1796786265}}}
+LIMIT_INFO = dict(PLAN_INFO, status="rejected", overageStatus="rejected", unifiedWindows={
+    "five_hour": {"utilization": 1, "resetsAt": 1796530665},
+    "seven_day": {"utilization": 0.3, "resetsAt": 1796786265}})
+WEEK_INFO = dict(PLAN_INFO, status="rejected", rateLimitType="seven_day", resetsAt=1796786265,
+                 unifiedWindows={"five_hour": {"utilization": 0.12, "resetsAt": 1796530665},
+                                 "seven_day": {"utilization": 1, "resetsAt": 1796786265}})
+NOW = 1796530665 - 3600  # an hour before the 5-hour window resets
+
+
+def limit_result(text, status):
+    return {"type": "result", "subtype": "success", "is_error": True, "api_error_status": status,
+            "result": text, "terminal_reason": "api_error", "stop_reason": "stop_sequence"}
+
+
+class PlanTablesTest(unittest.TestCase):
+    """From rate_limit_event to the record, and from a result to each dialect's error."""
+
+    def test_windows_from_the_event(self):
+        cases = [
+            ("both windows", PLAN_INFO, {
+                "five_hour": {"utilization": 0.85, "resets_at": "2026-12-06T04:17:45Z", "status": "allowed"},
+                "seven_day": {"utilization": 0.3, "resets_at": "2026-12-09T03:17:45Z", "status": "allowed"}}),
+            ("a reached limit", LIMIT_INFO, {
+                "five_hour": {"utilization": 1, "resets_at": "2026-12-06T04:17:45Z", "status": "rejected"},
+                "seven_day": {"utilization": 0.3, "resets_at": "2026-12-09T03:17:45Z", "status": "allowed"}}),
+            ("an unknown window and field are kept", dict(PLAN_INFO, unifiedWindows={
+                "seven_day_opus": {"utilization": 0.9, "resetsAt": 1796786265, "surpassedThreshold": 0.9}}), {
+                "seven_day_opus": {"utilization": 0.9, "resets_at": "2026-12-09T03:17:45Z",
+                                   "status": "allowed_warning", "surpassedThreshold": 0.9},
+                "five_hour": {"utilization": None, "resets_at": "2026-12-06T04:17:45Z", "status": "allowed"}}),
+            ("no windows: the representative one from the top level",
+             {"status": "allowed_warning", "resetsAt": 1796530665, "rateLimitType": "five_hour", "utilization": 0.81},
+             {"five_hour": {"utilization": 0.81, "resets_at": "2026-12-06T04:17:45Z", "status": "allowed_warning"}}),
+            ("wrong types are left out, not fatal",
+             {"status": 3, "rateLimitType": ["x"], "unifiedWindows": {"five_hour": {"utilization": "high", "resetsAt": None}, "bad": 7}},
+             {"five_hour": {"utilization": None, "resets_at": None, "status": None}}),
+        ]
+        for name, info, want in cases:
+            with self.subTest(name):
+                self.assertEqual(cp.plan_windows(info), want)
+
+    def test_overage(self):
+        self.assertEqual(cp.plan_overage(PLAN_INFO), {"status": "allowed", "in_use": False})
+        self.assertEqual(cp.plan_overage(dict(PLAN_INFO, overageDisabledReason="org_disabled",
+                                              overageResetsAt=1796530665)),
+                         {"status": "allowed", "in_use": False, "disabled_reason": "org_disabled",
+                          "resets_at": "2026-12-06T04:17:45Z"})
+        self.assertIsNone(cp.plan_overage({"status": "allowed"}))
+
+    def test_results_to_errors(self):
+        five = "You've hit your limit \u00b7 resets 4:17am (UTC)"
+        cases = [
+            # name, result, rate_limit info, status, code, Retry-After, x-should-retry
+            ("5-hour limit", limit_result(five, 429), LIMIT_INFO, 429, "plan_limit_reached", "3600", "false"),
+            ("weekly limit: days", limit_result("You've hit your limit \u00b7 resets Dec 9, 4:37am (UTC)", 429),
+             WEEK_INFO, 429, "plan_limit_reached", str(3600 + 3 * 86400 - 3600), "false"),
+            ("no event this run: the time from the text", limit_result(five, 429), None, 429,
+             "plan_limit_reached", "3555", "false"),
+            ("a reset within a minute may be retried", limit_result(five, 429),
+             dict(LIMIT_INFO, unifiedWindows={"five_hour": {"utilization": 1, "resetsAt": NOW + 30}}),
+             429, "plan_limit_reached", "30", None),
+            ("credits spent", limit_result("API Error: 400 You're out of extra usage. Add more at "
+                                           "claude.ai/settings/usage and keep going.", 400), None,
+             429, "insufficient_quota", None, "false"),
+            ("an API key's 429 is still a plain rate limit",
+             limit_result("API Error: 429 rate limited", 429), None, 429, "rate_limit_exceeded", "5", None),
+            ("another 400 is still the request's", limit_result("API Error: 400 bad", 400), None,
+             400, "upstream_rejected", None, "false"),
+        ]
+        for name, result, info, status, code, retry_after, should_retry in cases:
+            with self.subTest(name):
+                error = cp.result_error(result, info, NOW)
+                self.assertEqual((error.status, error.code), (status, code))
+                self.assertEqual(error.headers.get("Retry-After"), retry_after)
+                self.assertEqual(error.headers.get("x-should-retry"), should_retry)
+
+    def test_messages_name_the_window_and_its_reset(self):
+        error = cp.result_error(limit_result("You've hit your limit", 429), LIMIT_INFO, NOW)
+        self.assertIn("5-hour limit", error.message)
+        self.assertIn("2026-12-06T04:17:45Z", error.message)
+        error = cp.result_error(limit_result("You've hit your limit", 429), WEEK_INFO, NOW)
+        self.assertIn("weekly limit", error.message)
+        self.assertIn("2026-12-09T03:17:45Z", error.message)
+        error = cp.result_error(limit_result("API Error: 400 You're out of extra usage.", 400), None, NOW)
+        self.assertEqual(error.type, "insufficient_quota")
+        self.assertIn("claude.ai/settings/usage", error.message)
+
+    def test_reset_times_from_the_clis_words(self):
+        # NOW is 2026-12-06T03:17:45Z.
+        cases = [("You've hit your limit \u00b7 resets 5:37am (UTC)", "2026-12-06T05:37:00Z"),
+                 ("resets 3am (UTC)", "2026-12-07T03:00:00Z"),  # passed today: tomorrow's
+                 ("resets 12:15pm (UTC)", "2026-12-06T12:15:00Z"),
+                 ("your weekly limit \u00b7 resets Dec 9, 4:37am (UTC)", "2026-12-09T04:37:00Z"),
+                 ("resets Jan 2, 1:05pm (UTC)", "2027-01-02T13:05:00Z"),
+                 ("resets 5:37am (Europe/Berlin)", None),  # another zone: not guessed
+                 ("You've hit your limit", None)]
+        for text, want in cases:
+            with self.subTest(text):
+                reset = cp.limit_reset_from_text(text, NOW)
+                self.assertEqual(cp.iso_utc(reset) if reset else None, want)
+
+    def test_each_dialect_renders_them(self):
+        limit = cp.result_error(limit_result("You've hit your limit", 429), LIMIT_INFO, NOW)
+        credits = cp.result_error(limit_result("You're out of extra usage", 400), None, NOW)
+        self.assertEqual(limit.body()["error"]["type"], "rate_limit_error")
+        self.assertEqual((credits.status, credits.body()["error"]["type"], credits.body()["error"]["code"]),
+                         (429, "insufficient_quota", "insufficient_quota"))
+        status, body, headers = cp.anthropic_error(limit, "req_1")
+        self.assertEqual((status, body["error"]["type"], headers["Retry-After"]), (429, "rate_limit_error", "3600"))
+        status, body, headers = cp.anthropic_error(credits, "req_1")
+        self.assertEqual((status, body["error"]["type"], headers["x-should-retry"]), (402, "billing_error", "false"))
+
+    def test_the_translator_reads_the_event_and_passes_it_on(self):
+        translator = cp.ReplyTranslator()
+        self.assertEqual(translator.feed({"type": "rate_limit_event", "rate_limit_info": LIMIT_INFO}), [])
+        translator.feed(limit_result("You've hit your limit \u00b7 resets 5:37am (UTC)", 429))
+        self.assertEqual(translator.error.code, "plan_limit_reached")
+        self.assertEqual(translator.error.plan_window, ("five_hour", 1796530665))
+        kept = cp.ReplyTranslator(rate_limit=WEEK_INFO)  # a kept process printed none this turn
+        kept.feed(limit_result("You've hit your limit", 429))
+        self.assertEqual(kept.error.plan_window, ("seven_day", 1796786265))
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class PlanLimitsTest(unittest.TestCase):
+    """The shared record: what it shows, when it refuses, when it probes."""
+
+    def limit(self, clock):
+        return cp.result_error(limit_result("You've hit your limit", 429), LIMIT_INFO, clock())
+
+    def test_nothing_until_a_run_reports_a_plan(self):
+        limits = cp.PlanLimits()
+        self.assertIsNone(limits.snapshot())
+        self.assertEqual(limits.headers(), {})
+        limits.admit()  # no refusal
+        limits.after_run(None)
+        self.assertIsNone(limits.snapshot(), "an API key's runs report no plan")
+        self.assertNotIn("claude_proxy_plan_utilization{", limits.render())
+
+    def test_snapshot_after_one_event(self):
+        clock = Clock(NOW)
+        limits = cp.PlanLimits(clock)
+        limits.observe(dict(PLAN_INFO, someNewField={"x": 1}))
+        self.assertEqual(limits.snapshot(), {
+            "five_hour": {"utilization": 0.85, "resets_at": "2026-12-06T04:17:45Z", "status": "allowed"},
+            "seven_day": {"utilization": 0.3, "resets_at": "2026-12-09T03:17:45Z", "status": "allowed"},
+            "overage": {"status": "allowed", "in_use": False}, "updated_at": "2026-12-06T03:17:45Z",
+            "limit_reached": None, "other": {"someNewField": {"x": 1}}})
+        limits.observe({"status": "allowed", "unifiedWindows": {"seven_day": {"utilization": 0.31, "resetsAt": 1796786265}}})
+        self.assertEqual(limits.snapshot()["five_hour"]["utilization"], 0.85, "a window not reported again stays")
+        self.assertEqual(limits.snapshot()["seven_day"]["utilization"], 0.31)
+
+    def test_unified_headers(self):
+        limits = cp.PlanLimits(Clock(NOW))
+        limits.observe(PLAN_INFO)
+        self.assertEqual(limits.headers(), {
+            "anthropic-ratelimit-unified-status": "allowed",
+            "anthropic-ratelimit-unified-reset": "1796530665",
+            "anthropic-ratelimit-unified-representative-claim": "five_hour",
+            "anthropic-ratelimit-unified-5h-utilization": "0.85",
+            "anthropic-ratelimit-unified-5h-reset": "1796530665",
+            "anthropic-ratelimit-unified-7d-utilization": "0.3",
+            "anthropic-ratelimit-unified-7d-reset": "1796786265",
+            "anthropic-ratelimit-unified-overage-status": "allowed"})
+
+    def test_metrics(self):
+        limits = cp.PlanLimits(Clock(NOW))
+        limits.observe(PLAN_INFO)
+        text = limits.render()
+        self.assertIn('claude_proxy_plan_utilization{window="five_hour"} 0.85', text)
+        self.assertIn('claude_proxy_plan_utilization{window="seven_day"} 0.3', text)
+        self.assertIn('claude_proxy_plan_resets_at_seconds{window="five_hour"} 1796530665', text)
+        self.assertIn('claude_proxy_plan_resets_at_seconds{window="seven_day"} 1796786265', text)
+        self.assertIn("claude_proxy_plan_limited 0", text)
+
+    def test_a_limit_refuses_without_a_run_but_probes_once_a_minute(self):
+        clock = Clock(NOW)
+        limits = cp.PlanLimits(clock)
+        limits.observe(LIMIT_INFO)
+        limits.after_run(self.limit(clock))
+        for seconds in (0, 1, 30, 59.9):
+            clock.now = NOW + seconds
+            with self.subTest(seconds=seconds), self.assertRaises(cp.ProxyError) as refused:
+                limits.admit()
+            self.assertEqual(refused.exception.code, "plan_limit_reached")
+            self.assertEqual(refused.exception.headers["Retry-After"], str(int(3600 - seconds) + (seconds % 1 > 0)))
+        clock.now = NOW + 60
+        limits.admit()  # the probe
+        with self.assertRaises(cp.ProxyError):
+            limits.admit()  # only one: its run has not ended yet
+        limits.after_run(self.limit(clock))  # still at the limit
+        clock.now = NOW + 100
+        with self.assertRaises(cp.ProxyError):
+            limits.admit()
+        clock.now = NOW + 120
+        limits.admit()
+        limits.after_run(None)  # the first success clears it
+        self.assertIsNone(limits.snapshot()["limit_reached"])
+        limits.admit()
+        limits.admit()
+        self.assertEqual((limits.refused, limits.probes), (6, 2))
+
+    def test_the_reset_time_lets_a_probe_through_at_once(self):
+        clock = Clock(NOW)
+        limits = cp.PlanLimits(clock)
+        limits.after_run(cp.plan_limit_reached("five_hour", NOW + 90, NOW))
+        clock.now = NOW + 59
+        with self.assertRaises(cp.ProxyError):
+            limits.admit()
+        clock.now = NOW + 60
+        limits.admit()  # a minute: a probe
+        clock.now = NOW + 90
+        limits.admit()  # the reset time: another, though a minute has not passed
+
+    def test_other_errors_leave_the_refusal_as_it_is(self):
+        clock = Clock(NOW)
+        limits = cp.PlanLimits(clock)
+        limits.after_run(self.limit(clock))
+        clock.now = NOW + 60
+        limits.admit()
+        limits.after_run(cp.overloaded(5, "overloaded"))
+        with self.assertRaises(cp.ProxyError):
+            limits.admit()
+
+    def test_spent_credits_refuse_too(self):
+        clock = Clock(NOW)
+        limits = cp.PlanLimits(clock)
+        limits.after_run(cp.credits_spent("API Error: 400 You're out of extra usage."))
+        with self.assertRaises(cp.ProxyError) as refused:
+            limits.admit()
+        self.assertEqual((refused.exception.status, refused.exception.code), (429, "insufficient_quota"))
+        self.assertEqual(limits.snapshot()["limit_reached"]["kind"], "credits")
+        clock.now = NOW + 60
+        limits.admit()
+
+    def test_the_log_says_once_when_a_window_crosses_80_and_95(self):
+        limits = cp.PlanLimits(Clock(NOW))
+        said = []
+        original = cp.log
+        cp.log = said.append
+        try:
+            for used in (0.5, 0.81, 0.85, 0.96, 0.97, 0.1, 0.82):
+                limits.observe({"status": "allowed", "unifiedWindows": {"five_hour": {"utilization": used, "resetsAt": 1796530665}}})
+            limits.after_run(self.limit(Clock(NOW)))
+            limits.after_run(None)
+        finally:
+            cp.log = original
+        self.assertEqual(len(said), 5, said)
+        self.assertEqual([s.split(" (")[0] for s in said[:3]],
+                         ["the plan's 5-hour window is at 81 %", "the plan's 5-hour window is at 96 %",
+                          "the plan's 5-hour window is at 82 %"])  # again after the window reset
+        self.assertIn("5-hour limit is reached, until 2026-12-06T04:17:45Z", said[3])
+        self.assertIn("has lifted", said[4])
+
+
+class CacheTtlTest(unittest.TestCase):
+    """--cache-ttl: the environment each lifetime gives the CLI, and auto's choice per conversation."""
+
+    def test_env_per_lifetime(self):
+        base = {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL": "1h", "HOME": "/h"}
+        cases = [
+            (None, {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL": "1h"}),
+            ("5m", {"FORCE_PROMPT_CACHING_5M": "1", "CLAUDE_CODE_PROMPT_CACHE_TTL": "5m"}),
+            ("1h", {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_PROMPT_CACHE_TTL": "1h"}),
+        ]
+        names = ("FORCE_PROMPT_CACHING_5M", "ENABLE_PROMPT_CACHING_1H", "CLAUDE_CODE_PROMPT_CACHE_TTL",
+                 "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL")
+        for ttl, want in cases:
+            with self.subTest(ttl):
+                env = cp.cli_env(base, {"cache_ttl": ttl})
+                self.assertEqual({k: env[k] for k in names if k in env}, want)
+
+    def test_the_lifetime_is_part_of_the_process_shape(self):
+        self.assertNotEqual(cp.run_shape({"cache_ttl": "5m"}), cp.run_shape({"cache_ttl": "1h"}))
+
+    def plan(self, *texts):
+        turns = [{"role": "user" if n % 2 == 0 else "assistant", "content": [{"type": "text", "text": t}]}
+                 for n, t in enumerate(texts)]
+        return {"model": "sonnet", "conversation": {"turns": turns}}
+
+    def test_auto_gives_1h_once_the_turns_come_further_apart_than_the_gap(self):
+        clock = Clock(1000.0)
+        rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
+        first = dict(self.plan("hi"), cache_ttl=rhythm.ttl_for("k", self.plan("hi")))
+        self.assertEqual(first["cache_ttl"], "5m")
+        rhythm.replied("k", first, [{"type": "text", "text": "hello"}])
+        clock.now += 60
+        second = self.plan("hi", "hello", "more")
+        self.assertEqual(rhythm.ttl_for("k", second), "5m", "a minute apart: 5-minute entries")
+        self.assertEqual(rhythm.ttl_for("other key", second), "5m", "another client's is not this one")
+        rhythm.replied("k", dict(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}])
+        clock.now += 600
+        third = self.plan("hi", "hello", "more", "ok", "and")
+        self.assertEqual(rhythm.ttl_for("k", third), "1h", "ten minutes apart: 1-hour entries")
+        rhythm.replied("k", dict(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}])
+        clock.now += 5
+        fourth = self.plan("hi", "hello", "more", "ok", "and", "sure", "then")
+        self.assertEqual(rhythm.ttl_for("k", fourth), "1h", "a slow conversation stays on 1-hour entries")
+        self.assertEqual(rhythm.slow, 1)
+        self.assertEqual(rhythm.ttl_for("k", self.plan("new conversation")), "5m")
+
+    def test_fixed_lifetimes(self):
+        for mode in ("5m", "1h"):
+            rhythm = cp.TurnRhythm(mode)
+            self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "a", "b")), mode)
+
+
+def serve_subscriber(test, env=None, **config):
+    """A proxy of a test's own, over its stub logged in with an OAuth token (as a subscriber's
+    CLI is), serving in a thread and stopped at cleanup; returns (server, port)."""
+    config.setdefault("timeout", test.timeout)
+    runner = cp.CliRunner(test.stub, test.timeout, pool_size=config.get("pool_size", 0),
+                          env=dict(os.environ, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-x", **(env or {})))
+    server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(test.stub, claude_version="2.1.332 (Claude Code)", **config),
+                            runner=runner)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+
+    def stop():
+        server.stop()
+        thread.join(10)
+    test.addCleanup(stop)
+    return server, server.server_address[1]
+
+
+class PlanServerTest(ServerTestCase):
+    """End to end over the stub logged in as a subscriber: what each dialect and endpoint says."""
+
+    def subscriber(self, **config):
+        return serve_subscriber(self, **config)
+
+    def test_an_api_key_login_shows_no_plan(self):
+        self.assertEqual(self.chat(user("hi"))[0], 200)
+        health = json.loads(self.request("GET", "/health")[2])
+        self.assertIsNone(health["plan"])
+        _, headers, _ = self.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 5,
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+        self.assertFalse([h for h in headers if h.startswith("anthropic-ratelimit")])
+        self.assertNotIn("claude_proxy_plan_utilization{", self.request("GET", "/metrics")[2].decode())
+
+    def test_health_metrics_and_headers_after_one_reply(self):
+        server, port = self.subscriber()
+        self.assertEqual(self.chat(user("hi PLAN85"), port=port)[0], 200)
+        plan = json.loads(self.request("GET", "/health", port=port)[2])["plan"]
+        self.assertEqual(plan["five_hour"]["utilization"], 0.85)
+        self.assertEqual(plan["seven_day"]["utilization"], 0.3)
+        self.assertRegex(plan["five_hour"]["resets_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertIsNone(plan["limit_reached"])
+        metrics = self.request("GET", "/metrics", port=port)[2].decode()
+        self.assertIn('claude_proxy_plan_utilization{window="five_hour"} 0.85', metrics)
+        self.assertIn('claude_proxy_plan_resets_at_seconds{window="seven_day"}', metrics)
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                status, headers, _ = self.request("POST", "/v1/messages", {
+                    "model": "sonnet", "max_tokens": 5, "stream": stream, "messages": [{"role": "user", "content": "PLAN90"}]},
+                    port=port)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["anthropic-ratelimit-unified-representative-claim"], "five_hour")
+                self.assertIn(headers["anthropic-ratelimit-unified-5h-utilization"], ("0.85", "0.9"))
+                self.assertEqual(headers["anthropic-ratelimit-unified-7d-utilization"], "0.3")
+        self.assertNotIn("anthropic-ratelimit-unified-status", self.chat(user("hi"), port=port)[1],
+                         "only the Anthropic dialect carries them")
+
+    def test_a_reached_limit_in_every_dialect(self):
+        requests = [
+            ("chat", "/v1/chat/completions", {"model": "sonnet", "messages": [{"role": "user", "content": "LIMIT5H"}]}),
+            ("chat stream", "/v1/chat/completions", {"model": "sonnet", "stream": True, "messages": [{"role": "user", "content": "LIMIT5H"}]}),
+            ("responses", "/v1/responses", {"model": "sonnet", "input": "LIMIT5H"}),
+            ("responses stream", "/v1/responses", {"model": "sonnet", "stream": True, "input": "LIMIT5H"}),
+            ("messages", "/v1/messages", {"model": "sonnet", "max_tokens": 5, "messages": [{"role": "user", "content": "LIMIT5H"}]}),
+            ("messages stream", "/v1/messages", {"model": "sonnet", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "LIMIT5H"}]}),
+        ]
+        for name, path, body in requests:
+            with self.subTest(name):
+                server, port = self.subscriber()
+                status, headers, raw = self.request("POST", path, body, port=port)
+                self.assertEqual(status, 429, raw)
+                error = json.loads(raw)["error"]
+                if path == "/v1/messages":
+                    self.assertEqual(error["type"], "rate_limit_error")
+                else:
+                    self.assertEqual(error["code"], "plan_limit_reached")
+                self.assertIn("5-hour limit", error["message"])
+                self.assertTrue(3500 <= int(headers["retry-after"]) <= 3600, headers)
+                self.assertEqual(headers["x-should-retry"], "false")
+
+    def test_later_requests_are_refused_without_a_run(self):
+        server, port = self.subscriber()
+        self.assertEqual(self.chat(user("LIMIT5H"), port=port)[0], 429)
+        runs = len(self.records())
+        for body in (user("hi"), dict(user("hi"), stream=True)):
+            status, headers, raw = self.chat(body, port=port)
+            self.assertEqual(status, 429, raw)
+            self.assertEqual(json.loads(raw)["error"]["code"], "plan_limit_reached")
+        status, _, raw = self.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 5,
+                                                               "messages": [{"role": "user", "content": "hi"}]}, port=port)
+        self.assertEqual((status, json.loads(raw)["error"]["type"]), (429, "rate_limit_error"))
+        self.assertEqual(len(self.records()), runs, "no CLI run for a refused request")
+        # Requests that need no model are not affected.
+        self.assertEqual(self.request("GET", "/v1/models", port=port)[0], 200)
+        self.assertEqual(self.request("POST", "/v1/messages/count_tokens", {
+            "model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}, port=port)[0], 200)
+        health = json.loads(self.request("GET", "/health", port=port)[2])
+        self.assertEqual(health["plan"]["limit_reached"]["window"], "five_hour")
+        self.assertEqual(health["plan"]["five_hour"]["status"], "rejected")
+        self.assertIn("claude_proxy_plan_refused_total 3", self.request("GET", "/metrics", port=port)[2].decode())
+
+    def test_the_weekly_limit_says_days(self):
+        server, port = self.subscriber()
+        status, headers, raw = self.chat(user("LIMITWEEK"), port=port)
+        self.assertEqual(status, 429, raw)
+        self.assertGreater(int(headers["retry-after"]), 2 * 86400)
+        self.assertIn("weekly limit", json.loads(raw)["error"]["message"])
+
+    def test_spent_credits(self):
+        server, port = self.subscriber()
+        status, headers, raw = self.chat(user("NOCREDIT"), port=port)
+        self.assertEqual(status, 429, raw)
+        error = json.loads(raw)["error"]
+        self.assertEqual((error["type"], error["code"], headers["x-should-retry"]),
+                         ("insufficient_quota", "insufficient_quota", "false"))
+        self.assertIn("claude.ai/settings/usage", error["message"])
+        server, port = self.subscriber()
+        status, headers, raw = self.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 5,
+                                                                     "messages": [{"role": "user", "content": "NOCREDIT"}]}, port=port)
+        self.assertEqual((status, json.loads(raw)["error"]["type"]), (402, "billing_error"))
+
+    def test_a_kept_process_keeps_the_record_true(self):
+        server, port = self.subscriber(pool_size=2)
+        first = [{"role": "user", "content": "hi PLAN40"}]
+        status, _, raw = self.chat({"model": "sonnet", "messages": first}, port=port)
+        reply = json.loads(raw)["choices"][0]["message"]["content"]
+        self.assertEqual(json.loads(self.request("GET", "/health", port=port)[2])["plan"]["five_hour"]["utilization"], 0.4)
+        status, _, raw = self.chat({"model": "sonnet", "messages": first + [
+            {"role": "assistant", "content": reply}, {"role": "user", "content": "more PLAN70"}]}, port=port)
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(len([r for r in self.records() if len(r["lines"]) == 2]), 1, "the kept process served it")
+        self.assertEqual(json.loads(self.request("GET", "/health", port=port)[2])["plan"]["five_hour"]["utilization"], 0.7)
+
+    def test_runs_get_5_minute_cache_entries_by_default(self):
+        self.assertEqual(self.chat(user("hi"))[0], 200)
+        [record] = self.records()
+        self.assertEqual(record["env"].get("FORCE_PROMPT_CACHING_5M"), "1")
