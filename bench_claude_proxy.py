@@ -15,6 +15,7 @@ The stub imitates the real CLI's start-up with a sleep (--stub-delay) before it 
 Machines are noisy: compare figures from the same run, not across runs.
 
     python3 bench_claude_proxy.py --conversation --claude PATH --fake-api ../shared/fake_anthropic_api.py
+    python3 bench_claude_proxy.py --cache-ttl-bench --claude PATH --fake-api ../shared/fake_anthropic_api.py
 
 The conversation benchmark: one long conversation (--turns, default 12: a ~600-token system
 prompt, ~1,500-token user turns, ~200-token replies) and a tool loop (--tool-rounds, default 4)
@@ -24,6 +25,12 @@ file every turn (--pool-size 0), and the transcript (--history transcript). What
 be billed comes from the fake API's own usage log (in units of uncached input: writes 1.25,
 reads 0.1), not from the proxy; the time to the first token of the last turns is set beside a
 cold `claude -p` started directly.
+
+The cache lifetime benchmark (--cache-ttl-bench) runs that conversation logged in as a
+subscriber, for --cache-ttl 1h, 5m and auto, with turns back to back (an agent) and with a pause
+between turns longer than a 5-minute cache entry lives (a person; the fake's FAKE_CACHE_TTL
+shortens those entries to --entry-seconds so that the run takes a minute, not an hour), and
+reports each one's bill from the fake's own usage log (1-hour writes at 2x, 5-minute at 1.25x).
 """
 
 import argparse
@@ -304,6 +311,63 @@ def conversation_benchmark(args):
     return 0
 
 
+def cache_ttl_benchmark(args):
+    """The same conversation as --conversation, logged in as a subscriber (an OAuth token: the
+    CLI then writes 1-hour cache entries unless told otherwise), for each --cache-ttl, in two
+    rhythms: an agent's (turns back to back) and a person's (a pause longer than a 5-minute
+    entry lives between turns: the fake's FAKE_CACHE_TTL shortens those entries to
+    --entry-seconds, and the proxy's --cache-gap is scaled to match)."""
+    if not args.claude or not args.fake_api:
+        raise SystemExit("--cache-ttl-bench needs --claude (the real CLI) and --fake-api")
+    tmp = tempfile.mkdtemp(prefix="bench-claude-proxy-")
+    rows = []
+    fakes = []
+    try:
+        for rhythm, pause in (("agent", 0.0), ("person", args.entry_seconds + 1.5)):
+            log = os.path.join(tmp, "fake-%s.log" % rhythm)
+            env = dict(os.environ, FAKE_REPLY="R" * 800, FAKE_CACHE_TTL="%g" % args.entry_seconds)
+            fake, fake_port = start_fake_api(args.fake_api, log, env)
+            fakes.append(fake)
+            env.update(ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % fake_port, HOME=os.path.join(tmp, "home-" + rhythm),
+                       CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-bench")
+            for name in ("ANTHROPIC_API_KEY", "CLAUDE_CONFIG_DIR"):
+                env.pop(name, None)
+            os.makedirs(env["HOME"])
+            for ttl in ("1h", "5m", "auto"):
+                proc, port = start_proxy(args.claude, 2, env, "--cache-ttl", ttl,
+                                         "--cache-gap", "%g" % (args.entry_seconds * 0.8))
+                try:
+                    tag = "%s-%s" % (rhythm, ttl)
+                    system = "[%s] You are a careful assistant. " % tag + "S" * 2400
+                    messages = [{"role": "system", "content": system}]
+                    start = log_lines(log)
+                    for turn in range(args.turns):
+                        if turn and pause:
+                            time.sleep(pause)
+                        messages.append({"role": "user", "content": "[%s turn %d] " % (tag, turn) + "U" * 6000})
+                        _, _, arrivals = via_proxy(port, None, messages)
+                        messages.append({"role": "assistant", "content": "".join(a[1] for a in arrivals)})
+                    time.sleep(0.5)
+                    bill, uncached, reads = billed(log, start, log_lines(log))
+                    rows.append((rhythm, ttl, bill / uncached, reads))
+                finally:
+                    stop_proxy(proc)
+        print("claude_proxy.py %s cache lifetime benchmark: CLI %s as a subscriber, against the fake API"
+              % (cp.__version__, args.claude))
+        print("%d turns (system ~600 tokens, user turns ~1,500, replies ~200); a person's pause: "
+              "%.1f s, with 5-minute entries living %g s" % (args.turns, args.entry_seconds + 1.5, args.entry_seconds))
+        print("%-8s %-12s %16s   %s" % ("rhythm", "--cache-ttl", "billed/uncached", "cache read per turn"))
+        for rhythm, ttl, ratio, reads in rows:
+            print("%-8s %-12s %16.3f   %s" % (rhythm, ttl, ratio, " ".join(map(str, reads))))
+        print("(1h is what the CLI writes for a subscriber when the proxy does not choose, as 0.2.0 did)")
+    finally:
+        for fake in fakes:
+            fake.terminate()
+            fake.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claude", help="Default: the test suite's stub CLI. A real CLI (or a "
@@ -319,9 +383,16 @@ def main(argv=None):
     parser.add_argument("--fake-api", help="The shared fake_anthropic_api.py, for --conversation.")
     parser.add_argument("--turns", type=int, default=12, help="Default: 12. Turns of the conversation.")
     parser.add_argument("--tool-rounds", type=int, default=4, help="Default: 4. Rounds of the tool loop.")
+    parser.add_argument("--cache-ttl-bench", action="store_true",
+                        help="Run the cache lifetime benchmark instead (needs --claude and --fake-api).")
+    parser.add_argument("--entry-seconds", type=float, default=4.0,
+                        help="Default: 4. With --cache-ttl-bench: how long the fake keeps a "
+                        "5-minute cache entry (a person's pause is 1.5 s longer).")
     args = parser.parse_args(argv)
     if args.conversation:
         return conversation_benchmark(args)
+    if args.cache_ttl_bench:
+        return cache_ttl_benchmark(args)
 
     tmp = tempfile.mkdtemp(prefix="bench-claude-proxy-")
     env = dict(os.environ)

@@ -3572,6 +3572,7 @@ class BrowserTest(ServerTestCase):
         self.assertRegex(text, r"5-hour 85% \(resets [^)]+\)")
         self.assertRegex(text, r"weekly 30% \(resets [^)]+\)")
         self.assertEqual(self.find("#status").get_attribute("class"), "warn", "85 % is past 80 %")
+        self.screenshot("page-plan-status.png")
 
 
 if __name__ == "__main__":
