@@ -240,6 +240,11 @@ def retry_error(event):
     return None
 
 
+def is_number(value):
+    """A JSON number (json.loads gives bools as ints: true is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def iso_utc(seconds):
     """Epoch seconds -> ISO 8601 in UTC, to the second: 2026-12-06T04:17:00Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
@@ -324,11 +329,9 @@ def plan_limit_of(rate_limit):
     reset = None
     if isinstance(windows, dict) and isinstance(windows.get(window), dict):
         reset = windows[window].get("resetsAt")
-    if not isinstance(reset, (int, float)) or isinstance(reset, bool):
+    if not is_number(reset):
         reset = rate_limit.get("resetsAt")
-    if not isinstance(reset, (int, float)) or isinstance(reset, bool):
-        reset = None
-    return (window if isinstance(window, str) else None), reset
+    return (window if isinstance(window, str) else None), (reset if is_number(reset) else None)
 
 
 def result_error(result, rate_limit=None, now=None):
@@ -4409,10 +4412,6 @@ UNIFIED_WINDOW_HEADERS = {"five_hour": "5h", "seven_day": "7d"}
 RATE_LIMIT_INFO_FIELDS = ("status", "resetsAt", "rateLimitType", "utilization", "unifiedWindows",
                           "overageStatus", "isUsingOverage", "overageDisabledReason",
                           "overageResetsAt")
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plan_windows(info):
