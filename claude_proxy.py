@@ -240,7 +240,7 @@ def retry_error(event):
     return None
 
 
-def is_number(value):
+def _is_number(value):
     """A JSON number (json.loads gives bools as ints: true is not a number here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -329,9 +329,9 @@ def plan_limit_of(rate_limit):
     reset = None
     if isinstance(windows, dict) and isinstance(windows.get(window), dict):
         reset = windows[window].get("resetsAt")
-    if not is_number(reset):
+    if not _is_number(reset):
         reset = rate_limit.get("resetsAt")
-    return (window if isinstance(window, str) else None), (reset if is_number(reset) else None)
+    return (window if isinstance(window, str) else None), (reset if _is_number(reset) else None)
 
 
 def result_error(result, rate_limit=None, now=None):
@@ -398,10 +398,6 @@ def result_error(result, rate_limit=None, now=None):
 def _require(condition, message, param, code=None):
     if not condition:
         raise invalid(message, param, code)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def image_from_data_url(url, param):
@@ -4430,7 +4426,7 @@ def plan_windows(info):
         if not isinstance(window, dict) or not isinstance(name, str):
             continue
         used = window.get("utilization")
-        used = used if is_number(used) else None
+        used = used if _is_number(used) else None
         status = window.get("status")
         if not isinstance(status, str):
             if name == representative and isinstance(info.get("status"), str):
@@ -4439,7 +4435,7 @@ def plan_windows(info):
                 status = ("rejected" if used >= 1 else "allowed_warning" if used >= PLAN_WARN_LEVELS[0]
                           else "allowed")
         entry = {"utilization": used,
-                 "resets_at": iso_utc(window["resetsAt"]) if is_number(window.get("resetsAt")) else None,
+                 "resets_at": iso_utc(window["resetsAt"]) if _is_number(window.get("resetsAt")) else None,
                  "status": status}
         entry.update((k, v) for k, v in window.items() if k not in ("utilization", "resetsAt", "status"))
         windows[name] = entry
@@ -4450,7 +4446,7 @@ def plan_overage(info):
     """The overage (extra usage) part of a rate_limit_event's info, or None when it has none."""
     fields = {"status": info.get("overageStatus"), "in_use": info.get("isUsingOverage"),
               "disabled_reason": info.get("overageDisabledReason"),
-              "resets_at": iso_utc(info["overageResetsAt"]) if is_number(info.get("overageResetsAt")) else None}
+              "resets_at": iso_utc(info["overageResetsAt"]) if _is_number(info.get("overageResetsAt")) else None}
     fields = {k: v for k, v in fields.items() if v is not None}
     return fields or None
 
@@ -4587,16 +4583,16 @@ class PlanLimits:
             headers = {}
             if isinstance(info.get("status"), str):
                 headers[prefix + "status"] = info["status"]
-            if is_number(info.get("resetsAt")):
+            if _is_number(info.get("resetsAt")):
                 headers[prefix + "reset"] = str(int(info["resetsAt"]))
             if isinstance(info.get("rateLimitType"), str):
                 headers[prefix + "representative-claim"] = info["rateLimitType"]
             windows = info.get("unifiedWindows") if isinstance(info.get("unifiedWindows"), dict) else {}
             for name, short in UNIFIED_WINDOW_HEADERS.items():
                 window = windows.get(name) if isinstance(windows.get(name), dict) else {}
-                if is_number(window.get("utilization")):
+                if _is_number(window.get("utilization")):
                     headers[prefix + short + "-utilization"] = "%g" % window["utilization"]
-                if is_number(window.get("resetsAt")):
+                if _is_number(window.get("resetsAt")):
                     headers[prefix + short + "-reset"] = str(int(window["resetsAt"]))
             if isinstance(info.get("overageStatus"), str):
                 headers[prefix + "overage-status"] = info["overageStatus"]
