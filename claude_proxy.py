@@ -53,7 +53,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8082
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MODELS = ("sonnet", "opus", "haiku")
-DEFAULT_MAX_BODY = 32 * 1024 * 1024  # base64 images make bodies large
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # base64 images and files make bodies large
 #: Used when a request has no system/developer message. Without --system-prompt-file the CLI
 #: would use Claude Code's own agent prompt, which talks about tools the model is not given.
 DEFAULT_SYSTEM_PROMPT = "You are Claude, a helpful AI assistant made by Anthropic."
@@ -1335,7 +1335,7 @@ def anthropic_document(block, param):
                  "unsupported_file_type")
         document = document_block(PDF_MEDIA_TYPE, source.get("data"), where)
     elif kind == "text":
-        _require(source.get("media_type", "text/plain") == "text/plain",
+        _require(source.get("media_type") in (None, "text/plain"),
                  "a text document source must be text/plain", where + ".media_type", "unsupported_file_type")
         _require(isinstance(source.get("data"), str) and source["data"],
                  "a text document source needs non-empty `data`", where + ".data", "invalid_file_data")

@@ -5818,7 +5818,7 @@ class DocumentParsingTest(unittest.TestCase):
              dict(pdf_document("Q3"), context="the board's copy")),
             ("plain text", {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hi"}},
              text_document("hi")),
-            ("plain text, no media type", {"type": "document", "source": {"type": "text", "data": "hi"}, "title": None},
+            ("plain text, no media type", {"type": "document", "source": {"type": "text", "data": "hi", "media_type": None}, "title": None},
              text_document("hi")),
             ("content: a string", {"type": "document", "source": {"type": "content", "content": "chunk"}},
              {"type": "document", "source": {"type": "content", "content": [cp.text_block("chunk")]}}),
