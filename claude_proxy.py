@@ -416,6 +416,8 @@ def files_bytes(blocks):
             total += len(block["source"]["data"])
         elif block["type"] == "document" and block["source"]["type"] == "content":
             total += files_bytes(block["source"]["content"])
+        elif block["type"] == "document" and block["source"]["type"] == "base64":
+            total += len(block["source"]["data"])
         elif block["type"] == "document":
             total += len(block["source"]["data"].encode("utf-8"))
         elif block["type"] == "tool_result":
