@@ -298,11 +298,11 @@ def result_error(result):
 #: and the blocks are the Messages API's own, as the CLI sends them on:
 #:   {"type": "text", "text"}          {"type": "image", "source": {base64 source}}
 #:   {"type": "tool_use", "id", "name", "input": {...}}     (name: the client's function name)
-#:   {"type": "tool_result", "tool_use_id", "content": [text and image blocks], "is_error"}
+#:   {"type": "tool_result", "tool_use_id", "content": [text, image and document blocks], "is_error"}
 #:   {"type": "thinking", "thinking", "signature"}
 #:   {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data"}
 #:     | {"type": "text", "media_type": "text/plain", "data"} | {"type": "content", "content":
-#:     [text and image blocks]}, "title"?, "context"?}          (user turns only)
+#:     [text and image blocks]}, "title"?, "context"?}   (user turns and tool results only)
 #: Tool ids are the client's own; cli_tool_id() maps them to what the API accepts.
 
 
@@ -956,9 +956,9 @@ RESPONSES_REFUSED_INCLUDES = ("message.output_text.logprobs",)
 NAMESPACE_SEPARATOR = "__"
 
 
-def responses_content_blocks(content, param, role, files=True):
-    """A message item's content (a string or parts) -> blocks. Images only from the user (and
-    in function outputs), files only in the user's messages."""
+def responses_content_blocks(content, param, role):
+    """A message item's content (a string or parts) -> blocks. Images and files only from the
+    user (function outputs are read as the user's)."""
     if isinstance(content, str):
         return [text_block(content)]
     _require(isinstance(content, list), "content must be a string or an array of content parts", param)
@@ -983,10 +983,11 @@ def responses_content_blocks(content, param, role, files=True):
         elif kind == "input_image":
             raise invalid("Images are only accepted in user messages and function call outputs",
                           where + ".type")
-        elif kind == "input_file" and role == "user" and files:
+        elif kind == "input_file" and role == "user":
             blocks.append(openai_file(part, where))
         elif kind == "input_file":
-            raise invalid("Files are only accepted in user messages", where + ".type")
+            raise invalid("Files are only accepted in user messages and function call outputs",
+                          where + ".type")
         elif kind in ("input_audio", "input_video"):
             raise invalid("Content parts of type %r are not supported by this proxy; send text, "
                           "data: URL images or files" % kind, where + ".type", "unsupported_content_type")
@@ -1034,8 +1035,7 @@ def responses_items(items, turns, system_parts):
         elif kind in ("function_call_output", "custom_tool_call_output"):
             call_id, output = item.get("call_id"), item.get("output")
             _require(output is not None, "a %s needs `output`" % kind, param + ".output")
-            blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user",
-                                                                 files=False))
+            blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user"))
             if call_id is None and isinstance(item.get("name"), str):
                 # An output no call asked for (Codex adds some of its own, with only a name):
                 # the API pairs every tool_result with a tool_use, so it is the user's text.
@@ -1373,7 +1373,8 @@ def anthropic_document(block, param):
 
 
 def anthropic_tool_result(block, param):
-    """A tool_result block -> the neutral one: content as text and image blocks."""
+    """A tool_result block -> the neutral one: content as text, image and document blocks
+    (Claude Code's Read tool answers with a document for a PDF)."""
     tool_use_id = block.get("tool_use_id")
     _require(isinstance(tool_use_id, str) and tool_use_id, "a tool_result needs `tool_use_id`",
              param + ".tool_use_id")
@@ -1398,8 +1399,10 @@ def anthropic_tool_result(block, param):
                 blocks.append(text_block(part["text"]))
             elif part.get("type") == "image":
                 blocks.append(anthropic_image(part, where))
+            elif part.get("type") == "document":
+                blocks.append(anthropic_document(part, where))
             else:
-                raise invalid("tool_result content may hold text and image blocks, not %r"
+                raise invalid("tool_result content may hold text, image and document blocks, not %r"
                               % (part.get("type"),), where + ".type", "unsupported_content_type")
     return {"type": "tool_result", "tool_use_id": tool_use_id,
             "content": without_empty_text(blocks), "is_error": bool(is_error)}
@@ -1798,7 +1801,16 @@ def deferrable_call(plan, turns):
         return None
     if calls[0]["name"] not in {t["name"] for t in plan.get("tools") or ()}:
         return None
+    if not bridgeable(last[0]):
+        return None
     return calls[0]
+
+
+def bridgeable(result):
+    """Whether a tool result can go through the MCP bridge as it is: text and images can; the
+    CLI turns a PDF an MCP server returns into a file it saves and a line of text (checked
+    with 2.1.332), so a result holding a document reaches the model another way."""
+    return not any(b["type"] == "document" for b in result["content"])
 
 
 def mcp_results(blocks):
@@ -2400,6 +2412,8 @@ class CliRunner:
             by_id = {cli_tool_id(b["tool_use_id"]): b for b in results}
             wanted = [cli_tool_id(tool_id) for tool_id, _ in run.pending_calls]
             if len(results) != len(tail) or sorted(by_id) != sorted(wanted) or len(results) != len(wanted):
+                return False
+            if not all(bridgeable(b) for b in results):
                 return False
             run.begin_turn()
             try:

@@ -3683,7 +3683,7 @@ class AnthropicRequestTest(unittest.TestCase):
             ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
                 "type": "url", "url": "http://example.com/a.png"}}]}]}, "messages[0].content[0].source.type"),
             ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
-                                                          "content": [{"type": "document"}]}]}]},
+                                                          "content": [{"type": "search_result"}]}]}]},
              "messages[0].content[0].content[0].type"),
             ({"messages": user_msg, "system": [{"type": "image"}]}, "system[0].type"),
             ({"messages": user_msg, "model": "--evil"}, "model"),
@@ -5798,11 +5798,13 @@ class DocumentParsingTest(unittest.TestCase):
                 self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
                 if code:
                     self.assertEqual(caught.exception.code, code)
-        with self.assertRaises(cp.ProxyError) as caught:
-            cp.parse_responses_request({"input": [
-                {"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
-                {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file", "file_data": PDF_URL}]}]})
-        self.assertEqual(caught.exception.param, "input[2].output[0].type", "no files in function outputs")
+        plan, _ = cp.parse_responses_request({"input": [
+            {"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": [
+                {"type": "input_text", "text": "read:"}, {"type": "input_file", "file_data": PDF_URL}]}]})
+        self.assertEqual(plan["conversation"]["turns"][2]["content"], [
+            {"type": "tool_result", "tool_use_id": "c", "content": [cp.text_block("read:"), pdf_document()], "is_error": False}],
+            "a function's output may be a file, as an image")
 
     def test_anthropic_documents(self):
         def parse(block, role="user"):
@@ -5822,6 +5824,10 @@ class DocumentParsingTest(unittest.TestCase):
              text_document("hi")),
             ("content: a string", {"type": "document", "source": {"type": "content", "content": "chunk"}},
              {"type": "document", "source": {"type": "content", "content": [cp.text_block("chunk")]}}),
+            ("a PDF a tool read, as Claude Code sends it", {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                {"type": "text", "text": "PDF file read: r.pdf (387 bytes)"}, {"type": "document", "source": pdf_source}]},
+             {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                 cp.text_block("PDF file read: r.pdf (387 bytes)"), pdf_document()], "is_error": False}),
             ("content: text and image blocks", {"type": "document", "source": {"type": "content", "content": [
                 {"type": "text", "text": "a"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}},
              {"type": "document", "source": {"type": "content", "content": [
@@ -5988,3 +5994,49 @@ class DocumentServerTest(ServerTestCase):
         status, _, raw = self.chat({"messages": follow}, port=server.server_address[1])
         self.assertEqual(status, 200, raw)
         self.assertEqual([b["type"] for b in self.sent()], ["text", "document", "text", "text"])
+
+    def test_a_tool_result_holding_a_document(self):
+        """Claude Code reads a PDF with its Read tool and sends the result back: the MCP bridge
+        cannot carry a document (the CLI would save it as a file and tell the model its path),
+        so the result reaches the model in the transcript, the document in its place."""
+        headers = {"anthropic-version": "2023-06-01"}
+        server = self.serve(pool_size=2)
+        port = server.server_address[1]
+        messages = [{"role": "user", "content": "CALLTOOL read the report"}]
+        status, _, raw = self.request("POST", "/v1/messages", {"max_tokens": 100, "tools": [WEATHER_TOOL], "messages": messages},
+                                      headers=headers, port=port)
+        self.assertEqual(status, 200, raw)
+        reply = json.loads(raw)
+        [call] = [b for b in reply["content"] if b["type"] == "tool_use"]
+        self.assertTrue(wait_until(lambda: server.runner.continuations.count() == 1))
+        [waiting] = self.records()
+        result = {"type": "tool_result", "tool_use_id": call["id"], "content": [
+            {"type": "text", "text": "RESULT-read r.pdf"}, pdf_document()]}
+        messages += [{"role": "assistant", "content": reply["content"]}, {"role": "user", "content": [result]}]
+        for name, to in (("its process kept", port), ("no process for it: the call is not deferred", self.port)):
+            with self.subTest(name):
+                self.setUp()
+                status, _, raw = self.request("POST", "/v1/messages", {"max_tokens": 100, "tools": [WEATHER_TOOL],
+                                                                       "messages": messages}, headers=headers, port=to)
+                self.assertEqual(status, 200, raw)
+                self.assertEqual(json.loads(raw)["content"][0]["text"], "Final answer using RESULT-read r.pd")  # 16 characters
+                [record] = self.records()
+                self.assertNotIn("resumed", record)
+                self.assertNotEqual(record["pid"], waiting["pid"])
+                sent = self.sent()
+                self.assertEqual([b["type"] for b in sent], ["text", "document", "text"])
+                self.assertIn('<tool tool_call_id="%s">\nRESULT-read r.pdf' % call["id"], sent[0]["text"])
+        self.assertTrue(wait_until(lambda: not pid_alive(waiting["pid"])), "the waiting process is stopped")
+
+    def test_an_earlier_tool_result_holding_a_document_is_resumed(self):
+        status, _, raw = self.request("POST", "/v1/messages", {"max_tokens": 100, "tools": [WEATHER_TOOL], "messages": [
+            {"role": "user", "content": "read the report"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [pdf_document()]}]},
+            {"role": "assistant", "content": "It says hello."},
+            {"role": "user", "content": "Shorter?"}]}, headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual(status, 200, raw)
+        [record] = self.records()
+        self.assertEqual(record["resumed"][2]["content"], [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                            "content": [pdf_document()]}])
+        self.assertTrue(wait_until(lambda: session_files() == []))
