@@ -54,7 +54,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8082
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MODELS = ("sonnet", "opus", "haiku")
-DEFAULT_MAX_BODY = 32 * 1024 * 1024  # base64 images make bodies large
+DEFAULT_MAX_BODY = 32 * 1024 * 1024  # base64 images and files make bodies large
 #: Used when a request has no system/developer message. Without --system-prompt-file the CLI
 #: would use Claude Code's own agent prompt, which talks about tools the model is not given.
 DEFAULT_SYSTEM_PROMPT = "You are Claude, a helpful AI assistant made by Anthropic."
@@ -109,6 +109,27 @@ REASONING_EFFORT_TO_CLI = {
 #: newline, so "sonnet\n" would pass.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]-]{0,127}\Z")
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+#: Files reach the model as Messages API `document` blocks, the way Claude reads them: a PDF as a
+#: base64 source, a text file as a text source (the API takes text/plain only, so every text type
+#: is sent as that). Text types: every text/*, and these.
+PDF_MEDIA_TYPE = "application/pdf"
+TEXT_FILE_TYPES = ("application/json", "application/x-ndjson", "application/jsonl", "application/xml",
+                   "application/yaml", "application/x-yaml", "application/toml", "application/javascript",
+                   "application/x-sh", "application/sql")
+#: A client that does not know a file's type says application/octet-stream (browsers do for .md):
+#: then the filename's extension names it.
+FILE_EXTENSION_TYPES = {
+    ".pdf": PDF_MEDIA_TYPE, ".txt": "text/plain", ".text": "text/plain", ".log": "text/plain",
+    ".md": "text/markdown", ".markdown": "text/markdown", ".rst": "text/x-rst",
+    ".csv": "text/csv", ".tsv": "text/tab-separated-values", ".html": "text/html", ".htm": "text/html",
+    ".xml": "application/xml", ".json": "application/json", ".jsonl": "application/jsonl",
+    ".ndjson": "application/x-ndjson", ".yaml": "application/yaml", ".yml": "application/yaml",
+    ".toml": "application/toml", ".ini": "text/plain", ".sql": "application/sql"}
+#: What the images and files of one conversation may weigh together, as sent (base64, or a text
+#: file's UTF-8): the API takes requests of up to 32 MB, and the CLI's request holds its system
+#: prompt, the tool definitions and the text as well. The API also refuses a PDF of more than 100
+#: pages; counting pages would mean parsing the PDF, so that limit is the API's to tell.
+MAX_FILES_BYTES = 30 * 1024 * 1024
 #: The client's functions reach the model through an MCP server of this same file, named
 #: MCP_SERVER: the CLI calls them mcp__fn__<name>. The API caps a tool name at 64 characters.
 MCP_SERVER = "fn"
@@ -390,8 +411,11 @@ def result_error(result, rate_limit=None, now=None):
 #: and the blocks are the Messages API's own, as the CLI sends them on:
 #:   {"type": "text", "text"}          {"type": "image", "source": {base64 source}}
 #:   {"type": "tool_use", "id", "name", "input": {...}}     (name: the client's function name)
-#:   {"type": "tool_result", "tool_use_id", "content": [text and image blocks], "is_error"}
+#:   {"type": "tool_result", "tool_use_id", "content": [text, image and document blocks], "is_error"}
 #:   {"type": "thinking", "thinking", "signature"}
+#:   {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data"}
+#:     | {"type": "text", "media_type": "text/plain", "data"} | {"type": "content", "content":
+#:     [text and image blocks]}, "title"?, "context"?}   (user turns and tool results only)
 #: Tool ids are the client's own; cli_tool_id() maps them to what the API accepts.
 
 
@@ -429,6 +453,85 @@ def image_block(media_type, data, param):
         raise invalid("The image's base64 data does not decode", param, "invalid_image_url")
     _require(data, "The image data is empty", param, "invalid_image_url")
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def document_block(media_type, data, param, title=None):
+    """A file's base64 data -> a document block: a PDF as a base64 source, a text file as a text
+    source, decoded as UTF-8. Other types are refused: these are what the model reads."""
+    media_type = str(media_type or "").lower()
+    _require(isinstance(data, str), "The file data must be a base64 string", param, "invalid_file_data")
+    data = data.strip()
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("The file's base64 data does not decode", param, "invalid_file_data")
+    _require(raw, "The file is empty", param, "invalid_file_data")
+    if media_type == PDF_MEDIA_TYPE:
+        # The PDF format allows up to 1024 bytes before its header.
+        _require(b"%PDF-" in raw[:1024], "The file is not a PDF (it has no %PDF- header)", param,
+                 "invalid_file_data")
+        source = {"type": "base64", "media_type": PDF_MEDIA_TYPE, "data": data}
+    elif media_type.startswith("text/") or media_type in TEXT_FILE_TYPES:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise invalid("A %s file must be UTF-8 text" % media_type, param, "invalid_file_data")
+        _require(text, "The file is empty", param, "invalid_file_data")
+        source = {"type": "text", "media_type": "text/plain", "data": text}
+    else:
+        raise invalid("Unsupported file type %s; send a PDF (application/pdf) or a text file "
+                      "(text/*, %s)" % (media_type or "(none)", ", ".join(TEXT_FILE_TYPES)), param,
+                      "unsupported_file_type")
+    block = {"type": "document", "source": source}
+    if title:
+        block["title"] = title
+    return block
+
+
+def openai_file(part, param):
+    """An OpenAI file (Chat's `file` object, a Responses input_file part) -> a document block
+    titled with its filename. Only inline data: the proxy has no Files API to resolve a file_id,
+    and fetching a file_url on a client's behalf would let any client reach the proxy's network."""
+    data, url, filename = part.get("file_data"), part.get("file_url"), part.get("filename")
+    _require(filename is None or isinstance(filename, str), "`filename` must be a string",
+             param + ".filename")
+    if data is None and isinstance(url, str) and url.lower().startswith("data:"):
+        data = url
+    if data is None and url is not None:
+        raise invalid("File URLs are not fetched by this proxy (no server-side requests); send the "
+                      "file inline in `file_data`, as a data:application/pdf;base64, URL.",
+                      param + ".file_url", "file_url_not_supported")
+    if data is None and part.get("file_id") is not None:
+        raise invalid("File ids cannot be resolved: this proxy has no Files API. Send the file "
+                      "inline in `file_data`, as a data:application/pdf;base64, URL.",
+                      param + ".file_id", "unsupported_content_type")
+    param += ".file_data"
+    _require(isinstance(data, str) and data, "A file needs `file_data`: a data:<media type>;base64, "
+             "URL", param, "invalid_file_data")
+    match = DATA_URL.match(data)
+    _require(match, "file_data must be a data:<media type>;base64, URL, such as "
+             "data:application/pdf;base64,...", param, "invalid_file_data")
+    media_type = match.group("type").lower()
+    if media_type == "application/octet-stream" and filename:
+        media_type = FILE_EXTENSION_TYPES.get(os.path.splitext(filename)[1].lower(), media_type)
+    return document_block(media_type, data[match.end():], param, filename)
+
+
+def files_bytes(blocks):
+    """What the images and files among blocks weigh as sent (see MAX_FILES_BYTES)."""
+    total = 0
+    for block in blocks:
+        if block["type"] == "image":
+            total += len(block["source"]["data"])
+        elif block["type"] == "document" and block["source"]["type"] == "content":
+            total += files_bytes(block["source"]["content"])
+        elif block["type"] == "document" and block["source"]["type"] == "base64":
+            total += len(block["source"]["data"])
+        elif block["type"] == "document":
+            total += len(block["source"]["data"].encode("utf-8"))
+        elif block["type"] == "tool_result":
+            total += files_bytes(block["content"])
+    return total
 
 
 def text_block(text):
@@ -485,6 +588,12 @@ def conversation(system_parts, turns, param="messages"):
         system = None
     _require(any(t["role"] == "user" for t in turns), "`%s` needs at least one user message"
              % param, param)
+    weight = sum(files_bytes(t["content"]) for t in turns)
+    if weight > MAX_FILES_BYTES:
+        raise invalid("The images and files of this conversation come to %d bytes as sent (base64, "
+                      "or a text file's UTF-8), over the %d the proxy sends in one request (the API "
+                      "takes at most 32 MB); send fewer or smaller files." % (weight, MAX_FILES_BYTES),
+                      param, "files_too_large")
     return {"system": system, "turns": turns}
 
 
@@ -537,7 +646,7 @@ def transcript_prompt(conv):
                                               block["id"], block["name"],
                                               json.dumps(block["input"], ensure_ascii=False,
                                                          separators=(",", ":")))))
-            elif block["type"] in ("text", "image"):
+            elif block["type"] in ("text", "image", "document"):
                 pending.append(block)
         if pending:
             blocks.append(text_block("<%s>\n" % turn["role"]))
@@ -561,6 +670,8 @@ def normal_turns(turns):
                     blocks.append(["text", block["text"].rstrip()])
             elif kind == "image":
                 blocks.append(["image", hashlib.sha1(block["source"]["data"].encode()).hexdigest()])
+            elif kind == "document":
+                blocks.append(["document", hashlib.sha1(json.dumps(block, sort_keys=True).encode()).hexdigest()])
             elif kind == "tool_use":
                 blocks.append(["tool_use", cli_tool_id(block["id"]), block["name"],
                                json.dumps(block["input"], sort_keys=True)])
@@ -603,7 +714,8 @@ def request_stream(body):
 
 
 def chat_content_blocks(content, param, images=True):
-    """A message's OpenAI content (string, list of parts, or None) -> blocks."""
+    """A message's OpenAI content (string, list of parts, or None) -> blocks. images: whether
+    images and files may be among them (user messages only)."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -627,9 +739,14 @@ def chat_content_blocks(content, param, images=True):
             blocks.append(image_from_data_url(url, where + ".image_url.url"))
         elif kind == "image_url":
             raise invalid("Images are only accepted in user messages", where + ".type")
-        elif kind in ("input_audio", "file", "audio", "input_file", "video_url"):
-            raise invalid("Content parts of type %r are not supported by this proxy; send text "
-                          "or data: URL images" % kind, where + ".type", "unsupported_content_type")
+        elif kind == "file" and images:
+            _require(isinstance(part.get("file"), dict), "a file part needs a `file` object", where + ".file")
+            blocks.append(openai_file(part["file"], where + ".file"))
+        elif kind == "file":
+            raise invalid("Files are only accepted in user messages", where + ".type")
+        elif kind in ("input_audio", "audio", "input_file", "video_url"):
+            raise invalid("Content parts of type %r are not supported by this proxy; send text, "
+                          "data: URL images or files" % kind, where + ".type", "unsupported_content_type")
         else:
             raise invalid("Unknown content part type %r" % (kind,), where + ".type")
     return blocks
@@ -949,7 +1066,8 @@ NAMESPACE_SEPARATOR = "__"
 
 
 def responses_content_blocks(content, param, role):
-    """A message item's content (a string or parts) -> blocks. Images only from the user."""
+    """A message item's content (a string or parts) -> blocks. Images and files only from the
+    user (function outputs are read as the user's)."""
     if isinstance(content, str):
         return [text_block(content)]
     _require(isinstance(content, list), "content must be a string or an array of content parts", param)
@@ -974,9 +1092,14 @@ def responses_content_blocks(content, param, role):
         elif kind == "input_image":
             raise invalid("Images are only accepted in user messages and function call outputs",
                           where + ".type")
-        elif kind in ("input_file", "input_audio", "input_video"):
-            raise invalid("Content parts of type %r are not supported by this proxy; send text "
-                          "or data: URL images" % kind, where + ".type", "unsupported_content_type")
+        elif kind == "input_file" and role == "user":
+            blocks.append(openai_file(part, where))
+        elif kind == "input_file":
+            raise invalid("Files are only accepted in user messages and function call outputs",
+                          where + ".type")
+        elif kind in ("input_audio", "input_video"):
+            raise invalid("Content parts of type %r are not supported by this proxy; send text, "
+                          "data: URL images or files" % kind, where + ".type", "unsupported_content_type")
         else:
             raise invalid("Unknown content part type %r" % (kind,), where + ".type")
     return blocks
@@ -1251,9 +1374,9 @@ def responses_tool_echo(tool):
 ANTHROPIC_CLIENT_TOOL_TYPES = (None, "custom")
 ANTHROPIC_TOOL_CHOICES = ("auto", "any", "tool", "none")
 ANTHROPIC_THINKING_TYPES = ("enabled", "adaptive", "disabled")
-#: Message content the proxy cannot pass on: files, documents and results of server tools.
+#: Message content the proxy cannot pass on: search results, uploads and results of server tools.
 ANTHROPIC_UNSUPPORTED_BLOCKS = (
-    "document", "search_result", "container_upload", "server_tool_use", "web_search_tool_result",
+    "search_result", "container_upload", "server_tool_use", "web_search_tool_result",
     "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
     "text_editor_code_execution_tool_result", "mcp_tool_use", "mcp_tool_result")
 
@@ -1302,8 +1425,65 @@ def anthropic_image(block, param):
     return image_block(source.get("media_type"), source.get("data"), param + ".source")
 
 
+def anthropic_document(block, param):
+    """A document block -> the neutral one: a base64 PDF, plain text, or content (text and
+    images), with its title and context. url and file sources are refused: the proxy fetches
+    nothing and has no Files API. `citations` is accepted and dropped: the replies the proxy
+    writes carry no citations, so the model is not asked for them."""
+    source = block.get("source")
+    _require(isinstance(source, dict), "a document block needs a `source` object", param + ".source")
+    kind, where = source.get("type"), param + ".source"
+    if kind == "url":
+        raise invalid("Document url sources are not fetched by this proxy (no server-side requests); "
+                      "send the PDF as a base64 source.", where + ".type", "file_url_not_supported")
+    if kind == "file":
+        raise invalid("Document file sources cannot be resolved: this proxy has no Files API; send "
+                      "the document as a base64 or text source.", where + ".type",
+                      "unsupported_content_type")
+    if kind == "base64":
+        _require(source.get("media_type") == PDF_MEDIA_TYPE, "a base64 document source must be "
+                 "application/pdf; send a text file as a text source", where + ".media_type",
+                 "unsupported_file_type")
+        document = document_block(PDF_MEDIA_TYPE, source.get("data"), where)
+    elif kind == "text":
+        _require(source.get("media_type") in (None, "text/plain"),
+                 "a text document source must be text/plain", where + ".media_type", "unsupported_file_type")
+        _require(isinstance(source.get("data"), str) and source["data"],
+                 "a text document source needs non-empty `data`", where + ".data", "invalid_file_data")
+        document = {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                   "data": source["data"]}}
+    elif kind == "content":
+        content = source.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        _require(isinstance(content, list) and content, "a content document source needs `content`: "
+                 "a string or an array of text and image blocks", where + ".content")
+        parts = []
+        for k, part in enumerate(content):
+            at = "%s.content[%d]" % (where, k)
+            _require(isinstance(part, dict) and part.get("type") in ("text", "image"),
+                     "a content document source holds text and image blocks", at + ".type")
+            if part["type"] == "text":
+                _require(isinstance(part.get("text"), str), "a text block needs a string `text`", at + ".text")
+                parts.append(text_block(part["text"]))
+            else:
+                parts.append(anthropic_image(part, at))
+        parts = without_empty_text(parts)
+        _require(parts, "the document's content is empty", where + ".content")
+        document = {"type": "document", "source": {"type": "content", "content": parts}}
+    else:
+        raise invalid("source.type must be \"base64\", \"text\" or \"content\"", where + ".type")
+    for name in ("title", "context"):
+        value = block.get(name)
+        _require(value is None or isinstance(value, str), "`%s` must be a string" % name, param + "." + name)
+        if value:
+            document[name] = value
+    return document
+
+
 def anthropic_tool_result(block, param):
-    """A tool_result block -> the neutral one: content as text and image blocks."""
+    """A tool_result block -> the neutral one: content as text, image and document blocks
+    (Claude Code's Read tool answers with a document for a PDF)."""
     tool_use_id = block.get("tool_use_id")
     _require(isinstance(tool_use_id, str) and tool_use_id, "a tool_result needs `tool_use_id`",
              param + ".tool_use_id")
@@ -1328,8 +1508,10 @@ def anthropic_tool_result(block, param):
                 blocks.append(text_block(part["text"]))
             elif part.get("type") == "image":
                 blocks.append(anthropic_image(part, where))
+            elif part.get("type") == "document":
+                blocks.append(anthropic_document(part, where))
             else:
-                raise invalid("tool_result content may hold text and image blocks, not %r"
+                raise invalid("tool_result content may hold text, image and document blocks, not %r"
                               % (part.get("type"),), where + ".type", "unsupported_content_type")
     return {"type": "tool_result", "tool_use_id": tool_use_id,
             "content": without_empty_text(blocks), "is_error": bool(is_error)}
@@ -1346,12 +1528,12 @@ def anthropic_blocks(content, role, param):
         where = "%s[%d]" % (param, j)
         _require(isinstance(block, dict), "each content block must be an object", where)
         kind = block.get("type")
-        allowed = {"user": ("text", "image", "tool_result"),
+        allowed = {"user": ("text", "image", "document", "tool_result"),
                    "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}[role]
         if kind in ANTHROPIC_UNSUPPORTED_BLOCKS:
             raise invalid("Content blocks of type %r are not supported by this proxy; send text, "
-                          "base64 images, tool_use and tool_result blocks" % kind, where + ".type",
-                          "unsupported_content_type")
+                          "base64 images, documents, tool_use and tool_result blocks" % kind,
+                          where + ".type", "unsupported_content_type")
         _require(kind in allowed, "%s messages may hold %s blocks, not %r"
                  % (role, ", ".join(allowed), kind), where + ".type")
         if kind == "text":
@@ -1359,6 +1541,8 @@ def anthropic_blocks(content, role, param):
             blocks.append(text_block(block["text"]))
         elif kind == "image":
             blocks.append(anthropic_image(block, where))
+        elif kind == "document":
+            blocks.append(anthropic_document(block, where))
         elif kind == "tool_result":
             blocks.append(anthropic_tool_result(block, where))
         elif kind == "tool_use":
@@ -1528,18 +1712,32 @@ def parse_messages_request(body, default_model=None, default_effort=None):
     }
 
 
+#: A PDF's page objects, counted for an estimate: pages kept in compressed object streams are
+#: not seen, so a PDF counts at least one page.
+PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+PDF_PAGE_TOKENS = 3000
+
+
 def estimate_tokens(plan):
     """POST /v1/messages/count_tokens: an estimate, never a model call (the CLI has no way to
-    count without one): a token per 4 characters of the system prompt, text, tool results and
-    tool definitions, 1,600 per image (Anthropic's figure for a large image), and 4 per turn."""
-    characters, images = len(plan["system_prompt"] or ""), 0
+    count without one): a token per 4 characters of the system prompt, text, text documents,
+    tool results and tool definitions, 1,600 per image (Anthropic's figure for a large image),
+    3,000 per PDF page (the top of Anthropic's 1,500-3,000 for a page's text: each page is also
+    read as an image), and 4 per turn."""
+    characters, images, pages = len(plan["system_prompt"] or ""), 0, 0
     def walk(blocks):
-        nonlocal characters, images
+        nonlocal characters, images, pages
         for block in blocks:
             if block["type"] == "text":
                 characters += len(block["text"])
             elif block["type"] == "image":
                 images += 1
+            elif block["type"] == "document" and block["source"]["type"] == "text":
+                characters += len(block["source"]["data"])
+            elif block["type"] == "document" and block["source"]["type"] == "content":
+                walk(block["source"]["content"])
+            elif block["type"] == "document":
+                pages += max(1, len(PDF_PAGE.findall(base64.b64decode(block["source"]["data"]))))
             elif block["type"] == "thinking":
                 characters += len(block["thinking"])
             elif block["type"] == "tool_use":
@@ -1552,7 +1750,7 @@ def estimate_tokens(plan):
     for tool in plan["tools"]:
         characters += len(json.dumps({"name": tool["name"], "description": tool["description"],
                                       "input_schema": tool["input_schema"]}, ensure_ascii=False))
-    return -(-characters // 4) + 1600 * images + 4 * len(turns)
+    return -(-characters // 4) + 1600 * images + PDF_PAGE_TOKENS * pages + 4 * len(turns)
 
 
 # CLI run: argv, stdin, process ##############################################################
@@ -1652,7 +1850,7 @@ def cli_blocks(blocks, role):
             if role == "assistant" and block.get("signature"):
                 out.append({"type": "thinking", "thinking": block["thinking"],
                             "signature": block["signature"]})
-        elif kind in ("text", "image"):
+        elif kind in ("text", "image", "document"):
             out.append(block)
     return out
 
@@ -1712,7 +1910,16 @@ def deferrable_call(plan, turns):
         return None
     if calls[0]["name"] not in {t["name"] for t in plan.get("tools") or ()}:
         return None
+    if not bridgeable(last[0]):
+        return None
     return calls[0]
+
+
+def bridgeable(result):
+    """Whether a tool result can go through the MCP bridge as it is: text and images can; the
+    CLI turns a PDF an MCP server returns into a file it saves and a line of text (checked
+    with 2.1.332), so a result holding a document reaches the model another way."""
+    return not any(b["type"] == "document" for b in result["content"])
 
 
 def mcp_results(blocks):
@@ -2325,6 +2532,8 @@ class CliRunner:
             by_id = {cli_tool_id(b["tool_use_id"]): b for b in results}
             wanted = [cli_tool_id(tool_id) for tool_id, _ in run.pending_calls]
             if len(results) != len(tail) or sorted(by_id) != sorted(wanted) or len(results) != len(wanted):
+                return False
+            if not all(bridgeable(b) for b in results):
                 return False
             run.begin_turn()
             try:

@@ -659,8 +659,8 @@ class MessagesToPromptTest(unittest.TestCase):
              "messages[1].tool_call_id"),
             ("audio part", [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
              "messages[0].content[0].type"),
-            ("file part", [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}],
-             "messages[0].content[0].type"),
+            ("file part with a file id", [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}],
+             "messages[0].content[0].file.file_id"),
             ("unknown part", [{"role": "user", "content": [{"type": "hologram"}]}], "messages[0].content[0].type"),
             ("http image", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]}],
              "messages[0].content[0].image_url.url"),
@@ -3744,11 +3744,13 @@ class AnthropicRequestTest(unittest.TestCase):
             ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f"}]}]},
              "messages[0].content[0].type"),
             ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+             "messages[0].content[0].source.type"),
+            ({"messages": [{"role": "user", "content": [{"type": "search_result", "source": "x"}]}]},
              "messages[0].content[0].type"),
             ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
                 "type": "url", "url": "http://example.com/a.png"}}]}]}, "messages[0].content[0].source.type"),
             ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
-                                                          "content": [{"type": "document"}]}]}]},
+                                                          "content": [{"type": "search_result"}]}]}]},
              "messages[0].content[0].content[0].type"),
             ({"messages": user_msg, "system": [{"type": "image"}]}, "system[0].type"),
             ({"messages": user_msg, "model": "--evil"}, "model"),
@@ -4308,6 +4310,8 @@ class ResponsesRequestTest(unittest.TestCase):
             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
              "input[0].content[0].image_url", "image_url_not_supported"),
             ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+             "input[0].content[0].file_id", "unsupported_content_type"),
+            ({"input": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
              "input[0].content[0].type", "unsupported_content_type"),
             ({"input": "x", "tools": [RS_WEATHER], "tool_choice": {"type": "web_search"}}, "tool_choice", None),
             ({"input": "x", "tools": [RS_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", None),
@@ -6201,3 +6205,366 @@ class PlanServerTest(ServerTestCase):
         self.assertEqual(self.chat(user("hi"))[0], 200)
         [record] = self.records()
         self.assertEqual(record["env"].get("FORCE_PROMPT_CACHING_5M"), "1")
+
+
+# Files and PDFs ##############################################################################
+
+#: A one-page PDF, as small as a PDF gets.
+PDF_BYTES = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+             b"2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+             b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
+PDF_B64 = cp.base64.b64encode(PDF_BYTES).decode()
+PDF_URL = "data:application/pdf;base64," + PDF_B64
+
+
+def b64(text):
+    return cp.base64.b64encode(text.encode("utf-8")).decode()
+
+
+def pdf_document(title=None):
+    block = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_B64}}
+    return dict(block, title=title) if title else block
+
+
+def text_document(text, title=None):
+    block = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": text}}
+    return dict(block, title=title) if title else block
+
+
+class DocumentParsingTest(unittest.TestCase):
+    """Files in each dialect's parser -> the Messages API document blocks the CLI passes on."""
+
+    def chat_parts(self, *parts, role="user"):
+        return cp.chat_conversation([{"role": role, "content": list(parts)}, {"role": "user", "content": "x"}])
+
+    def test_chat_file_parts(self):
+        cases = [
+            ("a PDF, titled with its filename", {"file_data": PDF_URL, "filename": "report.pdf"}, pdf_document("report.pdf")),
+            ("a PDF without a filename", {"file_data": PDF_URL}, pdf_document()),
+            ("markdown: a text document", {"file_data": "data:text/markdown;base64," + b64("# Notes\n"), "filename": "n.md"},
+             text_document("# Notes\n", "n.md")),
+            ("CSV", {"file_data": "data:text/csv;base64," + b64("a,b\n1,2\n")}, text_document("a,b\n1,2\n")),
+            ("JSON, with a charset and a BOM", {"file_data": "data:application/json;charset=utf-8;base64,"
+                                               + cp.base64.b64encode(b"\xef\xbb\xbf{\"a\": 1}").decode()},
+             text_document('{"a": 1}')),
+            ("octet-stream named .md", {"file_data": "data:application/octet-stream;base64," + b64("hi"), "filename": "a.MD"},
+             text_document("hi", "a.MD")),
+            ("octet-stream named .pdf", {"file_data": "data:application/octet-stream;base64," + PDF_B64, "filename": "a.pdf"},
+             pdf_document("a.pdf")),
+            ("a file_id next to the data: the data is used", {"file_data": PDF_URL, "file_id": "file-1"}, pdf_document()),
+        ]
+        for name, file, want in cases:
+            with self.subTest(name):
+                conv = self.chat_parts({"type": "text", "text": "read"}, {"type": "file", "file": file})
+                self.assertEqual(conv["turns"][0]["content"], [cp.text_block("read"), want, cp.text_block("x")])
+
+    def test_chat_file_parts_refused(self):
+        at = "messages[0].content[0]"
+        cases = [
+            ("a file id", {"file": {"file_id": "file-abc"}}, at + ".file.file_id", "unsupported_content_type"),
+            ("no file object", {"file": "x.pdf"}, at + ".file", None),
+            ("no data", {"file": {"filename": "x.pdf"}}, at + ".file.file_data", "invalid_file_data"),
+            ("raw base64, not a data: URL", {"file": {"file_data": PDF_B64}}, at + ".file.file_data", "invalid_file_data"),
+            ("data that does not decode", {"file": {"file_data": "data:application/pdf;base64,@@@"}},
+             at + ".file.file_data", "invalid_file_data"),
+            ("labelled a PDF, not one", {"file": {"file_data": "data:application/pdf;base64," + b64("hello")}},
+             at + ".file.file_data", "invalid_file_data"),
+            ("text that is not UTF-8", {"file": {"file_data": "data:text/plain;base64,"
+                                                 + cp.base64.b64encode(b"\xff\xfe\x00").decode()}},
+             at + ".file.file_data", "invalid_file_data"),
+            ("an empty file", {"file": {"file_data": "data:text/plain;base64,"}}, at + ".file.file_data", "invalid_file_data"),
+            ("a type the model cannot read", {"file": {"file_data": "data:application/zip;base64," + b64("PK")}},
+             at + ".file.file_data", "unsupported_file_type"),
+            ("octet-stream with no name", {"file": {"file_data": "data:application/octet-stream;base64," + b64("hi")}},
+             at + ".file.file_data", "unsupported_file_type"),
+            ("filename not a string", {"file": {"file_data": PDF_URL, "filename": 7}}, at + ".file.filename", None),
+        ]
+        for name, fields, param, code in cases:
+            with self.subTest(name):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    self.chat_parts(dict({"type": "file"}, **fields))
+                self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+                if code:
+                    self.assertEqual(caught.exception.code, code)
+        for role in ("assistant", "system"):
+            with self.subTest(role):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    self.chat_parts({"type": "file", "file": {"file_data": PDF_URL}}, role=role)
+                self.assertEqual(caught.exception.param, at + ".type")
+        with self.assertRaises(cp.ProxyError) as caught:
+            cp.chat_conversation([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+                {"id": "c", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c", "content": [{"type": "file", "file": {"file_data": PDF_URL}}]}])
+        self.assertEqual(caught.exception.param, "messages[2].content[0].type", "no files in tool results")
+
+    def test_responses_input_files(self):
+        def parse(*parts, role="user"):
+            plan, _ = cp.parse_responses_request({"input": [{"role": role, "content": list(parts)},
+                                                            {"role": "user", "content": "x"}]})
+            return plan["conversation"]["turns"][0]["content"]
+        cases = [
+            ("a PDF", {"file_data": PDF_URL, "filename": "r.pdf"}, pdf_document("r.pdf")),
+            ("a text file", {"file_data": "data:text/plain;base64," + b64("hello"), "filename": "a.txt"},
+             text_document("hello", "a.txt")),
+            ("a data: URL in file_url", {"file_url": PDF_URL}, pdf_document()),
+        ]
+        for name, part, want in cases:
+            with self.subTest(name):
+                self.assertEqual(parse(dict({"type": "input_file"}, **part)), [want, cp.text_block("x")])
+        at = "input[0].content[0]"
+        refused = [
+            ("a URL", {"file_url": "https://example.com/a.pdf"}, "user", at + ".file_url", "file_url_not_supported"),
+            ("a file id", {"file_id": "file-abc"}, "user", at + ".file_id", "unsupported_content_type"),
+            ("nothing", {}, "user", at + ".file_data", "invalid_file_data"),
+            ("from the assistant", {"file_data": PDF_URL}, "assistant", at + ".type", None),
+            ("from the developer", {"file_data": PDF_URL}, "developer", at + ".type", None),
+        ]
+        for name, part, role, param, code in refused:
+            with self.subTest(name):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    parse(dict({"type": "input_file"}, **part), role=role)
+                self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+                if code:
+                    self.assertEqual(caught.exception.code, code)
+        plan, _ = cp.parse_responses_request({"input": [
+            {"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": [
+                {"type": "input_text", "text": "read:"}, {"type": "input_file", "file_data": PDF_URL}]}]})
+        self.assertEqual(plan["conversation"]["turns"][2]["content"], [
+            {"type": "tool_result", "tool_use_id": "c", "content": [cp.text_block("read:"), pdf_document()], "is_error": False}],
+            "a function's output may be a file, as an image")
+
+    def test_anthropic_documents(self):
+        def parse(block, role="user"):
+            plan = cp.parse_messages_request({"max_tokens": 10, "messages": [
+                {"role": role, "content": [block]}, {"role": "user", "content": "x"}]})
+            return plan["conversation"]["turns"][0]["content"]
+        pdf_source = {"type": "base64", "media_type": "application/pdf", "data": PDF_B64}
+        cases = [
+            ("a base64 PDF", {"type": "document", "source": pdf_source}, pdf_document()),
+            ("title and context kept; citations and cache_control dropped",
+             {"type": "document", "source": pdf_source, "title": "Q3", "context": "the board's copy",
+              "citations": {"enabled": True}, "cache_control": {"type": "ephemeral"}},
+             dict(pdf_document("Q3"), context="the board's copy")),
+            ("plain text", {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hi"}},
+             text_document("hi")),
+            ("plain text, no media type", {"type": "document", "source": {"type": "text", "data": "hi", "media_type": None}, "title": None},
+             text_document("hi")),
+            ("content: a string", {"type": "document", "source": {"type": "content", "content": "chunk"}},
+             {"type": "document", "source": {"type": "content", "content": [cp.text_block("chunk")]}}),
+            ("a PDF a tool read, as Claude Code sends it", {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                {"type": "text", "text": "PDF file read: r.pdf (387 bytes)"}, {"type": "document", "source": pdf_source}]},
+             {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                 cp.text_block("PDF file read: r.pdf (387 bytes)"), pdf_document()], "is_error": False}),
+            ("content: text and image blocks", {"type": "document", "source": {"type": "content", "content": [
+                {"type": "text", "text": "a"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}},
+             {"type": "document", "source": {"type": "content", "content": [
+                 cp.text_block("a"), cp.image_block("image/png", PNG_1PX, "")]}}),
+        ]
+        for name, block, want in cases:
+            with self.subTest(name):
+                self.assertEqual(parse(block), [want, cp.text_block("x")])
+        at = "messages[0].content[0]"
+        refused = [
+            ("a url source", {"source": {"type": "url", "url": "https://example.com/a.pdf"}}, "user",
+             at + ".source.type", "file_url_not_supported"),
+            ("a file source", {"source": {"type": "file", "file_id": "file_1"}}, "user", at + ".source.type",
+             "unsupported_content_type"),
+            ("base64 that is not a PDF", {"source": dict(pdf_source, media_type="text/plain")}, "user",
+             at + ".source.media_type", "unsupported_file_type"),
+            ("a PDF that is not one", {"source": dict(pdf_source, data=b64("hello"))}, "user", at + ".source",
+             "invalid_file_data"),
+            ("markdown as a text source", {"source": {"type": "text", "media_type": "text/markdown", "data": "#"}}, "user",
+             at + ".source.media_type", "unsupported_file_type"),
+            ("empty text", {"source": {"type": "text", "media_type": "text/plain", "data": ""}}, "user",
+             at + ".source.data", "invalid_file_data"),
+            ("content with a document", {"source": {"type": "content", "content": [{"type": "document"}]}}, "user",
+             at + ".source.content[0].type", None),
+            ("no source", {}, "user", at + ".source", None),
+            ("an unknown source", {"source": {"type": "ftp"}}, "user", at + ".source.type", None),
+            ("a title that is not a string", {"source": pdf_source, "title": 3}, "user", at + ".title", None),
+            ("from the assistant", {"source": pdf_source}, "assistant", at + ".type", None),
+        ]
+        for name, fields, role, param, code in refused:
+            with self.subTest(name):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    parse(dict({"type": "document"}, **fields), role)
+                self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+                if code:
+                    self.assertEqual(caught.exception.code, code)
+
+    def test_size_limit(self):
+        saved = cp.MAX_FILES_BYTES
+        cp.MAX_FILES_BYTES = 2 * len(PDF_B64)
+        self.addCleanup(setattr, cp, "MAX_FILES_BYTES", saved)
+        part = {"type": "file", "file": {"file_data": PDF_URL}}
+        self.assertEqual(len(cp.chat_conversation([{"role": "user", "content": [part, part]}])["turns"][0]["content"]), 2)
+        cases = [
+            ("three PDFs in one message", [{"role": "user", "content": [part, part, part]}]),
+            ("two, and an image, over several turns", [
+                {"role": "user", "content": [part, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": [part]}]),
+        ]
+        for name, messages in cases:
+            with self.subTest(name):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    cp.chat_conversation(messages)
+                self.assertEqual((caught.exception.status, caught.exception.param, caught.exception.code),
+                                 (400, "messages", "files_too_large"))
+        with self.assertRaises(cp.ProxyError) as caught:
+            cp.parse_messages_request({"max_tokens": 10, "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "text", "data": "é" * (len(PDF_B64) + 1)}}]}]})
+        self.assertEqual(caught.exception.code, "files_too_large", "a text file counts its UTF-8 bytes")
+
+    def test_documents_on_every_path_to_the_cli(self):
+        doc = pdf_document("r.pdf")
+        turns = [{"role": "user", "content": [doc, cp.text_block("Summarise it.")]},
+                 {"role": "assistant", "content": [cp.text_block("It says hello.")]},
+                 {"role": "user", "content": [cp.text_block("Shorter?")]}]
+        self.assertEqual(cp.cli_blocks(turns[0]["content"], "user"), turns[0]["content"], "sent as it is")
+        [line, _] = [json.loads(l) for l in cp.session_lines(turns[:2], "sid", "/w", "claude-x").splitlines()]
+        self.assertEqual(line["message"]["content"], [doc, cp.text_block("Summarise it.")],
+                         "a session file holds the document where the CLI wrote it (checked with 2.1.197 and 2.1.332)")
+        transcript = cp.transcript_prompt({"system": None, "turns": turns})
+        self.assertEqual([b["type"] for b in transcript], ["text", "document", "text", "text"],
+                         "the transcript keeps the document in its turn, as it keeps images")
+        self.assertTrue(transcript[0]["text"].endswith("<user>\n"))
+        self.assertTrue(transcript[2]["text"].startswith("Summarise it.\n</user>\n<assistant>"))
+        self.assertEqual(cp.transcript_prompt({"system": None, "turns": turns[:1]}), turns[0]["content"])
+        other = [dict(turns[0], content=[pdf_document("other.pdf"), cp.text_block("Summarise it.")])] + turns[1:]
+        self.assertNotEqual(cp.conversation_key("k", "s", turns), cp.conversation_key("k", "s", other),
+                            "another document is another conversation")
+        self.assertEqual(cp.conversation_key("k", "s", turns), cp.conversation_key("k", "s", json.loads(json.dumps(turns))))
+
+    def test_count_tokens_estimate(self):
+        def estimate(*blocks):
+            return cp.estimate_tokens(cp.parse_messages_request({"max_tokens": 10, "messages": [
+                {"role": "user", "content": list(blocks)}]}))
+        pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_B64}}
+        two_pages = cp.base64.b64encode(PDF_BYTES.replace(b"/Count 1>>", b"/Count 2>> 4 0 obj<</Type /Page>>endobj")).decode()
+        self.assertEqual(estimate(pdf), cp.PDF_PAGE_TOKENS + 4, "one page object: one page")
+        self.assertEqual(estimate(dict(pdf, source=dict(pdf["source"], data=two_pages))), 2 * cp.PDF_PAGE_TOKENS + 4)
+        self.assertEqual(estimate({"type": "document", "source": {"type": "text", "data": "x" * 40}}), 10 + 4)
+
+
+class DocumentServerTest(ServerTestCase):
+    """End to end: a file in each dialect reaches the (stub) CLI as a document block."""
+
+    def sent(self):
+        [record] = self.records()
+        return json.loads(record["stdin"])["message"]["content"]
+
+    def test_each_dialect_sends_the_cli_a_document(self):
+        anthropic = {"anthropic-version": "2023-06-01"}
+        cases = [
+            ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Summarise"}, {"type": "file", "file": {"file_data": PDF_URL, "filename": "r.pdf"}}]}]},
+             None, [cp.text_block("Summarise"), pdf_document("r.pdf")]),
+            ("responses", "/v1/responses", {"input": [{"role": "user", "content": [
+                {"type": "input_file", "file_data": PDF_URL, "filename": "r.pdf"}, {"type": "input_text", "text": "Summarise"}]}]},
+             None, [pdf_document("r.pdf"), cp.text_block("Summarise")]),
+            ("messages", "/v1/messages", {"max_tokens": 100, "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}, "title": "n.txt",
+                 "citations": {"enabled": True}},
+                {"type": "text", "text": "Summarise"}]}]},
+             anthropic, [text_document("notes", "n.txt"), cp.text_block("Summarise")]),
+        ]
+        for name, path, body, headers, want in cases:
+            with self.subTest(name):
+                self.setUp()
+                status, _, raw = self.request("POST", path, body, headers=headers)
+                self.assertEqual(status, 200, raw)
+                self.assertEqual(self.sent(), want)
+                self.assertIn("Echo: Summarise", raw.decode())
+
+    def test_errors_in_each_dialect(self):
+        status, _, raw = self.chat({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]})
+        self.assertEqual((status, json.loads(raw)["error"]["code"]), (400, "unsupported_content_type"))
+        status, _, raw = self.request("POST", "/v1/responses", {"input": [{"role": "user", "content": [
+            {"type": "input_file", "file_url": "http://169.254.169.254/latest"}]}]})
+        error = json.loads(raw)["error"]
+        self.assertEqual((status, error["code"], error["param"]), (400, "file_url_not_supported", "input[0].content[0].file_url"))
+        status, _, raw = self.request("POST", "/v1/messages", {"max_tokens": 10, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}]}]},
+            headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual((status, json.loads(raw)["error"]["type"]), (400, "invalid_request_error"))
+        self.assertIn("not fetched", json.loads(raw)["error"]["message"])
+        self.assertEqual(self.records(), [], "no run for a refused file")
+
+    def test_a_document_in_an_earlier_turn(self):
+        server = self.serve(pool_size=2)
+        port = server.server_address[1]
+        first = [{"role": "user", "content": [{"type": "file", "file": {"file_data": PDF_URL, "filename": "r.pdf"}},
+                                              {"type": "text", "text": "Summarise"}]}]
+        status, _, raw = self.chat({"messages": first}, port=port)
+        self.assertEqual(status, 200, raw)
+        [kept] = self.records()
+        self.assertTrue(wait_until(lambda: server.runner.continuations.count() == 1))
+        follow = first + [{"role": "assistant", "content": json.loads(raw)["choices"][0]["message"]["content"]},
+                          {"role": "user", "content": "Shorter?"}]
+        # The kept process: the next turn is one more line; the document is in its history already.
+        status, _, raw = self.chat({"messages": follow}, port=port)
+        self.assertEqual(status, 200, raw)
+        record = [r for r in self.records() if r["pid"] == kept["pid"]][0]
+        self.assertEqual(len(record["lines"]), 2)
+        self.assertEqual(record["history"][0]["content"], [pdf_document("r.pdf"), cp.text_block("Summarise")])
+        # No process for it (the class's server keeps none): a session file the CLI resumes.
+        self.setUp()
+        status, _, raw = self.chat({"messages": follow})
+        self.assertEqual(status, 200, raw)
+        [record] = self.records()
+        self.assertEqual(record["resumed"][0]["content"], [pdf_document("r.pdf"), cp.text_block("Summarise")])
+        self.assertTrue(wait_until(lambda: session_files() == []), "the session file goes with its run")
+        self.assertFalse(os.path.exists(record["cwd"]))
+        # The transcript: the document keeps its place in the history.
+        self.setUp()
+        server = self.serve(history="transcript")
+        status, _, raw = self.chat({"messages": follow}, port=server.server_address[1])
+        self.assertEqual(status, 200, raw)
+        self.assertEqual([b["type"] for b in self.sent()], ["text", "document", "text", "text"])
+
+    def test_a_tool_result_holding_a_document(self):
+        """Claude Code reads a PDF with its Read tool and sends the result back: the MCP bridge
+        cannot carry a document (the CLI would save it as a file and tell the model its path),
+        so the result reaches the model in the transcript, the document in its place."""
+        headers = {"anthropic-version": "2023-06-01"}
+        server = self.serve(pool_size=2)
+        port = server.server_address[1]
+        messages = [{"role": "user", "content": "CALLTOOL read the report"}]
+        status, _, raw = self.request("POST", "/v1/messages", {"max_tokens": 100, "tools": [WEATHER_TOOL], "messages": messages},
+                                      headers=headers, port=port)
+        self.assertEqual(status, 200, raw)
+        reply = json.loads(raw)
+        [call] = [b for b in reply["content"] if b["type"] == "tool_use"]
+        self.assertTrue(wait_until(lambda: server.runner.continuations.count() == 1))
+        [waiting] = self.records()
+        result = {"type": "tool_result", "tool_use_id": call["id"], "content": [
+            {"type": "text", "text": "RESULT-read r.pdf"}, pdf_document()]}
+        messages += [{"role": "assistant", "content": reply["content"]}, {"role": "user", "content": [result]}]
+        for name, to in (("its process kept", port), ("no process for it: the call is not deferred", self.port)):
+            with self.subTest(name):
+                self.setUp()
+                status, _, raw = self.request("POST", "/v1/messages", {"max_tokens": 100, "tools": [WEATHER_TOOL],
+                                                                       "messages": messages}, headers=headers, port=to)
+                self.assertEqual(status, 200, raw)
+                self.assertEqual(json.loads(raw)["content"][0]["text"], "Final answer using RESULT-read r.pd")  # 16 characters
+                [record] = self.records()
+                self.assertNotIn("resumed", record)
+                self.assertNotEqual(record["pid"], waiting["pid"])
+                sent = self.sent()
+                self.assertEqual([b["type"] for b in sent], ["text", "document", "text"])
+                self.assertIn('<tool tool_call_id="%s">\nRESULT-read r.pdf' % call["id"], sent[0]["text"])
+        self.assertTrue(wait_until(lambda: not pid_alive(waiting["pid"])), "the waiting process is stopped")
+
+    def test_an_earlier_tool_result_holding_a_document_is_resumed(self):
+        status, _, raw = self.request("POST", "/v1/messages", {"max_tokens": 100, "tools": [WEATHER_TOOL], "messages": [
+            {"role": "user", "content": "read the report"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [pdf_document()]}]},
+            {"role": "assistant", "content": "It says hello."},
+            {"role": "user", "content": "Shorter?"}]}, headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual(status, 200, raw)
+        [record] = self.records()
+        self.assertEqual(record["resumed"][2]["content"], [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                            "content": [pdf_document()]}])
+        self.assertTrue(wait_until(lambda: session_files() == []))
