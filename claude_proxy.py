@@ -878,58 +878,69 @@ def namespaced(namespace, name):
     return namespace + NAMESPACE_SEPARATOR + name if namespace else name
 
 
-def responses_items(items, turns, system_parts):
-    """`input` items -> turns (added to `turns`), system and developer text to `system_parts`."""
+def responses_items(items, turns, system_parts, find_item=None):
+    """`input` items -> turns (added to `turns`), system and developer text to `system_parts`.
+    `find_item(id)` is a stored item for an item_reference, or None (see ResponseStore.item)."""
     for i, item in enumerate(items):
-        param = "input[%d]" % i
-        _require(isinstance(item, dict), "each input item must be an object", param)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            content = item.get("content")
-            _require(content is not None, "a message needs `content`", param + ".content")
-            if role in ("system", "developer"):
-                system_parts.append(blocks_text(responses_content_blocks(content, param + ".content", role)))
-            elif role in ("user", "assistant"):
-                add_turn(turns, role, responses_content_blocks(content, param + ".content", role))
-            else:
-                raise invalid("Unknown role %r: use user, assistant, system or developer" % (role,),
-                              param + ".role")
-        elif kind in ("function_call", "custom_tool_call"):
-            call_id, name = item.get("call_id"), item.get("name")
-            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
-            _require(isinstance(name, str) and name, "a %s needs `name`" % kind, param + ".name")
-            namespace = item.get("namespace")
-            _require(namespace is None or isinstance(namespace, str), "`namespace` must be a string",
-                     param + ".namespace")
-            if kind == "function_call":
-                arguments = tool_arguments(item.get("arguments"), param + ".arguments")
-            else:  # a freeform tool's input is text; kept so the history reads right
-                _require(isinstance(item.get("input", ""), str), "`input` must be a string", param + ".input")
-                arguments = {"input": item.get("input", "")}
-            add_turn(turns, "assistant", [{"type": "tool_use", "id": call_id,
-                                           "name": namespaced(namespace, name), "input": arguments}])
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            call_id, output = item.get("call_id"), item.get("output")
-            _require(output is not None, "a %s needs `output`" % kind, param + ".output")
-            blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user"))
-            if call_id is None and isinstance(item.get("name"), str):
-                # An output no call asked for (Codex adds some of its own, with only a name):
-                # the API pairs every tool_result with a tool_use, so it is the user's text.
-                name = namespaced(item.get("namespace") if isinstance(item.get("namespace"), str)
-                                  else None, item["name"])
-                add_turn(turns, "user", [text_block("Output of the tool %s:\n" % name)] + blocks)
-                continue
-            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
-            add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
-                                      "content": blocks, "is_error": False}])
-        elif kind in RESPONSES_DROPPED_ITEMS:
-            continue  # reasoning: its encrypted_content is OpenAI's, opaque to us
-        elif kind == "item_reference":
-            raise invalid("Item references are not supported; send the item itself, or continue "
-                          "with previous_response_id", param + ".type", "unsupported_item_type")
+        responses_item(item, "input[%d]" % i, turns, system_parts, find_item)
+
+
+def responses_item(item, param, turns, system_parts, find_item=None):
+    """One `input` item (see responses_items)."""
+    _require(isinstance(item, dict), "each input item must be an object", param)
+    kind = item.get("type", "message")
+    if kind == "item_reference":
+        # An item of a stored response (or of its input) by id, as the AI SDK sends the
+        # earlier steps of a tool loop with store: true: read as if sent in full.
+        item_id = item.get("id")
+        _require(isinstance(item_id, str) and item_id, "an item_reference needs `id`", param + ".id")
+        found = find_item(item_id) if find_item else None
+        if found is None:
+            raise item_not_found(item_id, param + ".id")
+        return responses_item(found, param, turns, system_parts)
+    if kind == "message":
+        role = item.get("role")
+        content = item.get("content")
+        _require(content is not None, "a message needs `content`", param + ".content")
+        if role in ("system", "developer"):
+            system_parts.append(blocks_text(responses_content_blocks(content, param + ".content", role)))
+        elif role in ("user", "assistant"):
+            add_turn(turns, role, responses_content_blocks(content, param + ".content", role))
         else:
-            raise invalid("Unknown input item type %r" % (kind,), param + ".type", "unsupported_item_type")
+            raise invalid("Unknown role %r: use user, assistant, system or developer" % (role,),
+                          param + ".role")
+    elif kind in ("function_call", "custom_tool_call"):
+        call_id, name = item.get("call_id"), item.get("name")
+        _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
+        _require(isinstance(name, str) and name, "a %s needs `name`" % kind, param + ".name")
+        namespace = item.get("namespace")
+        _require(namespace is None or isinstance(namespace, str), "`namespace` must be a string",
+                 param + ".namespace")
+        if kind == "function_call":
+            arguments = tool_arguments(item.get("arguments"), param + ".arguments")
+        else:  # a freeform tool's input is text; kept so the history reads right
+            _require(isinstance(item.get("input", ""), str), "`input` must be a string", param + ".input")
+            arguments = {"input": item.get("input", "")}
+        add_turn(turns, "assistant", [{"type": "tool_use", "id": call_id,
+                                       "name": namespaced(namespace, name), "input": arguments}])
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        call_id, output = item.get("call_id"), item.get("output")
+        _require(output is not None, "a %s needs `output`" % kind, param + ".output")
+        blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user"))
+        if call_id is None and isinstance(item.get("name"), str):
+            # An output no call asked for (Codex adds some of its own, with only a name):
+            # the API pairs every tool_result with a tool_use, so it is the user's text.
+            name = namespaced(item.get("namespace") if isinstance(item.get("namespace"), str)
+                              else None, item["name"])
+            add_turn(turns, "user", [text_block("Output of the tool %s:\n" % name)] + blocks)
+            return
+        _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
+        add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
+                                  "content": blocks, "is_error": False}])
+    elif kind in RESPONSES_DROPPED_ITEMS:
+        return  # reasoning: its encrypted_content is OpenAI's, opaque to us
+    else:
+        raise invalid("Unknown input item type %r" % (kind,), param + ".type", "unsupported_item_type")
 
 
 def responses_tools(body):
@@ -1024,10 +1035,12 @@ def refuse_misleading_responses_options(body):
                  "claude CLI", "include")
 
 
-def parse_responses_request(body, default_model=None, default_effort=None, previous=None):
+def parse_responses_request(body, default_model=None, default_effort=None, previous=None,
+                            find_item=None):
     """A Responses API request body -> (the plan for one CLI run, what the response echoes and
     the store needs), or a 400. `previous` is the stored response named by
-    previous_response_id (its conversation goes first), already looked up by the caller."""
+    previous_response_id (its conversation goes first), already looked up by the caller;
+    `find_item` finds the stored items that item_reference inputs name (else a 404)."""
     _require(isinstance(body, dict), "The request body must be a JSON object", None)
     if "input" not in body and "messages" in body:
         raise invalid("This is the Responses endpoint, and the body looks like a Chat Completions "
@@ -1049,7 +1062,7 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     turns = list(previous["turns"]) if previous else []
     kept_system = list(previous["system_parts"]) if previous else []
     system_parts = []
-    responses_items(items, turns, system_parts)
+    responses_items(items, turns, system_parts, find_item)
     conv = conversation([instructions or ""] + kept_system + system_parts, turns, "input")
     system_prompt = conv["system"]
 
@@ -1073,8 +1086,11 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     _require(max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
                                     and 1 <= max_tokens <= MAX_TOKENS),
              "`max_output_tokens` must be a whole number from 1 to %d" % MAX_TOKENS, "max_output_tokens")
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _require(body.get(name) is None or _is_number(body[name]), "`%s` must be a number" % name, name)
+    for name in ("safety_identifier", "prompt_cache_key"):
+        _require(body.get(name) is None or isinstance(body[name], str), "`%s` must be a string" % name,
+                 name)
     metadata = body.get("metadata")
     _require(metadata is None or isinstance(metadata, dict), "`metadata` must be an object", "metadata")
 
@@ -1102,21 +1118,33 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
         "store": store is not False,
         "system_parts": kept_system + system_parts,
         "namespaces": namespaces,
-        # Echoed in the response object, as OpenAI does.
+        # The input items that carry an id, findable by item_reference once stored.
+        "input_items": [item for item in items if isinstance(item, dict) and isinstance(
+            item.get("id"), str) and item.get("type", "message") != "item_reference"],
+        # Echoed in the response object, every field OpenAI's server sends (and the Open
+        # Responses schema requires), with the values it gives those a request left out.
         "echo": {
+            "frequency_penalty": _or(body.get("frequency_penalty"), 0.0),
             "instructions": instructions,
             "max_output_tokens": max_tokens,
+            "max_tool_calls": body.get("max_tool_calls"),
             "metadata": metadata or {},
             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+            "presence_penalty": _or(body.get("presence_penalty"), 0.0),
             "previous_response_id": body.get("previous_response_id"),
+            "prompt_cache_key": body.get("prompt_cache_key"),
             "reasoning": {"effort": (reasoning or {}).get("effort"),
                           "summary": (reasoning or {}).get("summary")},
+            "safety_identifier": body.get("safety_identifier"),
+            # One tier here; OpenAI answers a request's "auto" with the tier that served it.
+            "service_tier": "default",
             "store": store is not False,
-            "temperature": body.get("temperature", 1.0),
+            "temperature": _or(body.get("temperature"), 1.0),
             "text": dict(text, format=text.get("format") or {"type": "text"}),
             "tool_choice": body.get("tool_choice") or "auto",
             "tools": [responses_tool_echo(tool) for tool in body.get("tools") or []],
-            "top_p": body.get("top_p", 1.0),
+            "top_logprobs": 0,  # any other value is refused above
+            "top_p": _or(body.get("top_p"), 1.0),
             "truncation": body.get("truncation") or "disabled",
         },
     }
@@ -1125,11 +1153,15 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     return plan, request
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def responses_tool_echo(tool):
-    """A tool as the response echoes it: a function's `strict` and `parameters` are required
-    (nullable) in OpenAI's schema."""
+    """A tool as the response echoes it: a function's `description`, `strict` and `parameters`
+    are required (nullable) in OpenAI's schema and in Open Responses'."""
     if isinstance(tool, dict) and tool.get("type") == "function":
-        return dict({"strict": None, "parameters": None}, **tool)
+        return dict({"description": None, "strict": None, "parameters": None}, **tool)
     return tool
 
 
@@ -3180,16 +3212,19 @@ def responses_usage(usage):
 
 
 def response_object(response_id, created_at, model, echo, status, output, usage=None, error=None,
-                    incomplete_details=None):
+                    incomplete_details=None, completed_at=None):
     """The response object: the answer, and what the request asked for, echoed."""
     text = "".join(part["text"] for item in output if item["type"] == "message"
                    for part in item["content"] if part["type"] == "output_text")
     obj = {"id": response_id, "object": "response", "created_at": created_at, "status": status,
+           # When the response completed; null before, and for one that failed or was cut.
+           "completed_at": completed_at if status == "completed" else None,
            "background": False, "error": error, "incomplete_details": incomplete_details,
            "model": model, "output": output, "output_text": text}
     obj.update(echo)
-    if usage is not None:  # not nullable in OpenAI's schema: absent until it is known
-        obj["usage"] = usage
+    # Null while unknown (response.created, .in_progress, .failed), as OpenAI's server sends it
+    # and the Open Responses schema requires; OpenAI's OpenAPI document leaves it out instead.
+    obj["usage"] = usage
     return obj
 
 
@@ -3322,16 +3357,17 @@ class ResponsesSink:
     client that continues at once with previous_response_id finds it stored)."""
 
     def __init__(self, response_id, created_at, model, echo, namespaces=None, keep=None,
-                 structured=False, new_id=new_item_id):
+                 structured=False, new_id=new_item_id, clock=time.time):
         self.id, self.created_at, self.model, self.echo = response_id, created_at, model, echo
         self.output = ResponsesOutput(namespaces, new_id)
         self.keep = keep
         self.structured = structured
+        self.clock = clock
 
     def response(self, status, usage=None, error=None, incomplete_details=None):
         return response_object(self.id, self.created_at, self.model, self.echo, status,
                                json.loads(json.dumps(self.output.items)), usage, error,
-                               incomplete_details)
+                               incomplete_details, int(self.clock()))
 
     def final(self, reply):
         """The finished response object (and it is kept)."""
@@ -3361,7 +3397,7 @@ class ResponsesStreamWriter(ResponsesSink):
     def started(self):
         return self.stream.started
 
-    def _send(self, events):
+    def _send(self, events, last=False):
         data = b""
         for kind, fields in events:
             payload = dict({"type": kind}, **fields)
@@ -3369,7 +3405,9 @@ class ResponsesStreamWriter(ResponsesSink):
             self.sequence += 1
             data += sse_event(payload, event=kind)
         self.opened = True  # every send starts with _opening()'s events
-        self.stream.write(data)
+        # The Open Responses spec ends a stream with `data: [DONE]`; OpenAI's server sends it
+        # too, and every client tried skips it (README: Streaming).
+        self.stream.write(data + SSE_DONE if last else data)
 
     def _opening(self):
         """response.created and .in_progress, if not sent yet: the response before any output."""
@@ -3391,7 +3429,7 @@ class ResponsesStreamWriter(ResponsesSink):
         status, _ = responses_outcome(reply)
         events = self._opening() + self.output.close(status)
         response = self.final(reply)
-        self._send(events + [("response." + status, {"response": response})])
+        self._send(events + [("response." + status, {"response": response})], last=True)
 
     def fail(self, error):
         """After the headers went out, an error is a response.failed event, then the end."""
@@ -3399,7 +3437,7 @@ class ResponsesStreamWriter(ResponsesSink):
             raise error
         events = self._opening() + self.output.close("incomplete")
         self._send(events + [("response.failed", {"response": self.response(
-            "failed", None, responses_error(error))})])
+            "failed", None, responses_error(error))})], last=True)
 
 
 class ResponsesCollector(ResponsesSink):
@@ -3436,6 +3474,13 @@ RESPONSE_STORE_SECONDS = 3600.0  # how long one is kept
 RESPONSE_STORE_BYTES = 64 * 1024 * 1024  # their conversations together, as JSON (images count)
 
 
+def item_not_found(item_id, param):
+    return ProxyError(404, "No stored item %r: its response was never stored (store: false), "
+                      "it expired or was deleted, or it belongs to another API key. Send the "
+                      "item itself instead of an item_reference." % str(item_id)[:100],
+                      "invalid_request_error", param, "item_not_found", {"x-should-retry": "false"})
+
+
 def response_not_found(response_id, param=None):
     return ProxyError(404, "No stored response %r: it was never stored (store: false), it "
                       "expired, or it belongs to another API key." % str(response_id)[:100],
@@ -3446,25 +3491,39 @@ def response_not_found(response_id, param=None):
 class ResponseStore:
     """Stored responses by id: {scope, stored_at, size, record}, oldest first. A record is
     {"response": the object GET returns, "turns": the conversation with the reply as its last
-    turn, "system_parts": its input's system and developer text}."""
+    turn, "system_parts": its input's system and developer text, "items": {id: item} of its
+    output items and of the input items that had an id}. An item lives as long as its
+    response, and is found by the same API key only."""
 
     def __init__(self, size=RESPONSE_STORE_SIZE, seconds=RESPONSE_STORE_SECONDS,
                  max_bytes=RESPONSE_STORE_BYTES, clock=time.monotonic):
         self.size, self.seconds, self.max_bytes, self.clock = size, seconds, max_bytes, clock
         self.bytes = 0
         self._entries = collections.OrderedDict()
+        self._items = {}  # item id -> the response id that holds it (the newest, if several)
         self._lock = threading.Lock()
 
     def put(self, scope, response_id, record):
-        weight = len(json.dumps(record["turns"], ensure_ascii=False))
+        weight = len(json.dumps([record["turns"], record.get("items")], ensure_ascii=False))
         if weight > self.max_bytes:
             return  # larger than the whole store: kept nowhere, found by nobody
         with self._lock:
             self._entries[response_id] = (scope, self.clock(), weight, record)
             self.bytes += weight
+            for item_id in record.get("items") or ():
+                self._items[item_id] = response_id
             self._expire()
             while len(self._entries) > self.size or self.bytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
+
+    def item(self, scope, item_id):
+        """A stored item by id, or None: unknown, expired, or another key's (indistinguishable)."""
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(self._items.get(item_id))
+            if not entry or not hmac.compare_digest(entry[0], scope):
+                return None
+            return json.loads(json.dumps(entry[3]["items"][item_id]))  # a copy to read from
 
     def get(self, scope, response_id):
         """The record, or None: unknown, expired, or another key's (indistinguishable)."""
@@ -3492,14 +3551,21 @@ class ResponseStore:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, response_id):
-        self.bytes -= self._entries.pop(response_id)[2]
+        scope, _, weight, record = self._entries.pop(response_id)
+        self.bytes -= weight
+        for item_id in record.get("items") or ():
+            if self._items.get(item_id) == response_id:
+                del self._items[item_id]
 
 
 def stored_record(plan, request, response, reply):
     """What previous_response_id continues from: the conversation with the reply as its turn."""
     turns = list(plan["conversation"]["turns"])
     add_turn(turns, "assistant", reply.reply_blocks())
-    return {"response": response, "turns": turns, "system_parts": request["system_parts"]}
+    items = {item["id"]: item for item in request.get("input_items", ())}
+    items.update((item["id"], item) for item in response["output"])
+    return {"response": response, "turns": turns, "system_parts": request["system_parts"],
+            "items": items}
 
 
 # Anthropic Messages response ################################################################
@@ -5970,7 +6036,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             previous = self.server.response_store.get(scope, previous_id)
             if previous is None:
                 raise response_not_found(previous_id, "previous_response_id")
-        plan, request = parse_responses_request(body, config.model, config.effort, previous)
+        plan, request = parse_responses_request(
+            body, config.model, config.effort, previous,
+            lambda item_id: self.server.response_store.item(scope, item_id))
         response_id = "resp_" + uuid.uuid4().hex
         keep = None
         if request["store"]:

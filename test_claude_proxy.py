@@ -4233,7 +4233,12 @@ class ResponsesRequestTest(unittest.TestCase):
             ({"input": ""}, "input", None),
             ({"input": [{"role": "assistant", "content": "only me"}]}, "input", None),
             ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", None),
-            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "unsupported_item_type"),
+            ({"input": [{"type": "item_reference"}]}, "input[0].id", None),
+            ({"input": [{"type": "no_such_item"}]}, "input[0].type", "unsupported_item_type"),
+            ({"input": "x", "presence_penalty": "high"}, "presence_penalty", None),
+            ({"input": "x", "frequency_penalty": [1]}, "frequency_penalty", None),
+            ({"input": "x", "safety_identifier": 7}, "safety_identifier", None),
+            ({"input": "x", "prompt_cache_key": {}}, "prompt_cache_key", None),
             ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "output": "y"}]},
              "input[1].call_id", None),
             ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}, {"role": "user", "content": "x"}]},
@@ -4258,6 +4263,45 @@ class ResponsesRequestTest(unittest.TestCase):
                 self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
                 if code:
                     self.assertEqual(caught.exception.code, code)
+
+    def test_item_references(self):
+        """item_reference inputs read the stored items they name, in place; an unknown one is
+        a 404 naming the reference, and nothing else of the request matters then."""
+        stored = {"msg_1": {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                            "content": [{"type": "output_text", "text": "Let me check.", "annotations": [], "logprobs": []}]},
+                  "fc_1": {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
+                           "name": "f", "namespace": "ns", "arguments": "{\"city\": \"Paris\"}"},
+                  "rs_1": {"id": "rs_1", "type": "reasoning", "summary": []},
+                  "in_1": {"id": "in_1", "type": "message", "role": "developer", "content": "Be brief."}}
+        refs = [{"type": "item_reference", "id": item_id} for item_id in ("in_1", "rs_1", "msg_1", "fc_1")]
+        body = {"input": [{"role": "user", "content": "Weather?"}] + refs
+                + [{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]}
+        plan, request = cp.parse_responses_request(body, find_item=stored.get)
+        self.assertEqual(plan["conversation"]["turns"], [
+            {"role": "user", "content": [cp.text_block("Weather?")]},
+            {"role": "assistant", "content": [cp.text_block("Let me check."),
+                                              {"type": "tool_use", "id": "call_1", "name": "ns__f", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                          "content": [cp.text_block("sunny")], "is_error": False}]}])
+        self.assertEqual(request["system_parts"], ["Be brief."])
+        self.assertEqual(request["input_items"], [], "references are not items of their own")
+        for find_item in (stored.get, None):
+            with self.subTest(find_item=find_item):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    cp.parse_responses_request({"input": [{"role": "user", "content": "x"},
+                                                          {"type": "item_reference", "id": "msg_gone"}]},
+                                               find_item=find_item)
+                error = caught.exception
+                self.assertEqual((error.status, error.param, error.code, error.type),
+                                 (404, "input[1].id", "item_not_found", "invalid_request_error"))
+                self.assertIn("'msg_gone'", error.message)
+
+    def test_input_items_with_ids_are_kept_for_references(self):
+        items = [{"id": "msg_u", "type": "message", "role": "user", "content": "x"}, {"role": "user", "content": "y"},
+                 {"type": "function_call", "id": "fc_9", "call_id": "c", "name": "f", "arguments": "{}"},
+                 {"type": "function_call_output", "call_id": "c", "output": "z"}]
+        _, request = responses_plan({"input": items})
+        self.assertEqual(request["input_items"], [items[0], items[2]])
 
     def test_continuing_a_stored_response(self):
         previous = {"turns": [{"role": "user", "content": [cp.text_block("Hi, I am Ada.")]},
@@ -4395,7 +4439,7 @@ class ResponsesWireTest(unittest.TestCase):
         handler = SseRecorder()
         ids = iter(range(100))
         writer = cp.ResponsesStreamWriter(handler, "resp_1", 7, "m", {"store": False}, None, None, False,
-                                          lambda prefix: "%s_%d" % (prefix, next(ids)))
+                                          lambda prefix: "%s_%d" % (prefix, next(ids)), lambda: 9.5)
         return handler, writer
 
     def test_exact_bytes_of_a_short_stream(self):
@@ -4406,24 +4450,25 @@ class ResponsesWireTest(unittest.TestCase):
                 writer.event(reply_event)
         writer.finish(translator)
         self.assertEqual(handler.head[0], 200)
-        response = ('{"id":"resp_1","object":"response","created_at":7,"status":"%s","background":false,"error":null,'
-                    '"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false%s}')
+        response = ('{"id":"resp_1","object":"response","created_at":7,"status":"%s","completed_at":%s,"background":false,'
+                    '"error":null,"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false,'
+                    '"usage":%s}')
         message = '{"id":"msg_0","type":"message","status":"%s","role":"assistant","content":%s}'
         part = '{"type":"output_text","text":"%s","annotations":[],"logprobs":[]}'
         usage = ('{"input_tokens":7,"input_tokens_details":{"cached_tokens":2,"cache_write_tokens":1},"output_tokens":3,'
                  '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":10}')
         ref = '"item_id":"msg_0","output_index":0,"content_index":0'
         expected = "".join("event: %s\ndata: {\"type\":\"%s\",%s,\"sequence_number\":%d}\n\n" % (kind, kind, fields, n) for n, (kind, fields) in enumerate([
-            ("response.created", '"response":' + response % ("in_progress", "[]", "", "")),
-            ("response.in_progress", '"response":' + response % ("in_progress", "[]", "", "")),
+            ("response.created", '"response":' + response % ("in_progress", "null", "[]", "", "null")),
+            ("response.in_progress", '"response":' + response % ("in_progress", "null", "[]", "", "null")),
             ("response.output_item.added", '"output_index":0,"item":' + message % ("in_progress", "[]")),
             ("response.content_part.added", ref + ',"part":' + part % ""),
             ("response.output_text.delta", ref + ',"delta":"Hi","logprobs":[]'),
             ("response.output_text.done", ref + ',"text":"Hi","logprobs":[]'),
             ("response.content_part.done", ref + ',"part":' + part % "Hi"),
             ("response.output_item.done", '"output_index":0,"item":' + message % ("completed", "[%s]" % part % "Hi")),
-            ("response.completed", '"response":' + response % ("completed", "[%s]" % (message % ("completed", "[%s]" % part % "Hi")), "Hi", ',"usage":' + usage)),
-        ]))
+            ("response.completed", '"response":' + response % ("completed", "9", "[%s]" % (message % ("completed", "[%s]" % part % "Hi")), "Hi", usage)),
+        ])) + "data: [DONE]\n\n"
         self.assertEqual(handler.body.decode(), expected)
 
     def test_error_after_the_stream_began_is_response_failed(self):
@@ -4432,7 +4477,7 @@ class ResponsesWireTest(unittest.TestCase):
             writer.fail(cp.timed_out(5))  # nothing sent yet: a real HTTP status
         writer.event({"text": "Hal"})
         writer.fail(cp.timed_out(5))
-        events = [json.loads(block.split(b"\ndata: ")[1]) for block in handler.body.split(b"\n\n")[:-1]]
+        events = responses_sse(handler.body)
         self.assertEqual([e["type"] for e in events][-2:], ["response.output_item.done", "response.failed"])
         self.assertEqual(events[-2]["item"]["status"], "incomplete")
         failed = events[-1]["response"]
@@ -4445,7 +4490,8 @@ class ResponsesWireTest(unittest.TestCase):
 
 class ResponseStoreTest(unittest.TestCase):
     def record(self, text="x"):
-        return {"response": {"id": text}, "turns": [{"role": "user", "content": [cp.text_block(text)]}], "system_parts": []}
+        return {"response": {"id": text}, "turns": [{"role": "user", "content": [cp.text_block(text)]}], "system_parts": [],
+                "items": {}}
 
     def test_visible_only_to_the_same_key(self):
         store = cp.ResponseStore()
@@ -4465,7 +4511,8 @@ class ResponseStoreTest(unittest.TestCase):
         self.assertEqual([store.get("k", "resp_%d" % n) is not None for n in range(5)], [False, False, True, True, True])
 
     def test_bounded_by_size(self):
-        one = len(json.dumps(self.record("a" * 100)["turns"]))
+        record = self.record("a" * 100)
+        one = len(json.dumps([record["turns"], record["items"]]))
         store = cp.ResponseStore(max_bytes=one * 2)
         for n in range(3):
             store.put("k", "resp_%d" % n, self.record("a" * 100))
@@ -4473,6 +4520,31 @@ class ResponseStoreTest(unittest.TestCase):
         store.put("k", "huge", self.record("a" * one * 3))
         self.assertIsNone(store.get("k", "huge"), "larger than the whole store: not kept")
         self.assertEqual(len(store), 2, "and nothing pushed out for it")
+
+    def test_items_live_and_die_with_their_response(self):
+        """An item is found by the key that stored its response, while that response is kept:
+        the newest response holding an id wins, and dropping it forgets its items."""
+        now = [0.0]
+        store = cp.ResponseStore(size=2, seconds=60, clock=lambda: now[0])
+        item = {"id": "msg_1", "type": "message"}
+        store.put("a", "resp_1", dict(self.record(), items={"msg_1": item, "fc_1": {"id": "fc_1"}}))
+        self.assertEqual(store.item("a", "msg_1"), item)
+        self.assertIsNone(store.item("b", "msg_1"), "another key's")
+        self.assertIsNone(store.item("a", "msg_2"), "unknown")
+        store.item("a", "msg_1")["type"] = "changed"
+        self.assertEqual(store.item("a", "msg_1"), item, "a copy is handed out")
+        store.put("a", "resp_2", dict(self.record(), items={"msg_1": dict(item, v=2)}))
+        self.assertEqual(store.item("a", "msg_1"), dict(item, v=2), "the newest holder")
+        self.assertTrue(store.delete("a", "resp_2"))
+        self.assertIsNone(store.item("a", "msg_1"), "gone with the newest holder")
+        self.assertEqual(store.item("a", "fc_1"), {"id": "fc_1"})
+        store.put("a", "resp_3", self.record())
+        store.put("a", "resp_4", self.record())
+        self.assertIsNone(store.item("a", "fc_1"), "pushed out with resp_1")
+        store.put("a", "resp_5", dict(self.record(), items={"x_1": {"id": "x_1"}}))
+        now[0] += 60
+        self.assertIsNone(store.item("a", "x_1"), "expired with resp_5")
+        self.assertEqual(store._items, {})
 
     def test_expiry(self):
         now = [1000.0]
@@ -4492,11 +4564,12 @@ class ResponseStoreTest(unittest.TestCase):
 
 def responses_sse(raw):
     """The events of a Responses stream, asserting its framing: `event: <type>` then one data
-    line whose type is the same, sequence numbers counting from 0, nothing after the last."""
+    line whose type is the same, sequence numbers counting from 0, and `data: [DONE]` right
+    after the last (response.completed, .incomplete or .failed), ending the body."""
     blocks = raw.split(b"\n\n")
-    assert blocks[-1] == b"", "the body must end right after an event"
+    assert blocks[-2:] == [b"data: [DONE]", b""], "the body must end with data: [DONE]"
     events = []
-    for n, block in enumerate(blocks[:-1]):
+    for n, block in enumerate(blocks[:-2]):
         head, data = block.split(b"\n")
         assert head.startswith(b"event: ") and data.startswith(b"data: "), block
         event = json.loads(data[len(b"data: "):])
@@ -4661,6 +4734,34 @@ class ResponsesServerTest(ServerTestCase):
         self.assert_error(self.request("GET", path, headers=a, port=port), 404)
         self.assert_error(self.request("GET", "/responses/" + response["id"], port=port, headers=a), 404)
         self.assert_error(self.request("PUT", path, {}, headers=a, port=port), 405)
+
+    def test_item_references_in_a_tool_loop(self):
+        """The AI SDK's tool loop with store: true: step two sends step one's message as an
+        item_reference. Items are as private as their response, and gone with it."""
+        port = self.serve(api_keys=["key-a", "key-b"]).server_address[1]
+        a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+        question = {"role": "user", "content": "CALLTOOL weather?", "id": "msg_client_1"}
+        first = self.respond({"input": [question], "tools": [RS_WEATHER]}, port=port, headers=a)
+        message, call = first["output"]
+        self.assertEqual((message["type"], call["type"]), ("message", "function_call"))
+        output = {"type": "function_call_output", "call_id": call["call_id"], "output": "RESULT-sunny"}
+        second = self.respond({"tools": [RS_WEATHER], "input": [
+            {"type": "item_reference", "id": "msg_client_1"}, {"type": "item_reference", "id": message["id"]},
+            {"type": "item_reference", "id": call["id"]}, output]}, port=port, headers=a)
+        self.assertTrue(second["output_text"].startswith("Final answer using RESULT-sunny"), second["output_text"])
+        history = json.dumps(self.records()[-1]["resumed"])
+        self.assertIn("CALLTOOL weather?", history, "the referenced input item")
+        self.assertIn("Let me check.", history, "the referenced message")
+        runs = len(self.records())
+        self.assert_error(self.request("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": message["id"]}, output]},
+                                       headers=b, port=port), 404, "input[0].id", "item_not_found")
+        self.request("DELETE", "/v1/responses/" + first["id"], headers=a, port=port)
+        self.assert_error(self.request("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": call["id"]}, output]},
+                                       headers=a, port=port), 404, "input[0].id", "item_not_found")
+        unstored = self.respond({"input": "hello", "store": False}, port=port, headers=a)
+        self.assert_error(self.request("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": unstored["output"][0]["id"]}]},
+                                       headers=a, port=port), 404, "input[0].id", "item_not_found")
+        self.assertEqual(len(self.records()), runs + 1, "an unknown item starts no run")
 
     def test_structured_output(self):
         schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
@@ -4930,12 +5031,13 @@ class ConformanceServerTest(ServerTestCase):
         response = json.loads(raw)
         self.assertEqual(status, 200, raw)
         self.assertNotIn("user", response)  # a string or absent, never null
-        self.assertEqual(response["tools"], [dict(tool, strict=None)])  # strict and parameters are required
+        # description, strict and parameters are required (nullable)
+        self.assertEqual(response["tools"], [dict(tool, strict=None, description=None)])
         self.assertEqual(set(response["usage"]["input_tokens_details"]), {"cached_tokens", "cache_write_tokens"})
         status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "hello", "stream": True})
         events = responses_sse(raw)
-        self.assertNotIn("usage", events[0]["response"])  # not nullable: absent until known
-        self.assertIn("usage", events[-1]["response"])
+        self.assertIsNone(events[0]["response"]["usage"])  # null until known, as OpenAI sends it
+        self.assertIn("input_tokens", events[-1]["response"]["usage"])
 
 
 class KeepAliveTest(ServerTestCase):
