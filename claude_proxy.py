@@ -241,9 +241,11 @@ def result_error(result):
         return rate_limited(5, "Claude's API is rate limiting this account: %s" % detail)
     if status in (529, 503):
         return overloaded(5, "Claude's API is overloaded: %s" % detail)
-    if not status and (result.get("terminal_reason") in ("blocking_limit", "prompt_too_long")
-                       or detail.startswith("Prompt is too long")):
-        # The CLI refuses, before any API call, a conversation its model's window cannot hold.
+    if status in (None, 0, 400) and (result.get("terminal_reason") in ("blocking_limit", "prompt_too_long")
+                                     or "prompt is too long" in detail.lower()):
+        # A conversation the model's window cannot hold: 2.1.197 refuses it before any API
+        # call; 2.1.332 sends it, and reports the API's 400 (clients such as Codex act on
+        # this code: it is what OpenAI's API answers).
         return invalid("The conversation is too long for the model's context window (the claude "
                        "CLI said: %s); shorten the messages." % detail, "messages",
                        "context_length_exceeded")
@@ -831,12 +833,56 @@ RESPONSES_DROPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "
                            "code_interpreter_call", "computer_call", "computer_call_output",
                            "local_shell_call", "local_shell_call_output", "mcp_list_tools",
                            "mcp_call", "mcp_approval_request", "mcp_approval_response",
-                           "tool_search_call", "tool_search_output", "compaction")
+                           "tool_search_call", "tool_search_output", "compaction",
+                           "compaction_summary")
 #: `include` values that would promise output the proxy cannot give.
 RESPONSES_REFUSED_INCLUDES = ("message.output_text.logprobs",)
 #: The model is offered a namespace's function as <namespace>__<name>: names stay unique and
 #: the model sees the grouping; the call goes back to the client as {namespace, name}.
 NAMESPACE_SEPARATOR = "__"
+
+#: Compaction: an input ending with {"type": "compaction_trigger"} (what Codex sends for its
+#: remote compaction to an OpenAI-like provider) and POST /v1/responses/compact ask for the
+#: conversation so far compacted. The model writes a summary (offered no tools), answered as one
+#: `compaction` item. Its encrypted_content is the proxy's own: this prefix and the summary in
+#: base64, not encrypted (the client holds the conversation anyway); sent back as input, it is
+#: the summary as user text. OpenAI's own encrypted compactions are opaque here, and dropped.
+COMPACTION_PREFIX = "claude-proxy.compaction.v1."
+COMPACTION_PROMPT = (
+    "Compact this conversation: it will continue in a fresh context that holds only your "
+    "summary and the user's own messages. Write the summary for whoever continues the work: "
+    "the user's goals and constraints, what was done and found (files, commands, results, "
+    "decisions), what is in progress, and what remains to do. Be concise and concrete. Reply "
+    "with the summary only, and call no tools.")
+COMPACTION_SUMMARY_HEADER = "A summary of the earlier part of this conversation, which was compacted:\n\n"
+
+
+def compaction_item(summary, new_id=None):
+    """The `compaction` output item that carries a summary (see COMPACTION_PREFIX)."""
+    content = base64.b64encode(json.dumps({"summary": summary}, ensure_ascii=False).encode("utf-8"))
+    return {"id": (new_id or new_item_id)("cmp"), "type": "compaction",
+            "encrypted_content": COMPACTION_PREFIX + content.decode("ascii")}
+
+
+def compacted_user_message(item):
+    """A user message of a compacted conversation, as an output item (id, status, parts)."""
+    content = item["content"]
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    return {"id": item["id"] if isinstance(item.get("id"), str) else new_item_id("msg"),
+            "type": "message", "status": "completed", "role": "user", "content": content}
+
+
+def compaction_summary(encrypted_content):
+    """The summary a compaction item of ours carries, or None for anyone else's."""
+    if not isinstance(encrypted_content, str) or not encrypted_content.startswith(COMPACTION_PREFIX):
+        return None
+    try:
+        data = json.loads(base64.b64decode(encrypted_content[len(COMPACTION_PREFIX):], validate=True))
+    except (ValueError, binascii.Error):
+        return None
+    summary = data.get("summary") if isinstance(data, dict) else None
+    return summary if isinstance(summary, str) else None
 
 
 def responses_content_blocks(content, param, role):
@@ -937,6 +983,12 @@ def responses_item(item, param, turns, system_parts, find_item=None):
         _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
         add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
                                   "content": blocks, "is_error": False}])
+    elif kind in ("compaction", "compaction_summary") and compaction_summary(
+            item.get("encrypted_content")) is not None:
+        add_turn(turns, "user", [text_block(COMPACTION_SUMMARY_HEADER
+                                            + compaction_summary(item["encrypted_content"]))])
+    elif kind == "compaction_trigger":
+        raise invalid("A compaction_trigger must be the last input item", param + ".type")
     elif kind in RESPONSES_DROPPED_ITEMS:
         return  # reasoning: its encrypted_content is OpenAI's, opaque to us
     else:
@@ -1053,6 +1105,10 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
         _require(items, "`input` is empty", "input")
         items = [{"role": "user", "content": items}]
     _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
+    # Compaction asked for: the summary is asked of the model as the conversation's last words.
+    compacting = bool(items) and isinstance(items[-1], dict) and items[-1].get("type") == "compaction_trigger"
+    if compacting:
+        items = items[:-1] + [{"role": "user", "content": COMPACTION_PROMPT}]
     instructions = body.get("instructions")
     _require(instructions is None or isinstance(instructions, str), "`instructions` must be a string",
              "instructions")
@@ -1096,6 +1152,8 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
 
     tools, tool_instruction, single_tool_call, namespaces = responses_tools(body)
     json_schema = responses_text_format(body.get("text"))
+    if compacting:  # a summary in words: no calls, no schema
+        tools, tool_instruction, single_tool_call, json_schema = [], None, False, None
     if tool_instruction:
         system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
 
@@ -1118,6 +1176,7 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
         "store": store is not False,
         "system_parts": kept_system + system_parts,
         "namespaces": namespaces,
+        "compacting": compacting,
         # The input items that carry an id, findable by item_reference once stored.
         "input_items": [item for item in items if isinstance(item, dict) and isinstance(
             item.get("id"), str) and item.get("type", "message") != "item_reference"],
@@ -3340,6 +3399,29 @@ class ResponsesOutput:
         return (kind, dict({"item_id": item["id"], "output_index": self.positions[item["id"]]}, **fields))
 
 
+class CompactionOutput(ResponsesOutput):
+    """The output of a compaction: the model's words are the summary, gathered unseen, and the
+    output is one `compaction` item, added and done when the reply is (see COMPACTION_PREFIX).
+    A reply that is cut or fails gives no item: half a summary would lose the rest."""
+
+    def __init__(self, namespaces=None, new_id=new_item_id):
+        super().__init__(namespaces, new_id)
+        self.summary = ""
+
+    def event(self, event):
+        self.summary += event.get("text", "")
+        return []
+
+    def revise(self, text):
+        self.summary = text
+
+    def close(self, status="completed"):
+        if status != "completed" or self.items:
+            return []
+        return [self._add(compaction_item(self.summary.strip(), self.new_id)),
+                ("response.output_item.done", {"output_index": 0, "item": dict(self.items[0])})]
+
+
 def responses_outcome(reply):
     """How a finished reply ends: (status, incomplete_details)."""
     status = RESPONSES_STATUS.get(reply.stop_reason, "completed")
@@ -3357,9 +3439,9 @@ class ResponsesSink:
     client that continues at once with previous_response_id finds it stored)."""
 
     def __init__(self, response_id, created_at, model, echo, namespaces=None, keep=None,
-                 structured=False, new_id=new_item_id, clock=time.time):
+                 structured=False, new_id=new_item_id, clock=time.time, compacting=False):
         self.id, self.created_at, self.model, self.echo = response_id, created_at, model, echo
-        self.output = ResponsesOutput(namespaces, new_id)
+        self.output = (CompactionOutput if compacting else ResponsesOutput)(namespaces, new_id)
         self.keep = keep
         self.structured = structured
         self.clock = clock
@@ -3405,8 +3487,8 @@ class ResponsesStreamWriter(ResponsesSink):
             self.sequence += 1
             data += sse_event(payload, event=kind)
         self.opened = True  # every send starts with _opening()'s events
-        # The Open Responses spec ends a stream with `data: [DONE]`; OpenAI's server sends it
-        # too, and every client tried skips it (README: Streaming).
+        # The Open Responses spec ends a stream with `data: [DONE]`; every client tried stops
+        # at it or skips it (README: Responses API, Streaming).
         self.stream.write(data + SSE_DONE if last else data)
 
     def _opening(self):
@@ -3418,6 +3500,8 @@ class ResponsesStreamWriter(ResponsesSink):
                 ("response.in_progress", {"response": in_progress})]
 
     def event(self, event):
+        if "revised" in event and isinstance(self.output, CompactionOutput):
+            return self.output.revise(event["revised"])  # nothing of it was sent yet
         if "revised" in event:
             raise revised_error(self.structured)
         opening = self._opening()
@@ -3462,6 +3546,26 @@ class ResponsesCollector(ResponsesSink):
 
     def fail(self, error):
         raise error
+
+
+class CompactCollector(ResponsesCollector):
+    """POST /v1/responses/compact: the compacted conversation, as OpenAI answers it: the
+    input's user messages, then the one `compaction` item."""
+
+    def __init__(self, handler, retained, *args, **kwargs):
+        super().__init__(handler, *args, compacting=True, **kwargs)
+        self.retained = retained
+
+    def finish(self, reply):
+        status, _ = responses_outcome(reply)
+        if status != "completed":
+            raise cli_failed("The summary was cut off (the model's output limit); the "
+                             "conversation was not compacted.", "compaction_incomplete")
+        self.output.close(status)
+        self.handler.send_json(200, {"id": self.id, "object": "response.compaction",
+                                     "created_at": self.created_at,
+                                     "output": self.retained + self.output.items,
+                                     "usage": responses_usage(reply.usage)})
 
 
 # Stored responses ###########################################################################
@@ -5644,6 +5748,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return ("POST",), self.chat_completions, ()
         if path in ("/v1/responses", "/responses"):
             return ("POST",), self.create_response, ()
+        if path in ("/v1/responses/compact", "/responses/compact"):  # no response id is "compact"
+            return ("POST",), self.compact_response, ()
         if path.startswith(("/v1/responses/", "/responses/")) and path.count("/") == path.startswith("/v1") + 2:
             return ("GET", "DELETE"), self.stored_response, (path.rsplit("/", 1)[1],)
         if path in ("/v1/messages", "/messages"):
@@ -5703,6 +5809,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return self.preflight(allowed)
             if method == "HEAD" and "GET" in allowed:
                 method = "GET"  # send_json leaves the body out for HEAD
+            if handler == self.create_response and method == "GET" and "websocket" in (
+                    self.headers.get("Upgrade") or "").lower():
+                raise self.websocket_refused()
             if method not in allowed:
                 raise ProxyError(405, "Method %s is not allowed here; use %s." % (method, " or ".join(allowed)),
                                  "invalid_request_error", None, "method_not_allowed",
@@ -6047,7 +6156,52 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                                stored_record(plan, request, response, reply))
         sink_type = ResponsesStreamWriter if plan["stream"] else ResponsesCollector
         sink = sink_type(self, response_id, int(time.time()), plan["model"], request["echo"],
-                         request["namespaces"], keep, bool(plan["json_schema"]))
+                         request["namespaces"], keep, bool(plan["json_schema"]),
+                         compacting=request["compacting"])
+        self.answer(plan, sink)
+
+    def websocket_refused(self):
+        """The Responses API's WebSocket mode (GET /v1/responses, upgraded) is not served: a
+        426 in HTTP/1.1, which WebSocket clients read (Codex then goes on over HTTP at once;
+        a 405 in the proxy's HTTP/1.0 it takes for a broken handshake, and retries 5 times)."""
+        self.protocol_version = "HTTP/1.1"
+        return ProxyError(426, "WebSocket mode is not supported by this proxy; POST /v1/responses "
+                          "over HTTP instead (with \"stream\": true to stream).",
+                          "invalid_request_error", None, "websocket_not_supported",
+                          {"Upgrade": "HTTP/1.1", "Connection": "close", "x-should-retry": "false"})
+
+    def compact_response(self):
+        """POST /v1/responses/compact: the conversation (input, or a stored response and
+        input) compacted into its user messages and one `compaction` item (see
+        COMPACTION_PREFIX). Nothing is stored."""
+        config = self.server.config
+        body = self.read_json()
+        _require(isinstance(body, dict), "The request body must be a JSON object", None)
+        items = body.get("input", [])
+        if isinstance(items, str):
+            items = [{"role": "user", "content": items}]
+        _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
+        _require(items or body.get("previous_response_id") is not None,
+                 "Nothing to compact: send `input`, or `previous_response_id`", "input")
+        scope = self.client_scope()
+        previous = None
+        if body.get("previous_response_id") is not None:
+            _require(isinstance(body["previous_response_id"], str),
+                     "`previous_response_id` must be a string", "previous_response_id")
+            previous = self.server.response_store.get(scope, body["previous_response_id"])
+            if previous is None:
+                raise response_not_found(body["previous_response_id"], "previous_response_id")
+        # Only what shapes the conversation: this endpoint offers no tools and never streams.
+        request_body = {name: body[name] for name in ("model", "instructions", "reasoning")
+                        if name in body}
+        request_body.update(input=items + [{"type": "compaction_trigger"}], store=False)
+        plan, request = parse_responses_request(
+            request_body, config.model, config.effort, previous,
+            lambda item_id: self.server.response_store.item(scope, item_id))
+        retained = [compacted_user_message(item) for item in items if isinstance(item, dict)
+                    and item.get("type", "message") == "message" and item.get("role") == "user"]
+        sink = CompactCollector(self, retained, "resp_" + uuid.uuid4().hex, int(time.time()),
+                                plan["model"], request["echo"])
         self.answer(plan, sink)
 
     def stored_response(self, response_id):
