@@ -3604,7 +3604,9 @@ class ResponseStore:
         self.size, self.seconds, self.max_bytes, self.clock = size, seconds, max_bytes, clock
         self.bytes = 0
         self._entries = collections.OrderedDict()
-        self._items = {}  # item id -> the response id that holds it (the newest, if several)
+        # (scope, item id) -> the response id that holds it (the newest, if several): one key's
+        # items never shadow another's, whatever ids a client gives its input items.
+        self._items = {}
         self._lock = threading.Lock()
 
     def put(self, scope, response_id, record):
@@ -3615,7 +3617,7 @@ class ResponseStore:
             self._entries[response_id] = (scope, self.clock(), weight, record)
             self.bytes += weight
             for item_id in record.get("items") or ():
-                self._items[item_id] = response_id
+                self._items[scope, item_id] = response_id
             self._expire()
             while len(self._entries) > self.size or self.bytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
@@ -3624,7 +3626,7 @@ class ResponseStore:
         """A stored item by id, or None: unknown, expired, or another key's (indistinguishable)."""
         with self._lock:
             self._expire()
-            entry = self._entries.get(self._items.get(item_id))
+            entry = self._entries.get(self._items.get((scope, item_id)))
             if not entry or not hmac.compare_digest(entry[0], scope):
                 return None
             return json.loads(json.dumps(entry[3]["items"][item_id]))  # a copy to read from
@@ -3658,8 +3660,8 @@ class ResponseStore:
         scope, _, weight, record = self._entries.pop(response_id)
         self.bytes -= weight
         for item_id in record.get("items") or ():
-            if self._items.get(item_id) == response_id:
-                del self._items[item_id]
+            if self._items.get((scope, item_id)) == response_id:
+                del self._items[scope, item_id]
 
 
 def stored_record(plan, request, response, reply):

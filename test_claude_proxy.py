@@ -4772,6 +4772,10 @@ class ResponseStoreTest(unittest.TestCase):
         self.assertEqual(store.item("a", "msg_1"), item)
         self.assertIsNone(store.item("b", "msg_1"), "another key's")
         self.assertIsNone(store.item("a", "msg_2"), "unknown")
+        store.put("b", "resp_b", dict(self.record(), items={"msg_1": {"id": "msg_1", "type": "theirs"}}))
+        self.assertEqual((store.item("a", "msg_1"), store.item("b", "msg_1")["type"]), (item, "theirs"),
+                         "another key's item of the same id shadows nothing")
+        self.assertTrue(store.delete("b", "resp_b"))
         store.item("a", "msg_1")["type"] = "changed"
         self.assertEqual(store.item("a", "msg_1"), item, "a copy is handed out")
         store.put("a", "resp_2", dict(self.record(), items={"msg_1": dict(item, v=2)}))
