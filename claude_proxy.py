@@ -375,9 +375,11 @@ def result_error(result, rate_limit=None, now=None):
         return rate_limited(5, "Claude's API is rate limiting this account: %s" % detail)
     if status in (529, 503):
         return overloaded(5, "Claude's API is overloaded: %s" % detail)
-    if not status and (result.get("terminal_reason") in ("blocking_limit", "prompt_too_long")
-                       or detail.startswith("Prompt is too long")):
-        # The CLI refuses, before any API call, a conversation its model's window cannot hold.
+    if status in (None, 0, 400) and (result.get("terminal_reason") in ("blocking_limit", "prompt_too_long")
+                                     or "prompt is too long" in detail.lower()):
+        # A conversation the model's window cannot hold: 2.1.197 refuses it before any API
+        # call; 2.1.332 sends it, and reports the API's 400 (clients such as Codex act on
+        # this code: it is what OpenAI's API answers).
         return invalid("The conversation is too long for the model's context window (the claude "
                        "CLI said: %s); shorten the messages." % detail, "messages",
                        "context_length_exceeded")
@@ -1057,12 +1059,56 @@ RESPONSES_DROPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "
                            "code_interpreter_call", "computer_call", "computer_call_output",
                            "local_shell_call", "local_shell_call_output", "mcp_list_tools",
                            "mcp_call", "mcp_approval_request", "mcp_approval_response",
-                           "tool_search_call", "tool_search_output", "compaction")
+                           "tool_search_call", "tool_search_output", "compaction",
+                           "compaction_summary")
 #: `include` values that would promise output the proxy cannot give.
 RESPONSES_REFUSED_INCLUDES = ("message.output_text.logprobs",)
 #: The model is offered a namespace's function as <namespace>__<name>: names stay unique and
 #: the model sees the grouping; the call goes back to the client as {namespace, name}.
 NAMESPACE_SEPARATOR = "__"
+
+#: Compaction: an input ending with {"type": "compaction_trigger"} (what Codex sends for its
+#: remote compaction to an OpenAI-like provider) and POST /v1/responses/compact ask for the
+#: conversation so far compacted. The model writes a summary (offered no tools), answered as one
+#: `compaction` item. Its encrypted_content is the proxy's own: this prefix and the summary in
+#: base64, not encrypted (the client holds the conversation anyway); sent back as input, it is
+#: the summary as user text. OpenAI's own encrypted compactions are opaque here, and dropped.
+COMPACTION_PREFIX = "claude-proxy.compaction.v1."
+COMPACTION_PROMPT = (
+    "Compact this conversation: it will continue in a fresh context that holds only your "
+    "summary and the user's own messages. Write the summary for whoever continues the work: "
+    "the user's goals and constraints, what was done and found (files, commands, results, "
+    "decisions), what is in progress, and what remains to do. Be concise and concrete. Reply "
+    "with the summary only, and call no tools.")
+COMPACTION_SUMMARY_HEADER = "A summary of the earlier part of this conversation, which was compacted:\n\n"
+
+
+def compaction_item(summary, new_id=None):
+    """The `compaction` output item that carries a summary (see COMPACTION_PREFIX)."""
+    content = base64.b64encode(json.dumps({"summary": summary}, ensure_ascii=False).encode("utf-8"))
+    return {"id": (new_id or new_item_id)("cmp"), "type": "compaction",
+            "encrypted_content": COMPACTION_PREFIX + content.decode("ascii")}
+
+
+def compacted_user_message(item):
+    """A user message of a compacted conversation, as an output item (id, status, parts)."""
+    content = item["content"]
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    return {"id": item["id"] if isinstance(item.get("id"), str) else new_item_id("msg"),
+            "type": "message", "status": "completed", "role": "user", "content": content}
+
+
+def compaction_summary(encrypted_content):
+    """The summary a compaction item of ours carries, or None for anyone else's."""
+    if not isinstance(encrypted_content, str) or not encrypted_content.startswith(COMPACTION_PREFIX):
+        return None
+    try:
+        data = json.loads(base64.b64decode(encrypted_content[len(COMPACTION_PREFIX):], validate=True))
+    except (ValueError, binascii.Error):
+        return None
+    summary = data.get("summary") if isinstance(data, dict) else None
+    return summary if isinstance(summary, str) else None
 
 
 def responses_content_blocks(content, param, role):
@@ -1110,58 +1156,75 @@ def namespaced(namespace, name):
     return namespace + NAMESPACE_SEPARATOR + name if namespace else name
 
 
-def responses_items(items, turns, system_parts):
-    """`input` items -> turns (added to `turns`), system and developer text to `system_parts`."""
+def responses_items(items, turns, system_parts, find_item=None):
+    """`input` items -> turns (added to `turns`), system and developer text to `system_parts`.
+    `find_item(id)` is a stored item for an item_reference, or None (see ResponseStore.item)."""
     for i, item in enumerate(items):
-        param = "input[%d]" % i
-        _require(isinstance(item, dict), "each input item must be an object", param)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            content = item.get("content")
-            _require(content is not None, "a message needs `content`", param + ".content")
-            if role in ("system", "developer"):
-                system_parts.append(blocks_text(responses_content_blocks(content, param + ".content", role)))
-            elif role in ("user", "assistant"):
-                add_turn(turns, role, responses_content_blocks(content, param + ".content", role))
-            else:
-                raise invalid("Unknown role %r: use user, assistant, system or developer" % (role,),
-                              param + ".role")
-        elif kind in ("function_call", "custom_tool_call"):
-            call_id, name = item.get("call_id"), item.get("name")
-            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
-            _require(isinstance(name, str) and name, "a %s needs `name`" % kind, param + ".name")
-            namespace = item.get("namespace")
-            _require(namespace is None or isinstance(namespace, str), "`namespace` must be a string",
-                     param + ".namespace")
-            if kind == "function_call":
-                arguments = tool_arguments(item.get("arguments"), param + ".arguments")
-            else:  # a freeform tool's input is text; kept so the history reads right
-                _require(isinstance(item.get("input", ""), str), "`input` must be a string", param + ".input")
-                arguments = {"input": item.get("input", "")}
-            add_turn(turns, "assistant", [{"type": "tool_use", "id": call_id,
-                                           "name": namespaced(namespace, name), "input": arguments}])
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            call_id, output = item.get("call_id"), item.get("output")
-            _require(output is not None, "a %s needs `output`" % kind, param + ".output")
-            blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user"))
-            if call_id is None and isinstance(item.get("name"), str):
-                # An output no call asked for (Codex adds some of its own, with only a name):
-                # the API pairs every tool_result with a tool_use, so it is the user's text.
-                name = namespaced(item.get("namespace") if isinstance(item.get("namespace"), str)
-                                  else None, item["name"])
-                add_turn(turns, "user", [text_block("Output of the tool %s:\n" % name)] + blocks)
-                continue
-            _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
-            add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
-                                      "content": blocks, "is_error": False}])
-        elif kind in RESPONSES_DROPPED_ITEMS:
-            continue  # reasoning: its encrypted_content is OpenAI's, opaque to us
-        elif kind == "item_reference":
-            raise invalid("Item references are not supported; send the item itself, or continue "
-                          "with previous_response_id", param + ".type", "unsupported_item_type")
+        responses_item(item, "input[%d]" % i, turns, system_parts, find_item)
+
+
+def responses_item(item, param, turns, system_parts, find_item=None):
+    """One `input` item (see responses_items)."""
+    _require(isinstance(item, dict), "each input item must be an object", param)
+    kind = item.get("type", "message")
+    if kind == "item_reference":
+        # An item of a stored response (or of its input) by id, as the AI SDK sends the
+        # earlier steps of a tool loop with store: true: read as if sent in full.
+        item_id = item.get("id")
+        _require(isinstance(item_id, str) and item_id, "an item_reference needs `id`", param + ".id")
+        found = find_item(item_id) if find_item else None
+        if found is None:
+            raise item_not_found(item_id, param + ".id")
+        return responses_item(found, param, turns, system_parts)
+    if kind == "message":
+        role = item.get("role")
+        content = item.get("content")
+        _require(content is not None, "a message needs `content`", param + ".content")
+        if role in ("system", "developer"):
+            system_parts.append(blocks_text(responses_content_blocks(content, param + ".content", role)))
+        elif role in ("user", "assistant"):
+            add_turn(turns, role, responses_content_blocks(content, param + ".content", role))
         else:
-            raise invalid("Unknown input item type %r" % (kind,), param + ".type", "unsupported_item_type")
+            raise invalid("Unknown role %r: use user, assistant, system or developer" % (role,),
+                          param + ".role")
+    elif kind in ("function_call", "custom_tool_call"):
+        call_id, name = item.get("call_id"), item.get("name")
+        _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
+        _require(isinstance(name, str) and name, "a %s needs `name`" % kind, param + ".name")
+        namespace = item.get("namespace")
+        _require(namespace is None or isinstance(namespace, str), "`namespace` must be a string",
+                 param + ".namespace")
+        if kind == "function_call":
+            arguments = tool_arguments(item.get("arguments"), param + ".arguments")
+        else:  # a freeform tool's input is text; kept so the history reads right
+            _require(isinstance(item.get("input", ""), str), "`input` must be a string", param + ".input")
+            arguments = {"input": item.get("input", "")}
+        add_turn(turns, "assistant", [{"type": "tool_use", "id": call_id,
+                                       "name": namespaced(namespace, name), "input": arguments}])
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        call_id, output = item.get("call_id"), item.get("output")
+        _require(output is not None, "a %s needs `output`" % kind, param + ".output")
+        blocks = without_empty_text(responses_content_blocks(output, param + ".output", "user"))
+        if call_id is None and isinstance(item.get("name"), str):
+            # An output no call asked for (Codex adds some of its own, with only a name):
+            # the API pairs every tool_result with a tool_use, so it is the user's text.
+            name = namespaced(item.get("namespace") if isinstance(item.get("namespace"), str)
+                              else None, item["name"])
+            add_turn(turns, "user", [text_block("Output of the tool %s:\n" % name)] + blocks)
+            return
+        _require(isinstance(call_id, str) and call_id, "a %s needs `call_id`" % kind, param + ".call_id")
+        add_turn(turns, "user", [{"type": "tool_result", "tool_use_id": call_id,
+                                  "content": blocks, "is_error": False}])
+    elif kind in ("compaction", "compaction_summary") and compaction_summary(
+            item.get("encrypted_content")) is not None:
+        add_turn(turns, "user", [text_block(COMPACTION_SUMMARY_HEADER
+                                            + compaction_summary(item["encrypted_content"]))])
+    elif kind == "compaction_trigger":
+        raise invalid("A compaction_trigger must be the last input item", param + ".type")
+    elif kind in RESPONSES_DROPPED_ITEMS:
+        return  # reasoning: its encrypted_content is OpenAI's, opaque to us
+    else:
+        raise invalid("Unknown input item type %r" % (kind,), param + ".type", "unsupported_item_type")
 
 
 def responses_tools(body):
@@ -1256,10 +1319,12 @@ def refuse_misleading_responses_options(body):
                  "claude CLI", "include")
 
 
-def parse_responses_request(body, default_model=None, default_effort=None, previous=None):
+def parse_responses_request(body, default_model=None, default_effort=None, previous=None,
+                            find_item=None):
     """A Responses API request body -> (the plan for one CLI run, what the response echoes and
     the store needs), or a 400. `previous` is the stored response named by
-    previous_response_id (its conversation goes first), already looked up by the caller."""
+    previous_response_id (its conversation goes first), already looked up by the caller;
+    `find_item` finds the stored items that item_reference inputs name (else a 404)."""
     _require(isinstance(body, dict), "The request body must be a JSON object", None)
     if "input" not in body and "messages" in body:
         raise invalid("This is the Responses endpoint, and the body looks like a Chat Completions "
@@ -1272,6 +1337,10 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
         _require(items, "`input` is empty", "input")
         items = [{"role": "user", "content": items}]
     _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
+    # Compaction asked for: the summary is asked of the model as the conversation's last words.
+    compacting = bool(items) and isinstance(items[-1], dict) and items[-1].get("type") == "compaction_trigger"
+    if compacting:
+        items = items[:-1] + [{"role": "user", "content": COMPACTION_PROMPT}]
     instructions = body.get("instructions")
     _require(instructions is None or isinstance(instructions, str), "`instructions` must be a string",
              "instructions")
@@ -1281,7 +1350,7 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     turns = list(previous["turns"]) if previous else []
     kept_system = list(previous["system_parts"]) if previous else []
     system_parts = []
-    responses_items(items, turns, system_parts)
+    responses_items(items, turns, system_parts, find_item)
     conv = conversation([instructions or ""] + kept_system + system_parts, turns, "input")
     system_prompt = conv["system"]
 
@@ -1305,13 +1374,18 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     _require(max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
                                     and 1 <= max_tokens <= MAX_TOKENS),
              "`max_output_tokens` must be a whole number from 1 to %d" % MAX_TOKENS, "max_output_tokens")
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _require(body.get(name) is None or _is_number(body[name]), "`%s` must be a number" % name, name)
+    for name in ("safety_identifier", "prompt_cache_key"):
+        _require(body.get(name) is None or isinstance(body[name], str), "`%s` must be a string" % name,
+                 name)
     metadata = body.get("metadata")
     _require(metadata is None or isinstance(metadata, dict), "`metadata` must be an object", "metadata")
 
     tools, tool_instruction, single_tool_call, namespaces = responses_tools(body)
     json_schema = responses_text_format(body.get("text"))
+    if compacting:  # a summary in words: no calls, no schema
+        tools, tool_instruction, single_tool_call, json_schema = [], None, False, None
     if tool_instruction:
         system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
 
@@ -1334,21 +1408,34 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
         "store": store is not False,
         "system_parts": kept_system + system_parts,
         "namespaces": namespaces,
-        # Echoed in the response object, as OpenAI does.
+        "compacting": compacting,
+        # The input items that carry an id, findable by item_reference once stored.
+        "input_items": [item for item in items if isinstance(item, dict) and isinstance(
+            item.get("id"), str) and item.get("type", "message") != "item_reference"],
+        # Echoed in the response object, every field OpenAI's server sends (and the Open
+        # Responses schema requires), with the values it gives those a request left out.
         "echo": {
+            "frequency_penalty": _or(body.get("frequency_penalty"), 0.0),
             "instructions": instructions,
             "max_output_tokens": max_tokens,
+            "max_tool_calls": body.get("max_tool_calls"),
             "metadata": metadata or {},
             "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+            "presence_penalty": _or(body.get("presence_penalty"), 0.0),
             "previous_response_id": body.get("previous_response_id"),
+            "prompt_cache_key": body.get("prompt_cache_key"),
             "reasoning": {"effort": (reasoning or {}).get("effort"),
                           "summary": (reasoning or {}).get("summary")},
+            "safety_identifier": body.get("safety_identifier"),
+            # One tier here; OpenAI answers a request's "auto" with the tier that served it.
+            "service_tier": "default",
             "store": store is not False,
-            "temperature": body.get("temperature", 1.0),
+            "temperature": _or(body.get("temperature"), 1.0),
             "text": dict(text, format=text.get("format") or {"type": "text"}),
             "tool_choice": body.get("tool_choice") or "auto",
             "tools": [responses_tool_echo(tool) for tool in body.get("tools") or []],
-            "top_p": body.get("top_p", 1.0),
+            "top_logprobs": 0,  # any other value is refused above
+            "top_p": _or(body.get("top_p"), 1.0),
             "truncation": body.get("truncation") or "disabled",
         },
     }
@@ -1357,11 +1444,15 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     return plan, request
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def responses_tool_echo(tool):
-    """A tool as the response echoes it: a function's `strict` and `parameters` are required
-    (nullable) in OpenAI's schema."""
+    """A tool as the response echoes it: a function's `description`, `strict` and `parameters`
+    are required (nullable) in OpenAI's schema and in Open Responses'."""
     if isinstance(tool, dict) and tool.get("type") == "function":
-        return dict({"strict": None, "parameters": None}, **tool)
+        return dict({"description": None, "strict": None, "parameters": None}, **tool)
     return tool
 
 
@@ -3571,16 +3662,19 @@ def responses_usage(usage):
 
 
 def response_object(response_id, created_at, model, echo, status, output, usage=None, error=None,
-                    incomplete_details=None):
+                    incomplete_details=None, completed_at=None):
     """The response object: the answer, and what the request asked for, echoed."""
     text = "".join(part["text"] for item in output if item["type"] == "message"
                    for part in item["content"] if part["type"] == "output_text")
     obj = {"id": response_id, "object": "response", "created_at": created_at, "status": status,
+           # When the response completed; null before, and for one that failed or was cut.
+           "completed_at": completed_at if status == "completed" else None,
            "background": False, "error": error, "incomplete_details": incomplete_details,
            "model": model, "output": output, "output_text": text}
     obj.update(echo)
-    if usage is not None:  # not nullable in OpenAI's schema: absent until it is known
-        obj["usage"] = usage
+    # Null while unknown (response.created, .in_progress, .failed), as OpenAI's server sends it
+    # and the Open Responses schema requires; OpenAI's OpenAPI document leaves it out instead.
+    obj["usage"] = usage
     return obj
 
 
@@ -3696,6 +3790,29 @@ class ResponsesOutput:
         return (kind, dict({"item_id": item["id"], "output_index": self.positions[item["id"]]}, **fields))
 
 
+class CompactionOutput(ResponsesOutput):
+    """The output of a compaction: the model's words are the summary, gathered unseen, and the
+    output is one `compaction` item, added and done when the reply is (see COMPACTION_PREFIX).
+    A reply that is cut or fails gives no item: half a summary would lose the rest."""
+
+    def __init__(self, namespaces=None, new_id=new_item_id):
+        super().__init__(namespaces, new_id)
+        self.summary = ""
+
+    def event(self, event):
+        self.summary += event.get("text", "")
+        return []
+
+    def revise(self, text):
+        self.summary = text
+
+    def close(self, status="completed"):
+        if status != "completed" or self.items:
+            return []
+        return [self._add(compaction_item(self.summary.strip(), self.new_id)),
+                ("response.output_item.done", {"output_index": 0, "item": dict(self.items[0])})]
+
+
 def responses_outcome(reply):
     """How a finished reply ends: (status, incomplete_details)."""
     status = RESPONSES_STATUS.get(reply.stop_reason, "completed")
@@ -3713,16 +3830,17 @@ class ResponsesSink:
     client that continues at once with previous_response_id finds it stored)."""
 
     def __init__(self, response_id, created_at, model, echo, namespaces=None, keep=None,
-                 structured=False, new_id=new_item_id):
+                 structured=False, new_id=new_item_id, clock=time.time, compacting=False):
         self.id, self.created_at, self.model, self.echo = response_id, created_at, model, echo
-        self.output = ResponsesOutput(namespaces, new_id)
+        self.output = (CompactionOutput if compacting else ResponsesOutput)(namespaces, new_id)
         self.keep = keep
         self.structured = structured
+        self.clock = clock
 
     def response(self, status, usage=None, error=None, incomplete_details=None):
         return response_object(self.id, self.created_at, self.model, self.echo, status,
                                json.loads(json.dumps(self.output.items)), usage, error,
-                               incomplete_details)
+                               incomplete_details, int(self.clock()))
 
     def final(self, reply):
         """The finished response object (and it is kept)."""
@@ -3752,7 +3870,7 @@ class ResponsesStreamWriter(ResponsesSink):
     def started(self):
         return self.stream.started
 
-    def _send(self, events):
+    def _send(self, events, last=False):
         data = b""
         for kind, fields in events:
             payload = dict({"type": kind}, **fields)
@@ -3760,7 +3878,9 @@ class ResponsesStreamWriter(ResponsesSink):
             self.sequence += 1
             data += sse_event(payload, event=kind)
         self.opened = True  # every send starts with _opening()'s events
-        self.stream.write(data)
+        # The Open Responses spec ends a stream with `data: [DONE]`; every client tried stops
+        # at it or skips it (README: Responses API, Streaming).
+        self.stream.write(data + SSE_DONE if last else data)
 
     def _opening(self):
         """response.created and .in_progress, if not sent yet: the response before any output."""
@@ -3771,6 +3891,8 @@ class ResponsesStreamWriter(ResponsesSink):
                 ("response.in_progress", {"response": in_progress})]
 
     def event(self, event):
+        if "revised" in event and isinstance(self.output, CompactionOutput):
+            return self.output.revise(event["revised"])  # nothing of it was sent yet
         if "revised" in event:
             raise revised_error(self.structured)
         opening = self._opening()
@@ -3782,7 +3904,7 @@ class ResponsesStreamWriter(ResponsesSink):
         status, _ = responses_outcome(reply)
         events = self._opening() + self.output.close(status)
         response = self.final(reply)
-        self._send(events + [("response." + status, {"response": response})])
+        self._send(events + [("response." + status, {"response": response})], last=True)
 
     def fail(self, error):
         """After the headers went out, an error is a response.failed event, then the end."""
@@ -3790,7 +3912,7 @@ class ResponsesStreamWriter(ResponsesSink):
             raise error
         events = self._opening() + self.output.close("incomplete")
         self._send(events + [("response.failed", {"response": self.response(
-            "failed", None, responses_error(error))})])
+            "failed", None, responses_error(error))})], last=True)
 
 
 class ResponsesCollector(ResponsesSink):
@@ -3817,6 +3939,26 @@ class ResponsesCollector(ResponsesSink):
         raise error
 
 
+class CompactCollector(ResponsesCollector):
+    """POST /v1/responses/compact: the compacted conversation, as OpenAI answers it: the
+    input's user messages, then the one `compaction` item."""
+
+    def __init__(self, handler, retained, *args, **kwargs):
+        super().__init__(handler, *args, compacting=True, **kwargs)
+        self.retained = retained
+
+    def finish(self, reply):
+        status, _ = responses_outcome(reply)
+        if status != "completed":
+            raise cli_failed("The summary was cut off (the model's output limit); the "
+                             "conversation was not compacted.", "compaction_incomplete")
+        self.output.close(status)
+        self.handler.send_json(200, {"id": self.id, "object": "response.compaction",
+                                     "created_at": self.created_at,
+                                     "output": self.retained + self.output.items,
+                                     "usage": responses_usage(reply.usage)})
+
+
 # Stored responses ###########################################################################
 #: store: true (OpenAI's default) keeps a response for GET /v1/responses/{id} and for
 #: previous_response_id: in memory only, bounded by count, age and size, and visible only to
@@ -3825,6 +3967,13 @@ class ResponsesCollector(ResponsesSink):
 RESPONSE_STORE_SIZE = 1000  # responses kept at most
 RESPONSE_STORE_SECONDS = 3600.0  # how long one is kept
 RESPONSE_STORE_BYTES = 64 * 1024 * 1024  # their conversations together, as JSON (images count)
+
+
+def item_not_found(item_id, param):
+    return ProxyError(404, "No stored item %r: its response was never stored (store: false), "
+                      "it expired or was deleted, or it belongs to another API key. Send the "
+                      "item itself instead of an item_reference." % str(item_id)[:100],
+                      "invalid_request_error", param, "item_not_found", {"x-should-retry": "false"})
 
 
 def response_not_found(response_id, param=None):
@@ -3837,25 +3986,41 @@ def response_not_found(response_id, param=None):
 class ResponseStore:
     """Stored responses by id: {scope, stored_at, size, record}, oldest first. A record is
     {"response": the object GET returns, "turns": the conversation with the reply as its last
-    turn, "system_parts": its input's system and developer text}."""
+    turn, "system_parts": its input's system and developer text, "items": {id: item} of its
+    output items and of the input items that had an id}. An item lives as long as its
+    response, and is found by the same API key only."""
 
     def __init__(self, size=RESPONSE_STORE_SIZE, seconds=RESPONSE_STORE_SECONDS,
                  max_bytes=RESPONSE_STORE_BYTES, clock=time.monotonic):
         self.size, self.seconds, self.max_bytes, self.clock = size, seconds, max_bytes, clock
         self.bytes = 0
         self._entries = collections.OrderedDict()
+        # (scope, item id) -> the response id that holds it (the newest, if several): one key's
+        # items never shadow another's, whatever ids a client gives its input items.
+        self._items = {}
         self._lock = threading.Lock()
 
     def put(self, scope, response_id, record):
-        weight = len(json.dumps(record["turns"], ensure_ascii=False))
+        weight = len(json.dumps([record["turns"], record.get("items")], ensure_ascii=False))
         if weight > self.max_bytes:
             return  # larger than the whole store: kept nowhere, found by nobody
         with self._lock:
             self._entries[response_id] = (scope, self.clock(), weight, record)
             self.bytes += weight
+            for item_id in record.get("items") or ():
+                self._items[scope, item_id] = response_id
             self._expire()
             while len(self._entries) > self.size or self.bytes > self.max_bytes:
                 self._drop(next(iter(self._entries)))
+
+    def item(self, scope, item_id):
+        """A stored item by id, or None: unknown, expired, or another key's (indistinguishable)."""
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(self._items.get((scope, item_id)))
+            if not entry or not hmac.compare_digest(entry[0], scope):
+                return None
+            return json.loads(json.dumps(entry[3]["items"][item_id]))  # a copy to read from
 
     def get(self, scope, response_id):
         """The record, or None: unknown, expired, or another key's (indistinguishable)."""
@@ -3883,14 +4048,21 @@ class ResponseStore:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, response_id):
-        self.bytes -= self._entries.pop(response_id)[2]
+        scope, _, weight, record = self._entries.pop(response_id)
+        self.bytes -= weight
+        for item_id in record.get("items") or ():
+            if self._items.get((scope, item_id)) == response_id:
+                del self._items[scope, item_id]
 
 
 def stored_record(plan, request, response, reply):
     """What previous_response_id continues from: the conversation with the reply as its turn."""
     turns = list(plan["conversation"]["turns"])
     add_turn(turns, "assistant", reply.reply_blocks())
-    return {"response": response, "turns": turns, "system_parts": request["system_parts"]}
+    items = {item["id"]: item for item in request.get("input_items", ())}
+    items.update((item["id"], item) for item in response["output"])
+    return {"response": response, "turns": turns, "system_parts": request["system_parts"],
+            "items": items}
 
 
 # Anthropic Messages response ################################################################
@@ -6237,6 +6409,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return ("POST",), self.chat_completions, ()
         if path in ("/v1/responses", "/responses"):
             return ("POST",), self.create_response, ()
+        if path in ("/v1/responses/compact", "/responses/compact"):  # no response id is "compact"
+            return ("POST",), self.compact_response, ()
         if path.startswith(("/v1/responses/", "/responses/")) and path.count("/") == path.startswith("/v1") + 2:
             return ("GET", "DELETE"), self.stored_response, (path.rsplit("/", 1)[1],)
         if path in ("/v1/messages", "/messages"):
@@ -6296,6 +6470,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return self.preflight(allowed)
             if method == "HEAD" and "GET" in allowed:
                 method = "GET"  # send_json leaves the body out for HEAD
+            if handler == self.create_response and method == "GET" and "websocket" in (
+                    self.headers.get("Upgrade") or "").lower():
+                raise self.websocket_refused()
             if method not in allowed:
                 raise ProxyError(405, "Method %s is not allowed here; use %s." % (method, " or ".join(allowed)),
                                  "invalid_request_error", None, "method_not_allowed",
@@ -6634,7 +6811,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             previous = self.server.response_store.get(scope, previous_id)
             if previous is None:
                 raise response_not_found(previous_id, "previous_response_id")
-        plan, request = parse_responses_request(body, config.model, config.effort, previous)
+        plan, request = parse_responses_request(
+            body, config.model, config.effort, previous,
+            lambda item_id: self.server.response_store.item(scope, item_id))
         response_id = "resp_" + uuid.uuid4().hex
         keep = None
         if request["store"]:
@@ -6643,7 +6822,52 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                                stored_record(plan, request, response, reply))
         sink_type = ResponsesStreamWriter if plan["stream"] else ResponsesCollector
         sink = sink_type(self, response_id, int(time.time()), plan["model"], request["echo"],
-                         request["namespaces"], keep, bool(plan["json_schema"]))
+                         request["namespaces"], keep, bool(plan["json_schema"]),
+                         compacting=request["compacting"])
+        self.answer(plan, sink)
+
+    def websocket_refused(self):
+        """The Responses API's WebSocket mode (GET /v1/responses, upgraded) is not served: a
+        426 in HTTP/1.1, which WebSocket clients read (Codex then goes on over HTTP at once;
+        a 405 in the proxy's HTTP/1.0 it takes for a broken handshake, and retries 5 times)."""
+        self.protocol_version = "HTTP/1.1"
+        return ProxyError(426, "WebSocket mode is not supported by this proxy; POST /v1/responses "
+                          "over HTTP instead (with \"stream\": true to stream).",
+                          "invalid_request_error", None, "websocket_not_supported",
+                          {"Upgrade": "HTTP/1.1", "Connection": "close", "x-should-retry": "false"})
+
+    def compact_response(self):
+        """POST /v1/responses/compact: the conversation (input, or a stored response and
+        input) compacted into its user messages and one `compaction` item (see
+        COMPACTION_PREFIX). Nothing is stored."""
+        config = self.server.config
+        body = self.read_json()
+        _require(isinstance(body, dict), "The request body must be a JSON object", None)
+        items = body.get("input", [])
+        if isinstance(items, str):
+            items = [{"role": "user", "content": items}]
+        _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
+        _require(items or body.get("previous_response_id") is not None,
+                 "Nothing to compact: send `input`, or `previous_response_id`", "input")
+        scope = self.client_scope()
+        previous = None
+        if body.get("previous_response_id") is not None:
+            _require(isinstance(body["previous_response_id"], str),
+                     "`previous_response_id` must be a string", "previous_response_id")
+            previous = self.server.response_store.get(scope, body["previous_response_id"])
+            if previous is None:
+                raise response_not_found(body["previous_response_id"], "previous_response_id")
+        # Only what shapes the conversation: this endpoint offers no tools and never streams.
+        request_body = {name: body[name] for name in ("model", "instructions", "reasoning")
+                        if name in body}
+        request_body.update(input=items + [{"type": "compaction_trigger"}], store=False)
+        plan, request = parse_responses_request(
+            request_body, config.model, config.effort, previous,
+            lambda item_id: self.server.response_store.item(scope, item_id))
+        retained = [compacted_user_message(item) for item in items if isinstance(item, dict)
+                    and item.get("type", "message") == "message" and item.get("role") == "user"]
+        sink = CompactCollector(self, retained, "resp_" + uuid.uuid4().hex, int(time.time()),
+                                plan["model"], request["echo"])
         self.answer(plan, sink)
 
     def stored_response(self, response_id):

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 
 import claude_proxy as cp
@@ -835,6 +836,11 @@ class ErrorMappingTest(unittest.TestCase):
              400, "context_length_exceeded"),
             ({"subtype": "success", "is_error": True, "api_error_status": None, "result": "x",
               "terminal_reason": "prompt_too_long"}, 400, "context_length_exceeded"),
+            # 2.1.332 sends it, and reports the API's answer (two wordings seen)
+            ({"subtype": "success", "is_error": True, "api_error_status": 400,
+              "result": "API Error: 400 prompt is too long: 31260 tokens > 30000 maximum"}, 400, "context_length_exceeded"),
+            ({"subtype": "success", "is_error": True, "api_error_status": 400,
+              "result": "Prompt is too long \u00b7 the request is ~31260 tokens (limit 30000)"}, 400, "context_length_exceeded"),
         ]
         for result, status, code in cases:
             with self.subTest(result):
@@ -4302,7 +4308,12 @@ class ResponsesRequestTest(unittest.TestCase):
             ({"input": ""}, "input", None),
             ({"input": [{"role": "assistant", "content": "only me"}]}, "input", None),
             ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", None),
-            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "unsupported_item_type"),
+            ({"input": [{"type": "item_reference"}]}, "input[0].id", None),
+            ({"input": [{"type": "no_such_item"}]}, "input[0].type", "unsupported_item_type"),
+            ({"input": "x", "presence_penalty": "high"}, "presence_penalty", None),
+            ({"input": "x", "frequency_penalty": [1]}, "frequency_penalty", None),
+            ({"input": "x", "safety_identifier": 7}, "safety_identifier", None),
+            ({"input": "x", "prompt_cache_key": {}}, "prompt_cache_key", None),
             ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "output": "y"}]},
              "input[1].call_id", None),
             ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}, {"role": "user", "content": "x"}]},
@@ -4329,6 +4340,74 @@ class ResponsesRequestTest(unittest.TestCase):
                 self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
                 if code:
                     self.assertEqual(caught.exception.code, code)
+
+    def test_item_references(self):
+        """item_reference inputs read the stored items they name, in place; an unknown one is
+        a 404 naming the reference, and nothing else of the request matters then."""
+        stored = {"msg_1": {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                            "content": [{"type": "output_text", "text": "Let me check.", "annotations": [], "logprobs": []}]},
+                  "fc_1": {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
+                           "name": "f", "namespace": "ns", "arguments": "{\"city\": \"Paris\"}"},
+                  "rs_1": {"id": "rs_1", "type": "reasoning", "summary": []},
+                  "in_1": {"id": "in_1", "type": "message", "role": "developer", "content": "Be brief."}}
+        refs = [{"type": "item_reference", "id": item_id} for item_id in ("in_1", "rs_1", "msg_1", "fc_1")]
+        body = {"input": [{"role": "user", "content": "Weather?"}] + refs
+                + [{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]}
+        plan, request = cp.parse_responses_request(body, find_item=stored.get)
+        self.assertEqual(plan["conversation"]["turns"], [
+            {"role": "user", "content": [cp.text_block("Weather?")]},
+            {"role": "assistant", "content": [cp.text_block("Let me check."),
+                                              {"type": "tool_use", "id": "call_1", "name": "ns__f", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                          "content": [cp.text_block("sunny")], "is_error": False}]}])
+        self.assertEqual(request["system_parts"], ["Be brief."])
+        self.assertEqual(request["input_items"], [], "references are not items of their own")
+        for find_item in (stored.get, None):
+            with self.subTest(find_item=find_item):
+                with self.assertRaises(cp.ProxyError) as caught:
+                    cp.parse_responses_request({"input": [{"role": "user", "content": "x"},
+                                                          {"type": "item_reference", "id": "msg_gone"}]},
+                                               find_item=find_item)
+                error = caught.exception
+                self.assertEqual((error.status, error.param, error.code, error.type),
+                                 (404, "input[1].id", "item_not_found", "invalid_request_error"))
+                self.assertIn("'msg_gone'", error.message)
+
+    def test_compaction_trigger_asks_for_a_summary(self):
+        """An input ending with compaction_trigger: the model is asked for a summary as the
+        last user words, offered no tools and no schema; the trigger anywhere else is a 400."""
+        body = {"input": [{"role": "user", "content": "Fix the bug"}, {"type": "compaction_trigger"}],
+                "tools": [RS_WEATHER], "tool_choice": "required",
+                "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}
+        plan, request = responses_plan(body)
+        self.assertTrue(request["compacting"])
+        self.assertEqual(plan["conversation"]["turns"][-1]["content"][-1], cp.text_block(cp.COMPACTION_PROMPT))
+        self.assertEqual((plan["tools"], plan["json_schema"]), ([], None))
+        self.assertEqual(request["echo"]["tools"][0]["name"], "get_weather", "still echoed")
+        self.assertFalse(responses_plan({"input": "x"})[1]["compacting"])
+        with self.assertRaises(cp.ProxyError) as caught:
+            responses_plan({"input": [{"type": "compaction_trigger"}, {"role": "user", "content": "x"}]})
+        self.assertEqual((caught.exception.status, caught.exception.param), (400, "input[0].type"))
+
+    def test_compaction_items_come_back_as_the_summary(self):
+        item = cp.compaction_item("The user wants X; done: Y.", lambda prefix: prefix + "_1")
+        self.assertEqual((item["id"], item["type"]), ("cmp_1", "compaction"))
+        self.assertEqual(cp.compaction_summary(item["encrypted_content"]), "The user wants X; done: Y.")
+        for foreign in ("gAAAAABo-openai-opaque", cp.COMPACTION_PREFIX + "!!", cp.COMPACTION_PREFIX + "WzFd", None, 7):
+            self.assertIsNone(cp.compaction_summary(foreign), foreign)
+        plan, _ = responses_plan({"input": [{"role": "user", "content": "Fix the bug"}, item,
+                                            {"type": "compaction", "encrypted_content": "gAAAAABo-openai-opaque"},
+                                            {"role": "user", "content": "go on"}]})
+        self.assertEqual(plan["conversation"]["turns"], [{"role": "user", "content": [
+            cp.text_block("Fix the bug"), cp.text_block(cp.COMPACTION_SUMMARY_HEADER + "The user wants X; done: Y."),
+            cp.text_block("go on")]}], "OpenAI's own compaction is opaque: dropped")
+
+    def test_input_items_with_ids_are_kept_for_references(self):
+        items = [{"id": "msg_u", "type": "message", "role": "user", "content": "x"}, {"role": "user", "content": "y"},
+                 {"type": "function_call", "id": "fc_9", "call_id": "c", "name": "f", "arguments": "{}"},
+                 {"type": "function_call_output", "call_id": "c", "output": "z"}]
+        _, request = responses_plan({"input": items})
+        self.assertEqual(request["input_items"], [items[0], items[2]])
 
     def test_continuing_a_stored_response(self):
         previous = {"turns": [{"role": "user", "content": [cp.text_block("Hi, I am Ada.")]},
@@ -4466,7 +4545,7 @@ class ResponsesWireTest(unittest.TestCase):
         handler = SseRecorder()
         ids = iter(range(100))
         writer = cp.ResponsesStreamWriter(handler, "resp_1", 7, "m", {"store": False}, None, None, False,
-                                          lambda prefix: "%s_%d" % (prefix, next(ids)))
+                                          lambda prefix: "%s_%d" % (prefix, next(ids)), lambda: 9.5)
         return handler, writer
 
     def test_exact_bytes_of_a_short_stream(self):
@@ -4477,25 +4556,40 @@ class ResponsesWireTest(unittest.TestCase):
                 writer.event(reply_event)
         writer.finish(translator)
         self.assertEqual(handler.head[0], 200)
-        response = ('{"id":"resp_1","object":"response","created_at":7,"status":"%s","background":false,"error":null,'
-                    '"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false%s}')
+        response = ('{"id":"resp_1","object":"response","created_at":7,"status":"%s","completed_at":%s,"background":false,'
+                    '"error":null,"incomplete_details":null,"model":"m","output":%s,"output_text":"%s","store":false,'
+                    '"usage":%s}')
         message = '{"id":"msg_0","type":"message","status":"%s","role":"assistant","content":%s}'
         part = '{"type":"output_text","text":"%s","annotations":[],"logprobs":[]}'
         usage = ('{"input_tokens":7,"input_tokens_details":{"cached_tokens":2,"cache_write_tokens":1},"output_tokens":3,'
                  '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":10}')
         ref = '"item_id":"msg_0","output_index":0,"content_index":0'
         expected = "".join("event: %s\ndata: {\"type\":\"%s\",%s,\"sequence_number\":%d}\n\n" % (kind, kind, fields, n) for n, (kind, fields) in enumerate([
-            ("response.created", '"response":' + response % ("in_progress", "[]", "", "")),
-            ("response.in_progress", '"response":' + response % ("in_progress", "[]", "", "")),
+            ("response.created", '"response":' + response % ("in_progress", "null", "[]", "", "null")),
+            ("response.in_progress", '"response":' + response % ("in_progress", "null", "[]", "", "null")),
             ("response.output_item.added", '"output_index":0,"item":' + message % ("in_progress", "[]")),
             ("response.content_part.added", ref + ',"part":' + part % ""),
             ("response.output_text.delta", ref + ',"delta":"Hi","logprobs":[]'),
             ("response.output_text.done", ref + ',"text":"Hi","logprobs":[]'),
             ("response.content_part.done", ref + ',"part":' + part % "Hi"),
             ("response.output_item.done", '"output_index":0,"item":' + message % ("completed", "[%s]" % part % "Hi")),
-            ("response.completed", '"response":' + response % ("completed", "[%s]" % (message % ("completed", "[%s]" % part % "Hi")), "Hi", ',"usage":' + usage)),
-        ]))
+            ("response.completed", '"response":' + response % ("completed", "9", "[%s]" % (message % ("completed", "[%s]" % part % "Hi")), "Hi", usage)),
+        ])) + "data: [DONE]\n\n"
         self.assertEqual(handler.body.decode(), expected)
+
+    def test_a_compaction_is_sent_whole_and_may_be_revised(self):
+        """A compaction's summary is not streamed: the CLI's final word on it is taken, and a
+        reply cut by the output limit gives no item at all."""
+        for stop_reason, want in (("end_turn", ["Whole summary."]), ("max_tokens", [])):
+            with self.subTest(stop_reason):
+                handler = SseRecorder()
+                writer = cp.ResponsesStreamWriter(handler, "resp_1", 7, "m", {}, compacting=True)
+                writer.event({"text": "Half"})
+                self.assertEqual(handler.body, b"", "nothing of the summary goes out as it comes")
+                writer.event({"revised": "Whole summary."})
+                writer.finish(types.SimpleNamespace(stop_reason=stop_reason, usage={}))
+                final = responses_sse(handler.body)[-1]["response"]
+                self.assertEqual([cp.compaction_summary(i["encrypted_content"]) for i in final["output"]], want)
 
     def test_error_after_the_stream_began_is_response_failed(self):
         handler, writer = self.writer()
@@ -4503,7 +4597,7 @@ class ResponsesWireTest(unittest.TestCase):
             writer.fail(cp.timed_out(5))  # nothing sent yet: a real HTTP status
         writer.event({"text": "Hal"})
         writer.fail(cp.timed_out(5))
-        events = [json.loads(block.split(b"\ndata: ")[1]) for block in handler.body.split(b"\n\n")[:-1]]
+        events = responses_sse(handler.body)
         self.assertEqual([e["type"] for e in events][-2:], ["response.output_item.done", "response.failed"])
         self.assertEqual(events[-2]["item"]["status"], "incomplete")
         failed = events[-1]["response"]
@@ -4514,9 +4608,202 @@ class ResponsesWireTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, "reply_revised")
 
 
+#: The Open Responses schema (openresponses/openresponses, its OpenAPI document), distilled:
+#: every field it requires, with the JSON types it allows (NULL: nullable). Where it and
+#: OpenAI's own OpenAPI document disagree, what OpenAI's server sends decides (README: The
+#: response); these rules hold for both.
+STR, INT, NUM, BOOL, OBJ, LIST, NULL = "string", "integer", "number", "boolean", "object", "array", "null"
+RESPONSE_FIELDS = {
+    "id": STR, "object": STR, "created_at": INT, "completed_at": (INT, NULL), "status": STR,
+    "incomplete_details": (OBJ, NULL), "model": STR, "previous_response_id": (STR, NULL),
+    "instructions": (STR, NULL), "output": LIST, "error": (OBJ, NULL), "tools": LIST,
+    "tool_choice": (STR, OBJ), "truncation": STR, "parallel_tool_calls": BOOL, "text": OBJ,
+    "top_p": NUM, "presence_penalty": NUM, "frequency_penalty": NUM, "top_logprobs": INT,
+    "temperature": NUM, "reasoning": (OBJ, NULL), "usage": (OBJ, NULL), "max_output_tokens": (INT, NULL),
+    "max_tool_calls": (INT, NULL), "store": BOOL, "background": BOOL, "service_tier": STR,
+    "metadata": OBJ, "safety_identifier": (STR, NULL), "prompt_cache_key": (STR, NULL)}
+USAGE_FIELDS = {"input_tokens": INT, "output_tokens": INT, "total_tokens": INT,
+                "input_tokens_details": OBJ, "output_tokens_details": OBJ}
+ERROR_FIELDS = {"code": STR, "message": STR}
+FUNCTION_TOOL_FIELDS = {"type": STR, "name": STR, "description": (STR, NULL), "parameters": (OBJ, NULL),
+                        "strict": (BOOL, NULL)}
+ITEM_FIELDS = {
+    "message": {"id": STR, "status": STR, "role": STR, "content": LIST},
+    "function_call": {"id": STR, "call_id": STR, "name": STR, "arguments": STR, "status": STR},
+    "reasoning": {"id": STR, "summary": LIST},
+    "compaction": {"id": STR, "encrypted_content": STR}}
+PART_FIELDS = {"output_text": {"text": STR, "annotations": LIST}, "summary_text": {"text": STR}}
+_AT_ITEM = {"item_id": STR, "output_index": INT}
+EVENT_FIELDS = {
+    "response.created": {"response": OBJ}, "response.in_progress": {"response": OBJ},
+    "response.completed": {"response": OBJ}, "response.incomplete": {"response": OBJ},
+    "response.failed": {"response": OBJ},
+    "response.output_item.added": {"output_index": INT, "item": OBJ},
+    "response.output_item.done": {"output_index": INT, "item": OBJ},
+    "response.content_part.added": dict(_AT_ITEM, content_index=INT, part=OBJ),
+    "response.content_part.done": dict(_AT_ITEM, content_index=INT, part=OBJ),
+    "response.output_text.delta": dict(_AT_ITEM, content_index=INT, delta=STR),
+    "response.output_text.done": dict(_AT_ITEM, content_index=INT, text=STR),
+    "response.reasoning_summary_part.added": dict(_AT_ITEM, summary_index=INT, part=OBJ),
+    "response.reasoning_summary_part.done": dict(_AT_ITEM, summary_index=INT, part=OBJ),
+    "response.reasoning_summary_text.delta": dict(_AT_ITEM, summary_index=INT, delta=STR),
+    "response.reasoning_summary_text.done": dict(_AT_ITEM, summary_index=INT, text=STR),
+    "response.function_call_arguments.delta": dict(_AT_ITEM, delta=STR),
+    "response.function_call_arguments.done": dict(_AT_ITEM, arguments=STR)}
+
+
+def json_type(value):
+    if value is None:
+        return NULL
+    for kind, name in ((bool, BOOL), (int, INT), (float, NUM), (str, STR), (dict, OBJ), (list, LIST)):
+        if isinstance(value, kind):
+            return name
+    return "?"
+
+
+def schema_errors(obj, fields, where):
+    """The fields of a table that `obj` lacks or holds with a type the table does not allow."""
+    errors = []
+    for name, allowed in fields.items():
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        if name not in obj:
+            errors.append("%s.%s: missing" % (where, name))
+        elif json_type(obj[name]) not in allowed and not (json_type(obj[name]) == INT and NUM in allowed):
+            errors.append("%s.%s: %s, not %s" % (where, name, json_type(obj[name]), "/".join(allowed)))
+    return errors
+
+
+def response_schema_errors(response, where="response"):
+    errors = schema_errors(response, RESPONSE_FIELDS, where)
+    if isinstance(response.get("usage"), dict):
+        errors += schema_errors(response["usage"], USAGE_FIELDS, where + ".usage")
+    if isinstance(response.get("error"), dict):
+        errors += schema_errors(response["error"], ERROR_FIELDS, where + ".error")
+    for n, tool in enumerate(response.get("tools") or ()):
+        if tool.get("type") == "function":
+            errors += schema_errors(tool, FUNCTION_TOOL_FIELDS, "%s.tools[%d]" % (where, n))
+    for n, item in enumerate(response.get("output") or ()):
+        errors += item_schema_errors(item, "%s.output[%d]" % (where, n))
+    return errors
+
+
+def item_schema_errors(item, where):
+    if item.get("type") not in ITEM_FIELDS:
+        return ["%s: unknown item type %r" % (where, item.get("type"))]
+    errors = schema_errors(item, ITEM_FIELDS[item["type"]], where)
+    for n, part in enumerate(item.get("content", []) + item.get("summary", [])):
+        errors += schema_errors(part, PART_FIELDS.get(part.get("type"), {}), "%s.part[%d]" % (where, n))
+    return errors
+
+
+def event_schema_errors(event):
+    where = event.get("type", "?")
+    if where not in EVENT_FIELDS:
+        return ["unknown event type %r" % where]
+    errors = schema_errors(event, dict(EVENT_FIELDS[where], sequence_number=INT), where)
+    if isinstance(event.get("response"), dict):
+        errors += response_schema_errors(event["response"], where + ".response")
+    if isinstance(event.get("item"), dict):
+        errors += item_schema_errors(event["item"], where + ".item")
+    if isinstance(event.get("part"), dict):
+        errors += schema_errors(event["part"], PART_FIELDS[event["part"]["type"]], where + ".part")
+    return errors
+
+
+class ResponsesSchemaTest(unittest.TestCase):
+    """Every response object and stream event the proxy writes, against the tables above:
+    text, thinking, calls (one with no arguments), a reply cut by max_output_tokens, one that
+    fails midway, and a compaction."""
+
+    ECHO = cp.parse_responses_request({"input": "x", "tools": [{"type": "function", "name": "get_weather"}],
+                                       "tool_choice": "required", "max_tool_calls": 3, "metadata": {"k": "v"}})[1]["echo"]
+
+    def run_writer(self, cli_events, fail=False, compacting=False, stream=True):
+        handler = SseRecorder()
+        translator = cp.ReplyTranslator((), FN_TOOLS)
+        kind = cp.ResponsesStreamWriter if stream else cp.ResponsesCollector
+        if not stream:
+            handler.send_json = lambda status, obj: handler.write(json.dumps(obj).encode())
+        writer = kind(handler, "resp_1", 7, "sonnet", self.ECHO, None, None, False, compacting=compacting)
+        for event in cli_events:
+            for reply_event in translator.feed(event):
+                writer.event(reply_event)
+            if translator.done:
+                break
+        if fail:
+            writer.fail(cp.timed_out(5))
+        else:
+            writer.finish(translator)
+        return responses_sse(handler.body) if stream else json.loads(handler.body)
+
+    SCENARIOS = [
+        ("text", text_events("Hel", "lo"), False, "response.completed"),
+        ("thinking", [text_events("x")[0], text_events("x")[1]] + thinking_events() + text_events("Hi")[2:], False,
+         "response.completed"),
+        ("calls", tool_events([("mcp__fn__get_weather", ['{"city":', '"Paris"}']),
+                               ("mcp__fn__" + cp.mcp_tool_name("b" * 64), [])]), False, "response.completed"),
+        ("max tokens", text_events("Hel", stop_reason="max_tokens"), False, "response.incomplete"),
+        ("failed midway", text_events("Hel")[:4], True, "response.failed"),
+    ]
+
+    ITEMS = {"text": ["message"], "thinking": ["reasoning", "message"],
+             "calls": ["message", "function_call", "function_call"], "max tokens": ["message"],
+             "failed midway": ["message"], "compaction": ["compaction"]}
+
+    def test_every_event_and_object_of_a_stream(self):
+        for name, cli_events, fail, last in self.SCENARIOS + [("compaction", text_events("Sum", "mary"), False, "response.completed")]:
+            with self.subTest(name):
+                events = self.run_writer(cli_events, fail, compacting=name == "compaction")
+                self.assertEqual(events[-1]["type"], last)
+                self.assertEqual([e for e in events for e in event_schema_errors(e)], [])
+                self.assertIsNone(events[0]["response"]["usage"], "null while unknown")
+                self.assertIsNone(events[0]["response"]["completed_at"])
+                final = events[-1]["response"]
+                self.assertEqual(final["completed_at"] is not None, last == "response.completed")
+                self.assertEqual(final["usage"] is None, fail)
+                self.assertEqual(final["output"], [e["item"] for e in events if e["type"] == "response.output_item.done"])
+                self.assertEqual([i["type"] for i in final["output"]], self.ITEMS[name])
+
+    def test_every_object_of_a_reply(self):
+        for name, cli_events, fail, last in self.SCENARIOS[:4]:
+            with self.subTest(name):
+                response = self.run_writer(cli_events, stream=False)
+                self.assertEqual(response_schema_errors(response), [])
+                self.assertEqual(response["status"], last.split(".")[1])
+
+    def test_the_echo_holds_what_openai_sends(self):
+        self.assertEqual({k: self.ECHO[k] for k in ("frequency_penalty", "presence_penalty", "top_logprobs", "service_tier",
+                                                    "temperature", "top_p", "max_tool_calls", "safety_identifier",
+                                                    "prompt_cache_key", "tool_choice")},
+                         {"frequency_penalty": 0.0, "presence_penalty": 0.0, "top_logprobs": 0, "service_tier": "default",
+                          "temperature": 1.0, "top_p": 1.0, "max_tool_calls": 3, "safety_identifier": None,
+                          "prompt_cache_key": None, "tool_choice": "required"})
+        self.assertEqual(self.ECHO["tools"], [{"type": "function", "name": "get_weather", "description": None,
+                                               "parameters": None, "strict": None}])
+        sent = cp.parse_responses_request({"input": "x", "temperature": None, "top_p": 0.5, "presence_penalty": 1,
+                                           "frequency_penalty": -0.5, "safety_identifier": "u1",
+                                           "prompt_cache_key": "k"})[1]["echo"]
+        self.assertEqual([sent[k] for k in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                            "safety_identifier", "prompt_cache_key")], [1.0, 0.5, 1, -0.5, "u1", "k"])
+
+    def test_the_tables_catch_what_they_should(self):
+        """The checker itself: a missing field, a wrong type, a bool for a number, a null where
+        none is allowed."""
+        response = self.run_writer(text_events("Hi"), stream=False)
+        for change, error in ((lambda r: r.pop("completed_at"), "response.completed_at: missing"),
+                              (lambda r: r.update(top_logprobs=0.5), "response.top_logprobs: number, not integer"),
+                              (lambda r: r.update(temperature=True), "response.temperature: boolean, not number"),
+                              (lambda r: r.update(service_tier=None), "response.service_tier: null, not string"),
+                              (lambda r: r["tools"][0].pop("description"), "response.tools[0].description: missing")):
+            broken = json.loads(json.dumps(response))
+            change(broken)
+            self.assertEqual(response_schema_errors(broken), [error])
+
+
 class ResponseStoreTest(unittest.TestCase):
     def record(self, text="x"):
-        return {"response": {"id": text}, "turns": [{"role": "user", "content": [cp.text_block(text)]}], "system_parts": []}
+        return {"response": {"id": text}, "turns": [{"role": "user", "content": [cp.text_block(text)]}], "system_parts": [],
+                "items": {}}
 
     def test_visible_only_to_the_same_key(self):
         store = cp.ResponseStore()
@@ -4536,7 +4823,8 @@ class ResponseStoreTest(unittest.TestCase):
         self.assertEqual([store.get("k", "resp_%d" % n) is not None for n in range(5)], [False, False, True, True, True])
 
     def test_bounded_by_size(self):
-        one = len(json.dumps(self.record("a" * 100)["turns"]))
+        record = self.record("a" * 100)
+        one = len(json.dumps([record["turns"], record["items"]]))
         store = cp.ResponseStore(max_bytes=one * 2)
         for n in range(3):
             store.put("k", "resp_%d" % n, self.record("a" * 100))
@@ -4544,6 +4832,35 @@ class ResponseStoreTest(unittest.TestCase):
         store.put("k", "huge", self.record("a" * one * 3))
         self.assertIsNone(store.get("k", "huge"), "larger than the whole store: not kept")
         self.assertEqual(len(store), 2, "and nothing pushed out for it")
+
+    def test_items_live_and_die_with_their_response(self):
+        """An item is found by the key that stored its response, while that response is kept:
+        the newest response holding an id wins, and dropping it forgets its items."""
+        now = [0.0]
+        store = cp.ResponseStore(size=2, seconds=60, clock=lambda: now[0])
+        item = {"id": "msg_1", "type": "message"}
+        store.put("a", "resp_1", dict(self.record(), items={"msg_1": item, "fc_1": {"id": "fc_1"}}))
+        self.assertEqual(store.item("a", "msg_1"), item)
+        self.assertIsNone(store.item("b", "msg_1"), "another key's")
+        self.assertIsNone(store.item("a", "msg_2"), "unknown")
+        store.put("b", "resp_b", dict(self.record(), items={"msg_1": {"id": "msg_1", "type": "theirs"}}))
+        self.assertEqual((store.item("a", "msg_1"), store.item("b", "msg_1")["type"]), (item, "theirs"),
+                         "another key's item of the same id shadows nothing")
+        self.assertTrue(store.delete("b", "resp_b"))
+        store.item("a", "msg_1")["type"] = "changed"
+        self.assertEqual(store.item("a", "msg_1"), item, "a copy is handed out")
+        store.put("a", "resp_2", dict(self.record(), items={"msg_1": dict(item, v=2)}))
+        self.assertEqual(store.item("a", "msg_1"), dict(item, v=2), "the newest holder")
+        self.assertTrue(store.delete("a", "resp_2"))
+        self.assertIsNone(store.item("a", "msg_1"), "gone with the newest holder")
+        self.assertEqual(store.item("a", "fc_1"), {"id": "fc_1"})
+        store.put("a", "resp_3", self.record())
+        store.put("a", "resp_4", self.record())
+        self.assertIsNone(store.item("a", "fc_1"), "pushed out with resp_1")
+        store.put("a", "resp_5", dict(self.record(), items={"x_1": {"id": "x_1"}}))
+        now[0] += 60
+        self.assertIsNone(store.item("a", "x_1"), "expired with resp_5")
+        self.assertEqual(store._items, {})
 
     def test_expiry(self):
         now = [1000.0]
@@ -4563,11 +4880,12 @@ class ResponseStoreTest(unittest.TestCase):
 
 def responses_sse(raw):
     """The events of a Responses stream, asserting its framing: `event: <type>` then one data
-    line whose type is the same, sequence numbers counting from 0, nothing after the last."""
+    line whose type is the same, sequence numbers counting from 0, and `data: [DONE]` right
+    after the last (response.completed, .incomplete or .failed), ending the body."""
     blocks = raw.split(b"\n\n")
-    assert blocks[-1] == b"", "the body must end right after an event"
+    assert blocks[-2:] == [b"data: [DONE]", b""], "the body must end with data: [DONE]"
     events = []
-    for n, block in enumerate(blocks[:-1]):
+    for n, block in enumerate(blocks[:-2]):
         head, data = block.split(b"\n")
         assert head.startswith(b"event: ") and data.startswith(b"data: "), block
         event = json.loads(data[len(b"data: "):])
@@ -4732,6 +5050,101 @@ class ResponsesServerTest(ServerTestCase):
         self.assert_error(self.request("GET", path, headers=a, port=port), 404)
         self.assert_error(self.request("GET", "/responses/" + response["id"], port=port, headers=a), 404)
         self.assert_error(self.request("PUT", path, {}, headers=a, port=port), 405)
+
+    def test_websocket_mode_is_refused_so_clients_use_http(self):
+        """GET /v1/responses with a WebSocket upgrade: 426 in an HTTP/1.1 status line (the form
+        a WebSocket client reads; Codex then uses HTTP at once), and the connection closes."""
+        for path in ("/v1/responses", "/responses"):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" % path).encode())
+                raw = b""
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break  # closed by the proxy
+                    raw += chunk
+            head, body = raw.split(b"\r\n\r\n", 1)
+            lines = head.decode().split("\r\n")
+            self.assertEqual(lines[0], "HTTP/1.1 426 Upgrade Required")
+            self.assertIn("Upgrade: HTTP/1.1", lines)
+            self.assertEqual(json.loads(body)["error"]["code"], "websocket_not_supported")
+        self.assert_error(self.request("GET", "/v1/responses"), 405, None, "method_not_allowed")
+
+    def test_compact_endpoint(self):
+        """POST /v1/responses/compact: the input's user messages, then one compaction item
+        holding the model's summary; the model was asked for it with no tools. Sent back, the
+        item is the summary, as user text."""
+        items = [{"role": "user", "content": "CALLTOOL fix the bug"},
+                 {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Done."}]},
+                 {"role": "user", "content": [{"type": "input_text", "text": "thanks"}], "id": "msg_u2"}]
+        for path in ("/v1/responses/compact", "/responses/compact"):
+            status, _, raw = self.request("POST", path, {"model": "sonnet", "input": items, "tools": [RS_WEATHER],
+                                                         "instructions": "Be terse."})
+            self.assertEqual(status, 200, raw)
+        compacted = json.loads(raw)
+        self.assertEqual((compacted["object"], sorted(compacted)), ("response.compaction",
+                                                                    ["created_at", "id", "object", "output", "usage"]))
+        user_one, user_two, compaction = compacted["output"]
+        self.assertEqual((user_one["role"], user_one["status"], user_one["content"]),
+                         ("user", "completed", [{"type": "input_text", "text": "CALLTOOL fix the bug"}]))
+        self.assertEqual(user_two["id"], "msg_u2")
+        self.assertEqual(compaction["type"], "compaction")
+        summary = cp.compaction_summary(compaction["encrypted_content"])
+        self.assertTrue(summary.startswith("Echo: "), summary)
+        record = self.records()[-1]
+        self.assertEqual(json.loads(record["stdin"])["message"]["content"][-1], {"type": "text", "text": cp.COMPACTION_PROMPT})
+        self.assertEqual(record.get("offered_tools", []), [], "no tools for a summary")
+        self.assertIn("Be terse.", record["system_prompt"])
+        self.assert_error(self.request("GET", "/v1/responses/compact"), 405)
+        self.assert_error(self.request("POST", "/v1/responses/compact", {"model": "sonnet"}), 400, "input")
+        self.assert_error(self.request("POST", "/v1/responses/compact", {"input": "x", "previous_response_id": "resp_no"}),
+                          404, "previous_response_id", "response_not_found")
+        then = self.respond({"input": compacted["output"] + [{"role": "user", "content": "go on"}]})
+        self.assertIn(cp.COMPACTION_SUMMARY_HEADER.strip(), json.dumps(self.records()[-1]["stdin"]) + json.dumps(self.records()[-1].get("resumed")))
+        self.assertEqual(then["status"], "completed")
+
+    def test_compaction_trigger_streams_one_compaction_item(self):
+        """What Codex's remote compaction reads: a stream whose only output item is the
+        compaction, then response.completed with usage."""
+        status, _, raw = self.request("POST", "/v1/responses", {"stream": True, "store": False, "tools": [RS_WEATHER], "input": [
+            {"role": "user", "content": "CALLTOOL fix the bug"}, {"type": "compaction_trigger"}]})
+        events = responses_sse(raw)
+        self.assertEqual([e["type"] for e in events], ["response.created", "response.in_progress", "response.output_item.added",
+                                                       "response.output_item.done", "response.completed"])
+        self.assertEqual([e for e in events for e in event_schema_errors(e)], [])
+        [item] = events[-1]["response"]["output"]
+        self.assertEqual(item, events[3]["item"])
+        self.assertTrue(cp.compaction_summary(item["encrypted_content"]).startswith("Echo: "))
+        self.assertIn("input_tokens", events[-1]["response"]["usage"])
+
+    def test_item_references_in_a_tool_loop(self):
+        """The AI SDK's tool loop with store: true: step two sends step one's message as an
+        item_reference. Items are as private as their response, and gone with it."""
+        port = self.serve(api_keys=["key-a", "key-b"]).server_address[1]
+        a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+        question = {"role": "user", "content": "CALLTOOL weather?", "id": "msg_client_1"}
+        first = self.respond({"input": [question], "tools": [RS_WEATHER]}, port=port, headers=a)
+        message, call = first["output"]
+        self.assertEqual((message["type"], call["type"]), ("message", "function_call"))
+        output = {"type": "function_call_output", "call_id": call["call_id"], "output": "RESULT-sunny"}
+        second = self.respond({"tools": [RS_WEATHER], "input": [
+            {"type": "item_reference", "id": "msg_client_1"}, {"type": "item_reference", "id": message["id"]},
+            {"type": "item_reference", "id": call["id"]}, output]}, port=port, headers=a)
+        self.assertTrue(second["output_text"].startswith("Final answer using RESULT-sunny"), second["output_text"])
+        history = json.dumps(self.records()[-1]["resumed"])
+        self.assertIn("CALLTOOL weather?", history, "the referenced input item")
+        self.assertIn("Let me check.", history, "the referenced message")
+        runs = len(self.records())
+        self.assert_error(self.request("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": message["id"]}, output]},
+                                       headers=b, port=port), 404, "input[0].id", "item_not_found")
+        self.request("DELETE", "/v1/responses/" + first["id"], headers=a, port=port)
+        self.assert_error(self.request("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": call["id"]}, output]},
+                                       headers=a, port=port), 404, "input[0].id", "item_not_found")
+        unstored = self.respond({"input": "hello", "store": False}, port=port, headers=a)
+        self.assert_error(self.request("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": unstored["output"][0]["id"]}]},
+                                       headers=a, port=port), 404, "input[0].id", "item_not_found")
+        self.assertEqual(len(self.records()), runs + 1, "an unknown item starts no run")
 
     def test_structured_output(self):
         schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
@@ -5001,12 +5414,13 @@ class ConformanceServerTest(ServerTestCase):
         response = json.loads(raw)
         self.assertEqual(status, 200, raw)
         self.assertNotIn("user", response)  # a string or absent, never null
-        self.assertEqual(response["tools"], [dict(tool, strict=None)])  # strict and parameters are required
+        # description, strict and parameters are required (nullable)
+        self.assertEqual(response["tools"], [dict(tool, strict=None, description=None)])
         self.assertEqual(set(response["usage"]["input_tokens_details"]), {"cached_tokens", "cache_write_tokens"})
         status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "hello", "stream": True})
         events = responses_sse(raw)
-        self.assertNotIn("usage", events[0]["response"])  # not nullable: absent until known
-        self.assertIn("usage", events[-1]["response"])
+        self.assertIsNone(events[0]["response"]["usage"])  # null until known, as OpenAI sends it
+        self.assertIn("input_tokens", events[-1]["response"]["usage"])
 
 
 class KeepAliveTest(ServerTestCase):
