@@ -50,13 +50,20 @@ the behaviour:
   TOOLFIRST   with --json-schema and client tools: a call of the first tool before any answer
   TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
               is_error, no API status, terminal_reason blocking_limit), exit 1
+  APITOOLONG  the API's refusal of one, as 2.1.197 and 2.1.332 report it ("Prompt is too long
+              \u00b7 the request is ~N tokens (limit 200000) ...", api_error_status 400,
+              terminal_reason prompt_too_long), exit 1
+  LIMIT5H     logged in as a subscriber: a rejected rate_limit_event, then "You've hit your
+              limit \u00b7 resets ..." with api_error_status 429, exit 1 (with an API key: RATE429)
   BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
   BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
   STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
 and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
-answers through a StructuredOutput call, as the real CLI does.
+answers through a StructuredOutput call, as the real CLI does. Logged in as a subscriber
+(CLAUDE_CODE_OAUTH_TOKEN, no ANTHROPIC_API_KEY), a process's first model call is followed by a
+rate_limit_event line after its message_stop, as the real CLI prints one.
 """
 import json, os, re, subprocess, sys, time, uuid
 
@@ -165,13 +172,31 @@ def emit(obj):
 def stream(event):
     emit({"type": "stream_event", "event": event, "session_id": session, "parent_tool_use_id": None,
           "uuid": str(uuid.uuid4())})
-def result(text, is_error=False, status=None, subtype="success", stop_reason="end_turn", usage=None, model_usage=None):
-    emit({"type": "result", "subtype": subtype, "is_error": is_error, "api_error_status": status,
+def result(text, is_error=False, status=None, subtype="success", stop_reason="end_turn", usage=None, model_usage=None,
+           **fields):
+    emit(dict({"type": "result", "subtype": subtype, "is_error": is_error, "api_error_status": status,
           "duration_ms": 250, "duration_api_ms": 200, "num_turns": 1, "result": text,
           "stop_reason": stop_reason, "session_id": session, "total_cost_usd": 0.00046,
           "usage": usage or {"input_tokens": 0, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 0, "output_tokens": 0},
-          "modelUsage": model_usage or {}, "permission_denials": [], "uuid": str(uuid.uuid4())})
+          "modelUsage": model_usage or {}, "permission_denials": [], "uuid": str(uuid.uuid4())}, **fields))
+SUBSCRIBER = bool(os.environ.get("CLAUDE_CODE_OAUTH_TOKEN")) and not os.environ.get("ANTHROPIC_API_KEY")
+def rate_limit_event(status):
+    """What the real CLI makes of a subscriber's anthropic-ratelimit-unified-* headers."""
+    now = int(time.time())
+    emit({"type": "rate_limit_event", "rate_limit_info": {
+          "status": status, "resetsAt": now + 3600, "rateLimitType": "five_hour",
+          "overageStatus": "rejected" if status == "rejected" else "allowed", "isUsingOverage": False,
+          "unifiedWindows": {"five_hour": {"utilization": 1 if status == "rejected" else 0.12, "resetsAt": now + 3600},
+                             "seven_day": {"utilization": 0.3, "resetsAt": now + 259200}}},
+          "uuid": str(uuid.uuid4()), "session_id": session})
+    record.setdefault("rate_limit_events", []).append(status)
+    save()
+def synthetic(text, error):
+    """The assistant message the real CLI makes up for an error (model <synthetic>)."""
+    emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
+          "model": "<synthetic>", "content": [{"type": "text", "text": text}], "stop_reason": "stop_sequence"},
+          "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": error})
 
 # --resume: the earlier turns from the session file the proxy wrote, as the real CLI reads it.
 history, deferred_call = [], None
@@ -225,11 +250,12 @@ def reply_once(first):
                 "retry_delay_ms": 1000 * attempt, "error_status": status, "error": kind,
                 "session_id": session, "uuid": str(uuid.uuid4())})
           time.sleep(attempt)
-      error_text = "API Error: %%d %%s" %% (status, message)
-      emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
-            "model": "<synthetic>", "content": [{"type": "text", "text": error_text}], "stop_reason": "stop_sequence"},
-            "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": kind})
-      result(error_text, True, status)
+      # The wording of 2.1.197 and 2.1.332 (the real-CLI tests see it).
+      error_text = {429: "API Error: Request rejected (429) \u00b7 %%s" %% message,
+                    529: "API Error: 529 Overloaded. This is a server-side issue, usually temporary \u2014 "
+                         "try again in a moment."}.get(status, "API Error: %%d %%s" %% (status, message))
+      synthetic(error_text, kind)
+      result(error_text, True, status, stop_reason="stop_sequence", terminal_reason="api_error")
       sys.exit(1)
 
   waiting_for = re.search(r"WAITFOR\[(.*?)\]", text)
@@ -275,10 +301,25 @@ def reply_once(first):
       print("this is not json"); print("{neither is this"); sys.exit(0)
   if "NOTLOGGEDIN" in text:
       result("Not logged in \u00b7 Please run /login", True, None); sys.exit(1)
-  if "RATE429" in text:
-      api_error(429, "rate_limit", '{"type":"error","error":{"type":"rate_limit_error"}}')
+  if "RATE429" in text or "LIMIT5H" in text and not SUBSCRIBER:
+      api_error(429, "rate_limit", "Number of request tokens has exceeded your per-minute rate limit")
+  if "LIMIT5H" in text:  # a subscriber's plan: not retried
+      rate_limit_event("rejected")
+      reset = time.gmtime(time.time() + 3600)
+      limit = "You've hit your limit \u00b7 resets %%d:%%02d%%s (UTC)" %% (
+          reset.tm_hour %% 12 or 12, reset.tm_min, "am" if reset.tm_hour < 12 else "pm")
+      synthetic(limit, "rate_limit")
+      result(limit, True, 429, stop_reason="stop_sequence", terminal_reason="api_error")
+      sys.exit(1)
+  if "APITOOLONG" in text:  # sent, and refused by the API (both releases word it so)
+      too_long = ("Prompt is too long \u00b7 the request is ~%%d tokens (limit 200000) and this conversation's "
+                  "own content is most of it. A single-exchange conversation cannot be compacted; start with "
+                  "less content (smaller files or pasted text)." %% (200000 + len(everything) // 4))
+      synthetic(too_long, "invalid_request")
+      result(too_long, True, 400, stop_reason="stop_sequence", terminal_reason="prompt_too_long")
+      sys.exit(1)
   if "OVERLOAD" in text:
-      api_error(529, "overloaded", '{"type":"error","error":{"type":"overloaded_error"}}')
+      api_error(529, "overloaded", "Overloaded")
   if "AUTH401" in text:
       api_error(401, "authentication_failed", '{"type":"error","error":{"type":"authentication_error"}}')
   if "BADREQ400" in text:  # not retried by the CLI
@@ -365,6 +406,8 @@ def reply_once(first):
   stream({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
           "usage": {"output_tokens": 7}})
   stream({"type": "message_stop"})
+  if SUBSCRIBER and first:
+      rate_limit_event("allowed")
   usage["output_tokens"] = 7
   if calls and calls[0][0] == "StructuredOutput":
       value = calls[0][1]
@@ -2649,6 +2692,14 @@ class HostileTest(ServerTestCase):
         headers, error = self.assert_error(self.chat(user("TOOLONG")), 400, "messages", "context_length_exceeded")
         self.assertEqual(headers["x-should-retry"], "false")
         self.assertIn("Prompt is too long", error["message"])
+
+    def test_the_apis_prompt_too_long_is_a_400(self):
+        # Sent by the CLI and refused by the API (what 2.1.197 and 2.1.332 print for it).
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                headers, error = self.assert_error(self.chat(dict(user("APITOOLONG"), stream=stream)), 400)
+                self.assertEqual(headers["x-should-retry"], "false")
+                self.assertIn("Prompt is too long", error["message"])
 
     def test_pool_does_not_retry_a_shape_that_failed_to_start(self):
         broken = os.path.join(self.tmp, "not-executable")
@@ -5676,16 +5727,63 @@ class DeferredToolTest(ServerTestCase):
         self.assertNotIn("resumed", record, "only one call can be deferred")
 
 
+class SubscriberTest(ServerTestCase):
+    """A CLI logged in as a subscriber prints rate_limit_event lines (CLI-FACTS): a reply goes
+    through them, and a reached limit is a 429."""
+
+    def subscriber(self, **config):
+        config.setdefault("timeout", self.timeout)
+        config = cp.Config(self.stub, claude_version="2.1.197 (Claude Code)", **config)
+        env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+        runner = cp.CliRunner(self.stub, config.timeout, pool_size=config.pool_size,
+                              env=dict(env, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-stub"))
+        server = cp.ProxyServer(("127.0.0.1", 0), config, runner=runner)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_replies_go_through_the_plan_events(self):
+        server = self.subscriber(pool_size=2)
+        port = server.server_address[1]
+        messages = [{"role": "user", "content": "hello"}]
+        status, _, raw = self.chat({"messages": messages}, port=port)
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "Echo: hello [images: 0]")
+        [first] = self.records()
+        self.assertEqual(first["rate_limit_events"], ["allowed"], "the CLI printed one")
+        self.assertTrue(wait_until(lambda: server.runner.continuations.count() == 1))
+        messages += [{"role": "assistant", "content": "Echo: hello [images: 0]"}, {"role": "user", "content": "again"}]
+        status, _, raw = self.chat({"messages": messages, "stream": True}, port=port)
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_payloads(raw) if isinstance(c, dict))
+        self.assertEqual(content, "Echo: again [images: 0]")
+        self.assertEqual(len(self.records()), 1, "the kept process took the next turn")
+        status, _, raw = self.chat(dict(user("CALLTOOL weather?"), tools=[WEATHER]), port=port)
+        self.assertEqual(json.loads(raw)["choices"][0]["finish_reason"], "tool_calls", raw)
+
+    def test_a_reached_limit_is_a_429(self):
+        port = self.subscriber().server_address[1]
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                headers, error = self.assert_error(self.chat(dict(user("LIMIT5H"), stream=stream), port=port), 429,
+                                                   code="rate_limit_exceeded")
+                self.assertIn("hit your limit", error["message"])
+                self.assertIn("retry-after", headers)
+
+
 # Real CLI ###################################################################################
 #: The real `claude` binary named by CLAUDE_PROXY_REAL_CLI, driven by the proxy against a fake
 #: Anthropic Messages API that these tests serve on loopback: what the stub above imitates,
 #: checked against a release. .ci/run installs the newest release and the oldest supported one
-#: and runs these tests with each; unset, they are skipped.
+#: and runs these tests with each, with CLAUDE_PROXY_REAL_CLI_TESTS=required so that a missing
+#: binary fails there; elsewhere, without the variable, they are skipped.
 
 REAL_CLI = os.environ.get("CLAUDE_PROXY_REAL_CLI", "")
 REAL_CLI_MISSING = ("CLAUDE_PROXY_REAL_CLI is not set" if not REAL_CLI else
                     "CLAUDE_PROXY_REAL_CLI=%s is not an executable file" % REAL_CLI
                     if not (os.path.isfile(REAL_CLI) and os.access(REAL_CLI, os.X_OK)) else "")
+REAL_CLI_REQUIRED = os.environ.get("CLAUDE_PROXY_REAL_CLI_TESTS") == "required"
 #: What the fake answers for a usage: the counts every reply reports (one model call each).
 FAKE_USAGE = {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
               "cache_creation": {"ephemeral_5m_input_tokens": 3, "ephemeral_1h_input_tokens": 0}}
@@ -5896,6 +5994,8 @@ class RealCliTestCase(ServerTestCase):
     @classmethod
     def setUpClass(cls):
         if REAL_CLI_MISSING:
+            if REAL_CLI_REQUIRED:
+                raise RuntimeError("CLAUDE_PROXY_REAL_CLI_TESTS=required, but " + REAL_CLI_MISSING)
             raise unittest.SkipTest(REAL_CLI_MISSING)
         cls.api = FakeAnthropicApi()
         cls.tmp = tempfile.mkdtemp(prefix="claude-proxy-real-cli-")
@@ -5978,7 +6078,7 @@ class RealCliTestCase(ServerTestCase):
         return [content] if isinstance(content, str) else [b.get("text") for b in content if b.get("type") == "text"]
 
 
-@unittest.skipIf(REAL_CLI_MISSING, REAL_CLI_MISSING)
+@unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
 class RealCliTest(RealCliTestCase):
     """What the proxy relies on, with an API key: the events, tools, sessions, errors."""
 
@@ -6138,7 +6238,7 @@ class RealCliTest(RealCliTestCase):
         self.assertEqual(len(self.api.model_calls()), 1)
 
 
-@unittest.skipIf(REAL_CLI_MISSING, REAL_CLI_MISSING)
+@unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
 class RealCliSubscriberTest(RealCliTestCase):
     """Logged in as a subscriber (an OAuth token): the plan's rate_limit_event lines."""
 
