@@ -6151,7 +6151,7 @@ class RealCliTest(RealCliTestCase):
         self.assertTrue(wait_until(lambda: self.sessions_left() == []), self.sessions_left())
 
     def test_a_kept_process_takes_the_next_turn(self):
-        server = self.serve(pool_size=2)
+        server = self.serve(pool_size=1)
         port = server.server_address[1]
         messages = [{"role": "user", "content": "My name is Ada."}]
         reply = self.ok({"messages": messages}, port)["choices"][0]["message"]["content"]
@@ -6204,10 +6204,10 @@ class RealCliTest(RealCliTestCase):
         return after
 
     def test_a_tool_round_trip_through_a_kept_process(self):
-        self.tool_round_trip(pool_size=2)
+        self.tool_round_trip(pool_size=1)
 
     def test_a_tool_round_trip_in_the_messages_dialect(self):
-        self.tool_round_trip(pool_size=2, anthropic=True)
+        self.tool_round_trip(pool_size=1, anthropic=True)
 
     def test_a_tool_result_without_its_process_resumes_the_deferred_call(self):
         self.tool_round_trip(pool_size=0)
@@ -6253,7 +6253,7 @@ class RealCliSubscriberTest(RealCliTestCase):
         self.assertIsInstance(info["resetsAt"], int)
         self.assertEqual(events[-1]["result"], "Echo: hello")
         self.assertTrue(self.api.requests[-1][2]["authorization"].startswith("Bearer sk-ant-oat"))
-        for pool_size in (0, 2):
+        for pool_size in (0, 1):
             with self.subTest(pool_size=pool_size):
                 port = self.serve(pool_size=pool_size).server_address[1]
                 self.assertEqual(self.ok(user("hello"), port)["choices"][0]["message"]["content"], "Echo: hello")
