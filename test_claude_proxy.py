@@ -6122,9 +6122,12 @@ class RealCliTest(RealCliTestCase):
         chunks = [c for c in sse_payloads(raw) if isinstance(c, dict)]
         self.assertEqual("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), "Echo: hello")
         self.assertEqual(chunks[-1]["usage"]["prompt_tokens"], 19)
-        events = anthropic_sse(self.messages(dict(anthropic_user("hello"), stream=True)))
-        text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
-        self.assertEqual(text, "Echo: hello")
+        events = anthropic_sse(self.messages(dict(anthropic_user("THINK hello"), stream=True, thinking={"type": "adaptive"})))
+        deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+        self.assertEqual([d.get("thinking") for d in deltas if d["type"] == "thinking_delta"], ["Let me think about this."])
+        self.assertEqual([d["signature"] for d in deltas if d["type"] == "signature_delta"], ["c2ln"],
+                         "the signature the client sends back with the block")
+        self.assertEqual("".join(d.get("text", "") for d in deltas), "Echo: THINK hello")
         self.assertEqual(events[-2]["usage"]["cache_read_input_tokens"], 5)
         self.assertEqual(len(self.api.model_calls()), 3, "one model call per request")
 
@@ -6167,13 +6170,16 @@ class RealCliTest(RealCliTestCase):
     def tool_round_trip(self, pool_size, anthropic=False):
         """A client function: the call comes back, the client's result goes in, the answer
         comes out. Returns the model calls the second request made."""
-        port = self.serve(pool_size=pool_size).server_address[1] if pool_size else None
+        server = self.serve(pool_size=pool_size) if pool_size else self.server
+        port = server.server_address[1]
+        kept = lambda: server.runner.continuations is not None and server.runner.continuations.count() == 1
         if anthropic:
             body = {"max_tokens": 200, "tools": [WEATHER_TOOL], "messages": [{"role": "user", "content": "CALLTOOL weather?"}]}
             reply = self.messages(body, port)
             self.assertEqual(reply["stop_reason"], "tool_use")
             call = next(b for b in reply["content"] if b["type"] == "tool_use")
             self.assertEqual((call["name"], call["input"]), ("get_weather", {"city": "Paris"}))
+            self.assertTrue(wait_until(kept, 20) if pool_size else not kept())
             before = len(self.api.model_calls())
             body["messages"] += [{"role": "assistant", "content": reply["content"]}, {"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": call["id"], "content": "RESULT-sunny"}]}]
@@ -6187,6 +6193,7 @@ class RealCliTest(RealCliTestCase):
             [call] = choice["message"]["tool_calls"]
             self.assertEqual((call["function"]["name"], call["function"]["arguments"]), ("get_weather", '{"city": "Paris"}'),
                              "the arguments as input_json_delta gave them")
+            self.assertTrue(wait_until(kept, 20) if pool_size else not kept())
             before = len(self.api.model_calls())
             body["messages"] += [{"role": "assistant", "content": choice["message"]["content"], "tool_calls": [call]},
                                  {"role": "tool", "tool_call_id": call["id"], "content": "RESULT-sunny"}]
@@ -6201,6 +6208,8 @@ class RealCliTest(RealCliTestCase):
         self.assertIn("RESULT-sunny", json.dumps(result["content"]))
         self.assertNotIn("is_error", {k for k, v in result.items() if v}, "the client's result, not a refusal")
         self.assertNotIn("permission", json.dumps(after[0]["messages"]))
+        if pool_size:
+            self.assertEqual(server.runner.continuations.hits, 1, "the waiting process took the result")
         return after
 
     def test_a_tool_round_trip_through_a_kept_process(self):
@@ -6252,7 +6261,8 @@ class RealCliSubscriberTest(RealCliTestCase):
         self.assertEqual((info["status"], info["rateLimitType"]), ("allowed", "five_hour"))
         self.assertIsInstance(info["resetsAt"], int)
         self.assertEqual(events[-1]["result"], "Echo: hello")
-        self.assertTrue(self.api.requests[-1][2]["authorization"].startswith("Bearer sk-ant-oat"))
+        self.assertEqual({headers.get("authorization", "")[:17] for method, path, headers, _ in self.api.requests
+                          if path.startswith("/v1/messages")}, {"Bearer sk-ant-oat"})
         for pool_size in (0, 1):
             with self.subTest(pool_size=pool_size):
                 port = self.serve(pool_size=pool_size).server_address[1]
