@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -5803,9 +5804,10 @@ class FakeAnthropicApi:
       (none)   "Echo: <the last user text>"
     A StructuredOutput tool, when offered, is called with a value built from its schema. A model
     that does not start with "claude" is 404 not_found_error; a request over FAKE_CONTEXT tokens
-    is 400 "prompt is too long: N tokens > 200000 maximum". A bearer token sk-ant-oat... (a
-    subscriber) gets the unified rate-limit headers on every answer. Every request is kept in
-    `requests` as (method, path, headers, body)."""
+    (a quarter of its bytes, tools and system prompt included) is 400 "prompt is too long: N
+    tokens > 200000 maximum". A bearer token sk-ant-oat... (a subscriber) gets the unified
+    rate-limit headers on every answer. Every request is kept in `requests` as (method, path,
+    headers, body)."""
 
     def __init__(self):
         self.requests = []
@@ -6003,7 +6005,6 @@ class RealCliTestCase(ServerTestCase):
         cls.record_dir = os.path.join(cls.tmp, "records")  # empty: the real CLI records nothing
         os.makedirs(cls.home)
         os.makedirs(cls.record_dir)
-        cls.stub = REAL_CLI
         cls.version = cp.cli_version(REAL_CLI)
         try:
             cls.server = cls.make_server()
@@ -6041,20 +6042,26 @@ class RealCliTestCase(ServerTestCase):
         with self.api.lock:
             del self.api.requests[:]
 
-    def ok(self, body, port=None, path="/v1/chat/completions"):
-        headers = {"anthropic-version": "2023-06-01"} if path == "/v1/messages" else None
-        status, _, raw = self.request("POST", path, body, headers=headers, port=port)
+    def ok(self, body, port=None):
+        """A Chat Completions request that must succeed: its reply."""
+        status, _, raw = self.chat(body, port=port)
         self.assertEqual(status, 200, raw)
         return json.loads(raw)
+
+    def messages(self, body, port=None):
+        """A Messages API request that must succeed: its reply, or its raw stream."""
+        status, _, raw = self.request("POST", "/v1/messages", body, headers={"anthropic-version": "2023-06-01"}, port=port)
+        self.assertEqual(status, 200, raw)
+        return raw if body.get("stream") else json.loads(raw)
 
     def run_cli(self, prompt, *flags, **env):
         """`claude -p PROMPT --output-format stream-json --verbose` straight, in the environment
         the proxy gives it: (exit status, the events it printed)."""
         workdir = tempfile.mkdtemp(dir=self.tmp)
-        done = cp.subprocess.run([REAL_CLI, "-p", "--output-format", "stream-json", "--verbose", "--tools", "",
-                                  "--no-session-persistence"] + list(flags), input=prompt.encode(),
-                                 stdout=cp.subprocess.PIPE, stderr=cp.subprocess.PIPE, cwd=workdir,
-                                 env=cp.cli_env(self.cli_env(TMPDIR=workdir, **env), {}), timeout=self.timeout)
+        done = subprocess.run([REAL_CLI, "-p", "--output-format", "stream-json", "--verbose", "--tools", "",
+                               "--no-session-persistence"] + list(flags), input=prompt.encode(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+                              env=cp.cli_env(self.cli_env(TMPDIR=workdir, **env), {}), timeout=self.timeout)
         lines = done.stdout.decode().splitlines()
         return done.returncode, [json.loads(line) for line in lines if line.startswith("{")]
 
@@ -6130,11 +6137,6 @@ class RealCliTest(RealCliTestCase):
         self.assertEqual("".join(d.get("text", "") for d in deltas), "Echo: THINK hello")
         self.assertEqual(events[-2]["usage"]["cache_read_input_tokens"], 5)
         self.assertEqual(len(self.api.model_calls()), 3, "one model call per request")
-
-    def messages(self, body, port=None):
-        status, _, raw = self.request("POST", "/v1/messages", body, headers={"anthropic-version": "2023-06-01"}, port=port)
-        self.assertEqual(status, 200, raw)
-        return raw if body.get("stream") else json.loads(raw)
 
     def test_a_resumed_session_is_one_model_call_with_real_turns(self):
         first = self.ok(user("My name is Ada."))["choices"][0]["message"]["content"]
