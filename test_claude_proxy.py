@@ -6120,6 +6120,19 @@ class RealCliTest(RealCliTestCase):
         self.assertNotIn("rate_limit_event", [e["type"] for e in events], "an API key has no plan")
         self.assertEqual(len(self.api.model_calls()), 1)
 
+    def test_a_retry_notice_and_the_error_result(self):
+        code, events = self.run_cli("OVERLOAD", CLAUDE_CODE_MAX_RETRIES="1")
+        self.assertEqual(code, 1)
+        [notice] = [e for e in events if e.get("subtype") == "api_retry"]
+        self.assertEqual((notice["type"], notice["attempt"], notice["error_status"], notice["error"]),
+                         ("system", 1, 529, "overloaded"))
+        self.assertIsInstance(notice["retry_delay_ms"], (int, float))
+        self.assertEqual(cp.retry_error(notice).status, 503)
+        result = events[-1]
+        self.assertEqual((result["type"], result["is_error"], result["api_error_status"]), ("result", True, 529))
+        self.assertEqual(cp.result_error(result).code, "overloaded")
+        self.assertEqual(len(self.api.model_calls()), 2, "the call and its one retry")
+
     def test_text_thinking_and_usage_in_each_dialect(self):
         reply = self.ok(dict(user("THINK hello"), model="sonnet"))
         message = reply["choices"][0]["message"]
