@@ -9,6 +9,7 @@ working directory and environment it got, so tests can assert on what the proxy 
 
 import collections
 import http.client
+import http.server
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,6 +52,9 @@ the behaviour:
   TOOLFIRST   with --json-schema and client tools: a call of the first tool before any answer
   TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
               is_error, no API status, terminal_reason blocking_limit), exit 1
+  APITOOLONG  the API's refusal of one, as 2.1.197 and 2.1.332 report it ("Prompt is too long
+              \u00b7 the request is ~N tokens (limit 200000) ...", api_error_status 400,
+              terminal_reason prompt_too_long), exit 1
   BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
   BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
   STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
@@ -59,6 +64,7 @@ the behaviour:
   PLAN<n>     the 5-hour window at n %%
   LIMIT5H / LIMITWEEK  the 5-hour / weekly limit reached: a rejected rate_limit_event, the
               synthetic "You've hit your limit · resets ..." message, a 429 result, exit 1
+              (with an API key, as the fake API answers it: RATE429)
   NOCREDIT    spent usage credits: "API Error: 400 You're out of extra usage...", a 400 result
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
@@ -173,13 +179,20 @@ def emit(obj):
 def stream(event):
     emit({"type": "stream_event", "event": event, "session_id": session, "parent_tool_use_id": None,
           "uuid": str(uuid.uuid4())})
-def result(text, is_error=False, status=None, subtype="success", stop_reason="end_turn", usage=None, model_usage=None):
-    emit({"type": "result", "subtype": subtype, "is_error": is_error, "api_error_status": status,
+def result(text, is_error=False, status=None, subtype="success", stop_reason="end_turn", usage=None, model_usage=None,
+           **fields):
+    emit(dict({"type": "result", "subtype": subtype, "is_error": is_error, "api_error_status": status,
           "duration_ms": 250, "duration_api_ms": 200, "num_turns": 1, "result": text,
           "stop_reason": stop_reason, "session_id": session, "total_cost_usd": 0.00046,
           "usage": usage or {"input_tokens": 0, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 0, "output_tokens": 0},
-          "modelUsage": model_usage or {}, "permission_denials": [], "uuid": str(uuid.uuid4())})
+          "modelUsage": model_usage or {}, "permission_denials": [], "uuid": str(uuid.uuid4())}, **fields))
+SUBSCRIBER = bool(os.environ.get("CLAUDE_CODE_OAUTH_TOKEN")) and not os.environ.get("ANTHROPIC_API_KEY")
+def synthetic(text, error):
+    """The assistant message the real CLI makes up for an error (model <synthetic>)."""
+    emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
+          "model": "<synthetic>", "content": [{"type": "text", "text": text}], "stop_reason": "stop_sequence"},
+          "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": error})
 
 # --resume: the earlier turns from the session file the proxy wrote, as the real CLI reads it.
 history, deferred_call = [], None
@@ -233,11 +246,12 @@ def reply_once(first):
                 "retry_delay_ms": 1000 * attempt, "error_status": status, "error": kind,
                 "session_id": session, "uuid": str(uuid.uuid4())})
           time.sleep(attempt)
-      error_text = "API Error: %%d %%s" %% (status, message)
-      emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
-            "model": "<synthetic>", "content": [{"type": "text", "text": error_text}], "stop_reason": "stop_sequence"},
-            "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": kind})
-      result(error_text, True, status)
+      # The wording of 2.1.197 and 2.1.332 (the real-CLI tests see it).
+      error_text = {429: "API Error: Request rejected (429) \u00b7 %%s" %% message,
+                    529: "API Error: 529 Overloaded. This is a server-side issue, usually temporary \u2014 "
+                         "try again in a moment."}.get(status, "API Error: %%d %%s" %% (status, message))
+      synthetic(error_text, kind)
+      result(error_text, True, status, stop_reason="stop_sequence", terminal_reason="api_error")
       sys.exit(1)
 
   waiting_for = re.search(r"WAITFOR\[(.*?)\]", text)
@@ -283,13 +297,19 @@ def reply_once(first):
       print("this is not json"); print("{neither is this"); sys.exit(0)
   if "NOTLOGGEDIN" in text:
       result("Not logged in \u00b7 Please run /login", True, None); sys.exit(1)
-  if "RATE429" in text:
-      api_error(429, "rate_limit", '{"type":"error","error":{"type":"rate_limit_error"}}')
+  if "RATE429" in text or ("LIMIT5H" in text or "LIMITWEEK" in text) and not SUBSCRIBER:
+      api_error(429, "rate_limit", "Number of request tokens has exceeded your per-minute rate limit")
+  if "APITOOLONG" in text:  # sent, and refused by the API (both releases word it so)
+      too_long = ("Prompt is too long \u00b7 the request is ~%%d tokens (limit 200000) and this conversation's "
+                  "own content is most of it. A single-exchange conversation cannot be compacted; start with "
+                  "less content (smaller files or pasted text)." %% (200000 + len(everything) // 4))
+      synthetic(too_long, "invalid_request")
+      result(too_long, True, 400, stop_reason="stop_sequence", terminal_reason="prompt_too_long")
+      sys.exit(1)
   if "OVERLOAD" in text:
-      api_error(529, "overloaded", '{"type":"error","error":{"type":"overloaded_error"}}')
+      api_error(529, "overloaded", "Overloaded")
   if "AUTH401" in text:
       api_error(401, "authentication_failed", '{"type":"error","error":{"type":"authentication_error"}}')
-  subscriber = bool(os.environ.get("CLAUDE_CODE_OAUTH_TOKEN"))
   def plan_info(rejected=None):
       now = time.time()
       reset5, reset7 = int(now + 3600), int(now + 259200)
@@ -309,10 +329,12 @@ def reply_once(first):
                                  "seven_day": {"utilization": u7, "resetsAt": reset7}}}
   def plan_event(info):
       figures = json.dumps([info["status"], info["unifiedWindows"]], sort_keys=True)
-      if subscriber and PLAN_SEEN.get("figures") != figures:  # only when they changed
+      if SUBSCRIBER and PLAN_SEEN.get("figures") != figures:  # only when they changed
           PLAN_SEEN["figures"] = figures
           emit({"type": "rate_limit_event", "rate_limit_info": info, "uuid": str(uuid.uuid4()),
                 "session_id": session})
+          record.setdefault("rate_limit_events", []).append(info["status"])
+          save()
   limit = "five_hour" if "LIMIT5H" in text else "seven_day" if "LIMITWEEK" in text else None
   if limit or "NOCREDIT" in text:
       emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": session,
@@ -326,9 +348,7 @@ def reply_once(first):
       else:
           error_text, status, kind = ("API Error: 400 You're out of extra usage. Add more at "
                                       "claude.ai/settings/usage and keep going."), 400, "unknown"
-      emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
-            "model": "<synthetic>", "content": [{"type": "text", "text": error_text}], "stop_reason": "stop_sequence"},
-            "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": kind})
+      synthetic(error_text, kind)
       emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": status,
             "duration_ms": 30, "result": error_text, "stop_reason": "stop_sequence", "session_id": session,
             "total_cost_usd": 0, "usage": {"input_tokens": 0, "output_tokens": 0}, "modelUsage": {},
@@ -2709,6 +2729,14 @@ class HostileTest(ServerTestCase):
         headers, error = self.assert_error(self.chat(user("TOOLONG")), 400, "messages", "context_length_exceeded")
         self.assertEqual(headers["x-should-retry"], "false")
         self.assertIn("Prompt is too long", error["message"])
+
+    def test_the_apis_prompt_too_long_is_a_400(self):
+        # Sent by the CLI and refused by the API (what 2.1.197 and 2.1.332 print for it).
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                headers, error = self.assert_error(self.chat(dict(user("APITOOLONG"), stream=stream)), 400)
+                self.assertEqual(headers["x-should-retry"], "false")
+                self.assertIn("Prompt is too long", error["message"])
 
     def test_pool_does_not_retry_a_shape_that_failed_to_start(self):
         broken = os.path.join(self.tmp, "not-executable")
@@ -6982,3 +7010,569 @@ class DocumentServerTest(ServerTestCase):
         self.assertEqual(record["resumed"][2]["content"], [{"type": "tool_result", "tool_use_id": "toolu_1",
                                                             "content": [pdf_document()]}])
         self.assertTrue(wait_until(lambda: session_files() == []))
+
+
+class SubscriberTest(ServerTestCase):
+    """A CLI logged in as a subscriber prints rate_limit_event lines (CLI-FACTS): a reply goes
+    through them, and a reached limit is a 429."""
+
+    def subscriber(self, **config):
+        config.setdefault("timeout", self.timeout)
+        config = cp.Config(self.stub, claude_version="2.1.197 (Claude Code)", **config)
+        env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+        runner = cp.CliRunner(self.stub, config.timeout, pool_size=config.pool_size,
+                              env=dict(env, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-stub"))
+        server = cp.ProxyServer(("127.0.0.1", 0), config, runner=runner)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(server.stop)
+        return server
+
+    def test_replies_go_through_the_plan_events(self):
+        server = self.subscriber(pool_size=2)
+        port = server.server_address[1]
+        messages = [{"role": "user", "content": "hello"}]
+        status, _, raw = self.chat({"messages": messages}, port=port)
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "Echo: hello [images: 0]")
+        [first] = self.records()
+        self.assertEqual(first["rate_limit_events"], ["allowed"], "the CLI printed one")
+        self.assertTrue(wait_until(lambda: server.runner.continuations.count() == 1))
+        messages += [{"role": "assistant", "content": "Echo: hello [images: 0]"}, {"role": "user", "content": "again"}]
+        status, _, raw = self.chat({"messages": messages, "stream": True}, port=port)
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_payloads(raw) if isinstance(c, dict))
+        self.assertEqual(content, "Echo: again [images: 0]")
+        self.assertEqual(len(self.records()), 1, "the kept process took the next turn")
+        status, _, raw = self.chat(dict(user("CALLTOOL weather?"), tools=[WEATHER]), port=port)
+        self.assertEqual(json.loads(raw)["choices"][0]["finish_reason"], "tool_calls", raw)
+
+    def test_a_reached_limit_is_a_429(self):
+        port = self.subscriber().server_address[1]
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                headers, error = self.assert_error(self.chat(dict(user("LIMIT5H"), stream=stream), port=port), 429,
+                                                   code="plan_limit_reached")
+                self.assertIn("5-hour limit", error["message"])
+                self.assertIn("retry-after", headers)
+
+
+# Real CLI ###################################################################################
+#: The real `claude` binary named by CLAUDE_PROXY_REAL_CLI, driven by the proxy against a fake
+#: Anthropic Messages API that these tests serve on loopback: what the stub above imitates,
+#: checked against a release. .ci/run installs the newest release and the oldest supported one
+#: and runs these tests with each, with CLAUDE_PROXY_REAL_CLI_TESTS=required so that a missing
+#: binary fails there; elsewhere, without the variable, they are skipped.
+
+REAL_CLI = os.environ.get("CLAUDE_PROXY_REAL_CLI", "")
+REAL_CLI_MISSING = ("CLAUDE_PROXY_REAL_CLI is not set" if not REAL_CLI else
+                    "CLAUDE_PROXY_REAL_CLI=%s is not an executable file" % REAL_CLI
+                    if not (os.path.isfile(REAL_CLI) and os.access(REAL_CLI, os.X_OK)) else "")
+REAL_CLI_REQUIRED = os.environ.get("CLAUDE_PROXY_REAL_CLI_TESTS") == "required"
+#: What the fake answers for a usage: the counts every reply reports (one model call each).
+FAKE_USAGE = {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
+              "cache_creation": {"ephemeral_5m_input_tokens": 3, "ephemeral_1h_input_tokens": 0}}
+FAKE_OUTPUT_TOKENS = 7
+#: The API's context window, in the fake's rough tokens (a quarter of the request's characters).
+FAKE_CONTEXT = 200000
+OAUTH_TOKEN = "sk-ant-oat01-real-cli-tests"
+
+
+class FakeAnthropicApi:
+    """A Messages API on 127.0.0.1:<port 0>, in a thread: what the real API sends, scripted by
+    words in the last user text (as the stub CLI is):
+      RATE429  429 rate_limit_error (retry-after: 1)      OVERLOAD  529 overloaded_error
+      LIMIT5H  429 with a subscriber's rejected five-hour window   THINK  a thinking block first
+      CALLTOOL (anywhere in the conversation, until a text holds RESULT-) a tool_use of the
+               first mcp__ tool offered;  RESULT-  then "Final answer using RESULT-..."
+      (none)   "Echo: <the last user text>"
+    A StructuredOutput tool, when offered, is called with a value built from its schema. A model
+    that does not start with "claude" is 404 not_found_error; a request over FAKE_CONTEXT tokens
+    (a quarter of its bytes, tools and system prompt included) is 400 "prompt is too long: N
+    tokens > 200000 maximum". A bearer token sk-ant-oat... (a subscriber) gets the unified
+    rate-limit headers on every answer. Every request is kept in `requests` as (method, path,
+    headers, body)."""
+
+    def __init__(self):
+        self.requests = []
+        self.lock = threading.Lock()
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                api.record(self, None)
+                self.send_json(200, {"data": [], "has_more": False})
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = {}
+                api.record(self, body)
+                api.answer(self, body if isinstance(body, dict) else {}, len(raw))
+
+            def send_json(self, status, obj, headers=()):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                for name, value in [("content-type", "application/json"),
+                                    ("content-length", str(len(data)))] + list(headers):
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+    def record(self, handler, body):
+        with self.lock:
+            self.requests.append((handler.command, handler.path, {k.lower(): v for k, v in handler.headers.items()}, body))
+
+    def model_calls(self):
+        """The bodies of the model requests so far (token counting and other calls left out)."""
+        with self.lock:
+            return [body for method, path, _, body in self.requests
+                    if method == "POST" and path.split("?")[0] == "/v1/messages"]
+
+    @staticmethod
+    def plan_headers(headers, rejected=False):
+        """A subscriber's unified rate-limit headers (none for an API key)."""
+        if not (headers.get("authorization") or "").startswith("Bearer sk-ant-oat"):
+            return []
+        now = int(time.time())
+        return [("anthropic-ratelimit-unified-status", "rejected" if rejected else "allowed"),
+                ("anthropic-ratelimit-unified-reset", str(now + 3600)),
+                ("anthropic-ratelimit-unified-representative-claim", "five_hour"),
+                ("anthropic-ratelimit-unified-5h-utilization", "1" if rejected else "0.12"),
+                ("anthropic-ratelimit-unified-5h-reset", str(now + 3600)),
+                ("anthropic-ratelimit-unified-7d-utilization", "0.3"),
+                ("anthropic-ratelimit-unified-7d-reset", str(now + 259200)),
+                ("anthropic-ratelimit-unified-overage-status", "rejected" if rejected else "allowed")]
+
+    def answer(self, handler, body, size):
+        def error(status, kind, message, headers=()):
+            handler.send_json(status, {"type": "error", "error": {"type": kind, "message": message}}, headers)
+
+        model = body.get("model")
+        if isinstance(model, str) and not model.startswith("claude"):
+            return error(404, "not_found_error", "model: %s" % model)
+        if "count_tokens" in handler.path:
+            return handler.send_json(200, {"input_tokens": max(1, size // 4)})
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        blocks = [[{"type": "text", "text": m["content"]}] if isinstance(m.get("content"), str)
+                  else [b for b in m.get("content") or [] if isinstance(b, dict)] for m in messages]
+        texts = [b.get("text", "") for m, bs in zip(messages, blocks) if m.get("role") == "user"
+                 for b in bs if b.get("type") == "text"]
+        last = texts[-1] if texts else ""
+        everything = json.dumps(messages)
+        plan = self.plan_headers(handler.headers)
+        if "LIMIT5H" in last:
+            return error(429, "rate_limit_error", "Rate limited", self.plan_headers(handler.headers, True))
+        if "RATE429" in last:
+            return error(429, "rate_limit_error", "Number of request tokens has exceeded your "
+                         "per-minute rate limit", [("retry-after", "1")] + plan)
+        if "OVERLOAD" in last:
+            return error(529, "overloaded_error", "Overloaded", plan)
+        if size // 4 > FAKE_CONTEXT:
+            return error(400, "invalid_request_error", "prompt is too long: %d tokens > %d maximum"
+                         % (size // 4, FAKE_CONTEXT), plan)
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        structured = [t for t in tools if t.get("name") == "StructuredOutput"]
+        offered = [t for t in tools if str(t.get("name", "")).startswith("mcp__")]
+        answered = any(b.get("type") == "tool_result" for b in (blocks[-1] if blocks else []))
+        calls = []
+        if structured and not answered:
+            calls = [("StructuredOutput", FakeAnthropicApi.example(structured[0].get("input_schema")))]
+        elif "CALLTOOL" in everything and "RESULT-" not in everything and offered and not answered:
+            properties = list((offered[0].get("input_schema") or {}).get("properties") or {}) or ["input"]
+            calls = [(offered[0]["name"], {properties[0]: "Paris"})]
+        if "RESULT-" in everything and not calls:
+            reply = "Final answer using " + re.search(r"RESULT-\w*", everything).group()
+        else:
+            reply = "Let me check." if calls else "Echo: " + last[-200:]
+        if calls and calls[0][0] == "StructuredOutput":
+            reply = ""  # the answer is the call
+        self.stream(handler, body, reply, calls, "THINK" in last, plan)
+
+    @staticmethod
+    def example(schema):
+        """A value that satisfies a simple JSON schema (the stub CLI builds the same)."""
+        schema = schema if isinstance(schema, dict) else {}
+        if "enum" in schema:
+            return schema["enum"][0]
+        if schema.get("type") == "object" or "properties" in schema:
+            return {k: FakeAnthropicApi.example(v) for k, v in schema.get("properties", {}).items()}
+        if schema.get("type") == "array":
+            return [FakeAnthropicApi.example(schema.get("items"))]
+        return {"integer": 1, "number": 1, "boolean": True}.get(schema.get("type"), "x")
+
+    def stream(self, handler, body, reply, calls, think, plan):
+        model = body.get("model") or "claude-sonnet-5"
+        message_id = "msg_fake%08d" % len(self.requests)
+        usage = dict(FAKE_USAGE, output_tokens=FAKE_OUTPUT_TOKENS)
+        stop_reason = "tool_use" if calls else "end_turn"
+        content = ([{"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"}] if think else []) \
+            + ([{"type": "text", "text": reply}] if reply else []) \
+            + [{"type": "tool_use", "id": "toolu_fake%02d%s" % (n, message_id[-8:]), "name": name, "input": value}
+               for n, (name, value) in enumerate(calls)]
+        if not body.get("stream"):
+            return handler.send_json(200, {"id": message_id, "type": "message", "role": "assistant", "model": model,
+                                           "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+                                           "usage": usage}, plan)
+        handler.send_response(200)
+        for name, value in [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                            ("connection", "close"), ("request-id", "req_" + message_id)] + plan:
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.close_connection = True
+
+        def event(name, **fields):
+            handler.wfile.write(("event: %s\ndata: %s\n\n" % (name, json.dumps(dict(type=name, **fields)))).encode())
+            handler.wfile.flush()
+        try:
+            event("message_start", message={"id": message_id, "type": "message", "role": "assistant", "model": model,
+                                            "content": [], "stop_reason": None, "stop_sequence": None,
+                                            "usage": dict(usage, output_tokens=1)})
+            event("ping")
+            for index, block in enumerate(content):
+                if block["type"] == "thinking":
+                    event("content_block_start", index=index, content_block={"type": "thinking", "thinking": "", "signature": ""})
+                    event("content_block_delta", index=index, delta={"type": "thinking_delta", "thinking": block["thinking"]})
+                    event("content_block_delta", index=index, delta={"type": "signature_delta", "signature": block["signature"]})
+                elif block["type"] == "text":
+                    event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+                    third = -(-len(block["text"]) // 3)
+                    for start in range(0, len(block["text"]), third):
+                        event("content_block_delta", index=index, delta={"type": "text_delta", "text": block["text"][start:start + third]})
+                else:
+                    event("content_block_start", index=index, content_block=dict(block, input={}))
+                    encoded = json.dumps(block["input"])
+                    for piece in (encoded[:5], encoded[5:]):
+                        event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": piece})
+                event("content_block_stop", index=index)
+            event("message_delta", delta={"stop_reason": stop_reason, "stop_sequence": None}, usage=usage)
+            event("message_stop")
+        except OSError:
+            pass  # the CLI hung up mid-reply
+
+
+class RealCliTestCase(ServerTestCase):
+    """Proxies over the real CLI (CLAUDE_PROXY_REAL_CLI) with a home of their own, against a
+    FakeAnthropicApi of their own; `credentials` log the CLI in (an API key here)."""
+
+    timeout = 60.0
+    pool_size = 0  # cold runs: each turn of a conversation resumes a session file
+    credentials = {"ANTHROPIC_API_KEY": "sk-ant-api03-real-cli-tests"}
+
+    @classmethod
+    def setUpClass(cls):
+        if REAL_CLI_MISSING:
+            if REAL_CLI_REQUIRED:
+                raise RuntimeError("CLAUDE_PROXY_REAL_CLI_TESTS=required, but " + REAL_CLI_MISSING)
+            raise unittest.SkipTest(REAL_CLI_MISSING)
+        cls.api = FakeAnthropicApi()
+        cls.tmp = tempfile.mkdtemp(prefix="claude-proxy-real-cli-")
+        cls.home = os.path.join(cls.tmp, "home")
+        cls.record_dir = os.path.join(cls.tmp, "records")  # empty: the real CLI records nothing
+        os.makedirs(cls.home)
+        os.makedirs(cls.record_dir)
+        cls.version = cp.cli_version(REAL_CLI)
+        try:
+            cls.server = cls.make_server()
+        except BaseException:
+            cls.api.close()
+            raise
+        cls.thread = threading.Thread(target=cls.server.serve_forever, args=(0.05,), daemon=True)
+        cls.thread.start()
+        cls.port = cls.server.server_address[1]
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.api.close()
+
+    @classmethod
+    def cli_env(cls, **extra):
+        """The CLI's environment: none of the caller's own credentials or settings, a home of
+        this class's own (the proxy finds its sessions through CLAUDE_CONFIG_DIR), the fake API."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE"))}
+        env.update(HOME=cls.home, CLAUDE_CONFIG_DIR=os.path.join(cls.home, ".claude"),
+                   ANTHROPIC_BASE_URL=cls.api.url, **dict(cls.credentials, **extra))
+        return env
+
+    @classmethod
+    def make_server(cls, claude=None, env=None, **config):
+        config.setdefault("timeout", cls.timeout)
+        config.setdefault("pool_size", cls.pool_size)
+        config = cp.Config(REAL_CLI, claude_version=cls.version, **config)
+        runner = cp.CliRunner(REAL_CLI, config.timeout, env=env or cls.cli_env(), pool_size=config.pool_size,
+                              pool_idle=config.pool_idle, history=config.history)
+        return cp.ProxyServer(("127.0.0.1", 0), config, runner=runner)
+
+    def setUp(self):
+        with self.api.lock:
+            del self.api.requests[:]
+
+    def ok(self, body, port=None):
+        """A Chat Completions request that must succeed: its reply."""
+        status, _, raw = self.chat(body, port=port)
+        self.assertEqual(status, 200, raw)
+        return json.loads(raw)
+
+    def messages(self, body, port=None):
+        """A Messages API request that must succeed: its reply, or its raw stream."""
+        status, _, raw = self.request("POST", "/v1/messages", body, headers={"anthropic-version": "2023-06-01"}, port=port)
+        self.assertEqual(status, 200, raw)
+        return raw if body.get("stream") else json.loads(raw)
+
+    def run_cli(self, prompt, *flags, **env):
+        """`claude -p PROMPT --output-format stream-json --verbose` straight, in the environment
+        the proxy gives it: (exit status, the events it printed)."""
+        workdir = tempfile.mkdtemp(dir=self.tmp)
+        done = subprocess.run([REAL_CLI, "-p", "--output-format", "stream-json", "--verbose", "--tools", "",
+                               "--no-session-persistence"] + list(flags), input=prompt.encode(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+                              env=cp.cli_env(self.cli_env(TMPDIR=workdir, **env), {}), timeout=self.timeout)
+        lines = done.stdout.decode().splitlines()
+        return done.returncode, [json.loads(line) for line in lines if line.startswith("{")]
+
+    def sessions_left(self):
+        projects = os.path.join(self.home, ".claude", "projects")
+        return [f for _, _, files in os.walk(projects) for f in files if f.endswith(".jsonl")]
+
+    @staticmethod
+    def turns(body):
+        """A model request's turns. 2.1.332 adds a role "system" message after the first user
+        turn (the environment: working directory, platform, date); 2.1.197 sends the date as a
+        <system-reminder> text block inside the first user message."""
+        return [m for m in body["messages"] if m["role"] != "system"]
+
+    def roles(self, body):
+        return [m["role"] for m in self.turns(body)]
+
+    @staticmethod
+    def texts(message):
+        content = message["content"]
+        return [content] if isinstance(content, str) else [b.get("text") for b in content if b.get("type") == "text"]
+
+
+@unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
+class RealCliTest(RealCliTestCase):
+    """What the proxy relies on, with an API key: the events, tools, sessions, errors."""
+
+    def test_stream_json_events_the_translator_reads(self):
+        code, events = self.run_cli("THINK hello", "--include-partial-messages")
+        self.assertEqual(code, 0, events)
+        init = next(e for e in events if e.get("type") == "system" and e.get("subtype") == "init")
+        self.assertTrue(init["model"].startswith("claude"))
+        inner = [e["event"] for e in events if e.get("type") == "stream_event"]
+        kinds = [e["type"] for e in inner if e["type"] != "ping"]
+        self.assertEqual(kinds[0], "message_start")
+        self.assertEqual(kinds[-2:], ["message_delta", "message_stop"])
+        self.assertEqual(inner[0]["message"]["usage"]["cache_read_input_tokens"], 5)
+        starts = [e["content_block"]["type"] for e in inner if e["type"] == "content_block_start"]
+        self.assertEqual(starts, ["thinking", "text"])
+        deltas = [(e["delta"]["type"], e["index"]) for e in inner if e["type"] == "content_block_delta"]
+        self.assertEqual(deltas, [("thinking_delta", 0), ("signature_delta", 0)] + [("text_delta", 1)] * 3)
+        self.assertEqual("".join(e["delta"].get("text", "") for e in inner if e["type"] == "content_block_delta"),
+                         "Echo: THINK hello")
+        delta = next(e for e in inner if e["type"] == "message_delta")
+        self.assertEqual((delta["delta"]["stop_reason"], delta["usage"]["output_tokens"]), ("end_turn", FAKE_OUTPUT_TOKENS))
+        result = events[-1]
+        self.assertEqual(result["type"], "result")
+        self.assertEqual((result["subtype"], result["is_error"], result["api_error_status"], result["result"],
+                          result["stop_reason"]), ("success", False, None, "Echo: THINK hello", "end_turn"))
+        self.assertEqual({k: result["usage"][k] for k in ("input_tokens", "cache_creation_input_tokens",
+                                                          "cache_read_input_tokens", "output_tokens")},
+                         {"input_tokens": 11, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
+                          "output_tokens": 7})
+        self.assertIsInstance(result["total_cost_usd"], (int, float))
+        self.assertEqual(cp.model_usage_totals(result["modelUsage"])["cache_read_input_tokens"], 5)
+        self.assertNotIn("rate_limit_event", [e["type"] for e in events], "an API key has no plan")
+        self.assertEqual(len(self.api.model_calls()), 1)
+
+    def test_a_retry_notice_and_the_error_result(self):
+        code, events = self.run_cli("OVERLOAD", CLAUDE_CODE_MAX_RETRIES="1")
+        self.assertEqual(code, 1)
+        [notice] = [e for e in events if e.get("subtype") == "api_retry"]
+        self.assertEqual((notice["type"], notice["attempt"], notice["error_status"], notice["error"]),
+                         ("system", 1, 529, "overloaded"))
+        self.assertIsInstance(notice["retry_delay_ms"], (int, float))
+        self.assertEqual(cp.retry_error(notice).status, 503)
+        result = events[-1]
+        self.assertEqual((result["type"], result["is_error"], result["api_error_status"]), ("result", True, 529))
+        self.assertEqual(cp.result_error(result).code, "overloaded")
+        self.assertEqual(len(self.api.model_calls()), 2, "the call and its one retry")
+
+    def test_text_thinking_and_usage_in_each_dialect(self):
+        reply = self.ok(dict(user("THINK hello"), model="sonnet"))
+        message = reply["choices"][0]["message"]
+        self.assertEqual((message["content"], message["reasoning_content"]), ("Echo: THINK hello", "Let me think about this."))
+        self.assertEqual((reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]), (19, 7))
+        status, _, raw = self.chat(dict(user("hello"), stream=True, stream_options={"include_usage": True}))
+        chunks = [c for c in sse_payloads(raw) if isinstance(c, dict)]
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), "Echo: hello")
+        self.assertEqual(chunks[-1]["usage"]["prompt_tokens"], 19)
+        events = anthropic_sse(self.messages(dict(anthropic_user("THINK hello"), stream=True, thinking={"type": "adaptive"})))
+        deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+        self.assertEqual([d.get("thinking") for d in deltas if d["type"] == "thinking_delta"], ["Let me think about this."])
+        self.assertEqual([d["signature"] for d in deltas if d["type"] == "signature_delta"], ["c2ln"],
+                         "the signature the client sends back with the block")
+        self.assertEqual("".join(d.get("text", "") for d in deltas), "Echo: THINK hello")
+        self.assertEqual(events[-2]["usage"]["cache_read_input_tokens"], 5)
+        self.assertEqual(len(self.api.model_calls()), 3, "one model call per request")
+
+    def test_a_resumed_session_is_one_model_call_with_real_turns(self):
+        first = self.ok(user("My name is Ada."))["choices"][0]["message"]["content"]
+        self.assertEqual(first, "Echo: My name is Ada.")
+        second = self.ok({"messages": [{"role": "user", "content": "My name is Ada."},
+                                       {"role": "assistant", "content": first},
+                                       {"role": "user", "content": "What is my name?"}]})
+        self.assertEqual(second["choices"][0]["message"]["content"], "Echo: What is my name?")
+        one, two = self.api.model_calls()
+        self.assertEqual(self.roles(one), ["user"])
+        self.assertEqual(self.roles(two), ["user", "assistant", "user"], "the first turn as real messages")
+        turns = self.turns(two)
+        self.assertIn("My name is Ada.", self.texts(turns[0]))
+        self.assertEqual(self.texts(turns[1]), [first])
+        self.assertIn("What is my name?", self.texts(turns[2]))
+        self.assertEqual(two["system"], one["system"], "the same system prompt, so the cache holds")
+        self.assertTrue(wait_until(lambda: self.sessions_left() == []), self.sessions_left())
+
+    def test_a_kept_process_takes_the_next_turn(self):
+        server = self.serve(pool_size=1)
+        port = server.server_address[1]
+        messages = [{"role": "user", "content": "My name is Ada."}]
+        reply = self.ok({"messages": messages}, port)["choices"][0]["message"]["content"]
+        self.assertTrue(wait_until(lambda: server.runner.continuations.count() == 1, 20))
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "What is my name?"}]
+        self.assertEqual(self.ok({"messages": messages}, port)["choices"][0]["message"]["content"],
+                         "Echo: What is my name?")
+        self.assertEqual(server.runner.continuations.hits, 1)
+        one, two = self.api.model_calls()
+        self.assertEqual(self.roles(two), ["user", "assistant", "user"])
+        self.assertEqual(self.texts(self.turns(two)[1]), [reply])
+
+    def tool_round_trip(self, pool_size, anthropic=False):
+        """A client function: the call comes back, the client's result goes in, the answer
+        comes out. Returns the model calls the second request made."""
+        server = self.serve(pool_size=pool_size) if pool_size else self.server
+        port = server.server_address[1]
+        kept = lambda: server.runner.continuations is not None and server.runner.continuations.count() == 1
+        if anthropic:
+            body = {"max_tokens": 200, "tools": [WEATHER_TOOL], "messages": [{"role": "user", "content": "CALLTOOL weather?"}]}
+            reply = self.messages(body, port)
+            self.assertEqual(reply["stop_reason"], "tool_use")
+            call = next(b for b in reply["content"] if b["type"] == "tool_use")
+            self.assertEqual((call["name"], call["input"]), ("get_weather", {"city": "Paris"}))
+            self.assertTrue(wait_until(kept, 20) if pool_size else not kept())
+            before = len(self.api.model_calls())
+            body["messages"] += [{"role": "assistant", "content": reply["content"]}, {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": call["id"], "content": "RESULT-sunny"}]}]
+            reply = self.messages(body, port)
+            self.assertEqual(reply["stop_reason"], "end_turn")
+            answer = reply["content"][-1]["text"]
+        else:
+            body = {"tools": [WEATHER], "messages": [{"role": "user", "content": "CALLTOOL weather?"}]}
+            choice = self.ok(body, port)["choices"][0]
+            self.assertEqual(choice["finish_reason"], "tool_calls")
+            [call] = choice["message"]["tool_calls"]
+            self.assertEqual((call["function"]["name"], call["function"]["arguments"]), ("get_weather", '{"city": "Paris"}'),
+                             "the arguments as input_json_delta gave them")
+            self.assertTrue(wait_until(kept, 20) if pool_size else not kept())
+            before = len(self.api.model_calls())
+            body["messages"] += [{"role": "assistant", "content": choice["message"]["content"], "tool_calls": [call]},
+                                 {"role": "tool", "tool_call_id": call["id"], "content": "RESULT-sunny"}]
+            choice = self.ok(body, port)["choices"][0]
+            self.assertEqual(choice["finish_reason"], "stop")
+            answer = choice["message"]["content"]
+        self.assertEqual(answer, "Final answer using RESULT-sunny")
+        after = self.api.model_calls()[before:]
+        self.assertEqual(len(after), 1, "one model call for the result")
+        self.assertEqual(self.roles(after[0]), ["user", "assistant", "user"])
+        [result] = [b for b in self.turns(after[0])[2]["content"] if b["type"] == "tool_result"]
+        self.assertIn("RESULT-sunny", json.dumps(result["content"]))
+        self.assertNotIn("is_error", {k for k, v in result.items() if v}, "the client's result, not a refusal")
+        self.assertNotIn("permission", json.dumps(after[0]["messages"]))
+        if pool_size:
+            self.assertEqual(server.runner.continuations.hits, 1, "the waiting process took the result")
+        return after
+
+    def test_a_tool_round_trip_through_a_kept_process(self):
+        self.tool_round_trip(pool_size=1)
+
+    def test_a_tool_round_trip_in_the_messages_dialect(self):
+        self.tool_round_trip(pool_size=1, anthropic=True)
+
+    def test_a_tool_result_without_its_process_resumes_the_deferred_call(self):
+        self.tool_round_trip(pool_size=0)
+        self.assertTrue(wait_until(lambda: self.sessions_left() == []), self.sessions_left())
+
+    def test_structured_output(self):
+        reply = self.ok(dict(user("the weather?"), response_format={"type": "json_schema", "json_schema": {
+            "name": "w", "schema": {"type": "object", "properties": {"city": {"type": "string"}, "degrees": {"type": "integer"}},
+                                    "required": ["city", "degrees"]}}}))
+        self.assertEqual(json.loads(reply["choices"][0]["message"]["content"]), {"city": "x", "degrees": 1})
+        self.assertEqual(self.api.model_calls()[0]["tools"][-1]["name"], "StructuredOutput")
+
+    def test_upstream_errors(self):
+        # The proxy's default: the CLI retries, and the proxy answers at its first api_retry
+        # notice; with no retries, from the error result.
+        no_retries = self.serve(env=self.cli_env(CLAUDE_CODE_MAX_RETRIES="0")).server_address[1]
+        for port in (None, no_retries):
+            with self.subTest(retries="none" if port else "the proxy's default"):
+                headers, _ = self.assert_error(self.chat(user("RATE429"), port=port), 429, code="rate_limit_exceeded")
+                self.assertIn("retry-after", headers)
+                self.assert_error(self.chat(user("OVERLOAD"), port=port), 503, code="overloaded")
+        self.assert_error(self.chat(dict(user("hello"), model="gpt-nope")), 404, "model", "model_not_found")
+
+    def test_a_prompt_over_the_context_window(self):
+        # Both releases send it; the API's 400 "prompt is too long" comes back as a 400.
+        _, error = self.assert_error(self.chat(user("word " * 200000)), 400)
+        self.assertIn("too long", error["message"].lower())
+        self.assertEqual(len(self.api.model_calls()), 1)
+
+
+@unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
+class RealCliSubscriberTest(RealCliTestCase):
+    """Logged in as a subscriber (an OAuth token): the plan's rate_limit_event lines."""
+
+    credentials = {"CLAUDE_CODE_OAUTH_TOKEN": OAUTH_TOKEN}
+
+    def test_the_plan_event_is_printed_and_the_reply_works(self):
+        code, events = self.run_cli("hello")
+        self.assertEqual(code, 0, events)
+        [event] = [e for e in events if e["type"] == "rate_limit_event"]
+        info = event["rate_limit_info"]
+        self.assertEqual((info["status"], info["rateLimitType"]), ("allowed", "five_hour"))
+        self.assertIsInstance(info["resetsAt"], int)
+        self.assertEqual(events[-1]["result"], "Echo: hello")
+        self.assertEqual({headers.get("authorization", "")[:17] for method, path, headers, _ in self.api.requests
+                          if path.startswith("/v1/messages")}, {"Bearer sk-ant-oat"})
+        for pool_size in (0, 1):
+            with self.subTest(pool_size=pool_size):
+                port = self.serve(pool_size=pool_size).server_address[1]
+                self.assertEqual(self.ok(user("hello"), port)["choices"][0]["message"]["content"], "Echo: hello")
+
+    def test_a_reached_five_hour_limit(self):
+        code, events = self.run_cli("LIMIT5H")
+        self.assertEqual(code, 1)
+        [event] = [e for e in events if e["type"] == "rate_limit_event"]
+        self.assertEqual(event["rate_limit_info"]["status"], "rejected")
+        result = events[-1]
+        self.assertEqual((result["type"], result["is_error"], result["api_error_status"]), ("result", True, 429))
+        self.assertIn("limit", result["result"])
+        self.assert_error(self.chat(user("LIMIT5H")), 429, code="plan_limit_reached")
