@@ -2063,6 +2063,10 @@ def cli_env(base_env, plan):
     # a gateway.) An operator who wants them sets these to 0.
     env.setdefault("CLAUDE_CODE_DISABLE_CLAUDE_MDS", "1")
     env.setdefault("CLAUDE_CODE_DISABLE_AUTO_MEMORY", "1")
+    # A conversation over the model's window is the client's to shorten: 2.1.332, refused by
+    # the API, summarises the history itself and answers from the summary (four model calls and
+    # a 200, the client's turns silently replaced). Not by the operator's choice either.
+    env["DISABLE_AUTO_COMPACT"] = "1"
     env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
     if plan.get("max_tokens"):
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])

@@ -806,6 +806,8 @@ class CliCommandTest(unittest.TestCase):
         self.assertEqual(env["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1", "the user's CLAUDE.md stays out")
         self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_CLAUDE_MDS="0"), {})["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "0")
         self.assertEqual(env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "64")
+        self.assertEqual(cp.cli_env(dict(base, DISABLE_AUTO_COMPACT="0"), {})["DISABLE_AUTO_COMPACT"], "1",
+                         "a history over the window is never summarised behind the client's back")
         self.assertEqual(env["CLAUDE_CODE_MAX_RETRIES"], cp.DEFAULT_CLI_MAX_RETRIES)
         self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_MAX_RETRIES="7"), {})["CLAUDE_CODE_MAX_RETRIES"], "7")
         self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", cp.cli_env(base, {}))
