@@ -7547,6 +7547,18 @@ class RealCliTest(RealCliTestCase):
         self.assertIn("too long", error["message"].lower())
         self.assertEqual(len(self.api.model_calls()), 1)
 
+    def test_a_history_over_the_window_is_a_400_not_a_summary(self):
+        # Resumed from a session file; 2.1.332 would summarise it and answer 200 from the summary
+        # (four model calls), but for DISABLE_AUTO_COMPACT.
+        history = []
+        for n in range(8):
+            history += [{"role": "user", "content": "turn %d " % n + "word " * 25000},
+                        {"role": "assistant", "content": "ok %d" % n}]
+        _, error = self.assert_error(self.chat({"messages": history + [{"role": "user", "content": "and now?"}]}), 400)
+        self.assertIn("too long", error["message"].lower())
+        # 2.1.332 then refuses it before any call; 2.1.197 sends it once.
+        self.assertLessEqual(len(self.api.model_calls()), 1, "no summary calls")
+
 
 @unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
 class RealCliSubscriberTest(RealCliTestCase):
