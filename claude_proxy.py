@@ -147,6 +147,7 @@ class ProxyError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.api_message = None  # the Messages API's own wording, for the Anthropic dialect
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -231,26 +232,74 @@ def retry_error(event):
     return None
 
 
+def context_length_exceeded(detail):
+    """The conversation does not fit the model's window: OpenAI's code and wording (frameworks
+    trim the history and retry on either), and for the Anthropic dialect the API's own words.
+    The counts come from the API's message (2.1.332 and later pass it on) or the CLI's
+    rewording of it (`the request is ~N tokens (limit M)`); the CLI's own bare refusal has none."""
+    counts = (re.search(r"(\d[\d,]*) tokens > (\d[\d,]*) maximum", detail)
+              or re.search(r"~(\d[\d,]*) tokens \(limit (\d[\d,]*)\)", detail))
+    if counts:
+        used, window = (int(n.replace(",", "")) for n in counts.groups())
+        message = ("This model's maximum context length is %d tokens. However, your messages "
+                   "resulted in %d tokens. Please reduce the length of the messages." % (window, used))
+        api_message = "prompt is too long: %d tokens > %d maximum" % (used, window)
+    else:
+        message = ("The conversation is too long for the model's context window (the claude "
+                   "CLI said: %s); shorten the messages." % detail)
+        said = re.sub(r"^(API Error: \d+ )?prompt is too long\W*", "", detail, flags=re.I)
+        api_message = "prompt is too long" + (": " + said if said else "")
+    error = invalid(message, "messages", "context_length_exceeded")
+    error.api_message = api_message
+    return error
+
+
+def api_refused(result, detail):
+    return invalid("Claude's API refused the request: %s" % detail, None, "upstream_rejected")
+
+
+def model_not_found(result, detail):
+    return ProxyError(404, "Claude's API did not find that: %s" % detail, "invalid_request_error",
+                      "model", "model_not_found", {"x-should-retry": "false"})
+
+
+#: A failed run's result -> the answer, by what the API said rather than how this release of the
+#: CLI words it: rows of (API statuses, CLI terminal reasons, message pattern, answer). A row
+#: applies when the result's api_error_status is one of its statuses (None: the CLI refused by
+#: itself, before or instead of an API call; ANY_STATUS: whatever it is) and, if the row names
+#: reasons or a pattern, the terminal_reason is one of them or the message matches. The first
+#: row that applies wins. Wordings read off CLI 2.1.197 and 2.1.332 (CLI-FACTS, the table test).
+ANY_STATUS = object()
+API_ERRORS = (
+    # Context overflow: 2.1.197 may refuse itself (no status, "Prompt is too long",
+    # blocking_limit); both releases pass the API's 400 "prompt is too long: N tokens > M
+    # maximum" on, as such ("API Error: 400 prompt is too long: ...") or reworded ("Prompt is
+    # too long · the request is ~N tokens (limit M)...", terminal_reason prompt_too_long).
+    ((None, 400, 413), ("prompt_too_long", "blocking_limit"),
+     re.compile(r"prompt is too long|prompt_too_long", re.I),
+     lambda result, detail: context_length_exceeded(detail)),
+    ((None,), ("image_error",), None,
+     lambda result, detail: invalid("An image could not be used: %s" % detail, "messages",
+                                    "invalid_image")),
+    ((429,), (), None, lambda result, detail: rate_limited(
+        5, "Claude's API is rate limiting this account: %s" % detail)),
+    ((529, 503), (), None, lambda result, detail: overloaded(
+        5, "Claude's API is overloaded: %s" % detail)),
+    ((401, 403), (), None, lambda result, detail: not_logged_in(detail)),
+    # Not logged in at all: no API call, so no status ("Not logged in · Please run /login").
+    ((ANY_STATUS,), (), re.compile(r"/login|Not logged in"),
+     lambda result, detail: not_logged_in(detail)),
+    ((404,), (), None, model_not_found),
+    ((400, 413, 422), (), None, api_refused),
+)
+
+
 def result_error(result):
     """A `result` event -> the ProxyError it stands for, or None for a successful run."""
     if not result.get("is_error") and result.get("subtype") in ("success", None):
         return None
     status = result.get("api_error_status")
     detail = str(result.get("result") or result.get("subtype") or "unknown error")[:500]
-    if status == 429:
-        return rate_limited(5, "Claude's API is rate limiting this account: %s" % detail)
-    if status in (529, 503):
-        return overloaded(5, "Claude's API is overloaded: %s" % detail)
-    if not status and (result.get("terminal_reason") in ("blocking_limit", "prompt_too_long")
-                       or detail.startswith("Prompt is too long")):
-        # The CLI refuses, before any API call, a conversation its model's window cannot hold.
-        return invalid("The conversation is too long for the model's context window (the claude "
-                       "CLI said: %s); shorten the messages." % detail, "messages",
-                       "context_length_exceeded")
-    if not status and result.get("terminal_reason") == "image_error":
-        return invalid("An image could not be used: %s" % detail, "messages", "invalid_image")
-    if status in (401, 403) or "/login" in detail or "Not logged in" in detail:
-        return not_logged_in(detail)
     if result.get("subtype") == "error_max_budget_usd":
         # The CLI checks --max-budget-usd between model calls: this run made none for the
         # request (the call that crossed the cap was answered: see ReplyTranslator._result).
@@ -260,12 +309,13 @@ def result_error(result):
                           "the cap." % (str(errors[0]) if errors else detail)[:300],
                           "invalid_request_error", None, "request_budget_exceeded",
                           {"x-should-retry": "false"})
-    if status == 404:
-        return ProxyError(404, "Claude's API did not find that: %s" % detail,
-                          "invalid_request_error", "model", "model_not_found",
-                          {"x-should-retry": "false"})
-    if status in (400, 413, 422):
-        return invalid("Claude's API refused the request: %s" % detail, None, "upstream_rejected")
+    for statuses, reasons, pattern, answer in API_ERRORS:
+        if status not in statuses and ANY_STATUS not in statuses:
+            continue
+        if (reasons or pattern) and not (result.get("terminal_reason") in reasons
+                                         or (pattern and pattern.search(detail))):
+            continue
+        return answer(result, detail)
     if status:
         return cli_failed("Claude's API answered %s: %s" % (status, detail), "upstream_error")
     return cli_failed("The claude CLI reported an error: %s" % detail)
@@ -3525,7 +3575,8 @@ def anthropic_error(error, request_id):
     headers = dict(error.headers)
     if status >= 500 and "x-should-retry" in headers:
         del headers["x-should-retry"]
-    return status, {"type": "error", "error": {"type": kind, "message": error.message},
+    return status, {"type": "error", "error": {"type": kind,
+                                               "message": error.api_message or error.message},
                     "request_id": request_id}, headers
 
 

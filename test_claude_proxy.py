@@ -49,6 +49,9 @@ the behaviour:
   TOOLFIRST   with --json-schema and client tools: a call of the first tool before any answer
   TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
               is_error, no API status, terminal_reason blocking_limit), exit 1
+  TOOLONGAPI  the API's refusal of it, as 2.1.197 and 2.1.332 pass it on (api_error_status 400,
+              terminal_reason prompt_too_long, "Prompt is too long · the request is ~N tokens
+              (limit 200000)..."), exit 1
   BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
   BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
   STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
@@ -242,15 +245,18 @@ def reply_once(first):
       while True:
           stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
           time.sleep(0.002)
-  if "TOOLONG" in text:  # the CLI's local refusal: no API call, no API status
+  if "TOOLONG" in text:  # the CLI's local refusal: no API call, no API status; or the API's
+      api = "TOOLONGAPI" in text
+      said = ("Prompt is too long \u00b7 the request is ~%%d tokens (limit 200000) and this "
+              "conversation's own content is most of it." %% (len(text) // 4 + 200000)) if api else "Prompt is too long"
       emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
-            "model": "<synthetic>", "content": [{"type": "text", "text": "Prompt is too long"}],
+            "model": "<synthetic>", "content": [{"type": "text", "text": said}],
             "stop_reason": "stop_sequence"}, "parent_tool_use_id": None, "session_id": session,
             "uuid": str(uuid.uuid4())})
-      emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": None,
-            "result": "Prompt is too long", "stop_reason": "stop_sequence", "session_id": session,
-            "terminal_reason": "blocking_limit", "usage": {"input_tokens": 0, "output_tokens": 0},
-            "uuid": str(uuid.uuid4())})
+      emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": 400 if api else None,
+            "result": said, "stop_reason": "stop_sequence", "session_id": session,
+            "terminal_reason": "prompt_too_long" if api else "blocking_limit",
+            "usage": {"input_tokens": 0, "output_tokens": 0}, "uuid": str(uuid.uuid4())})
       sys.exit(1)
   big_line = re.search(r"BIGLINE\[(\d+)\]", text)
   if big_line:  # one enormous event line, written in pieces
@@ -789,6 +795,59 @@ class ErrorMappingTest(unittest.TestCase):
                 else:
                     self.assertEqual((error.status, error.code), (status, code))
                     self.assertIn("Retry-After", error.headers) if status in (429, 503) and code != "cli_not_logged_in" else None
+
+    def test_results_as_each_release_words_them(self):
+        # The result lines of CLI 2.1.197 and 2.1.332 against the fake API (RATE429, OVERLOAD,
+        # AUTH401, BADREQ400, an unknown model, a 2 MB prompt), and the API's own wording of a
+        # context overflow as a result may pass it on.
+        too_long = ("Prompt is too long \u00b7 the request is ~501652 tokens (limit 200000) and this "
+                    "conversation's own content is most of it. A single-exchange conversation "
+                    "cannot be compacted; start with less content (smaller files or pasted text).")
+        cases = [
+            ("197 refuses by itself", None, "blocking_limit", "Prompt is too long",
+             400, "context_length_exceeded"),
+            ("197 passes the API's on", 400, "prompt_too_long", too_long, 400, "context_length_exceeded"),
+            ("332 passes the API's on", 400, "prompt_too_long", too_long, 400, "context_length_exceeded"),
+            ("the API's words", 400, "api_error", "API Error: 400 prompt is too long: 210245 tokens "
+             "> 200000 maximum", 400, "context_length_exceeded"),
+            ("197 rate limit", 429, "completed", "API Error: Request rejected (429) \u00b7 Number of "
+             "request tokens has exceeded your per-minute rate limit", 429, "rate_limit_exceeded"),
+            ("332 rate limit", 429, "api_error", "API Error: Request rejected (429) \u00b7 Number of "
+             "request tokens has exceeded your per-minute rate limit", 429, "rate_limit_exceeded"),
+            ("197 overloaded", 529, "completed", "API Error: 529 Overloaded. This is a server-side "
+             "issue, usually temporary", 503, "overloaded"),
+            ("332 overloaded", 529, "api_error", "API Error: 529 Overloaded. This is a server-side "
+             "issue, usually temporary", 503, "overloaded"),
+            ("197 key refused", 401, "completed", "Invalid API key \u00b7 Fix external API key", 503,
+             "cli_not_logged_in"),
+            ("332 key refused", 401, "api_error", "Invalid API key \u00b7 Fix external API key", 503,
+             "cli_not_logged_in"),
+            ("197 bad request", 400, "completed", "API Error: 400 messages: text content blocks must "
+             "be non-empty", 400, "upstream_rejected"),
+            ("332 bad request", 400, "api_error", "API Error: 400 messages: text content blocks must "
+             "be non-empty", 400, "upstream_rejected"),
+            ("197 unknown model", 404, "completed", "There's an issue with the selected model "
+             "(gpt-nope). It may not exist or you may not have access to it.", 404, "model_not_found"),
+            ("332 unknown model", 404, "api_error", "There's an issue with the selected model "
+             "(gpt-nope). It may not exist or you may not have access to it.", 404, "model_not_found"),
+        ]
+        for name, status, reason, text, want_status, want_code in cases:
+            with self.subTest(name):
+                error = cp.result_error({"type": "result", "subtype": "success", "is_error": True,
+                                         "api_error_status": status, "result": text,
+                                         "terminal_reason": reason})
+                self.assertEqual((error.status, error.code), (want_status, want_code))
+                if want_code == "context_length_exceeded":
+                    self.assertEqual(error.param, "messages")
+                    self.assertTrue(error.api_message.startswith("prompt is too long"), error.api_message)
+                    _, body, _ = cp.anthropic_error(error, "req_1")
+                    self.assertEqual(body["error"], {"type": "invalid_request_error",
+                                                     "message": error.api_message})
+        error = cp.result_error({"type": "result", "is_error": True, "api_error_status": 400,
+                                 "result": too_long, "terminal_reason": "prompt_too_long"})
+        self.assertIn("maximum context length is 200000 tokens", error.message)
+        self.assertIn("resulted in 501652 tokens", error.message)
+        self.assertEqual(error.api_message, "prompt is too long: 501652 tokens > 200000 maximum")
 
     def test_envelope(self):
         error = cp.invalid("nope", "messages[0].role")
@@ -2648,6 +2707,16 @@ class HostileTest(ServerTestCase):
         headers, error = self.assert_error(self.chat(user("TOOLONG")), 400, "messages", "context_length_exceeded")
         self.assertEqual(headers["x-should-retry"], "false")
         self.assertIn("Prompt is too long", error["message"])
+        # The API's refusal, as the CLI passes it on: the same code, OpenAI's wording; the
+        # Anthropic dialect gets the API's own.
+        headers, error = self.assert_error(self.chat(user("TOOLONGAPI")), 400, "messages", "context_length_exceeded")
+        self.assertIn("maximum context length is 200000 tokens", error["message"])
+        status, _, raw = self.request("POST", "/v1/messages", {
+            "model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "TOOLONGAPI"}]},
+            headers={"anthropic-version": "2023-06-01"})
+        body = json.loads(raw)
+        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"))
+        self.assertRegex(body["error"]["message"], r"^prompt is too long: \d+ tokens > 200000 maximum$")
 
     def test_pool_does_not_retry_a_shape_that_failed_to_start(self):
         broken = os.path.join(self.tmp, "not-executable")
