@@ -45,6 +45,14 @@ import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler
+try:
+    import fcntl  # POSIX: the owner lock of the proxy's folder (see ProxyFolder)
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt  # Windows: the same lock
+except ImportError:
+    msvcrt = None
 from http.server import ThreadingHTTPServer
 
 # Defaults ###################################################################################
@@ -1818,6 +1826,11 @@ class CliRun:
             kwargs["start_new_session"] = True  # its own process group: stop it and its children
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=workdir, env=env, **kwargs)
+        try:  # for the next proxy, should this one die without stopping it (remove_leftovers)
+            with open(workdir + CLI_PID_SUFFIX, "w", encoding="utf-8") as f:
+                f.write("%d %s" % (self.proc.pid, process_start(self.proc.pid) or "-"))
+        except OSError:
+            pass
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
 
@@ -1979,6 +1992,10 @@ class CliRun:
             except OSError:
                 pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            os.remove(self.workdir + CLI_PID_SUFFIX)
+        except OSError:
+            pass
         if self.sessions:  # the session file the run resumed, and its folder
             shutil.rmtree(self.sessions, ignore_errors=True)
         self.runner.forget(self)
@@ -2037,13 +2054,176 @@ def shape_label(shape):
                          hashlib.sha1(shape.encode("utf-8")).hexdigest()[:8])
 
 
-def run_files(plan, wait_seconds=DEFAULT_TIMEOUT):
+#: What a proxy leaves on disk is findable by the next one: every run's folder (system prompt,
+#: MCP config, tool results, the CLI's own temporary files) is made inside the proxy's own
+#: folder in TMPDIR, claude-proxy-<random>, which holds an owner file locked for the proxy's
+#: whole life (flock on POSIX, msvcrt.locking on Windows: the system drops the lock when the
+#: process dies, however it dies, so a reused pid cannot fool it). The session files of its
+#: resumed runs sit in the CLI's projects folders under names that begin with the proxy
+#: folder's own; the folders that hold them are listed in SESSION_ROOTS_FILE.
+PROXY_FOLDER_PREFIX = "claude-proxy-"
+OWNER_FILE = "owner.lock"
+SESSION_ROOTS_FILE = "session-roots"
+CLI_PID_SUFFIX = ".pid"  # beside a run's folder: "<pid> <start time>" of the CLI it runs
+
+
+def lock_owner_file(fd):
+    """Take the owner lock of an open owner file without waiting: True if taken, False if
+    another process holds it, None where this system has no lock the proxy can use."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        if msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+    except OSError:
+        return False
+    return None
+
+
+def owner_gone(folder):
+    """True when the proxy that made this folder is gone (its owner lock can be taken), False
+    while it lives, None when it cannot be told (no owner file, no lock on this system)."""
+    try:
+        fd = os.open(os.path.join(folder, OWNER_FILE), os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        return lock_owner_file(fd)
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken
+
+
+def process_start(pid):
+    """A token that tells this process from a later one with the same pid (Linux: its start
+    time in clock ticks since boot), or None where it cannot be read."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def session_name(path):
+    """The name the CLI gives the projects folder of a working directory."""
+    return SESSION_NAME.sub("-", os.path.realpath(path))
+
+
+def remove_leftovers(tmpdir=None):
+    """Before serving: remove what proxies that died (SIGKILL, a crash, a power cut) left in
+    TMPDIR: their folders, the session files of their resumed runs, and any of their CLI
+    processes still running (whose start time matches, so never a stranger reusing a pid; where
+    start times cannot be read, the process is left: a waiting CLI ends when its stdin closes, a
+    tool call's bridge when its folder goes). Only folders of this proxy's kind, with an owner
+    file whose lock can be taken: folders of proxies still running, of any other program, or
+    that cannot be told are left alone. Returns the folders removed."""
+    tmpdir = tmpdir or tempfile.gettempdir()
+    removed = []
+    try:
+        names = sorted(os.listdir(tmpdir))
+    except OSError:
+        return removed
+    for name in names:
+        folder = os.path.join(tmpdir, name)
+        if not name.startswith(PROXY_FOLDER_PREFIX) or not os.path.isdir(folder):
+            continue
+        if owner_gone(folder) is not True:
+            continue
+        for run in os.listdir(folder):
+            if not run.endswith(CLI_PID_SUFFIX):
+                continue
+            try:
+                with open(os.path.join(folder, run), encoding="utf-8") as f:
+                    pid, start = f.read().split()
+                if os.name != "nt" and process_start(int(pid)) == start:
+                    os.killpg(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        try:
+            with open(os.path.join(folder, SESSION_ROOTS_FILE), encoding="utf-8") as f:
+                roots = [line.strip() for line in f if line.strip()]
+        except OSError:
+            roots = []
+        prefix = session_name(folder) + "-"
+        for root in roots:
+            try:
+                for entry in os.listdir(root):
+                    if entry.startswith(prefix):
+                        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+            except OSError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            removed.append(folder)
+    return removed
+
+
+class ProxyFolder:
+    """The proxy's own folder in TMPDIR (see PROXY_FOLDER_PREFIX): made at its first run,
+    locked while the proxy lives, removed at shutdown. TMPDIR is read at each run (it may be
+    changed or become unwritable while the proxy runs): one folder per TMPDIR used."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._folders = {}  # TMPDIR -> (folder, owner file descriptor)
+        self._roots = set()
+        self._closed = False
+
+    def folder(self):
+        """This proxy's folder in the current TMPDIR; OSError if it cannot be made."""
+        tmpdir = tempfile.gettempdir()
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.ESHUTDOWN, "the proxy is shutting down")
+            if tmpdir not in self._folders:
+                folder = tempfile.mkdtemp(prefix=PROXY_FOLDER_PREFIX, dir=tmpdir)
+                try:
+                    fd = os.open(os.path.join(folder, OWNER_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+                    os.write(fd, str(os.getpid()).encode("ascii"))
+                except OSError:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise
+                if lock_owner_file(fd) is False:  # nobody else can hold a folder just made
+                    log("cannot lock %s; a crash would leave it behind" % folder)
+                self._folders[tmpdir] = (folder, fd)
+            return self._folders[tmpdir][0]
+
+    def run_folder(self):
+        """A new private folder (0700) for one run, inside this proxy's folder."""
+        return tempfile.mkdtemp(prefix="run-", dir=self.folder())
+
+    def note_sessions(self, root):
+        """Session folders may be made in `root`: the next proxy removes ours there if we die."""
+        with self._lock:
+            if root in self._roots:
+                return
+            for folder, _ in self._folders.values():
+                with open(os.path.join(folder, SESSION_ROOTS_FILE), "a", encoding="utf-8") as f:
+                    f.write(root + "\n")
+            self._roots.add(root)
+
+    def owner_files(self):
+        with self._lock:
+            return [os.path.join(folder, OWNER_FILE) for folder, _ in self._folders.values()]
+
+    def close(self):
+        """At shutdown, once every run is stopped: remove the folders and drop the locks."""
+        with self._lock:
+            folders, self._folders, self._closed = list(self._folders.values()), {}, True
+        for folder, fd in folders:
+            os.close(fd)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_files(plan, wait_seconds=DEFAULT_TIMEOUT, folders=None):
     """A run's private folder (0700) with its system prompt and, with tools, its MCP config:
     (folder, prompt path, config path or None). A 503 naming TMPDIR when they cannot be written
     or its disk is nearly full (the CLI would fail there with no word on stderr)."""
     workdir = None
     try:
-        workdir = tempfile.mkdtemp(prefix="claude-proxy-")
+        workdir = folders.run_folder() if folders else tempfile.mkdtemp(prefix=PROXY_FOLDER_PREFIX)
         free = shutil.disk_usage(workdir).free
         if free < TMPDIR_MIN_FREE_BYTES:
             raise OSError(errno.ENOSPC, "only %d KiB free" % (free // 1024))
@@ -2056,7 +2236,8 @@ def run_files(plan, wait_seconds=DEFAULT_TIMEOUT):
             config_path = os.path.join(workdir, "mcp-config.json")
             os.mkdir(os.path.join(workdir, MCP_RESULTS_DIR))
             with open(tools_path, "w", encoding="utf-8") as f:
-                json.dump({"tools": plan["tools"], "wait_seconds": wait_seconds}, f)
+                json.dump({"tools": plan["tools"], "wait_seconds": wait_seconds,
+                           "owner_files": folders.owner_files() if folders else []}, f)
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(mcp_config(tools_path), f)
         return workdir, prompt_path, config_path
@@ -2086,6 +2267,7 @@ class CliRunner:
         self._logged = set()
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
+        self.folders = ProxyFolder()
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
         self.real_turns = history != "transcript"
         self.continuations = (Continuations(pool_size, pool_idle)
@@ -2122,9 +2304,13 @@ class CliRunner:
         if not self.claude_path:
             raise cli_failed("The claude CLI was not found: install Claude Code, or set CLAUDE_PATH "
                              "to its full path.", "cli_not_found")
+        with self._lock:
+            if self._closed:
+                raise overloaded(5, "The proxy is shutting down.")
         # The bridge waits this long for a tool result, then ends its run: nothing is left
         # running even if the proxy itself is killed.
-        workdir, prompt_path, config_path = run_files(plan, self.timeout + self.idle_seconds)
+        workdir, prompt_path, config_path = run_files(plan, self.timeout + self.idle_seconds,
+                                                      self.folders)
         env = cli_env(self.env, plan)
         # The CLI's own temporary files (it makes a claude-<uid> folder) stay in the run's
         # folder and go with it: nothing is left in TMPDIR.
@@ -2135,6 +2321,7 @@ class CliRunner:
             if history:
                 session_id = str(uuid.uuid4())
                 sessions = session_folder(env, workdir)
+                self.folders.note_sessions(os.path.dirname(sessions))
                 os.makedirs(sessions, mode=0o700)
                 path = os.path.join(sessions, session_id + ".jsonl")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2326,6 +2513,7 @@ class CliRunner:
         with self._lock:
             runs = list(self._runs)
         stop_runs(runs, "shutdown")
+        self.folders.close()
 
 
 class Continuations:
@@ -6220,7 +6408,7 @@ def mcp_reply(message, tools, wait_for_result=None):
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 
-def result_waiter(folder, wait_seconds):
+def result_waiter(folder, wait_seconds, owner_files=()):
     """tools/call results from the proxy: the n-th call gets the file n.json in `folder`,
     which the proxy writes when the client's next request brings the results. The bridge
     polls: a file is the one channel that works alike on every platform. If none comes in
@@ -6228,14 +6416,28 @@ def result_waiter(folder, wait_seconds):
     group, so that nothing is left running."""
     calls = [0]
 
+    def proxy_gone():
+        # Its owner lock can be taken: the proxy was killed, and nobody will bring a result.
+        return any(owner_gone(os.path.dirname(path)) for path in owner_files)
+
     def wait_for_result(name):
         path = os.path.join(folder, "%d.json" % calls[0])
         calls[0] += 1
         deadline = time.monotonic() + wait_seconds
+        checked = time.monotonic()
         while not os.path.exists(path):
+            if time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                if proxy_gone():
+                    deadline = 0
             if time.monotonic() > deadline or not os.path.isdir(folder):
+                # KILL, the CLI with us: given TERM, or the call's failure, it would ask the
+                # model again, a paid call nobody reads.
                 if os.name != "nt":
-                    os.killpg(os.getpgid(0), signal.SIGTERM)
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                else:
+                    subprocess.run(["taskkill", "/T", "/F", "/PID", str(os.getppid())],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 sys.exit(1)
             time.sleep(0.02)
         with open(path, encoding="utf-8") as f:
@@ -6250,7 +6452,7 @@ def mcp_serve(tools_path, stdin=None, stdout=None):
     with open(tools_path, encoding="utf-8") as f:
         spec = json.load(f)
     waiter = result_waiter(os.path.join(os.path.dirname(os.path.abspath(tools_path)), MCP_RESULTS_DIR),
-                           float(spec.get("wait_seconds", DEFAULT_TIMEOUT)))
+                           float(spec.get("wait_seconds", DEFAULT_TIMEOUT)), spec.get("owner_files") or ())
     for line in iter(stdin.readline, b""):
         if not line.strip():
             continue
@@ -6524,6 +6726,7 @@ def main(argv=None):
             "it could spend this machine's Claude subscription.\nSet CLAUDE_PROXY_API_KEY (or "
             "--api-key), or say --no-auth if that is really intended.\n" % args.host)
         return 2
+    left = remove_leftovers()
     claude_path = find_claude(args.claude_path)
     version = cli_version(claude_path)
     config = Config(claude_path, args.model, args.effort, args.timeout,
@@ -6544,6 +6747,9 @@ def main(argv=None):
         log("claude CLI: %s (%s)" % (claude_path, version or "version unknown: `claude --version` failed"))
     else:
         log("WARNING: no claude CLI found (set CLAUDE_PATH); requests will fail with 502")
+    if left:
+        log("removed what proxies that did not stop cleanly left in %s: %d folder(s), with their "
+            "runs' files, session files and CLI processes" % (tempfile.gettempdir(), len(left)))
     if not loopback and not api_keys:
         log("WARNING: listening on %s with no API key (--no-auth)" % args.host)
     log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs, warm pool: %s, "

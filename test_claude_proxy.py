@@ -3016,6 +3016,63 @@ class MainTest(unittest.TestCase):
                 for record in self.program_records(record_dir):
                     self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
 
+    def kill_mid_request(self, body, tmpdir, started):
+        """Start the proxy over TMPDIR `tmpdir`, send `body`, wait for started(records), SIGKILL
+        the proxy: (its record dir, the folders it had made in tmpdir)."""
+        proc, port, record_dir = self.start_program("--pool-size", "1", env={"TMPDIR": tmpdir})
+        client = threading.Thread(target=self.ask_quietly, args=(port, body), daemon=True)
+        client.start()
+        self.assertTrue(wait_until(lambda: started(self.program_records(record_dir))), "the run started")
+        made = [n for n in os.listdir(tmpdir) if n.startswith(cp.PROXY_FOLDER_PREFIX)]
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+        client.join(30)
+        return record_dir, made
+
+    def ask_quietly(self, port, body):
+        try:
+            ServerTestCase.request(self, "POST", "/v1/chat/completions", body, port=port)
+        except OSError:
+            pass  # the proxy was killed under it
+
+    @unittest.skipUnless(os.path.exists("/proc/self/stat"), "process start times are read from /proc")
+    def test_a_killed_proxys_folders_and_processes_go_at_the_next_start(self):
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        stranger = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "not-ours")  # another program's
+        os.mkdir(stranger)
+        record_dir, made = self.kill_mid_request(
+            dict(user("HANG"), stream=True), tmpdir,
+            lambda records: any("child_pid" in r for r in records) and len(records) >= 2)
+        self.assertEqual(len(made) - 1, 1, "one folder of the killed proxy, with its runs in it")
+        runs = os.listdir(os.path.join(tmpdir, [n for n in made if n != "claude-proxy-not-ours"][0]))
+        self.assertEqual(len([r for r in runs if r.startswith("run-") and not r.endswith(".pid")]), 2,
+                         "the hung run and a warm one")
+        hung = [r for r in self.program_records(record_dir) if "child_pid" in r][0]
+        self.assertTrue(pid_alive(hung["pid"]) and pid_alive(hung["child_pid"]),
+                        "a CLI that does not read its stdin outlives the proxy's SIGKILL")
+        proc, port, _ = self.start_program(env={"TMPDIR": tmpdir})  # on the same TMPDIR
+        self.assertEqual(sorted(os.listdir(tmpdir)), ["claude-proxy-not-ours"], "removed before serving")
+        for record in self.program_records(record_dir):
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])), record)
+        self.assertTrue(wait_until(lambda: not pid_alive(hung["child_pid"])), "its whole group")
+        proc.terminate()
+        self.assertEqual(proc.wait(15), 0)
+
+    def test_a_tool_call_waiting_for_a_killed_proxy_ends_by_itself(self):
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        # The reply is the call; the CLI then waits in the bridge for the client's result.
+        record_dir, _ = self.kill_mid_request(
+            dict(user("CALLTOOL"), tools=[tool]), tmpdir,
+            lambda records: any(r.get("stdin") for r in records))
+        time.sleep(0.5)
+        waiting = [r for r in self.program_records(record_dir) if r.get("stdin")]
+        self.assertTrue(waiting)
+        for record in waiting:  # the bridge saw its proxy's lock go, and ended its run's group
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])), record)
+
     def test_grace_runs_out_then_every_cli_is_stopped(self):
         proc, port, record_dir = self.start_program("--shutdown-grace", "0.3")
         results = []
