@@ -1751,6 +1751,123 @@ def cli_version(claude_path, timeout=15.0):
     return text.splitlines()[0] if done.returncode == 0 and text else None
 
 
+#: The oldest CLI release the proxy is tested with; an older one is said so at start and in
+#: /health, and used as it is. A newer one is used too: its --help is checked for the flags the
+#: proxy gives, and where it does not do what the proxy relies on (it cannot load a session
+#: file, a flag is refused), the proxy falls back and says so.
+OLDEST_SUPPORTED_CLI = (2, 1, 197)
+#: The flags cli_argv gives the CLI that `claude --help` lists (2.1.197 and 2.1.332 list all of
+#: these). --system-prompt-file and --max-turns work there but are not listed: a run the CLI
+#: refuses for an unknown option is said so instead (CliRunner.note_refused_flag).
+CLI_LISTED_FLAGS = ("--print", "--input-format", "--output-format", "--verbose",
+                    "--include-partial-messages", "--no-session-persistence", "--tools",
+                    "--strict-mcp-config", "--resume", "--mcp-config", "--allowedTools",
+                    "--json-schema", "--model", "--effort", "--max-budget-usd")
+UNKNOWN_OPTION = re.compile(r"unknown option '(--?[A-Za-z][\w-]*)'")
+CLI_CHECK_SECONDS = 30.0
+
+
+def parse_cli_version(text):
+    """"2.1.332 (Claude Code)" -> (2, 1, 332), or None."""
+    found = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(n) for n in found.groups()) if found else None
+
+
+def cli_help(claude_path, env):
+    """`claude --help`, or None when it cannot be run (no model call, no spend)."""
+    try:
+        done = subprocess.run([claude_path, "--help"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=CLI_CHECK_SECONDS, env=cli_env(env, {}))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
+
+
+def cli_sessions_root(claude_path, env, cwd):
+    """Where this CLI keeps its sessions, asked of the CLI itself: (the projects folder, None)
+    or (None, why it cannot be told). A wrapper script may give the CLI another HOME or
+    CLAUDE_CONFIG_DIR than the proxy's, so the proxy's own environment cannot say.
+
+    The CLI is given `/clear`, which it answers without a model call (CLI-FACTS), in `cwd`;
+    its init event names its auto-memory folder, <config>/projects/<cwd's name>/memory/ (2.1.197
+    and 2.1.332), when auto memory is on, which this run alone asks for. What the CLI makes
+    there for `cwd` is removed."""
+    env = dict(cli_env(env, {}), CLAUDE_CODE_DISABLE_AUTO_MEMORY="0", TMPDIR=cwd, TEMP=cwd, TMP=cwd)
+    argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+            "--verbose", "--no-session-persistence", "--tools", "", "--strict-mcp-config",
+            "--max-turns", "1"]
+    try:
+        done = subprocess.run(argv, input=cli_stdin([{"type": "text", "text": "/clear"}]),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env,
+                              timeout=CLI_CHECK_SECONDS)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, "the CLI could not be run to ask it (%s)" % e
+    init = None
+    for line in done.stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("type") == "system" and event.get("subtype") == "init":
+            init = event
+            break
+    if init is None:
+        return None, "the CLI printed no init event when asked (exit status %s)" % done.returncode
+    memory = (init.get("memory_paths") or {}).get("auto") if isinstance(init.get("memory_paths"), dict) else None
+    if not isinstance(memory, str) or not memory:
+        return None, ("the CLI's init event names no auto-memory folder (a setting may turn auto "
+                      "memory off: autoMemoryEnabled)")
+    project = os.path.dirname(os.path.normpath(memory))
+    root, name = os.path.split(project)
+    if name != session_name(cwd) or os.path.basename(root) != "projects":
+        return None, "the CLI keeps a working directory's sessions in %s, not where the proxy expects" % project
+    shutil.rmtree(project, ignore_errors=True)
+    return root, None
+
+
+class CliCheck:
+    """What the proxy found out about the CLI binary on disk, without a model call: its version,
+    the flags its --help lacks, and where it keeps sessions (or why that cannot be told)."""
+
+    def __init__(self, stamp=None, version=None, help_text=None, sessions_root=None,
+                 sessions_problem=None, checked=True):
+        self.stamp = stamp
+        self.version = version
+        self.release = parse_cli_version(version)
+        self.checked = checked
+        self.help_found = help_text is not None
+        self.flags_missing = ([f for f in CLI_LISTED_FLAGS
+                               if not re.search(re.escape(f) + r"(?![\w-])", help_text)]
+                              if help_text is not None else [])
+        self.sessions_root = sessions_root
+        self.sessions_problem = sessions_problem
+
+    def supported(self):
+        """True at or above the oldest supported release, False below, None if unknown."""
+        return self.release >= OLDEST_SUPPORTED_CLI if self.release else None
+
+    def problems(self):
+        """What a user can act on, in words; empty when all is as expected."""
+        out = []
+        if self.checked and self.supported() is False:
+            out.append("claude CLI %s is older than the oldest release this proxy supports (%s): "
+                       "update it (`claude update`, or npm install -g @anthropic-ai/claude-code)."
+                       % (self.version, ".".join(map(str, OLDEST_SUPPORTED_CLI))))
+        if self.checked and not self.help_found:
+            out.append("`claude --help` failed, so the flags the proxy uses could not be checked.")
+        if self.flags_missing:
+            out.append("`claude --help` does not list %s, which the proxy gives the CLI: runs "
+                       "that need them may fail; update the proxy, or pin the CLI to a release "
+                       "that has them." % ", ".join(self.flags_missing))
+        if self.checked and self.sessions_root is None:
+            out.append("where the CLI keeps its sessions cannot be told (%s): earlier turns of a "
+                       "conversation go to it as session files in %s, which it may not find; "
+                       "then they go as a transcript, which the prompt cache cannot reuse."
+                       % (self.sessions_problem, "the proxy's own ~/.claude"))
+        return out
+
+
 def bounded_lines(stream, limit):
     """The lines of a binary stream as (line, whole) pairs, none longer than `limit` bytes: of a
     longer line, only its first bytes are kept (whole=False) and the rest is read and dropped, so
@@ -1874,6 +1991,26 @@ class CliRun:
             os.replace(path + ".tmp", path)
             self.results_given += 1
         self.pending_calls = []
+
+    def peek_until(self, wanted, seconds):
+        """Read events until one for which wanted(event) is true and return it, or None if none
+        came within `seconds` (the run is then stopped). events() gives them all again."""
+        timer = threading.Timer(seconds, self.cancel, ("no_start",))
+        timer.daemon = True
+        timer.start()
+        seen, self._peeked = self._peeked, []
+        try:
+            for event in seen:
+                if wanted(event):
+                    return event
+            for event in self.events():
+                seen.append(event)
+                if wanted(event):
+                    return event
+            return None
+        finally:
+            self._peeked = seen + self._peeked
+            timer.cancel()
 
     def first_event(self, seconds):
         """The run's first event, or None if it printed none within `seconds` (the run is then
@@ -2091,7 +2228,11 @@ def owner_gone(folder):
     except OSError:
         return None
     try:
-        return lock_owner_file(fd)
+        taken = lock_owner_file(fd)
+        if taken and fcntl is None and msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # Windows may hold it a while past close
+        return taken
     finally:
         os.close(fd)  # and with it the lock, if it was taken
 
@@ -2176,7 +2317,7 @@ class ProxyFolder:
         tmpdir = tempfile.gettempdir()
         with self._lock:
             if self._closed:
-                raise OSError(errno.ESHUTDOWN, "the proxy is shutting down")
+                raise OSError(errno.EINVAL, "the proxy is shutting down")
             if tmpdir not in self._folders:
                 folder = tempfile.mkdtemp(prefix=PROXY_FOLDER_PREFIX, dir=tmpdir)
                 try:
@@ -2268,6 +2409,10 @@ class CliRunner:
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
         self.folders = ProxyFolder()
+        self._check_lock = threading.Lock()
+        self._check = CliCheck(checked=False)  # main() turns checking on (check_cli)
+        self._deferred_failed = None  # the binary stamp of a CLI that ignored a deferred call
+        self.refused_flags = []  # options the CLI refused as unknown, this binary
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
         self.real_turns = history != "transcript"
         self.continuations = (Continuations(pool_size, pool_idle)
@@ -2297,6 +2442,116 @@ class CliRunner:
         with self._version_lock:
             self._version, self._version_stamp = version, self.binary_stamp()
 
+    def check_cli(self):
+        """Check the CLI binary on disk now, without a model call: its version, the flags its
+        --help lists, where it keeps sessions. Logs what a user must know, once per binary.
+        From then on it is checked again whenever the binary changes (cli_check)."""
+        with self._check_lock:
+            stamp = self.binary_stamp()
+            if not self.claude_path or stamp is None:
+                self._check = CliCheck(stamp, checked=True)
+                return self._check
+            found = {}  # the three questions at once: each is a CLI start (about 0.5-2 s)
+            asks = [threading.Thread(target=lambda: found.update(version=cli_version(self.claude_path))),
+                    threading.Thread(target=lambda: found.update(help=cli_help(self.claude_path, self.env)))]
+            for ask in asks:
+                ask.start()
+            root, problem = None, "the proxy's TMPDIR cannot be written"
+            try:
+                probe = self.folders.run_folder()
+            except OSError:
+                probe = None
+            if probe:
+                try:
+                    root, problem = cli_sessions_root(self.claude_path, self.env, probe)
+                finally:
+                    shutil.rmtree(probe, ignore_errors=True)
+            for ask in asks:
+                ask.join()
+            version, help_text = found.get("version"), found.get("help")
+            changed = self._check.checked and self._check.stamp != stamp
+            self._check = CliCheck(stamp, version, help_text, root, problem)
+            self.refused_flags = []
+        with self._version_lock:
+            self._version, self._version_stamp = version, stamp
+        if changed:
+            log("the claude CLI at %s changed: now %s" % (self.claude_path, version or "version unknown"))
+        for problem in self._check.problems():
+            log("WARNING: " + problem)
+        return self._check
+
+    def cli_check(self):
+        """What is known of the CLI binary on disk now (checked again if it changed)."""
+        check = self._check
+        if check.checked and check.stamp != self.binary_stamp():
+            return self.check_cli()
+        return check
+
+    def sessions_root(self, env):
+        """The folder the CLI reads session files from: as the CLI said, or (not checked, or
+        it could not be told) where it would be with the proxy's own environment."""
+        check = self.cli_check()
+        return check.sessions_root or os.path.join(cli_config_dir(env), "projects")
+
+    def note_refused_flag(self, stderr_lines):
+        """A run ended with `unknown option`: say so once, and in /health."""
+        for line in stderr_lines:
+            found = UNKNOWN_OPTION.search(line)
+            if found and found.group(1) not in self.refused_flags:
+                self.refused_flags.append(found.group(1))
+                log("WARNING: the claude CLI at %s (%s) refused the option %s, which the proxy "
+                    "gives it: update the proxy, or install a CLI release that has it."
+                    % (self.claude_path, self._check.version or "version unknown", found.group(1)))
+
+    def cli_report(self):
+        """/health's account of the CLI: what was checked, what is in use, what fell back."""
+        check = self.cli_check()
+        return {"supported": check.supported(),
+                "oldest_supported": ".".join(map(str, OLDEST_SUPPORTED_CLI)),
+                "checked": check.checked,
+                "flags_missing": check.flags_missing,
+                "flags_refused": list(self.refused_flags),
+                "sessions": {"folder": self.sessions_root(self.env) if self.claude_path else None,
+                             "from": ("the CLI" if check.sessions_root else
+                                      "the proxy's environment" if self.claude_path else None),
+                             "problem": check.sessions_problem if check.checked else "not checked"},
+                "features": self.features(),
+                "problems": check.problems() + [
+                    "the CLI refused the option %s, which the proxy gives it" % flag
+                    for flag in self.refused_flags]}
+
+    def features(self):
+        """For /health: how conversations reach the CLI now, and what fell back and why."""
+        check = self.cli_check()
+        stamp = self.binary_stamp()
+        if not self.real_turns:
+            session_files = "off: --history transcript"
+        elif "--resume" in check.flags_missing:
+            session_files = "off: the CLI's --help does not list --resume"
+        elif self._resume_failed is not None and self._resume_failed == stamp:
+            session_files = ("off: the CLI did not load a session file the proxy wrote; earlier "
+                             "turns go as a transcript")
+        elif check.sessions_root:
+            session_files = "on"
+        elif not check.checked:
+            session_files = ("on, in the folder the proxy's own environment gives (%s): the CLI "
+                             "was not checked" % self.sessions_root(self.env))
+        else:
+            session_files = ("on, in the folder the proxy's own environment gives (%s); where the "
+                             "CLI keeps sessions could not be told" % self.sessions_root(self.env))
+        if not session_files.startswith("on"):
+            deferred = session_files
+        elif self._deferred_failed is not None and self._deferred_failed == stamp:
+            deferred = ("off: the CLI did not run a deferred tool call the proxy resumed; such "
+                        "tool results go as a transcript")
+        else:
+            deferred = "on"
+        return {"session_files": session_files, "deferred_tool_results": deferred,
+                "warm_pool": "on" if self.pool else "off: --pool-size 0",
+                "kept_processes": ("on" if self.continuations else
+                                   "off: --history transcript" if not self.real_turns
+                                   else "off: --pool-size 0")}
+
     def spawn(self, plan, shape=None, history=None, deferred=None):
         """Start a process for a plan's shape, waiting for its message; with `history` (turns
         ending with an assistant turn), resuming a session file that holds them. Raises a
@@ -2320,7 +2575,7 @@ class CliRunner:
         try:
             if history:
                 session_id = str(uuid.uuid4())
-                sessions = session_folder(env, workdir)
+                sessions = os.path.join(self.sessions_root(env), session_name(workdir))
                 self.folders.note_sessions(os.path.dirname(sessions))
                 os.makedirs(sessions, mode=0o700)
                 path = os.path.join(sessions, session_id + ".jsonl")
@@ -2408,6 +2663,10 @@ class CliRunner:
         ends with it deferred, and the bridge gets its result; nothing goes on stdin."""
         if self._resume_failed is not None and self._resume_failed == self.binary_stamp():
             return None
+        if "--resume" in self.cli_check().flags_missing:
+            return None
+        if deferred and self._deferred_failed is not None and self._deferred_failed == self.binary_stamp():
+            return None
         run = self.spawn(plan, shape, history=turns[:-1], deferred=deferred)
         try:
             if deferred:
@@ -2424,14 +2683,44 @@ class CliRunner:
         except BaseException:
             run.stop()  # no request holds it yet
             raise
-        if first is not None and not (first.get("type") == "result" and first.get("is_error")):
+        loaded = first is not None and not (first.get("type") == "result" and first.get("is_error"))
+        if loaded and deferred:
+            # The deferred call is undocumented: the CLI must run it, and print the client's
+            # result as a `user` event (2.1.197 and 2.1.332 do, before their init event), before
+            # it asks the model anything. If it asks without it, the client's tool result would
+            # be silently lost: stop, and send a transcript.
+            wanted = cli_tool_id(deferred["id"])
+            ran = lambda e: e.get("type") == "user" and any(
+                isinstance(b, dict) and b.get("type") == "tool_result" and b.get("tool_use_id") == wanted
+                for b in ((e.get("message") or {}).get("content") or []) if isinstance(b, dict))
+            try:
+                seen = run.peek_until(lambda e: ran(e) or e.get("type") in ("stream_event", "assistant", "result"),
+                                      RESUME_START_SECONDS)
+            except BaseException:
+                run.stop()
+                raise
+            if seen is None or not ran(seen):
+                run.stop()
+                self._deferred_failed = run.binary
+                self._log_once(("deferred", run.binary), "WARNING: the claude CLI (%s) did not run a "
+                               "tool call the proxy deferred in a session file before asking the "
+                               "model; tool results now go to it as a transcript, which the prompt "
+                               "cache cannot reuse. /health says so under cli.features."
+                               % (self._check.version or "version unknown"))
+                return None
+            return run
+        if loaded:
             return run
         run.stop()
         self._resume_failed = run.binary
-        self._log_once("resume", "the claude CLI did not load a session file the proxy wrote "
-                       "(%s); conversations go to it as a transcript instead, which the prompt "
-                       "cache cannot reuse." % (str((first or {}).get("errors") or "no output in "
-                                                    "%gs" % RESUME_START_SECONDS)[:200]))
+        self._log_once(("resume", run.binary), "WARNING: the claude CLI did not load a session "
+                       "file the proxy wrote in %s (%s); conversations go to it as a transcript "
+                       "instead, which the prompt cache cannot reuse. If CLAUDE_PATH is a wrapper "
+                       "that gives the CLI another HOME or CLAUDE_CONFIG_DIR, /health shows where "
+                       "the CLI said it keeps sessions." % (
+                           os.path.dirname(run.sessions or "") or "?",
+                           str((first or {}).get("errors") or "no output in %gs"
+                               % RESUME_START_SECONDS)[:200]))
         return None
 
     def _continue(self, run, tail):
@@ -3113,6 +3402,7 @@ def run_failure(run, plan):
         return timed_out(run.timeout)
     if run.cancelled == "shutdown":
         return overloaded(5, "The proxy is shutting down; the run was stopped.")
+    run.runner.note_refused_flag(list(run.stderr_tail))
     tail = " | ".join(list(run.stderr_tail)[-5:])
     log("claude CLI ended without a result (exit %s, %d unreadable lines); stderr: %s"
         % (run.returncode, run.garbage_lines, tail or "(empty)"))
@@ -6120,8 +6410,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(status, {
             "status": "ok" if found else "cli_not_found",
             "version": __version__,
-            "cli": {"path": config.claude_path, "found": found,
-                    "version": runner.version() if found else None},
+            "cli": dict(runner.cli_report(), path=config.claude_path, found=found,
+                        version=runner.version() if found else None),
             "default_model": config.model,
             "default_effort": config.effort,
             "active_runs": self.server.runner.active(),
@@ -6728,7 +7018,7 @@ def main(argv=None):
         return 2
     left = remove_leftovers()
     claude_path = find_claude(args.claude_path)
-    version = cli_version(claude_path)
+    version = None  # read with the rest of the check, below
     config = Config(claude_path, args.model, args.effort, args.timeout,
                     [m.strip() for m in args.models.split(",") if m.strip()], args.max_body,
                     args.log_prompts, version, args.pool_size, args.pool_idle, api_keys,
@@ -6744,7 +7034,24 @@ def main(argv=None):
     host, port = server.server_address[:2]
     url = "http://%s:%d/v1" % (host if ":" not in host else "[%s]" % host, port)
     if claude_path:
-        log("claude CLI: %s (%s)" % (claude_path, version or "version unknown: `claude --version` failed"))
+        # The check starts the CLI (about a second): a signal meanwhile stops the proxy cleanly.
+        def starting(signum, frame):
+            raise KeyboardInterrupt
+        previous = {name: signal.signal(getattr(signal, name), starting)
+                    for name in GRACEFUL_SIGNALS if hasattr(signal, name)}
+        try:
+            check = server.runner.check_cli()  # logs what a user must act on
+        except KeyboardInterrupt:
+            server.runner.stop_all()
+            server.server_close()
+            log("stopped while checking the claude CLI")
+            return 0
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+        log("claude CLI: %s (%s; oldest supported %s); sessions: %s" % (
+            claude_path, check.version or "version unknown: `claude --version` failed",
+            ".".join(map(str, OLDEST_SUPPORTED_CLI)),
+            check.sessions_root or "unknown, see the warning above"))
     else:
         log("WARNING: no claude CLI found (set CLAUDE_PATH); requests will fail with 502")
     if left:

@@ -56,6 +56,12 @@ the behaviour:
   BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
   STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
+--help lists the flags it knows, less those named in STUB_HELP_DROP (comma-separated), and
+never --system-prompt-file or --max-turns (the real CLI's --help lists neither). A message that
+is `/clear` is answered without a model call, as the real CLI does: an init event (with
+memory_paths.auto, <CLAUDE_CONFIG_DIR or $HOME/.claude>/projects/<cwd's name>/memory/, unless
+CLAUDE_CODE_DISABLE_AUTO_MEMORY=1 or STUB_NO_MEMORY_PATHS=1) and an empty result; that run's
+record is removed (it is the proxy's check of the CLI, not a run).
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
 and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
 answers through a StructuredOutput call, as the real CLI does.
@@ -94,7 +100,14 @@ def example(schema):
 
 argv = sys.argv[1:]
 if argv == ["--version"]:
-    print("2.1.197 (Claude Code)")
+    print(os.environ.get("STUB_VERSION", "2.1.197") + " (Claude Code)")
+    sys.exit(0)
+if argv == ["--help"]:
+    dropped = set(os.environ.get("STUB_HELP_DROP", "").split(",")) | {"--system-prompt-file", "--max-turns"}
+    print("Usage: claude [options] [command] [prompt]\n\nOptions:")
+    for name in sorted((VALUE_FLAGS | BARE_FLAGS | {"--max-budget-usd"}) - dropped):
+        print("  %%s%%s" %% ("-p, --print" if name in ("-p", "--print") else name,
+                        " <value>" if name in VALUE_FLAGS else ""))
     sys.exit(0)
 flags, i = {}, 0
 while i < len(argv):
@@ -162,6 +175,20 @@ save()
 
 session = str(uuid.uuid4())
 model = ALIASES.get(flags.get("--model"), flags.get("--model") or "claude-sonnet-5")
+config_home = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.environ.get("HOME", ""), ".claude")
+def memory_paths():
+    if os.environ.get("CLAUDE_CODE_DISABLE_AUTO_MEMORY") == "1" or os.environ.get("STUB_NO_MEMORY_PATHS"):
+        return {}
+    folder = os.path.join(config_home, "projects", re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd())))
+    os.makedirs(os.path.join(folder, "memory"), exist_ok=True)  # as the real CLI does
+    return {"memory_paths": {"auto": os.path.join(folder, "memory") + os.sep}}
+def init_event():
+    return dict({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
+      "tools": [t["name"] for t in mcp_tools],
+      "mcp_servers": [{"name": n, "status": "connected"} for n in mcp_servers],
+      "model": model, "permissionMode": "default",
+      "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default",
+      "uuid": str(uuid.uuid4())}, **memory_paths())
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
 def stream(event):
@@ -208,12 +235,7 @@ def reply_once(first):
   """One model call: the reply to the history so far, as the real CLI streams it. Returns the
   client tool calls it made ([(tool_use id, name, input)]), after adding the reply to history."""
   if first:
-    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
-      "tools": [t["name"] for t in mcp_tools],
-      "mcp_servers": [{"name": n, "status": "connected"} for n in mcp_servers],
-      "model": model, "permissionMode": "default",
-      "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default",
-      "uuid": str(uuid.uuid4())})
+    emit(init_event())
   message = history[-1]
   texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
   images = sum(1 for b in message["content"] if b.get("type") == "image")
@@ -427,7 +449,12 @@ def all_texts(messages):
 # A live process: one user line after another, each answered with the whole history, as the
 # real CLI does; after a call of the client's tools, the next model call once the bridge answers.
 first = True
-if deferred_call:  # a deferred tool call: run it through the bridge, then answer, as the real CLI
+if deferred_call and os.environ.get("STUB_IGNORE_DEFERRED"):  # a CLI that no longer runs it
+    history.append({"role": "user", "content": [{"type": "text", "text": "Continue from where you left off."}]})
+    while reply_once(first):
+        first = False
+    first = False
+elif deferred_call:  # a deferred tool call: run it through the bridge, then answer, as the real CLI
     server, tool = deferred_call["toolName"].split("__")[1], deferred_call["toolName"].split("__", 2)[2]
     answered = mcp_rpc[server]({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
                                 "params": {"name": tool, "arguments": deferred_call["toolInput"]}})["result"]
@@ -448,6 +475,12 @@ while True:
     save()
     if not line:
         sys.exit(0)
+    if json.loads(line)["message"]["content"] in ("/clear", [{"type": "text", "text": "/clear"}]):
+        emit(init_event())  # no model call
+        result("")
+        os.remove(path)
+        path = os.path.join(RECORD_DIR, "check-%%d.ignored" %% os.getpid())  # not a run's record
+        continue
     history.append({"role": "user", "content": json.loads(line)["message"]["content"]})
     while True:
         record["history"] = history
@@ -1413,7 +1446,10 @@ class EndpointsTest(ServerTestCase):
         health = json.loads(raw)
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["version"], cp.__version__)
-        self.assertEqual(health["cli"], {"path": self.stub, "found": True, "version": "2.1.197 (Claude Code)"})
+        self.assertEqual({k: health["cli"][k] for k in ("path", "found", "version", "checked")},
+                         {"path": self.stub, "found": True, "version": "2.1.197 (Claude Code)", "checked": False})
+        self.assertEqual(set(health["cli"]["features"]),
+                         {"session_files", "deferred_tool_results", "warm_pool", "kept_processes"})
 
     def test_models(self):
         for path in ("/v1/models", "/models", "/v1/models/"):
@@ -2873,16 +2909,21 @@ class HostileTest(ServerTestCase):
         folder = tempfile.mkdtemp(prefix="claude-proxy-test-")
         self.addCleanup(shutil.rmtree, folder, True)
         claude, _ = write_stub(folder)
-        port = self.serve(claude=claude).server_address[1]
+        server = self.serve(claude=claude)
+        port = server.server_address[1]
+        server.runner.check_cli()  # as main() does: checked again whenever the binary changes
         health = lambda: self.request("GET", "/health", port=port)
         self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.197 (Claude Code)")
+        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], [])
         with open(claude) as f:
-            text = f.read().replace('print("2.1.197 (Claude Code)")', 'print("2.1.198 (Claude Code)")  # updated')
+            text = f.read().replace('os.environ.get("STUB_VERSION", "2.1.197")', '"2.1.198"')  # updated
+            text = text.replace('os.environ.get("STUB_HELP_DROP", "")', '"--effort"')
         with open(claude + ".new", "w") as f:
             f.write(text)
         os.chmod(claude + ".new", 0o755)
         os.replace(claude + ".new", claude)
         self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.198 (Claude Code)")
+        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], ["--effort"])
         os.remove(claude)
         status, _, raw = health()
         self.assertEqual((status, json.loads(raw)["status"], json.loads(raw)["cli"]["found"]), (503, "cli_not_found", False))
@@ -2930,12 +2971,15 @@ class MainTest(unittest.TestCase):
         for line in ("direct cold claude -p", "proxy, warm pool on", "proxy, pool off", "per streamed chunk"):
             self.assertIn(line, out.stdout)
 
-    def start_program(self, *args, env=None):
-        """claude_proxy.py as its own process over a fresh stub; returns (proc, port, record dir)."""
+    def start_program(self, *args, env=None, wrap=None):
+        """claude_proxy.py as its own process over a fresh stub (or what wrap(stub path) returns);
+        returns (proc, port, record dir); proc.startup_log holds what it logged before serving."""
         import subprocess
         tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
         stub, record_dir = write_stub(tmp)
+        if wrap:
+            stub = wrap(stub)
         proc = subprocess.Popen([sys.executable, cp.__file__, "--port", "0", "--claude-path", stub,
                                  "--pool-size", "0"] + list(args), stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, **(env or {})))
@@ -2946,9 +2990,10 @@ class MainTest(unittest.TestCase):
                 proc.wait()
             proc.stderr.close()
         self.addCleanup(cleanup)
-        line = ""
+        line, proc.startup_log = "", ""
         while "serving" not in line:
             line = proc.stderr.readline()
+            proc.startup_log += line
             self.assertTrue(line, "the proxy exited early")
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
@@ -3052,10 +3097,13 @@ class MainTest(unittest.TestCase):
         self.assertTrue(pid_alive(hung["pid"]) and pid_alive(hung["child_pid"]),
                         "a CLI that does not read its stdin outlives the proxy's SIGKILL")
         proc, port, _ = self.start_program(env={"TMPDIR": tmpdir})  # on the same TMPDIR
-        self.assertEqual(sorted(os.listdir(tmpdir)), ["claude-proxy-not-ours"], "removed before serving")
+        left = sorted(os.listdir(tmpdir))
+        self.assertIn("claude-proxy-not-ours", left)
+        self.assertFalse((set(made) - {"claude-proxy-not-ours"}) & set(left), "removed before serving")
         for record in self.program_records(record_dir):
             self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])), record)
         self.assertTrue(wait_until(lambda: not pid_alive(hung["child_pid"])), "its whole group")
+        self.health(port)  # serving: its signal handlers are in place
         proc.terminate()
         self.assertEqual(proc.wait(15), 0)
 
@@ -3072,6 +3120,59 @@ class MainTest(unittest.TestCase):
         self.assertTrue(waiting)
         for record in waiting:  # the bridge saw its proxy's lock go, and ended its run's group
             self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])), record)
+
+    def health(self, port):
+        return json.loads(ServerTestCase.request(self, "GET", "/health", port=port)[2])["cli"]
+
+    def converse(self, port):
+        """A conversation's third turn: its earlier turns go to a resumed run, or a transcript."""
+        status, _, raw = ServerTestCase.request(self, "POST", "/v1/chat/completions", {"messages": [
+            {"role": "user", "content": "first"}, {"role": "assistant", "content": "Echo: first"},
+            {"role": "user", "content": "second"}]}, port=port)
+        self.assertEqual(status, 200, raw)
+
+    def test_sessions_are_written_where_a_wrapper_makes_the_cli_look(self):
+        other = tempfile.mkdtemp(prefix="claude-proxy-test-home-")
+        self.addCleanup(shutil.rmtree, other, True)
+
+        def wrap(stub):  # a wrapper that gives the CLI another HOME, as containers and shims do
+            path = os.path.join(os.path.dirname(stub), "wrapper")
+            with open(path, "w") as f:
+                f.write('#!/bin/sh\nHOME=%s\nexport HOME\nunset CLAUDE_CONFIG_DIR\nexec %s "$@"\n' % (other, stub))
+            os.chmod(path, 0o755)
+            return path
+        proc, port, record_dir = self.start_program(wrap=wrap)
+        cli = self.health(port)
+        projects = os.path.join(other, ".claude", "projects")
+        self.assertEqual(cli["sessions"], {"folder": projects, "from": "the CLI", "problem": None})
+        self.assertEqual(cli["features"]["session_files"], "on")
+        self.assertEqual(os.listdir(projects), [], "the check leaves nothing there")
+        self.converse(port)
+        [record] = [r for r in self.program_records(record_dir) if r.get("stdin")]
+        self.assertTrue(record["session_file"].startswith(projects + os.sep), record.get("session_file"))
+        self.assertEqual([m["role"] for m in record["resumed"]], ["user", "assistant"], "real turns")
+        proc.terminate()
+        self.assertEqual(proc.wait(15), 0)
+        self.assertEqual(os.listdir(projects), [])
+
+    def test_what_the_cli_check_cannot_tell_is_said_at_start_and_in_health(self):
+        proc, port, record_dir = self.start_program(env={
+            "STUB_NO_MEMORY_PATHS": "1", "STUB_HELP_DROP": "--resume", "STUB_VERSION": "2.1.100"})
+        for words in ("older than the oldest release this proxy supports (2.1.197)",
+                      "does not list --resume", "where the CLI keeps its sessions cannot be told"):
+            self.assertIn(words, proc.startup_log)
+        cli = self.health(port)
+        self.assertEqual((cli["supported"], cli["oldest_supported"], cli["checked"]), (False, "2.1.197", True))
+        self.assertEqual(cli["flags_missing"], ["--resume"])
+        self.assertEqual(cli["sessions"]["from"], "the proxy's environment")
+        self.assertIn("auto-memory", cli["sessions"]["problem"])
+        self.assertTrue(cli["features"]["session_files"].startswith("off"), cli["features"])
+        self.assertEqual(len(cli["problems"]), 3)
+        self.converse(port)
+        [record] = [r for r in self.program_records(record_dir) if r.get("stdin")]
+        self.assertNotIn("--resume", record["argv"], "a transcript: the CLI has no --resume")
+        proc.terminate()
+        self.assertEqual(proc.wait(15), 0)
 
     def test_grace_runs_out_then_every_cli_is_stopped(self):
         proc, port, record_dir = self.start_program("--shutdown-grace", "0.3")
@@ -5789,6 +5890,25 @@ class DeferredToolTest(ServerTestCase):
         self.assertEqual(record["history"][2]["content"][0]["content"], [{"type": "text", "text": "RESULT-sunny"}],
                          "the client's result, as a real tool_result")
         self.assertTrue(wait_until(lambda: session_files() == []))
+
+    def test_a_cli_that_does_not_run_the_deferred_call_gets_a_transcript(self):
+        os.environ["STUB_IGNORE_DEFERRED"] = "1"
+        self.addCleanup(os.environ.pop, "STUB_IGNORE_DEFERRED", None)
+        port = self.serve().server_address[1]
+        status, _, raw = self.chat({"tools": [WEATHER], "messages": [
+            {"role": "user", "content": "CALLTOOL weather?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_abc", "content": "RESULT-sunny"}]}, port=port)
+        self.assertEqual(status, 200, raw)
+        self.assertTrue(json.loads(raw)["choices"][0]["message"]["content"].startswith("Final answer using RESULT-sunny"),
+                        "the tool result was not dropped: it went in the transcript: %s" % raw[:300])
+        transcript = [r for r in self.records() if "resumed" not in r]
+        self.assertEqual(len(transcript), 1)
+        self.assertIn("RESULT-sunny", transcript[0]["stdin"])
+        features = json.loads(self.request("GET", "/health", port=port)[2])["cli"]["features"]
+        self.assertTrue(features["deferred_tool_results"].startswith("off"), features)
+        self.assertTrue(features["session_files"].startswith("on"), "plain resumed sessions still work")
 
     def test_parallel_results_go_as_a_transcript(self):
         calls = [{"id": "call_%d" % n, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
