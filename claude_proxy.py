@@ -6884,7 +6884,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_close()
 
     def server_close(self):
-        self.heads.close()
+        if hasattr(self, "heads"):  # not yet there when the address could not be bound
+            self.heads.close()
         super().server_close()
 
     def _wait_for_requests(self, deadline):

@@ -3174,6 +3174,23 @@ class MainTest(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(15), 0)
 
+    def test_a_port_in_use_is_said_so(self):
+        import subprocess
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        done = subprocess.run([sys.executable, cp.__file__, "--port", str(taken.getsockname()[1]),
+                               "--claude-path", os.path.join(tmpdir, "no-claude")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=dict(os.environ, TMPDIR=tmpdir))
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn("cannot listen on 127.0.0.1:%d" % taken.getsockname()[1], done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(os.listdir(tmpdir), [])
+
     def test_grace_runs_out_then_every_cli_is_stopped(self):
         proc, port, record_dir = self.start_program("--shutdown-grace", "0.3")
         results = []
