@@ -37,6 +37,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -2247,6 +2248,16 @@ def process_start(pid):
         return None
 
 
+def own_folder(path):
+    """A real folder (not a link) of this user's: what a shared TMPDIR holds of another user's,
+    who could write a pid file into it, is never acted on."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
+
+
 def session_name(path):
     """The name the CLI gives the projects folder of a working directory."""
     return SESSION_NAME.sub("-", os.path.realpath(path))
@@ -2268,7 +2279,7 @@ def remove_leftovers(tmpdir=None):
         return removed
     for name in names:
         folder = os.path.join(tmpdir, name)
-        if not name.startswith(PROXY_FOLDER_PREFIX) or not os.path.isdir(folder):
+        if not name.startswith(PROXY_FOLDER_PREFIX) or not own_folder(folder):
             continue
         if owner_gone(folder) is not True:
             continue
@@ -2442,12 +2453,14 @@ class CliRunner:
         with self._version_lock:
             self._version, self._version_stamp = version, self.binary_stamp()
 
-    def check_cli(self):
+    def check_cli(self, again=True):
         """Check the CLI binary on disk now, without a model call: its version, the flags its
         --help lists, where it keeps sessions. Logs what a user must know, once per binary.
         From then on it is checked again whenever the binary changes (cli_check)."""
         with self._check_lock:
             stamp = self.binary_stamp()
+            if not again and self._check.stamp == stamp:
+                return self._check  # another request checked it while this one waited
             if not self.claude_path or stamp is None:
                 self._check = CliCheck(stamp, checked=True)
                 return self._check
@@ -2484,7 +2497,7 @@ class CliRunner:
         """What is known of the CLI binary on disk now (checked again if it changed)."""
         check = self._check
         if check.checked and check.stamp != self.binary_stamp():
-            return self.check_cli()
+            return self.check_cli(again=False)
         return check
 
     def sessions_root(self, env):

@@ -3086,11 +3086,16 @@ class MainTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmpdir, True)
         stranger = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "not-ours")  # another program's
         os.mkdir(stranger)
+        link = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "link")  # a link to a dead one: not followed
+        dead = tempfile.mkdtemp(prefix="claude-proxy-test-dead-")
+        self.addCleanup(shutil.rmtree, dead, True)
+        open(os.path.join(dead, cp.OWNER_FILE), "w").close()
+        os.symlink(dead, link)
         record_dir, made = self.kill_mid_request(
             dict(user("HANG"), stream=True), tmpdir,
             lambda records: any("child_pid" in r for r in records) and len(records) >= 2)
-        self.assertEqual(len(made) - 1, 1, "one folder of the killed proxy, with its runs in it")
-        runs = os.listdir(os.path.join(tmpdir, [n for n in made if n != "claude-proxy-not-ours"][0]))
+        [mine] = [n for n in made if n not in ("claude-proxy-not-ours", "claude-proxy-link")]
+        runs = os.listdir(os.path.join(tmpdir, mine))  # the killed proxy's folder, its runs in it
         self.assertEqual(len([r for r in runs if r.startswith("run-") and not r.endswith(".pid")]), 2,
                          "the hung run and a warm one")
         hung = [r for r in self.program_records(record_dir) if "child_pid" in r][0]
@@ -3099,13 +3104,32 @@ class MainTest(unittest.TestCase):
         proc, port, _ = self.start_program(env={"TMPDIR": tmpdir})  # on the same TMPDIR
         left = sorted(os.listdir(tmpdir))
         self.assertIn("claude-proxy-not-ours", left)
-        self.assertFalse((set(made) - {"claude-proxy-not-ours"}) & set(left), "removed before serving")
+        self.assertIn("claude-proxy-link", left)
+        self.assertEqual(os.listdir(dead), [cp.OWNER_FILE])
+        self.assertFalse((set(made) - {"claude-proxy-not-ours", "claude-proxy-link"}) & set(left),
+                         "removed before serving")
         for record in self.program_records(record_dir):
             self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])), record)
         self.assertTrue(wait_until(lambda: not pid_alive(hung["child_pid"])), "its whole group")
         self.health(port)  # serving: its signal handlers are in place
         proc.terminate()
         self.assertEqual(proc.wait(15), 0)
+
+    def test_a_live_proxys_folder_is_left_alone(self):
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        saved, tempfile.tempdir = tempfile.tempdir, tmpdir
+        try:
+            folders = cp.ProxyFolder()
+            run = folders.run_folder()
+        finally:
+            tempfile.tempdir = saved
+        self.assertEqual(cp.owner_gone(os.path.dirname(run)), False)
+        self.assertEqual(cp.remove_leftovers(tmpdir), [], "its owner lock is held")
+        self.assertTrue(os.path.isdir(run))
+        folders.close()
+        self.assertEqual(os.listdir(tmpdir), [], "removed at shutdown")
+        self.assertIsNone(cp.owner_gone(tmpdir), "no owner file: cannot be told")
 
     def test_a_tool_call_waiting_for_a_killed_proxy_ends_by_itself(self):
         tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
