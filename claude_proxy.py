@@ -1575,11 +1575,11 @@ def cli_config_dir(env):
     return os.path.join(home, ".claude")
 
 
-def session_folder(env, workdir):
-    """The folder the CLI reads a run's sessions from: one per run, since each run has its own
-    working directory, so the user's own `claude --resume` never lists it."""
-    return os.path.join(cli_config_dir(env), "projects",
-                        SESSION_NAME.sub("-", os.path.realpath(workdir)))
+def session_name(path):
+    """The name of the folder, in the CLI's projects folder, that holds the sessions of a
+    working directory: one per run, since each run has its own, so the user's own `claude
+    --resume` never lists it."""
+    return SESSION_NAME.sub("-", os.path.realpath(path))
 
 
 def cli_blocks(blocks, role):
@@ -1863,9 +1863,11 @@ class CliCheck:
                        "that has them." % ", ".join(self.flags_missing))
         if self.checked and self.sessions_root is None:
             out.append("where the CLI keeps its sessions cannot be told (%s): earlier turns of a "
-                       "conversation go to it as session files in %s, which it may not find; "
-                       "then they go as a transcript, which the prompt cache cannot reuse."
-                       % (self.sessions_problem, "the proxy's own ~/.claude"))
+                       "conversation go to it as session files in the folder the proxy's own "
+                       "environment gives ($CLAUDE_CONFIG_DIR, else ~/.claude), which it may not "
+                       "find; then they go as a transcript, which the prompt cache cannot reuse. "
+                       "If CLAUDE_PATH is a wrapper that sets HOME or CLAUDE_CONFIG_DIR, set them "
+                       "for the proxy too." % self.sessions_problem)
         return out
 
 
@@ -2258,11 +2260,6 @@ def own_folder(path):
     return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
 
 
-def session_name(path):
-    """The name the CLI gives the projects folder of a working directory."""
-    return SESSION_NAME.sub("-", os.path.realpath(path))
-
-
 def remove_leftovers(tmpdir=None):
     """Before serving: remove what proxies that died (SIGKILL, a crash, a power cut) left in
     TMPDIR: their folders, the session files of their resumed runs, and any of their CLI
@@ -2340,6 +2337,8 @@ class ProxyFolder:
                 if lock_owner_file(fd) is False:  # nobody else can hold a folder just made
                     log("cannot lock %s; a crash would leave it behind" % folder)
                 self._folders[tmpdir] = (folder, fd)
+                if self._roots:
+                    self._write_roots(folder, self._roots)
             return self._folders[tmpdir][0]
 
     def run_folder(self):
@@ -2352,9 +2351,13 @@ class ProxyFolder:
             if root in self._roots:
                 return
             for folder, _ in self._folders.values():
-                with open(os.path.join(folder, SESSION_ROOTS_FILE), "a", encoding="utf-8") as f:
-                    f.write(root + "\n")
+                self._write_roots(folder, [root])
             self._roots.add(root)
+
+    @staticmethod
+    def _write_roots(folder, roots):
+        with open(os.path.join(folder, SESSION_ROOTS_FILE), "a", encoding="utf-8") as f:
+            f.write("".join(root + "\n" for root in roots))
 
     def owner_files(self):
         with self._lock:
