@@ -1817,8 +1817,8 @@ def cli_sessions_root(claude_path, env, cwd):
         return None, "the CLI printed no init event when asked (exit status %s)" % done.returncode
     memory = (init.get("memory_paths") or {}).get("auto") if isinstance(init.get("memory_paths"), dict) else None
     if not isinstance(memory, str) or not memory:
-        return None, ("the CLI's init event names no auto-memory folder (a setting may turn auto "
-                      "memory off: autoMemoryEnabled)")
+        return None, ("the CLI's init event names no auto-memory folder: auto memory may be off, "
+                      "in the CLI's settings or by CLAUDE_CODE_DISABLE_AUTO_MEMORY=1 in a wrapper")
     project = os.path.dirname(os.path.normpath(memory))
     root, name = os.path.split(project)
     if name != session_name(cwd) or os.path.basename(root) != "projects":
