@@ -38,6 +38,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,14 @@ import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler
+try:
+    import fcntl  # POSIX: the owner lock of the proxy's folder (see ProxyFolder)
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt  # Windows: the same lock
+except ImportError:
+    msvcrt = None
 from http.server import ThreadingHTTPServer
 
 # Defaults ###################################################################################
@@ -177,6 +186,7 @@ class ProxyError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.api_message = None  # the Messages API's own wording, for the Anthropic dialect
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -355,6 +365,68 @@ def plan_limit_of(rate_limit):
     return (window if isinstance(window, str) else None), (reset if _is_number(reset) else None)
 
 
+def context_length_exceeded(detail):
+    """The conversation does not fit the model's window: OpenAI's code and wording (frameworks
+    trim the history and retry on either), and for the Anthropic dialect the API's own words.
+    The counts come from the API's message (2.1.332 and later pass it on) or the CLI's
+    rewording of it (`the request is ~N tokens (limit M)`); the CLI's own bare refusal has none."""
+    counts = (re.search(r"(\d[\d,]*) tokens > (\d[\d,]*) maximum", detail)
+              or re.search(r"~(\d[\d,]*) tokens \(limit (\d[\d,]*)\)", detail))
+    if counts:
+        used, window = (int(n.replace(",", "")) for n in counts.groups())
+        message = ("This model's maximum context length is %d tokens. However, your messages "
+                   "resulted in %d tokens. Please reduce the length of the messages." % (window, used))
+        api_message = "prompt is too long: %d tokens > %d maximum" % (used, window)
+    else:
+        message = ("The conversation is too long for the model's context window (the claude "
+                   "CLI said: %s); shorten the messages." % detail)
+        said = re.sub(r"^(API Error: \d+ )?prompt is too long\W*", "", detail, flags=re.I)
+        api_message = "prompt is too long" + (": " + said if said else "")
+    error = invalid(message, "messages", "context_length_exceeded")
+    error.api_message = api_message
+    return error
+
+
+def api_refused(result, detail):
+    return invalid("Claude's API refused the request: %s" % detail, None, "upstream_rejected")
+
+
+def model_not_found(result, detail):
+    return ProxyError(404, "Claude's API did not find that: %s" % detail, "invalid_request_error",
+                      "model", "model_not_found", {"x-should-retry": "false"})
+
+
+#: A failed run's result -> the answer, by what the API said rather than how this release of the
+#: CLI words it: rows of (API statuses, CLI terminal reasons, message pattern, answer). A row
+#: applies when the result's api_error_status is one of its statuses (None: the CLI refused by
+#: itself, before or instead of an API call; ANY_STATUS: whatever it is) and, if the row names
+#: reasons or a pattern, the terminal_reason is one of them or the message matches. The first
+#: row that applies wins. Wordings read off CLI 2.1.197 and 2.1.332 (CLI-FACTS, the table test).
+ANY_STATUS = object()
+API_ERRORS = (
+    # Context overflow: 2.1.197 may refuse itself (no status, "Prompt is too long",
+    # blocking_limit); both releases pass the API's 400 "prompt is too long: N tokens > M
+    # maximum" on, as such ("API Error: 400 prompt is too long: ...") or reworded ("Prompt is
+    # too long · the request is ~N tokens (limit M)...", terminal_reason prompt_too_long).
+    ((None, 400, 413), ("prompt_too_long", "blocking_limit"),
+     re.compile(r"prompt is too long|prompt_too_long", re.I),
+     lambda result, detail: context_length_exceeded(detail)),
+    ((None,), ("image_error",), None,
+     lambda result, detail: invalid("An image could not be used: %s" % detail, "messages",
+                                    "invalid_image")),
+    ((429,), (), None, lambda result, detail: rate_limited(
+        5, "Claude's API is rate limiting this account: %s" % detail)),
+    ((529, 503), (), None, lambda result, detail: overloaded(
+        5, "Claude's API is overloaded: %s" % detail)),
+    ((401, 403), (), None, lambda result, detail: not_logged_in(detail)),
+    # Not logged in at all: no API call, so no status ("Not logged in · Please run /login").
+    ((ANY_STATUS,), (), re.compile(r"/login|Not logged in"),
+     lambda result, detail: not_logged_in(detail)),
+    ((404,), (), None, model_not_found),
+    ((400, 413, 422), (), None, api_refused),
+)
+
+
 def result_error(result, rate_limit=None, now=None):
     """A `result` event -> the ProxyError it stands for, or None for a successful run.
 
@@ -371,22 +443,6 @@ def result_error(result, rate_limit=None, now=None):
         return plan_limit_reached(window, reset or limit_reset_from_text(detail, now), now, detail)
     if status in (400, 402, 403) and CREDITS_SPENT_TEXT.search(detail):
         return credits_spent(detail)
-    if status == 429:
-        return rate_limited(5, "Claude's API is rate limiting this account: %s" % detail)
-    if status in (529, 503):
-        return overloaded(5, "Claude's API is overloaded: %s" % detail)
-    if status in (None, 0, 400) and (result.get("terminal_reason") in ("blocking_limit", "prompt_too_long")
-                                     or "prompt is too long" in detail.lower()):
-        # A conversation the model's window cannot hold: 2.1.197 refuses it before any API
-        # call; 2.1.332 sends it, and reports the API's 400 (clients such as Codex act on
-        # this code: it is what OpenAI's API answers).
-        return invalid("The conversation is too long for the model's context window (the claude "
-                       "CLI said: %s); shorten the messages." % detail, "messages",
-                       "context_length_exceeded")
-    if not status and result.get("terminal_reason") == "image_error":
-        return invalid("An image could not be used: %s" % detail, "messages", "invalid_image")
-    if status in (401, 403) or "/login" in detail or "Not logged in" in detail:
-        return not_logged_in(detail)
     if result.get("subtype") == "error_max_budget_usd":
         # The CLI checks --max-budget-usd between model calls: this run made none for the
         # request (the call that crossed the cap was answered: see ReplyTranslator._result).
@@ -396,12 +452,13 @@ def result_error(result, rate_limit=None, now=None):
                           "the cap." % (str(errors[0]) if errors else detail)[:300],
                           "invalid_request_error", None, "request_budget_exceeded",
                           {"x-should-retry": "false"})
-    if status == 404:
-        return ProxyError(404, "Claude's API did not find that: %s" % detail,
-                          "invalid_request_error", "model", "model_not_found",
-                          {"x-should-retry": "false"})
-    if status in (400, 413, 422):
-        return invalid("Claude's API refused the request: %s" % detail, None, "upstream_rejected")
+    for statuses, reasons, pattern, answer in API_ERRORS:
+        if status not in statuses and ANY_STATUS not in statuses:
+            continue
+        if (reasons or pattern) and not (result.get("terminal_reason") in reasons
+                                         or (pattern and pattern.search(detail))):
+            continue
+        return answer(result, detail)
     if status:
         return cli_failed("Claude's API answered %s: %s" % (status, detail), "upstream_error")
     return cli_failed("The claude CLI reported an error: %s" % detail)
@@ -1914,11 +1971,11 @@ def cli_config_dir(env):
     return os.path.join(home, ".claude")
 
 
-def session_folder(env, workdir):
-    """The folder the CLI reads a run's sessions from: one per run, since each run has its own
-    working directory, so the user's own `claude --resume` never lists it."""
-    return os.path.join(cli_config_dir(env), "projects",
-                        SESSION_NAME.sub("-", os.path.realpath(workdir)))
+def session_name(path):
+    """The name of the folder, in the CLI's projects folder, that holds the sessions of a
+    working directory: one per run, since each run has its own, so the user's own `claude
+    --resume` never lists it."""
+    return SESSION_NAME.sub("-", os.path.realpath(path))
 
 
 def cli_blocks(blocks, role):
@@ -2115,6 +2172,125 @@ def cli_version(claude_path, timeout=15.0):
     return text.splitlines()[0] if done.returncode == 0 and text else None
 
 
+#: The oldest CLI release the proxy is tested with; an older one is said so at start and in
+#: /health, and used as it is. A newer one is used too: its --help is checked for the flags the
+#: proxy gives, and where it does not do what the proxy relies on (it cannot load a session
+#: file, a flag is refused), the proxy falls back and says so.
+OLDEST_SUPPORTED_CLI = (2, 1, 197)
+#: The flags cli_argv gives the CLI that `claude --help` lists (2.1.197 and 2.1.332 list all of
+#: these). --system-prompt-file and --max-turns work there but are not listed: a run the CLI
+#: refuses for an unknown option is said so instead (CliRunner.note_refused_flag).
+CLI_LISTED_FLAGS = ("--print", "--input-format", "--output-format", "--verbose",
+                    "--include-partial-messages", "--no-session-persistence", "--tools",
+                    "--strict-mcp-config", "--resume", "--mcp-config", "--allowedTools",
+                    "--json-schema", "--model", "--effort", "--max-budget-usd")
+UNKNOWN_OPTION = re.compile(r"unknown option '(--?[A-Za-z][\w-]*)'")
+CLI_CHECK_SECONDS = 30.0
+
+
+def parse_cli_version(text):
+    """"2.1.332 (Claude Code)" -> (2, 1, 332), or None."""
+    found = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(n) for n in found.groups()) if found else None
+
+
+def cli_help(claude_path, env):
+    """`claude --help`, or None when it cannot be run (no model call, no spend)."""
+    try:
+        done = subprocess.run([claude_path, "--help"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=CLI_CHECK_SECONDS, env=cli_env(env, {}))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
+
+
+def cli_sessions_root(claude_path, env, cwd):
+    """Where this CLI keeps its sessions, asked of the CLI itself: (the projects folder, None)
+    or (None, why it cannot be told). A wrapper script may give the CLI another HOME or
+    CLAUDE_CONFIG_DIR than the proxy's, so the proxy's own environment cannot say.
+
+    The CLI is given `/clear`, which it answers without a model call (CLI-FACTS), in `cwd`;
+    its init event names its auto-memory folder, <config>/projects/<cwd's name>/memory/ (2.1.197
+    and 2.1.332), when auto memory is on, which this run alone asks for. What the CLI makes
+    there for `cwd` is removed."""
+    env = dict(cli_env(env, {}), CLAUDE_CODE_DISABLE_AUTO_MEMORY="0", TMPDIR=cwd, TEMP=cwd, TMP=cwd)
+    argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+            "--verbose", "--no-session-persistence", "--tools", "", "--strict-mcp-config",
+            "--max-turns", "1"]
+    try:
+        done = subprocess.run(argv, input=cli_stdin([{"type": "text", "text": "/clear"}]),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env,
+                              timeout=CLI_CHECK_SECONDS)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, "the CLI could not be run to ask it (%s)" % e
+    init = None
+    for line in done.stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("type") == "system" and event.get("subtype") == "init":
+            init = event
+            break
+    if init is None:
+        return None, "the CLI printed no init event when asked (exit status %s)" % done.returncode
+    memory = (init.get("memory_paths") or {}).get("auto") if isinstance(init.get("memory_paths"), dict) else None
+    if not isinstance(memory, str) or not memory:
+        return None, ("the CLI's init event names no auto-memory folder: auto memory may be off, "
+                      "in the CLI's settings or by CLAUDE_CODE_DISABLE_AUTO_MEMORY=1 in a wrapper")
+    project = os.path.dirname(os.path.normpath(memory))
+    root, name = os.path.split(project)
+    if name != session_name(cwd) or os.path.basename(root) != "projects":
+        return None, "the CLI keeps a working directory's sessions in %s, not where the proxy expects" % project
+    shutil.rmtree(project, ignore_errors=True)
+    return root, None
+
+
+class CliCheck:
+    """What the proxy found out about the CLI binary on disk, without a model call: its version,
+    the flags its --help lacks, and where it keeps sessions (or why that cannot be told)."""
+
+    def __init__(self, stamp=None, version=None, help_text=None, sessions_root=None,
+                 sessions_problem=None, checked=True):
+        self.stamp = stamp
+        self.version = version
+        self.release = parse_cli_version(version)
+        self.checked = checked
+        self.help_found = help_text is not None
+        self.flags_missing = ([f for f in CLI_LISTED_FLAGS
+                               if not re.search(re.escape(f) + r"(?![\w-])", help_text)]
+                              if help_text is not None else [])
+        self.sessions_root = sessions_root
+        self.sessions_problem = sessions_problem
+
+    def supported(self):
+        """True at or above the oldest supported release, False below, None if unknown."""
+        return self.release >= OLDEST_SUPPORTED_CLI if self.release else None
+
+    def problems(self):
+        """What a user can act on, in words; empty when all is as expected."""
+        out = []
+        if self.checked and self.supported() is False:
+            out.append("claude CLI %s is older than the oldest release this proxy supports (%s): "
+                       "update it (`claude update`, or npm install -g @anthropic-ai/claude-code)."
+                       % (self.version, ".".join(map(str, OLDEST_SUPPORTED_CLI))))
+        if self.checked and not self.help_found:
+            out.append("`claude --help` failed, so the flags the proxy uses could not be checked.")
+        if self.flags_missing:
+            out.append("`claude --help` does not list %s, which the proxy gives the CLI: runs "
+                       "that need them may fail; update the proxy, or pin the CLI to a release "
+                       "that has them." % ", ".join(self.flags_missing))
+        if self.checked and self.sessions_root is None:
+            out.append("where the CLI keeps its sessions cannot be told (%s): earlier turns of a "
+                       "conversation go to it as session files in the folder the proxy's own "
+                       "environment gives ($CLAUDE_CONFIG_DIR, else ~/.claude), which it may not "
+                       "find; then they go as a transcript, which the prompt cache cannot reuse. "
+                       "If CLAUDE_PATH is a wrapper that sets HOME or CLAUDE_CONFIG_DIR, set them "
+                       "for the proxy too." % self.sessions_problem)
+        return out
+
+
 def bounded_lines(stream, limit):
     """The lines of a binary stream as (line, whole) pairs, none longer than `limit` bytes: of a
     longer line, only its first bytes are kept (whole=False) and the rest is read and dropped, so
@@ -2190,6 +2366,11 @@ class CliRun:
             kwargs["start_new_session"] = True  # its own process group: stop it and its children
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=workdir, env=env, **kwargs)
+        try:  # for the next proxy, should this one die without stopping it (remove_leftovers)
+            with open(workdir + CLI_PID_SUFFIX, "w", encoding="utf-8") as f:
+                f.write("%d %s" % (self.proc.pid, process_start(self.proc.pid) or "-"))
+        except OSError:
+            pass
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
 
@@ -2233,6 +2414,26 @@ class CliRun:
             os.replace(path + ".tmp", path)
             self.results_given += 1
         self.pending_calls = []
+
+    def peek_until(self, wanted, seconds):
+        """Read events until one for which wanted(event) is true and return it, or None if none
+        came within `seconds` (the run is then stopped). events() gives them all again."""
+        timer = threading.Timer(seconds, self.cancel, ("no_start",))
+        timer.daemon = True
+        timer.start()
+        seen, self._peeked = self._peeked, []
+        try:
+            for event in seen:
+                if wanted(event):
+                    return event
+            for event in self.events():
+                seen.append(event)
+                if wanted(event):
+                    return event
+            return None
+        finally:
+            self._peeked = seen + self._peeked
+            timer.cancel()
 
     def first_event(self, seconds):
         """The run's first event, or None if it printed none within `seconds` (the run is then
@@ -2351,6 +2552,10 @@ class CliRun:
             except OSError:
                 pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            os.remove(self.workdir + CLI_PID_SUFFIX)
+        except OSError:
+            pass
         if self.sessions:  # the session file the run resumed, and its folder
             shutil.rmtree(self.sessions, ignore_errors=True)
         self.runner.forget(self)
@@ -2409,13 +2614,191 @@ def shape_label(shape):
                          hashlib.sha1(shape.encode("utf-8")).hexdigest()[:8])
 
 
-def run_files(plan, wait_seconds=DEFAULT_TIMEOUT):
+#: What a proxy leaves on disk is findable by the next one: every run's folder (system prompt,
+#: MCP config, tool results, the CLI's own temporary files) is made inside the proxy's own
+#: folder in TMPDIR, claude-proxy-<random>, which holds an owner file locked for the proxy's
+#: whole life (flock on POSIX, msvcrt.locking on Windows: the system drops the lock when the
+#: process dies, however it dies, so a reused pid cannot fool it). The session files of its
+#: resumed runs sit in the CLI's projects folders under names that begin with the proxy
+#: folder's own; the folders that hold them are listed in SESSION_ROOTS_FILE.
+PROXY_FOLDER_PREFIX = "claude-proxy-"
+OWNER_FILE = "owner.lock"
+SESSION_ROOTS_FILE = "session-roots"
+CLI_PID_SUFFIX = ".pid"  # beside a run's folder: "<pid> <start time>" of the CLI it runs
+
+
+def lock_owner_file(fd):
+    """Take the owner lock of an open owner file without waiting: True if taken, False if
+    another process holds it, None where this system has no lock the proxy can use."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        if msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+    except OSError:
+        return False
+    return None
+
+
+def owner_gone(folder):
+    """True when the proxy that made this folder is gone (its owner lock can be taken), False
+    while it lives, None when it cannot be told (no owner file, no lock on this system)."""
+    try:
+        fd = os.open(os.path.join(folder, OWNER_FILE), os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        taken = lock_owner_file(fd)
+        if taken and fcntl is None and msvcrt is not None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # Windows may hold it a while past close
+        return taken
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken
+
+
+def process_start(pid):
+    """A token that tells this process from a later one with the same pid (Linux: its start
+    time in clock ticks since boot), or None where it cannot be read."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def own_folder(path):
+    """A real folder (not a link) of this user's: what a shared TMPDIR holds of another user's,
+    who could write a pid file into it, is never acted on."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
+
+
+def remove_leftovers(tmpdir=None):
+    """Before serving: remove what proxies that died (SIGKILL, a crash, a power cut) left in
+    TMPDIR: their folders, the session files of their resumed runs, and any of their CLI
+    processes still running (whose start time matches, so never a stranger reusing a pid; where
+    start times cannot be read, the process is left: a waiting CLI ends when its stdin closes, a
+    tool call's bridge when its folder goes). Only folders of this proxy's kind, with an owner
+    file whose lock can be taken: folders of proxies still running, of any other program, or
+    that cannot be told are left alone. Returns the folders removed."""
+    tmpdir = tmpdir or tempfile.gettempdir()
+    removed = []
+    try:
+        names = sorted(os.listdir(tmpdir))
+    except OSError:
+        return removed
+    for name in names:
+        folder = os.path.join(tmpdir, name)
+        if not name.startswith(PROXY_FOLDER_PREFIX) or not own_folder(folder):
+            continue
+        if owner_gone(folder) is not True:
+            continue
+        for run in os.listdir(folder):
+            if not run.endswith(CLI_PID_SUFFIX):
+                continue
+            try:
+                with open(os.path.join(folder, run), encoding="utf-8") as f:
+                    pid, start = f.read().split()
+                if os.name != "nt" and process_start(int(pid)) == start:
+                    os.killpg(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        try:
+            with open(os.path.join(folder, SESSION_ROOTS_FILE), encoding="utf-8") as f:
+                roots = [line.strip() for line in f if line.strip()]
+        except OSError:
+            roots = []
+        prefix = session_name(folder) + "-"
+        for root in roots:
+            try:
+                for entry in os.listdir(root):
+                    if entry.startswith(prefix):
+                        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+            except OSError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            removed.append(folder)
+    return removed
+
+
+class ProxyFolder:
+    """The proxy's own folder in TMPDIR (see PROXY_FOLDER_PREFIX): made at its first run,
+    locked while the proxy lives, removed at shutdown. TMPDIR is read at each run (it may be
+    changed or become unwritable while the proxy runs): one folder per TMPDIR used."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._folders = {}  # TMPDIR -> (folder, owner file descriptor)
+        self._roots = set()
+        self._closed = False
+
+    def folder(self):
+        """This proxy's folder in the current TMPDIR; OSError if it cannot be made."""
+        tmpdir = tempfile.gettempdir()
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EINVAL, "the proxy is shutting down")
+            if tmpdir not in self._folders:
+                folder = tempfile.mkdtemp(prefix=PROXY_FOLDER_PREFIX, dir=tmpdir)
+                try:
+                    fd = os.open(os.path.join(folder, OWNER_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+                    os.write(fd, str(os.getpid()).encode("ascii"))
+                except OSError:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise
+                if lock_owner_file(fd) is False:  # nobody else can hold a folder just made
+                    log("cannot lock %s; a crash would leave it behind" % folder)
+                self._folders[tmpdir] = (folder, fd)
+                if self._roots:
+                    self._write_roots(folder, self._roots)
+            return self._folders[tmpdir][0]
+
+    def run_folder(self):
+        """A new private folder (0700) for one run, inside this proxy's folder."""
+        return tempfile.mkdtemp(prefix="run-", dir=self.folder())
+
+    def note_sessions(self, root):
+        """Session folders may be made in `root`: the next proxy removes ours there if we die."""
+        with self._lock:
+            if root in self._roots:
+                return
+            for folder, _ in self._folders.values():
+                self._write_roots(folder, [root])
+            self._roots.add(root)
+
+    @staticmethod
+    def _write_roots(folder, roots):
+        with open(os.path.join(folder, SESSION_ROOTS_FILE), "a", encoding="utf-8") as f:
+            f.write("".join(root + "\n" for root in roots))
+
+    def owner_files(self):
+        with self._lock:
+            return [os.path.join(folder, OWNER_FILE) for folder, _ in self._folders.values()]
+
+    def close(self):
+        """At shutdown, once every run is stopped: remove the folders and drop the locks."""
+        with self._lock:
+            folders, self._folders, self._closed = list(self._folders.values()), {}, True
+        for folder, fd in folders:
+            os.close(fd)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_files(plan, wait_seconds=DEFAULT_TIMEOUT, folders=None):
     """A run's private folder (0700) with its system prompt and, with tools, its MCP config:
     (folder, prompt path, config path or None). A 503 naming TMPDIR when they cannot be written
     or its disk is nearly full (the CLI would fail there with no word on stderr)."""
     workdir = None
     try:
-        workdir = tempfile.mkdtemp(prefix="claude-proxy-")
+        workdir = folders.run_folder() if folders else tempfile.mkdtemp(prefix=PROXY_FOLDER_PREFIX)
         free = shutil.disk_usage(workdir).free
         if free < TMPDIR_MIN_FREE_BYTES:
             raise OSError(errno.ENOSPC, "only %d KiB free" % (free // 1024))
@@ -2428,7 +2811,8 @@ def run_files(plan, wait_seconds=DEFAULT_TIMEOUT):
             config_path = os.path.join(workdir, "mcp-config.json")
             os.mkdir(os.path.join(workdir, MCP_RESULTS_DIR))
             with open(tools_path, "w", encoding="utf-8") as f:
-                json.dump({"tools": plan["tools"], "wait_seconds": wait_seconds}, f)
+                json.dump({"tools": plan["tools"], "wait_seconds": wait_seconds,
+                           "owner_files": folders.owner_files() if folders else []}, f)
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(mcp_config(tools_path), f)
         return workdir, prompt_path, config_path
@@ -2458,6 +2842,11 @@ class CliRunner:
         self._logged = set()
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
+        self.folders = ProxyFolder()
+        self._check_lock = threading.Lock()
+        self._check = CliCheck(checked=False)  # main() turns checking on (check_cli)
+        self._deferred_failed = None  # the binary stamp of a CLI that ignored a deferred call
+        self.refused_flags = []  # options the CLI refused as unknown, this binary
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
         self.real_turns = history != "transcript"
         self.continuations = (Continuations(pool_size, pool_idle)
@@ -2487,6 +2876,118 @@ class CliRunner:
         with self._version_lock:
             self._version, self._version_stamp = version, self.binary_stamp()
 
+    def check_cli(self, again=True):
+        """Check the CLI binary on disk now, without a model call: its version, the flags its
+        --help lists, where it keeps sessions. Logs what a user must know, once per binary.
+        From then on it is checked again whenever the binary changes (cli_check)."""
+        with self._check_lock:
+            stamp = self.binary_stamp()
+            if not again and self._check.stamp == stamp:
+                return self._check  # another request checked it while this one waited
+            if not self.claude_path or stamp is None:
+                self._check = CliCheck(stamp, checked=True)
+                return self._check
+            found = {}  # the three questions at once: each is a CLI start (about 0.5-2 s)
+            asks = [threading.Thread(target=lambda: found.update(version=cli_version(self.claude_path))),
+                    threading.Thread(target=lambda: found.update(help=cli_help(self.claude_path, self.env)))]
+            for ask in asks:
+                ask.start()
+            root, problem = None, "the proxy's TMPDIR cannot be written"
+            try:
+                probe = self.folders.run_folder()
+            except OSError:
+                probe = None
+            if probe:
+                try:
+                    root, problem = cli_sessions_root(self.claude_path, self.env, probe)
+                finally:
+                    shutil.rmtree(probe, ignore_errors=True)
+            for ask in asks:
+                ask.join()
+            version, help_text = found.get("version"), found.get("help")
+            changed = self._check.checked and self._check.stamp != stamp
+            self._check = CliCheck(stamp, version, help_text, root, problem)
+            self.refused_flags = []
+        with self._version_lock:
+            self._version, self._version_stamp = version, stamp
+        if changed:
+            log("the claude CLI at %s changed: now %s" % (self.claude_path, version or "version unknown"))
+        for problem in self._check.problems():
+            log("WARNING: " + problem)
+        return self._check
+
+    def cli_check(self):
+        """What is known of the CLI binary on disk now (checked again if it changed)."""
+        check = self._check
+        if check.checked and check.stamp != self.binary_stamp():
+            return self.check_cli(again=False)
+        return check
+
+    def sessions_root(self, env):
+        """The folder the CLI reads session files from: as the CLI said, or (not checked, or
+        it could not be told) where it would be with the proxy's own environment."""
+        check = self.cli_check()
+        return check.sessions_root or os.path.join(cli_config_dir(env), "projects")
+
+    def note_refused_flag(self, stderr_lines):
+        """A run ended with `unknown option`: say so once, and in /health."""
+        for line in stderr_lines:
+            found = UNKNOWN_OPTION.search(line)
+            if found and found.group(1) not in self.refused_flags:
+                self.refused_flags.append(found.group(1))
+                log("WARNING: the claude CLI at %s (%s) refused the option %s, which the proxy "
+                    "gives it: update the proxy, or install a CLI release that has it."
+                    % (self.claude_path, self._check.version or "version unknown", found.group(1)))
+
+    def cli_report(self):
+        """/health's account of the CLI: what was checked, what is in use, what fell back."""
+        check = self.cli_check()
+        return {"supported": check.supported(),
+                "oldest_supported": ".".join(map(str, OLDEST_SUPPORTED_CLI)),
+                "checked": check.checked,
+                "flags_missing": check.flags_missing,
+                "flags_refused": list(self.refused_flags),
+                "sessions": {"folder": self.sessions_root(self.env) if self.claude_path else None,
+                             "from": ("the CLI" if check.sessions_root else
+                                      "the proxy's environment" if self.claude_path else None),
+                             "problem": check.sessions_problem if check.checked else "not checked"},
+                "features": self.features(),
+                "problems": check.problems() + [
+                    "the CLI refused the option %s, which the proxy gives it" % flag
+                    for flag in self.refused_flags]}
+
+    def features(self):
+        """For /health: how conversations reach the CLI now, and what fell back and why."""
+        check = self.cli_check()
+        stamp = self.binary_stamp()
+        if not self.real_turns:
+            session_files = "off: --history transcript"
+        elif "--resume" in check.flags_missing:
+            session_files = "off: the CLI's --help does not list --resume"
+        elif self._resume_failed is not None and self._resume_failed == stamp:
+            session_files = ("off: the CLI did not load a session file the proxy wrote; earlier "
+                             "turns go as a transcript")
+        elif check.sessions_root:
+            session_files = "on"
+        elif not check.checked:
+            session_files = ("on, in the folder the proxy's own environment gives (%s): the CLI "
+                             "was not checked" % self.sessions_root(self.env))
+        else:
+            session_files = ("on, in the folder the proxy's own environment gives (%s); where the "
+                             "CLI keeps sessions could not be told" % self.sessions_root(self.env))
+        if not session_files.startswith("on"):
+            deferred = session_files
+        elif self._deferred_failed is not None and self._deferred_failed == stamp:
+            deferred = ("off: the CLI did not run a deferred tool call the proxy resumed; such "
+                        "tool results go as a transcript")
+        else:
+            deferred = "on"
+        return {"session_files": session_files, "deferred_tool_results": deferred,
+                "warm_pool": "on" if self.pool else "off: --pool-size 0",
+                "kept_processes": ("on" if self.continuations else
+                                   "off: --history transcript" if not self.real_turns
+                                   else "off: --pool-size 0")}
+
     def spawn(self, plan, shape=None, history=None, deferred=None):
         """Start a process for a plan's shape, waiting for its message; with `history` (turns
         ending with an assistant turn), resuming a session file that holds them. Raises a
@@ -2494,9 +2995,13 @@ class CliRunner:
         if not self.claude_path:
             raise cli_failed("The claude CLI was not found: install Claude Code, or set CLAUDE_PATH "
                              "to its full path.", "cli_not_found")
+        with self._lock:
+            if self._closed:
+                raise overloaded(5, "The proxy is shutting down.")
         # The bridge waits this long for a tool result, then ends its run: nothing is left
         # running even if the proxy itself is killed.
-        workdir, prompt_path, config_path = run_files(plan, self.timeout + self.idle_seconds)
+        workdir, prompt_path, config_path = run_files(plan, self.timeout + self.idle_seconds,
+                                                      self.folders)
         env = cli_env(self.env, plan)
         # The CLI's own temporary files (it makes a claude-<uid> folder) stay in the run's
         # folder and go with it: nothing is left in TMPDIR.
@@ -2506,7 +3011,8 @@ class CliRunner:
         try:
             if history:
                 session_id = str(uuid.uuid4())
-                sessions = session_folder(env, workdir)
+                sessions = os.path.join(self.sessions_root(env), session_name(workdir))
+                self.folders.note_sessions(os.path.dirname(sessions))
                 os.makedirs(sessions, mode=0o700)
                 path = os.path.join(sessions, session_id + ".jsonl")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2593,6 +3099,10 @@ class CliRunner:
         ends with it deferred, and the bridge gets its result; nothing goes on stdin."""
         if self._resume_failed is not None and self._resume_failed == self.binary_stamp():
             return None
+        if "--resume" in self.cli_check().flags_missing:
+            return None
+        if deferred and self._deferred_failed is not None and self._deferred_failed == self.binary_stamp():
+            return None
         run = self.spawn(plan, shape, history=turns[:-1], deferred=deferred)
         try:
             if deferred:
@@ -2609,14 +3119,44 @@ class CliRunner:
         except BaseException:
             run.stop()  # no request holds it yet
             raise
-        if first is not None and not (first.get("type") == "result" and first.get("is_error")):
+        loaded = first is not None and not (first.get("type") == "result" and first.get("is_error"))
+        if loaded and deferred:
+            # The deferred call is undocumented: the CLI must run it, and print the client's
+            # result as a `user` event (2.1.197 and 2.1.332 do, before their init event), before
+            # it asks the model anything. If it asks without it, the client's tool result would
+            # be silently lost: stop, and send a transcript.
+            wanted = cli_tool_id(deferred["id"])
+            ran = lambda e: e.get("type") == "user" and any(
+                isinstance(b, dict) and b.get("type") == "tool_result" and b.get("tool_use_id") == wanted
+                for b in ((e.get("message") or {}).get("content") or []) if isinstance(b, dict))
+            try:
+                seen = run.peek_until(lambda e: ran(e) or e.get("type") in ("stream_event", "assistant", "result"),
+                                      RESUME_START_SECONDS)
+            except BaseException:
+                run.stop()
+                raise
+            if seen is None or not ran(seen):
+                run.stop()
+                self._deferred_failed = run.binary
+                self._log_once(("deferred", run.binary), "WARNING: the claude CLI (%s) did not run a "
+                               "tool call the proxy deferred in a session file before asking the "
+                               "model; tool results now go to it as a transcript, which the prompt "
+                               "cache cannot reuse. /health says so under cli.features."
+                               % (self._check.version or "version unknown"))
+                return None
+            return run
+        if loaded:
             return run
         run.stop()
         self._resume_failed = run.binary
-        self._log_once("resume", "the claude CLI did not load a session file the proxy wrote "
-                       "(%s); conversations go to it as a transcript instead, which the prompt "
-                       "cache cannot reuse." % (str((first or {}).get("errors") or "no output in "
-                                                    "%gs" % RESUME_START_SECONDS)[:200]))
+        self._log_once(("resume", run.binary), "WARNING: the claude CLI did not load a session "
+                       "file the proxy wrote in %s (%s); conversations go to it as a transcript "
+                       "instead, which the prompt cache cannot reuse. If CLAUDE_PATH is a wrapper "
+                       "that gives the CLI another HOME or CLAUDE_CONFIG_DIR, /health shows where "
+                       "the CLI said it keeps sessions." % (
+                           os.path.dirname(run.sessions or "") or "?",
+                           str((first or {}).get("errors") or "no output in %gs"
+                               % RESUME_START_SECONDS)[:200]))
         return None
 
     def _continue(self, run, tail):
@@ -2700,6 +3240,7 @@ class CliRunner:
         with self._lock:
             runs = list(self._runs)
         stop_runs(runs, "shutdown")
+        self.folders.close()
 
 
 class Continuations:
@@ -3361,6 +3902,7 @@ def run_failure(run, plan):
         return timed_out(run.timeout)
     if run.cancelled == "shutdown":
         return overloaded(5, "The proxy is shutting down; the run was stopped.")
+    run.runner.note_refused_flag(list(run.stderr_tail))
     tail = " | ".join(list(run.stderr_tail)[-5:])
     log("claude CLI ended without a result (exit %s, %d unreadable lines); stderr: %s"
         % (run.returncode, run.garbage_lines, tail or "(empty)"))
@@ -4094,7 +4636,8 @@ def anthropic_error(error, request_id):
     headers = dict(error.headers)
     if status >= 500 and "x-should-retry" in headers:
         del headers["x-should-retry"]
-    return status, {"type": "error", "error": {"type": kind, "message": error.message},
+    return status, {"type": "error", "error": {"type": kind,
+                                               "message": error.api_message or error.message},
                     "request_id": request_id}, headers
 
 
@@ -6723,8 +7266,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(status, {
             "status": "ok" if found else "cli_not_found",
             "version": __version__,
-            "cli": {"path": config.claude_path, "found": found,
-                    "version": runner.version() if found else None},
+            "cli": dict(runner.cli_report(), path=config.claude_path, found=found,
+                        version=runner.version() if found else None),
             "default_model": config.model,
             "default_effort": config.effort,
             "active_runs": self.server.runner.active(),
@@ -7072,7 +7615,7 @@ def mcp_reply(message, tools, wait_for_result=None):
     return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 
-def result_waiter(folder, wait_seconds):
+def result_waiter(folder, wait_seconds, owner_files=()):
     """tools/call results from the proxy: the n-th call gets the file n.json in `folder`,
     which the proxy writes when the client's next request brings the results. The bridge
     polls: a file is the one channel that works alike on every platform. If none comes in
@@ -7080,14 +7623,28 @@ def result_waiter(folder, wait_seconds):
     group, so that nothing is left running."""
     calls = [0]
 
+    def proxy_gone():
+        # Its owner lock can be taken: the proxy was killed, and nobody will bring a result.
+        return any(owner_gone(os.path.dirname(path)) for path in owner_files)
+
     def wait_for_result(name):
         path = os.path.join(folder, "%d.json" % calls[0])
         calls[0] += 1
         deadline = time.monotonic() + wait_seconds
+        checked = time.monotonic()
         while not os.path.exists(path):
+            if time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                if proxy_gone():
+                    deadline = 0
             if time.monotonic() > deadline or not os.path.isdir(folder):
+                # KILL, the CLI with us: given TERM, or the call's failure, it would ask the
+                # model again, a paid call nobody reads.
                 if os.name != "nt":
-                    os.killpg(os.getpgid(0), signal.SIGTERM)
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                else:
+                    subprocess.run(["taskkill", "/T", "/F", "/PID", str(os.getppid())],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 sys.exit(1)
             time.sleep(0.02)
         with open(path, encoding="utf-8") as f:
@@ -7102,7 +7659,7 @@ def mcp_serve(tools_path, stdin=None, stdout=None):
     with open(tools_path, encoding="utf-8") as f:
         spec = json.load(f)
     waiter = result_waiter(os.path.join(os.path.dirname(os.path.abspath(tools_path)), MCP_RESULTS_DIR),
-                           float(spec.get("wait_seconds", DEFAULT_TIMEOUT)))
+                           float(spec.get("wait_seconds", DEFAULT_TIMEOUT)), spec.get("owner_files") or ())
     for line in iter(stdin.readline, b""):
         if not line.strip():
             continue
@@ -7249,7 +7806,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_close()
 
     def server_close(self):
-        self.heads.close()
+        if hasattr(self, "heads"):  # not yet there when the address could not be bound
+            self.heads.close()
         super().server_close()
 
     def _wait_for_requests(self, deadline):
@@ -7389,8 +7947,9 @@ def main(argv=None):
             "it could spend this machine's Claude subscription.\nSet CLAUDE_PROXY_API_KEY (or "
             "--api-key), or say --no-auth if that is really intended.\n" % args.host)
         return 2
+    left = remove_leftovers()
     claude_path = find_claude(args.claude_path)
-    version = cli_version(claude_path)
+    version = None  # read with the rest of the check, below
     config = Config(claude_path, args.model, args.effort, args.timeout,
                     [m.strip() for m in args.models.split(",") if m.strip()], args.max_body,
                     args.log_prompts, version, args.pool_size, args.pool_idle, api_keys,
@@ -7407,9 +7966,29 @@ def main(argv=None):
     host, port = server.server_address[:2]
     url = "http://%s:%d/v1" % (host if ":" not in host else "[%s]" % host, port)
     if claude_path:
-        log("claude CLI: %s (%s)" % (claude_path, version or "version unknown: `claude --version` failed"))
+        # The check starts the CLI (about a second): a signal meanwhile stops the proxy cleanly.
+        def starting(signum, frame):
+            raise KeyboardInterrupt
+        previous = {name: signal.signal(getattr(signal, name), starting)
+                    for name in GRACEFUL_SIGNALS if hasattr(signal, name)}
+        try:
+            check = server.runner.check_cli()  # logs what a user must act on
+        except KeyboardInterrupt:
+            server.runner.stop_all()
+            server.server_close()
+            log("stopped while checking the claude CLI")
+            return 0
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+        log("claude CLI: %s (%s; oldest supported %s); sessions: %s" % (
+            claude_path, check.version or "version unknown: `claude --version` failed",
+            ".".join(map(str, OLDEST_SUPPORTED_CLI)),
+            check.sessions_root or "unknown, see the warning above"))
     else:
         log("WARNING: no claude CLI found (set CLAUDE_PATH); requests will fail with 502")
+    if left:
+        log("removed what proxies that did not stop cleanly left in %s: %d folder(s), with their "
+            "runs' files, session files and CLI processes" % (tempfile.gettempdir(), len(left)))
     if not loopback and not api_keys:
         log("WARNING: listening on %s with no API key (--no-auth)" % args.host)
     log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs, warm pool: %s, "

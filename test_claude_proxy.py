@@ -52,9 +52,9 @@ the behaviour:
   TOOLFIRST   with --json-schema and client tools: a call of the first tool before any answer
   TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
               is_error, no API status, terminal_reason blocking_limit), exit 1
-  APITOOLONG  the API's refusal of one, as 2.1.197 and 2.1.332 report it ("Prompt is too long
-              \u00b7 the request is ~N tokens (limit 200000) ...", api_error_status 400,
-              terminal_reason prompt_too_long), exit 1
+  TOOLONGAPI  the API's refusal of it, as 2.1.197 and 2.1.332 pass it on (api_error_status 400,
+              terminal_reason prompt_too_long, "Prompt is too long · the request is ~N tokens
+              (limit 200000)..."), exit 1
   BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
   BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
   STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
@@ -67,6 +67,12 @@ the behaviour:
               (with an API key, as the fake API answers it: RATE429)
   NOCREDIT    spent usage credits: "API Error: 400 You're out of extra usage...", a 400 result
   (none)      "Echo: <last 200 chars of the last user text> [images: N]"
+--help lists the flags it knows, less those named in STUB_HELP_DROP (comma-separated), and
+never --system-prompt-file or --max-turns (the real CLI's --help lists neither). A message that
+is `/clear` is answered without a model call, as the real CLI does: an init event (with
+memory_paths.auto, <CLAUDE_CONFIG_DIR or $HOME/.claude>/projects/<cwd's name>/memory/, unless
+CLAUDE_CODE_DISABLE_AUTO_MEMORY=1 or STUB_NO_MEMORY_PATHS=1) and an empty result; that run's
+record is removed (it is the proxy's check of the CLI, not a run).
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
 and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
 answers through a StructuredOutput call, as the real CLI does.
@@ -105,7 +111,14 @@ def example(schema):
 
 argv = sys.argv[1:]
 if argv == ["--version"]:
-    print("2.1.197 (Claude Code)")
+    print(os.environ.get("STUB_VERSION", "2.1.197") + " (Claude Code)")
+    sys.exit(0)
+if argv == ["--help"]:
+    dropped = set(os.environ.get("STUB_HELP_DROP", "").split(",")) | {"--system-prompt-file", "--max-turns"}
+    print("Usage: claude [options] [command] [prompt]\n\nOptions:")
+    for name in sorted((VALUE_FLAGS | BARE_FLAGS | {"--max-budget-usd"}) - dropped):
+        print("  %%s%%s" %% ("-p, --print" if name in ("-p", "--print") else name,
+                        " <value>" if name in VALUE_FLAGS else ""))
     sys.exit(0)
 flags, i = {}, 0
 while i < len(argv):
@@ -174,6 +187,20 @@ save()
 
 session = str(uuid.uuid4())
 model = ALIASES.get(flags.get("--model"), flags.get("--model") or "claude-sonnet-5")
+config_home = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.environ.get("HOME", ""), ".claude")
+def memory_paths():
+    if os.environ.get("CLAUDE_CODE_DISABLE_AUTO_MEMORY") == "1" or os.environ.get("STUB_NO_MEMORY_PATHS"):
+        return {}
+    folder = os.path.join(config_home, "projects", re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd())))
+    os.makedirs(os.path.join(folder, "memory"), exist_ok=True)  # as the real CLI does
+    return {"memory_paths": {"auto": os.path.join(folder, "memory") + os.sep}}
+def init_event():
+    return dict({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
+      "tools": [t["name"] for t in mcp_tools],
+      "mcp_servers": [{"name": n, "status": "connected"} for n in mcp_servers],
+      "model": model, "permissionMode": "default",
+      "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default",
+      "uuid": str(uuid.uuid4())}, **memory_paths())
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
 def stream(event):
@@ -227,12 +254,7 @@ def reply_once(first):
   """One model call: the reply to the history so far, as the real CLI streams it. Returns the
   client tool calls it made ([(tool_use id, name, input)]), after adding the reply to history."""
   if first:
-    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
-      "tools": [t["name"] for t in mcp_tools],
-      "mcp_servers": [{"name": n, "status": "connected"} for n in mcp_servers],
-      "model": model, "permissionMode": "default",
-      "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default",
-      "uuid": str(uuid.uuid4())})
+    emit(init_event())
   message = history[-1]
   texts = [b["text"] for b in message["content"] if b.get("type") == "text"]
   images = sum(1 for b in message["content"] if b.get("type") == "image")
@@ -265,15 +287,18 @@ def reply_once(first):
       while True:
           stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
           time.sleep(0.002)
-  if "TOOLONG" in text:  # the CLI's local refusal: no API call, no API status
+  if "TOOLONG" in text:  # the CLI's local refusal: no API call, no API status; or the API's
+      api = "TOOLONGAPI" in text
+      said = ("Prompt is too long \u00b7 the request is ~%%d tokens (limit 200000) and this "
+              "conversation's own content is most of it." %% (len(text) // 4 + 200000)) if api else "Prompt is too long"
       emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
-            "model": "<synthetic>", "content": [{"type": "text", "text": "Prompt is too long"}],
+            "model": "<synthetic>", "content": [{"type": "text", "text": said}],
             "stop_reason": "stop_sequence"}, "parent_tool_use_id": None, "session_id": session,
             "uuid": str(uuid.uuid4())})
-      emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": None,
-            "result": "Prompt is too long", "stop_reason": "stop_sequence", "session_id": session,
-            "terminal_reason": "blocking_limit", "usage": {"input_tokens": 0, "output_tokens": 0},
-            "uuid": str(uuid.uuid4())})
+      emit({"type": "result", "subtype": "success", "is_error": True, "api_error_status": 400 if api else None,
+            "result": said, "stop_reason": "stop_sequence", "session_id": session,
+            "terminal_reason": "prompt_too_long" if api else "blocking_limit",
+            "usage": {"input_tokens": 0, "output_tokens": 0}, "uuid": str(uuid.uuid4())})
       sys.exit(1)
   big_line = re.search(r"BIGLINE\[(\d+)\]", text)
   if big_line:  # one enormous event line, written in pieces
@@ -299,13 +324,6 @@ def reply_once(first):
       result("Not logged in \u00b7 Please run /login", True, None); sys.exit(1)
   if "RATE429" in text or ("LIMIT5H" in text or "LIMITWEEK" in text) and not SUBSCRIBER:
       api_error(429, "rate_limit", "Number of request tokens has exceeded your per-minute rate limit")
-  if "APITOOLONG" in text:  # sent, and refused by the API (both releases word it so)
-      too_long = ("Prompt is too long \u00b7 the request is ~%%d tokens (limit 200000) and this conversation's "
-                  "own content is most of it. A single-exchange conversation cannot be compacted; start with "
-                  "less content (smaller files or pasted text)." %% (200000 + len(everything) // 4))
-      synthetic(too_long, "invalid_request")
-      result(too_long, True, 400, stop_reason="stop_sequence", terminal_reason="prompt_too_long")
-      sys.exit(1)
   if "OVERLOAD" in text:
       api_error(529, "overloaded", "Overloaded")
   if "AUTH401" in text:
@@ -497,7 +515,12 @@ PLAN_SEEN = {}  # the figures of the last rate_limit_event this process printed
 # A live process: one user line after another, each answered with the whole history, as the
 # real CLI does; after a call of the client's tools, the next model call once the bridge answers.
 first = True
-if deferred_call:  # a deferred tool call: run it through the bridge, then answer, as the real CLI
+if deferred_call and os.environ.get("STUB_IGNORE_DEFERRED"):  # a CLI that no longer runs it
+    history.append({"role": "user", "content": [{"type": "text", "text": "Continue from where you left off."}]})
+    while reply_once(first):
+        first = False
+    first = False
+elif deferred_call:  # a deferred tool call: run it through the bridge, then answer, as the real CLI
     server, tool = deferred_call["toolName"].split("__")[1], deferred_call["toolName"].split("__", 2)[2]
     answered = mcp_rpc[server]({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
                                 "params": {"name": tool, "arguments": deferred_call["toolInput"]}})["result"]
@@ -518,6 +541,12 @@ while True:
     save()
     if not line:
         sys.exit(0)
+    if json.loads(line)["message"]["content"] in ("/clear", [{"type": "text", "text": "/clear"}]):
+        emit(init_event())  # no model call
+        result("")
+        os.remove(path)
+        path = os.path.join(RECORD_DIR, "check-%%d.ignored" %% os.getpid())  # not a run's record
+        continue
     history.append({"role": "user", "content": json.loads(line)["message"]["content"]})
     while True:
         record["history"] = history
@@ -872,6 +901,59 @@ class ErrorMappingTest(unittest.TestCase):
                 else:
                     self.assertEqual((error.status, error.code), (status, code))
                     self.assertIn("Retry-After", error.headers) if status in (429, 503) and code != "cli_not_logged_in" else None
+
+    def test_results_as_each_release_words_them(self):
+        # The result lines of CLI 2.1.197 and 2.1.332 against the fake API (RATE429, OVERLOAD,
+        # AUTH401, BADREQ400, an unknown model, a 2 MB prompt), and the API's own wording of a
+        # context overflow as a result may pass it on.
+        too_long = ("Prompt is too long \u00b7 the request is ~501652 tokens (limit 200000) and this "
+                    "conversation's own content is most of it. A single-exchange conversation "
+                    "cannot be compacted; start with less content (smaller files or pasted text).")
+        cases = [
+            ("197 refuses by itself", None, "blocking_limit", "Prompt is too long",
+             400, "context_length_exceeded"),
+            ("197 passes the API's on", 400, "prompt_too_long", too_long, 400, "context_length_exceeded"),
+            ("332 passes the API's on", 400, "prompt_too_long", too_long, 400, "context_length_exceeded"),
+            ("the API's words", 400, "api_error", "API Error: 400 prompt is too long: 210245 tokens "
+             "> 200000 maximum", 400, "context_length_exceeded"),
+            ("197 rate limit", 429, "completed", "API Error: Request rejected (429) \u00b7 Number of "
+             "request tokens has exceeded your per-minute rate limit", 429, "rate_limit_exceeded"),
+            ("332 rate limit", 429, "api_error", "API Error: Request rejected (429) \u00b7 Number of "
+             "request tokens has exceeded your per-minute rate limit", 429, "rate_limit_exceeded"),
+            ("197 overloaded", 529, "completed", "API Error: 529 Overloaded. This is a server-side "
+             "issue, usually temporary", 503, "overloaded"),
+            ("332 overloaded", 529, "api_error", "API Error: 529 Overloaded. This is a server-side "
+             "issue, usually temporary", 503, "overloaded"),
+            ("197 key refused", 401, "completed", "Invalid API key \u00b7 Fix external API key", 503,
+             "cli_not_logged_in"),
+            ("332 key refused", 401, "api_error", "Invalid API key \u00b7 Fix external API key", 503,
+             "cli_not_logged_in"),
+            ("197 bad request", 400, "completed", "API Error: 400 messages: text content blocks must "
+             "be non-empty", 400, "upstream_rejected"),
+            ("332 bad request", 400, "api_error", "API Error: 400 messages: text content blocks must "
+             "be non-empty", 400, "upstream_rejected"),
+            ("197 unknown model", 404, "completed", "There's an issue with the selected model "
+             "(gpt-nope). It may not exist or you may not have access to it.", 404, "model_not_found"),
+            ("332 unknown model", 404, "api_error", "There's an issue with the selected model "
+             "(gpt-nope). It may not exist or you may not have access to it.", 404, "model_not_found"),
+        ]
+        for name, status, reason, text, want_status, want_code in cases:
+            with self.subTest(name):
+                error = cp.result_error({"type": "result", "subtype": "success", "is_error": True,
+                                         "api_error_status": status, "result": text,
+                                         "terminal_reason": reason})
+                self.assertEqual((error.status, error.code), (want_status, want_code))
+                if want_code == "context_length_exceeded":
+                    self.assertEqual(error.param, "messages")
+                    self.assertTrue(error.api_message.startswith("prompt is too long"), error.api_message)
+                    _, body, _ = cp.anthropic_error(error, "req_1")
+                    self.assertEqual(body["error"], {"type": "invalid_request_error",
+                                                     "message": error.api_message})
+        error = cp.result_error({"type": "result", "is_error": True, "api_error_status": 400,
+                                 "result": too_long, "terminal_reason": "prompt_too_long"})
+        self.assertIn("maximum context length is 200000 tokens", error.message)
+        self.assertIn("resulted in 501652 tokens", error.message)
+        self.assertEqual(error.api_message, "prompt is too long: 501652 tokens > 200000 maximum")
 
     def test_envelope(self):
         error = cp.invalid("nope", "messages[0].role")
@@ -1437,7 +1519,10 @@ class EndpointsTest(ServerTestCase):
         health = json.loads(raw)
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["version"], cp.__version__)
-        self.assertEqual(health["cli"], {"path": self.stub, "found": True, "version": "2.1.197 (Claude Code)"})
+        self.assertEqual({k: health["cli"][k] for k in ("path", "found", "version", "checked")},
+                         {"path": self.stub, "found": True, "version": "2.1.197 (Claude Code)", "checked": False})
+        self.assertEqual(set(health["cli"]["features"]),
+                         {"session_files", "deferred_tool_results", "warm_pool", "kept_processes"})
 
     def test_models(self):
         for path in ("/v1/models", "/models", "/v1/models/"):
@@ -2731,14 +2816,25 @@ class HostileTest(ServerTestCase):
         headers, error = self.assert_error(self.chat(user("TOOLONG")), 400, "messages", "context_length_exceeded")
         self.assertEqual(headers["x-should-retry"], "false")
         self.assertIn("Prompt is too long", error["message"])
+        # The API's refusal, as the CLI passes it on: the same code, OpenAI's wording; the
+        # Anthropic dialect gets the API's own.
+        headers, error = self.assert_error(self.chat(user("TOOLONGAPI")), 400, "messages", "context_length_exceeded")
+        self.assertIn("maximum context length is 200000 tokens", error["message"])
+        status, _, raw = self.request("POST", "/v1/messages", {
+            "model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "TOOLONGAPI"}]},
+            headers={"anthropic-version": "2023-06-01"})
+        body = json.loads(raw)
+        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"))
+        self.assertRegex(body["error"]["message"], r"^prompt is too long: \d+ tokens > 200000 maximum$")
 
     def test_the_apis_prompt_too_long_is_a_400(self):
         # Sent by the CLI and refused by the API (what 2.1.197 and 2.1.332 print for it).
         for stream in (False, True):
             with self.subTest(stream=stream):
-                headers, error = self.assert_error(self.chat(dict(user("APITOOLONG"), stream=stream)), 400)
+                headers, error = self.assert_error(self.chat(dict(user("TOOLONGAPI"), stream=stream)), 400,
+                                                   "messages", "context_length_exceeded")
                 self.assertEqual(headers["x-should-retry"], "false")
-                self.assertIn("Prompt is too long", error["message"])
+                self.assertIn("maximum context length", error["message"])
 
     def test_pool_does_not_retry_a_shape_that_failed_to_start(self):
         broken = os.path.join(self.tmp, "not-executable")
@@ -2895,16 +2991,21 @@ class HostileTest(ServerTestCase):
         folder = tempfile.mkdtemp(prefix="claude-proxy-test-")
         self.addCleanup(shutil.rmtree, folder, True)
         claude, _ = write_stub(folder)
-        port = self.serve(claude=claude).server_address[1]
+        server = self.serve(claude=claude)
+        port = server.server_address[1]
+        server.runner.check_cli()  # as main() does: checked again whenever the binary changes
         health = lambda: self.request("GET", "/health", port=port)
         self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.197 (Claude Code)")
+        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], [])
         with open(claude) as f:
-            text = f.read().replace('print("2.1.197 (Claude Code)")', 'print("2.1.198 (Claude Code)")  # updated')
+            text = f.read().replace('os.environ.get("STUB_VERSION", "2.1.197")', '"2.1.198"')  # updated
+            text = text.replace('os.environ.get("STUB_HELP_DROP", "")', '"--effort"')
         with open(claude + ".new", "w") as f:
             f.write(text)
         os.chmod(claude + ".new", 0o755)
         os.replace(claude + ".new", claude)
         self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.198 (Claude Code)")
+        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], ["--effort"])
         os.remove(claude)
         status, _, raw = health()
         self.assertEqual((status, json.loads(raw)["status"], json.loads(raw)["cli"]["found"]), (503, "cli_not_found", False))
@@ -2952,12 +3053,15 @@ class MainTest(unittest.TestCase):
         for line in ("direct cold claude -p", "proxy, warm pool on", "proxy, pool off", "per streamed chunk"):
             self.assertIn(line, out.stdout)
 
-    def start_program(self, *args, env=None):
-        """claude_proxy.py as its own process over a fresh stub; returns (proc, port, record dir)."""
+    def start_program(self, *args, env=None, wrap=None):
+        """claude_proxy.py as its own process over a fresh stub (or what wrap(stub path) returns);
+        returns (proc, port, record dir); proc.startup_log holds what it logged before serving."""
         import subprocess
         tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
         stub, record_dir = write_stub(tmp)
+        if wrap:
+            stub = wrap(stub)
         proc = subprocess.Popen([sys.executable, cp.__file__, "--port", "0", "--claude-path", stub,
                                  "--pool-size", "0"] + list(args), stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, **(env or {})))
@@ -2968,9 +3072,10 @@ class MainTest(unittest.TestCase):
                 proc.wait()
             proc.stderr.close()
         self.addCleanup(cleanup)
-        line = ""
+        line, proc.startup_log = "", ""
         while "serving" not in line:
             line = proc.stderr.readline()
+            proc.startup_log += line
             self.assertTrue(line, "the proxy exited early")
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
@@ -3037,6 +3142,160 @@ class MainTest(unittest.TestCase):
                 self.assertEqual(os.listdir(tmpdir), [], "nothing left in TMPDIR")
                 for record in self.program_records(record_dir):
                     self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])))
+
+    def kill_mid_request(self, body, tmpdir, started):
+        """Start the proxy over TMPDIR `tmpdir`, send `body`, wait for started(records), SIGKILL
+        the proxy: (its record dir, the folders it had made in tmpdir)."""
+        proc, port, record_dir = self.start_program("--pool-size", "1", env={"TMPDIR": tmpdir})
+        client = threading.Thread(target=self.ask_quietly, args=(port, body), daemon=True)
+        client.start()
+        self.assertTrue(wait_until(lambda: started(self.program_records(record_dir))), "the run started")
+        made = [n for n in os.listdir(tmpdir) if n.startswith(cp.PROXY_FOLDER_PREFIX)]
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+        client.join(30)
+        return record_dir, made
+
+    def ask_quietly(self, port, body):
+        try:
+            ServerTestCase.request(self, "POST", "/v1/chat/completions", body, port=port)
+        except OSError:
+            pass  # the proxy was killed under it
+
+    @unittest.skipUnless(os.path.exists("/proc/self/stat"), "process start times are read from /proc")
+    def test_a_killed_proxys_folders_and_processes_go_at_the_next_start(self):
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        stranger = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "not-ours")  # another program's
+        os.mkdir(stranger)
+        link = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "link")  # a link to a dead one: not followed
+        dead = tempfile.mkdtemp(prefix="claude-proxy-test-dead-")
+        self.addCleanup(shutil.rmtree, dead, True)
+        open(os.path.join(dead, cp.OWNER_FILE), "w").close()
+        os.symlink(dead, link)
+        record_dir, made = self.kill_mid_request(
+            dict(user("HANG"), stream=True), tmpdir,
+            lambda records: any("child_pid" in r for r in records) and len(records) >= 2)
+        [mine] = [n for n in made if n not in ("claude-proxy-not-ours", "claude-proxy-link")]
+        runs = os.listdir(os.path.join(tmpdir, mine))  # the killed proxy's folder, its runs in it
+        self.assertEqual(len([r for r in runs if r.startswith("run-") and not r.endswith(".pid")]), 2,
+                         "the hung run and a warm one")
+        hung = [r for r in self.program_records(record_dir) if "child_pid" in r][0]
+        self.assertTrue(pid_alive(hung["pid"]) and pid_alive(hung["child_pid"]),
+                        "a CLI that does not read its stdin outlives the proxy's SIGKILL")
+        proc, port, _ = self.start_program(env={"TMPDIR": tmpdir})  # on the same TMPDIR
+        left = sorted(os.listdir(tmpdir))
+        self.assertIn("claude-proxy-not-ours", left)
+        self.assertIn("claude-proxy-link", left)
+        self.assertEqual(os.listdir(dead), [cp.OWNER_FILE])
+        self.assertFalse((set(made) - {"claude-proxy-not-ours", "claude-proxy-link"}) & set(left),
+                         "removed before serving")
+        for record in self.program_records(record_dir):
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])), record)
+        self.assertTrue(wait_until(lambda: not pid_alive(hung["child_pid"])), "its whole group")
+        self.health(port)  # serving: its signal handlers are in place
+        proc.terminate()
+        self.assertEqual(proc.wait(15), 0)
+
+    def test_a_live_proxys_folder_is_left_alone(self):
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        saved, tempfile.tempdir = tempfile.tempdir, tmpdir
+        try:
+            folders = cp.ProxyFolder()
+            run = folders.run_folder()
+        finally:
+            tempfile.tempdir = saved
+        self.assertEqual(cp.owner_gone(os.path.dirname(run)), False)
+        self.assertEqual(cp.remove_leftovers(tmpdir), [], "its owner lock is held")
+        self.assertTrue(os.path.isdir(run))
+        folders.close()
+        self.assertEqual(os.listdir(tmpdir), [], "removed at shutdown")
+        self.assertIsNone(cp.owner_gone(tmpdir), "no owner file: cannot be told")
+
+    def test_a_tool_call_waiting_for_a_killed_proxy_ends_by_itself(self):
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        # The reply is the call; the CLI then waits in the bridge for the client's result.
+        record_dir, _ = self.kill_mid_request(
+            dict(user("CALLTOOL"), tools=[tool]), tmpdir,
+            lambda records: any(r.get("stdin") for r in records))
+        time.sleep(0.5)
+        waiting = [r for r in self.program_records(record_dir) if r.get("stdin")]
+        self.assertTrue(waiting)
+        for record in waiting:  # the bridge saw its proxy's lock go, and ended its run's group
+            self.assertTrue(wait_until(lambda: not pid_alive(record["pid"])), record)
+
+    def health(self, port):
+        return json.loads(ServerTestCase.request(self, "GET", "/health", port=port)[2])["cli"]
+
+    def converse(self, port):
+        """A conversation's third turn: its earlier turns go to a resumed run, or a transcript."""
+        status, _, raw = ServerTestCase.request(self, "POST", "/v1/chat/completions", {"messages": [
+            {"role": "user", "content": "first"}, {"role": "assistant", "content": "Echo: first"},
+            {"role": "user", "content": "second"}]}, port=port)
+        self.assertEqual(status, 200, raw)
+
+    def test_sessions_are_written_where_a_wrapper_makes_the_cli_look(self):
+        other = tempfile.mkdtemp(prefix="claude-proxy-test-home-")
+        self.addCleanup(shutil.rmtree, other, True)
+
+        def wrap(stub):  # a wrapper that gives the CLI another HOME, as containers and shims do
+            path = os.path.join(os.path.dirname(stub), "wrapper")
+            with open(path, "w") as f:
+                f.write('#!/bin/sh\nHOME=%s\nexport HOME\nunset CLAUDE_CONFIG_DIR\nexec %s "$@"\n' % (other, stub))
+            os.chmod(path, 0o755)
+            return path
+        proc, port, record_dir = self.start_program(wrap=wrap)
+        cli = self.health(port)
+        projects = os.path.join(other, ".claude", "projects")
+        self.assertEqual(cli["sessions"], {"folder": projects, "from": "the CLI", "problem": None})
+        self.assertEqual(cli["features"]["session_files"], "on")
+        self.assertEqual(os.listdir(projects), [], "the check leaves nothing there")
+        self.converse(port)
+        [record] = [r for r in self.program_records(record_dir) if r.get("stdin")]
+        self.assertTrue(record["session_file"].startswith(projects + os.sep), record.get("session_file"))
+        self.assertEqual([m["role"] for m in record["resumed"]], ["user", "assistant"], "real turns")
+        proc.terminate()
+        self.assertEqual(proc.wait(15), 0)
+        self.assertEqual(os.listdir(projects), [])
+
+    def test_what_the_cli_check_cannot_tell_is_said_at_start_and_in_health(self):
+        proc, port, record_dir = self.start_program(env={
+            "STUB_NO_MEMORY_PATHS": "1", "STUB_HELP_DROP": "--resume", "STUB_VERSION": "2.1.100"})
+        for words in ("older than the oldest release this proxy supports (2.1.197)",
+                      "does not list --resume", "where the CLI keeps its sessions cannot be told"):
+            self.assertIn(words, proc.startup_log)
+        cli = self.health(port)
+        self.assertEqual((cli["supported"], cli["oldest_supported"], cli["checked"]), (False, "2.1.197", True))
+        self.assertEqual(cli["flags_missing"], ["--resume"])
+        self.assertEqual(cli["sessions"]["from"], "the proxy's environment")
+        self.assertIn("auto-memory", cli["sessions"]["problem"])
+        self.assertTrue(cli["features"]["session_files"].startswith("off"), cli["features"])
+        self.assertEqual(len(cli["problems"]), 3)
+        self.converse(port)
+        [record] = [r for r in self.program_records(record_dir) if r.get("stdin")]
+        self.assertNotIn("--resume", record["argv"], "a transcript: the CLI has no --resume")
+        proc.terminate()
+        self.assertEqual(proc.wait(15), 0)
+
+    def test_a_port_in_use_is_said_so(self):
+        import subprocess
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        done = subprocess.run([sys.executable, cp.__file__, "--port", str(taken.getsockname()[1]),
+                               "--claude-path", os.path.join(tmpdir, "no-claude")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=dict(os.environ, TMPDIR=tmpdir))
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn("cannot listen on 127.0.0.1:%d" % taken.getsockname()[1], done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(os.listdir(tmpdir), [])
 
     def test_grace_runs_out_then_every_cli_is_stopped(self):
         proc, port, record_dir = self.start_program("--shutdown-grace", "0.3")
@@ -6180,6 +6439,25 @@ class DeferredToolTest(ServerTestCase):
         self.assertEqual(record["history"][2]["content"][0]["content"], [{"type": "text", "text": "RESULT-sunny"}],
                          "the client's result, as a real tool_result")
         self.assertTrue(wait_until(lambda: session_files() == []))
+
+    def test_a_cli_that_does_not_run_the_deferred_call_gets_a_transcript(self):
+        os.environ["STUB_IGNORE_DEFERRED"] = "1"
+        self.addCleanup(os.environ.pop, "STUB_IGNORE_DEFERRED", None)
+        port = self.serve().server_address[1]
+        status, _, raw = self.chat({"tools": [WEATHER], "messages": [
+            {"role": "user", "content": "CALLTOOL weather?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_abc", "content": "RESULT-sunny"}]}, port=port)
+        self.assertEqual(status, 200, raw)
+        self.assertTrue(json.loads(raw)["choices"][0]["message"]["content"].startswith("Final answer using RESULT-sunny"),
+                        "the tool result was not dropped: it went in the transcript: %s" % raw[:300])
+        transcript = [r for r in self.records() if "resumed" not in r]
+        self.assertEqual(len(transcript), 1)
+        self.assertIn("RESULT-sunny", transcript[0]["stdin"])
+        features = json.loads(self.request("GET", "/health", port=port)[2])["cli"]["features"]
+        self.assertTrue(features["deferred_tool_results"].startswith("off"), features)
+        self.assertTrue(features["session_files"].startswith("on"), "plain resumed sessions still work")
 
     def test_parallel_results_go_as_a_transcript(self):
         calls = [{"id": "call_%d" % n, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
