@@ -7820,8 +7820,8 @@ class RealCliTest(RealCliTestCase):
         self.assert_error(self.chat(dict(user("hello"), model="gpt-nope")), 404, "model", "model_not_found")
 
     def test_a_prompt_over_the_context_window(self):
-        # Both releases send it; the API's 400 "prompt is too long" comes back as a 400.
-        _, error = self.assert_error(self.chat(user("word " * 200000)), 400)
+        # Both releases send it; the API's 400 "prompt is too long" is the code frameworks act on.
+        _, error = self.assert_error(self.chat(user("word " * 200000)), 400, "messages", "context_length_exceeded")
         self.assertIn("too long", error["message"].lower())
         self.assertEqual(len(self.api.model_calls()), 1)
 
@@ -7836,6 +7836,43 @@ class RealCliTest(RealCliTestCase):
         self.assertIn("too long", error["message"].lower())
         # 2.1.332 then refuses it before any call; 2.1.197 sends it once.
         self.assertLessEqual(len(self.api.model_calls()), 1, "no summary calls")
+
+    def test_health_says_what_was_checked_and_is_in_use(self):
+        server = self.serve()
+        server.runner.check_cli()  # as main() does before it serves
+        cli = json.loads(self.request("GET", "/health", port=server.server_address[1])[2])["cli"]
+        self.assertEqual(cli["version"], self.version)
+        self.assertTrue(cli["supported"], cli)
+        self.assertEqual((cli["flags_missing"], cli["flags_refused"], cli["problems"]), ([], [], []))
+        self.assertEqual(cli["sessions"]["from"], "the CLI")
+        self.assertEqual(cli["features"]["session_files"], "on")
+        self.assertEqual(len(self.api.model_calls()), 0, "the check makes no model call")
+        self.assertIsNone(json.loads(self.request("GET", "/health", port=server.server_address[1])[2])["plan"],
+                          "an API key has no plan")
+
+    def test_a_wrapper_that_moves_home_still_gets_real_turns(self):
+        # CLAUDE_PATH a script that gives the CLI a home of its own: the proxy learns from the
+        # CLI where it reads sessions, not from its own environment.
+        other = tempfile.mkdtemp(dir=self.tmp)
+        wrapper = os.path.join(self.tmp, "wrapper-%d.sh" % os.getpid())
+        with open(wrapper, "w") as f:
+            f.write("#!/bin/sh\nHOME=%s CLAUDE_CONFIG_DIR=%s/.claude exec %s \"$@\"\n" % (other, other, REAL_CLI))
+        os.chmod(wrapper, 0o755)
+        config = cp.Config(wrapper, claude_version=self.version, timeout=self.timeout, pool_size=0)
+        server = cp.ProxyServer(("127.0.0.1", 0), config, runner=cp.CliRunner(
+            wrapper, self.timeout, env=self.cli_env(), pool_size=0))
+        server.runner.check_cli()  # as main() does before it serves
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(server.stop)
+        port = server.server_address[1]
+        self.assertEqual(json.loads(self.request("GET", "/health", port=port)[2])["cli"]["sessions"]["from"], "the CLI")
+        first = self.ok(user("My name is Ada."), port)["choices"][0]["message"]["content"]
+        self.ok({"messages": [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first},
+                              {"role": "user", "content": "What is my name?"}]}, port)
+        one, two = self.api.model_calls()
+        self.assertEqual(self.roles(two), ["user", "assistant", "user"], "real turns, not a transcript")
 
 
 @unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
@@ -7867,4 +7904,33 @@ class RealCliSubscriberTest(RealCliTestCase):
         result = events[-1]
         self.assertEqual((result["type"], result["is_error"], result["api_error_status"]), ("result", True, 429))
         self.assertIn("limit", result["result"])
-        self.assert_error(self.chat(user("LIMIT5H")), 429, code="plan_limit_reached")
+        port = self.serve().server_address[1]  # its own: the limit is remembered
+        headers, error = self.assert_error(self.chat(user("LIMIT5H"), port=port), 429, code="plan_limit_reached")
+        self.assertTrue(3500 <= int(headers["retry-after"]) <= 3600, headers)
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assertIn("5-hour limit", error["message"])
+        calls = len(self.api.model_calls())
+        self.assert_error(self.chat(user("hello"), port=port), 429, code="plan_limit_reached")
+        self.assertEqual(len(self.api.model_calls()), calls, "refused without a run")
+        plan = json.loads(self.request("GET", "/health", port=port)[2])["plan"]
+        self.assertEqual((plan["five_hour"]["status"], plan["limit_reached"]["window"]), ("rejected", "five_hour"))
+
+    def test_the_plan_is_shown_after_one_reply(self):
+        port = self.serve().server_address[1]
+        self.assertIsNone(json.loads(self.request("GET", "/health", port=port)[2])["plan"])
+        self.ok(user("hello"), port)
+        plan = json.loads(self.request("GET", "/health", port=port)[2])["plan"]
+        self.assertEqual(plan["five_hour"]["status"], "allowed")
+        self.assertRegex(plan["five_hour"]["resets_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        if self.version.startswith("2.1.197 "):
+            # The oldest release reports the representative window's status and reset only.
+            self.assertEqual((plan["five_hour"]["utilization"], sorted(plan)),
+                             (None, ["five_hour", "limit_reached", "overage", "updated_at"]))
+            return
+        self.assertEqual((plan["five_hour"]["utilization"], plan["seven_day"]["utilization"]), (0.12, 0.3))
+        self.assertRegex(plan["seven_day"]["resets_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        metrics = self.request("GET", "/metrics", port=port)[2].decode()
+        self.assertIn('claude_proxy_plan_utilization{window="seven_day"} 0.3', metrics)
+        status, headers, _ = self.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 20, "messages": [
+            {"role": "user", "content": "hi"}]}, headers={"anthropic-version": "2023-06-01"}, port=port)
+        self.assertEqual((status, headers["anthropic-ratelimit-unified-5h-utilization"]), (200, "0.12"))
