@@ -171,6 +171,38 @@ HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(;[^,;]*)*?);base64,", re.I)
 
+# Logging ####################################################################################
+#: One line per event on stderr, control characters from outside escaped; never a prompt
+#: (unless --log-prompts).
+
+
+_log_lock = threading.Lock()
+
+
+#: Control characters from outside (ESC starts a terminal escape sequence) never reach the log.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+LOG_UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_control(match):
+    return "\\x%02x" % ord(match.group(0))
+
+
+def printable(text, limit=200):
+    """Text from outside (a path, a CLI's stderr) for one log line: at most `limit` characters,
+    control characters as \\xNN."""
+    if len(text) > limit:
+        text = text[:limit] + "...(%d chars)" % len(text)
+    return CONTROL_CHARACTERS.sub(escape_control, text)
+
+
+def log(message):
+    message = LOG_UNSAFE.sub(escape_control, message)  # line breaks stay: tracebacks
+    with _log_lock:
+        sys.stderr.write("%s claude-proxy: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), message))
+        sys.stderr.flush()
+
+
 # Errors #####################################################################################
 
 
@@ -675,7 +707,7 @@ def cli_tool_id(client_id):
 def transcript_prompt(conv):
     """The fallback rendering: the conversation as one user message, earlier turns as a tagged
     transcript and the last user turn after it. Used only where the CLI cannot be given real
-    turns (see Runs); it defeats the prompt cache and lets the model read roles as text."""
+    turns (see CliRunner.start); it defeats the prompt cache and lets the model read roles as text."""
     turns = conv["turns"]
     if len(turns) == 1 and not ends_with_tool_results(conv):
         return turns[0]["content"]
@@ -1908,7 +1940,7 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
     """The argv of one run: headless, stream-json both ways, no built-in tools, no MCP servers
     but ours, nothing persisted. Nothing from the prompt is ever in argv (`ps` shows argv, and
     argv fails past ~128 KiB): the system prompt is a file, the conversation goes on stdin or,
-    for its earlier turns, in a session file the run resumes (see Runs)."""
+    for its earlier turns, in a session file the run resumes (see CliRunner.start)."""
     argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--include-partial-messages", "--no-session-persistence",
             "--tools", "", "--strict-mcp-config", "--system-prompt-file", system_prompt_path]
@@ -3605,7 +3637,7 @@ class ReplyTranslator:
     structured: --json-schema is on; the StructuredOutput call is the answer, prose is dropped.
     live_structured: stream that call's JSON as it comes (else the checked result, at the end).
     A reply whose tool calls end the turn is done at message_stop: the CLI then waits for the
-    results (see Runs), and no result event comes."""
+    results (see Continuations), and no result event comes."""
 
     def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
                  live_structured=False, rate_limit=None):
@@ -3627,7 +3659,7 @@ class ReplyTranslator:
         self.cost_usd = None
         # A kept run's result counts more than this request: total_cost_usd adds up over the
         # process's life, and usage over one message's model calls, the calls of a tool loop
-        # answered earlier included. What those came to is taken off (see Runs.finish).
+        # answered earlier included. What those came to is taken off (see CliRunner.finish).
         self.cost_before = 0.0
         self.usage_before = {}
         self.model_usage_before = {}
@@ -5063,43 +5095,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class ReadDeadlines:
-    """Drops connections whose request body has not fully arrived within BODY_READ_SECONDS of
-    its head: a client that trickles its body cannot pin a thread for long. One thread watches
-    every connection. (Heads have their own, shorter deadline: HeadReader.)"""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self._reading = {}  # handler -> deadline
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
-
-    def begin(self, handler):
-        with self._lock:
-            self._reading[handler] = time.monotonic() + self.seconds
-
-    def end(self, handler):
-        with self._lock:
-            self._reading.pop(handler, None)
-
-    def close(self):
-        self._stop.set()
-
-    def _watch(self):
-        while not self._stop.wait(0.5):
-            now = time.monotonic()
-            with self._lock:
-                late = [h for h, deadline in self._reading.items() if deadline < now]
-                for handler in late:
-                    del self._reading[handler]
-            for handler in late:
-                try:
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
 # Model aliases ##############################################################################
 #: Clients that hard-code OpenAI model names (gpt-4o, gpt-4o-mini) are served by the Claude
 #: model an alias names (CLAUDE_MODEL_ALIASES); the response says the name the client asked for.
@@ -5557,1025 +5552,10 @@ class PlanLimits:
         return "\n".join(lines) + "\n"
 
 
-# Web page ###################################################################################
-#: GET /: a chat and status page for someone who has a browser and nothing else. One document,
-#: its style and script inline and allowed by hash in a strict Content-Security-Policy: it loads
-#: nothing from anywhere, and talks only to this proxy's own API (same origin, so CORS stays
-#: off). Model and user text reach the page's DOM only as text nodes: its Markdown renderer
-#: builds elements, and the policy's Trusted Types clause makes any HTML sink throw.
-
-WEB_PAGE_HTML = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
-<title>claude-proxy</title>
-<link rel="icon" href="data:,">
-<style>/*STYLE*/</style>
-</head>
-<body>
-<div id="app">
-<aside id="sidebar" aria-label="Conversations">
-  <div class="side-head">
-    <button id="new-chat" type="button">+ New chat</button>
-    <button id="close-sidebar" class="icon narrow-only" type="button" aria-label="Close the conversation list">&#x2715;</button>
-  </div>
-  <ul id="conversations"></ul>
-  <p class="side-note">Conversations are kept in this browser only (localStorage), never on the proxy.</p>
-</aside>
-<main>
-  <header>
-    <button id="open-sidebar" class="icon narrow-only" type="button" aria-label="Conversations" aria-controls="sidebar" aria-expanded="false">&#x2630;</button>
-    <label>Model <select id="model"></select></label>
-    <label>Effort <select id="effort">
-      <option value="">default</option><option>low</option><option>medium</option>
-      <option>high</option><option>xhigh</option><option>max</option>
-    </select></label>
-    <div id="status" aria-label="Proxy status"><span class="dot"></span><span id="status-text">connecting&#x2026;</span></div>
-  </header>
-  <div id="messages">
-    <div id="empty"><h1>claude-proxy</h1><p>Talk to Claude through the <code>claude</code> CLI on this machine.
-    Enter sends, Shift+Enter starts a new line. Attach or paste PNG or JPEG images.</p></div>
-  </div>
-  <form id="composer" autocomplete="off">
-    <div id="notice" role="alert"></div>
-    <ul id="attachments" aria-label="Attached images"></ul>
-    <textarea id="input" rows="1" aria-label="Message" placeholder="Message Claude" aria-describedby="hint"></textarea>
-    <div class="actions">
-      <button id="attach" type="button">Attach image</button>
-      <input id="file" type="file" accept="image/png,image/jpeg,image/gif,image/webp" multiple tabindex="-1" aria-hidden="true">
-      <span id="hint" class="spacer">Enter sends, Shift+Enter starts a new line</span>
-      <button id="regenerate" type="button" disabled>Regenerate</button>
-      <button id="stop" type="button" hidden>Stop</button>
-      <button id="send" type="submit" class="primary">Send</button>
-    </div>
-  </form>
-</main>
-</div>
-<dialog id="key-dialog" aria-labelledby="key-title">
-  <form id="key-form">
-    <h2 id="key-title">This proxy needs an API key</h2>
-    <p>Enter one of the keys set in <code>CLAUDE_PROXY_API_KEY</code>. It is kept in this tab only
-    (sessionStorage) and sent only to this proxy.</p>
-    <input id="key-input" type="password" aria-label="API key" autocomplete="off" spellcheck="false">
-    <p id="key-error" role="alert"></p>
-    <button type="submit" class="primary">Use this key</button>
-  </form>
-</dialog>
-<script>//SCRIPT</script>
-</body>
-</html>
-"""
-
-WEB_PAGE_STYLE = r"""
-:root { --bg: #ffffff; --fg: #1f1f23; --muted: #66666f; --line: #dedee4; --panel: #f5f5f7;
-  --accent: #a3481f; --accent-fg: #ffffff; --user: #eef0f5; --code: #f2f2f5; --focus: #1a5fd0;
-  --err-bg: #fdecea; --err-fg: #8a1c12; --ok: #2e7d32; --warn: #b26a00; color-scheme: light dark; }
-@media (prefers-color-scheme: dark) {
-  :root { --bg: #1a1a1e; --fg: #e7e7ea; --muted: #a0a0aa; --line: #34343c; --panel: #222228;
-    --accent: #e5956b; --accent-fg: #1a1a1e; --user: #2a2d36; --code: #26262d; --focus: #7fb0ff;
-    --err-bg: #3b1f1c; --err-fg: #ffb4a8; --ok: #7bc47f; --warn: #f0b14a; }
-}
-* { box-sizing: border-box; }
-html, body { margin: 0; height: 100%; }
-body { background: var(--bg); color: var(--fg); font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-button, select, input, textarea { font: inherit; color: inherit; }
-button, select { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 6px 12px; cursor: pointer; }
-button:hover:not(:disabled) { border-color: var(--muted); }
-button:disabled { opacity: .5; cursor: default; }
-button.primary { background: var(--accent); color: var(--accent-fg); border-color: var(--accent); }
-:focus-visible { outline: 2px solid var(--focus); outline-offset: 2px; }
-code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13.5px; }
-#app { display: grid; grid-template-columns: 270px 1fr; height: 100vh; height: 100dvh; }
-#sidebar { background: var(--panel); border-right: 1px solid var(--line); display: flex; flex-direction: column; min-height: 0; }
-.side-head { display: flex; gap: 8px; padding: 12px; }
-#new-chat { flex: 1; text-align: left; }
-#conversations { list-style: none; margin: 0; padding: 0 8px; overflow-y: auto; flex: 1; }
-#conversations li { display: flex; align-items: center; border-radius: 8px; margin-bottom: 2px; }
-#conversations li[aria-current="true"] { background: var(--user); }
-#conversations .open { flex: 1; min-width: 0; text-align: left; background: none; border: 0; padding: 7px 8px; }
-#conversations .title { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-#conversations .when { display: block; color: var(--muted); font-size: 12px; }
-#conversations .delete { background: none; border: 0; color: var(--muted); padding: 4px 8px; }
-.side-note { color: var(--muted); font-size: 12px; padding: 0 14px; }
-main { display: flex; flex-direction: column; min-width: 0; min-height: 0; }
-header { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 14px; padding: 10px 16px; border-bottom: 1px solid var(--line); }
-header label { display: flex; align-items: center; gap: 6px; color: var(--muted); font-size: 13px; }
-header select { padding: 4px 8px; }
-#status { margin-left: auto; display: flex; align-items: center; gap: 6px; color: var(--muted); font-size: 13px; }
-#status .dot { width: 8px; height: 8px; border-radius: 50%; background: var(--muted); flex: none; }
-#status.ok .dot { background: var(--ok); } #status.bad .dot { background: var(--err-fg); } #status.warn .dot { background: var(--warn); }
-#messages { flex: 1; overflow-y: auto; padding: 16px; }
-#messages > * { max-width: 820px; margin-left: auto; margin-right: auto; }
-#empty { color: var(--muted); text-align: center; margin-top: 12vh; }
-#empty h1 { color: var(--fg); font-size: 24px; font-weight: 600; }
-.message { margin-bottom: 18px; }
-.message .who { font-size: 12px; font-weight: 600; color: var(--muted); margin-bottom: 2px; }
-.message.user .body { background: var(--user); border-radius: 12px; padding: 8px 12px; white-space: pre-wrap; overflow-wrap: anywhere; }
-.message.assistant .body { overflow-wrap: anywhere; }
-.message .body > :first-child { margin-top: 0; } .message .body > :last-child { margin-bottom: 0; }
-.message .images { display: flex; flex-wrap: wrap; gap: 6px; margin-top: 6px; }
-.message .images img, #attachments img { max-width: 160px; max-height: 120px; border-radius: 6px; border: 1px solid var(--line); display: block; }
-.message .note { color: var(--muted); font-size: 13px; font-style: italic; }
-.message .error { background: var(--err-bg); color: var(--err-fg); border-radius: 8px; padding: 8px 12px; margin-top: 6px; }
-.cursor::after { content: "\25CD"; color: var(--accent); margin-left: 2px; }
-details.thinking { border-left: 3px solid var(--line); padding: 2px 10px; margin-bottom: 8px; color: var(--muted); }
-details.thinking summary { cursor: pointer; font-size: 13px; }
-details.thinking div { white-space: pre-wrap; font-size: 13.5px; }
-.body pre { margin: 0; padding: 10px 12px; overflow-x: auto; background: var(--code); border-radius: 0 0 8px 8px; }
-.body :not(pre) > code { background: var(--code); border-radius: 4px; padding: 1px 4px; }
-.codeblock { border: 1px solid var(--line); border-radius: 8px; margin: 10px 0; }
-.codeblock .head { display: flex; align-items: center; justify-content: space-between; padding: 2px 4px 2px 12px; font-size: 12px; color: var(--muted); border-bottom: 1px solid var(--line); }
-.codeblock .copy { padding: 2px 10px; font-size: 12px; }
-.body table { border-collapse: collapse; margin: 10px 0; display: block; overflow-x: auto; }
-.body th, .body td { border: 1px solid var(--line); padding: 4px 10px; }
-.body th { background: var(--panel); }
-.body blockquote { margin: 8px 0; padding-left: 12px; border-left: 3px solid var(--line); color: var(--muted); }
-.body a { color: var(--focus); }
-.body h1, .body h2, .body h3, .body h4, .body h5, .body h6 { line-height: 1.25; margin: 16px 0 8px; }
-.body h1 { font-size: 1.4em; } .body h2 { font-size: 1.25em; } .body h3 { font-size: 1.1em; } .body h4, .body h5, .body h6 { font-size: 1em; }
-.align-left { text-align: left; } .align-center { text-align: center; } .align-right { text-align: right; }
-#composer { border-top: 1px solid var(--line); padding: 10px 16px 14px; }
-#composer > * { max-width: 820px; margin-left: auto; margin-right: auto; }
-#input { display: block; width: 100%; resize: none; min-height: 44px; max-height: 40vh; padding: 10px 12px; border: 1px solid var(--line); border-radius: 10px; background: var(--bg); }
-.actions { display: flex; align-items: center; gap: 8px; margin-top: 8px; }
-.actions .spacer { flex: 1; color: var(--muted); font-size: 12px; text-align: center; }
-.offscreen { position: fixed; left: -9999px; top: 0; }
-#file { position: absolute; width: 1px; height: 1px; opacity: 0; pointer-events: none; }
-#attachments { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 8px; }
-#attachments:empty, #notice:empty { display: none; }
-#attachments li { position: relative; }
-#attachments button { position: absolute; top: -8px; right: -8px; padding: 0 6px; border-radius: 50%; font-size: 12px; }
-#notice { background: var(--err-bg); color: var(--err-fg); border-radius: 8px; padding: 6px 12px; margin-bottom: 8px; }
-dialog { border: 1px solid var(--line); border-radius: 12px; background: var(--bg); color: var(--fg); max-width: min(440px, 92vw); padding: 20px; }
-dialog::backdrop { background: rgba(0, 0, 0, .5); }
-dialog h2 { margin-top: 0; font-size: 18px; }
-#key-input { width: 100%; padding: 8px 10px; border: 1px solid var(--line); border-radius: 8px; background: var(--bg); }
-#key-error { color: var(--err-fg); min-height: 1.5em; }
-.narrow-only { display: none; }
-.icon { padding: 4px 10px; }
-@media (max-width: 760px) {
-  #app { grid-template-columns: 1fr; }
-  .narrow-only { display: inline-block; }
-  #sidebar { position: fixed; z-index: 10; top: 0; bottom: 0; left: 0; width: min(300px, 86vw); transform: translateX(-105%); transition: transform .15s; box-shadow: 0 0 24px rgba(0, 0, 0, .25); visibility: hidden; }
-  #sidebar.open { transform: none; visibility: visible; }
-  header { padding: 8px 10px; gap: 6px 10px; }
-  #status { margin-left: 0; width: 100%; }
-  #messages { padding: 12px 10px; }
-  #composer { padding: 8px 10px 10px; }
-  .actions .spacer { font-size: 0; }
-}
-"""
-
-WEB_PAGE_SCRIPT = r"""
-"use strict";
-(function () {
-  var CONVERSATIONS = "claude-proxy.conversations", PREFS = "claude-proxy.prefs", KEY = "claude-proxy.api-key";
-  var IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
-  var $ = function (id) { return document.getElementById(id); };
-
-  // --- Markdown -------------------------------------------------------------------------
-  // Builds DOM nodes: every piece of text goes in as a text node, so nothing in a reply can
-  // become markup. Links only to http(s) and mailto, opened with rel=noopener noreferrer;
-  // images are never loaded (an image in Markdown becomes a link).
-
-  function el(tag, className, text) {
-    var node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  function safeHref(url) {
-    url = url.trim();
-    if (url.charAt(0) === "<" && url.charAt(url.length - 1) === ">") url = url.slice(1, -1);
-    // Absolute http(s) and mailto only; no whitespace or control characters that a browser
-    // would strip to reveal another scheme.
-    return /^(https?:\/\/|mailto:)[^\s\x00-\x1f\x7f]+$/i.test(url) ? url : null;
-  }
-
-  function link(href, parent) {
-    var a = el("a");
-    a.href = href;
-    a.target = "_blank";
-    a.rel = "noopener noreferrer";
-    parent.appendChild(a);
-    return a;
-  }
-
-  function findClosing(text, marker, from) {
-    for (var j = text.indexOf(marker, from); j !== -1; j = text.indexOf(marker, j + 1)) {
-      if (j === from || /\s/.test(text.charAt(j - 1))) continue;
-      var ch = marker.charAt(0);
-      if (marker.length === 1 && (text.charAt(j + 1) === ch || text.charAt(j - 1) === ch)) continue;
-      if (ch === "_" && /[A-Za-z0-9]/.test(text.charAt(j + marker.length))) continue;
-      return j;
-    }
-    return -1;
-  }
-
-  function bracketEnd(text, start, open, close) {
-    for (var depth = 0, j = start; j < text.length; j++) {
-      var c = text.charAt(j);
-      if (c === "\\") { j++; continue; }
-      if (c === open) depth++;
-      else if (c === close && --depth === 0) return j;
-    }
-    return -1;
-  }
-
-  function renderInline(text, parent) {
-    var buffer = "", i = 0, m;
-    function flush() { if (buffer) { parent.appendChild(document.createTextNode(buffer)); buffer = ""; } }
-    while (i < text.length) {
-      var c = text.charAt(i), rest = text.slice(i);
-      if (c === "\\" && /^[!-\/:-@\[-`{-~]$/.test(text.charAt(i + 1))) { buffer += text.charAt(i + 1); i += 2; continue; }
-      if (c === "\n") { flush(); parent.appendChild(el("br")); i++; continue; }
-      if (c === "`") {
-        var run = /^`+/.exec(rest)[0], close = text.indexOf(run, i + run.length);
-        while (close !== -1 && text.charAt(close + run.length) === "`") close = text.indexOf(run, close + run.length + 1);
-        if (close === -1) { buffer += run; i += run.length; continue; }
-        var code = text.slice(i + run.length, close).replace(/\n/g, " ");
-        if (/^ .*[^ ].* $/.test(code)) code = code.slice(1, -1);
-        flush(); parent.appendChild(el("code", null, code)); i = close + run.length; continue;
-      }
-      if (c === "*" || c === "_" || c === "~") {
-        var marker = rest.slice(0, 2) === c + c ? c + c : c;
-        var before = text.charAt(i - 1), after = text.charAt(i + marker.length);
-        var opens = after && !/\s/.test(after) && !(c === "_" && /[A-Za-z0-9]/.test(before)) && !(c === "~" && marker.length === 1);
-        var end = opens ? findClosing(text, marker, i + marker.length) : -1;
-        if (end > i + marker.length) {
-          flush();
-          var tag = c === "~" ? "del" : marker.length === 2 ? "strong" : "em";
-          var node = el(tag);
-          renderInline(text.slice(i + marker.length, end), node);
-          parent.appendChild(node);
-          i = end + marker.length; continue;
-        }
-        buffer += marker; i += marker.length; continue;
-      }
-      if (c === "[") {
-        var labelEnd = bracketEnd(text, i, "[", "]");
-        if (labelEnd !== -1 && text.charAt(labelEnd + 1) === "(") {
-          var urlEnd = bracketEnd(text, labelEnd + 1, "(", ")");
-          if (urlEnd !== -1) {
-            var target = text.slice(labelEnd + 2, urlEnd).replace(/\s+("[^"]*"|'[^']*')\s*$/, "");
-            var href = safeHref(target);
-            if (href) {
-              flush();
-              renderInline(text.slice(i + 1, labelEnd), link(href, parent));
-              i = urlEnd + 1; continue;
-            }
-            // A link to anything else (javascript:, data:, relative) stays visible as text.
-            buffer += text.slice(i, urlEnd + 1); i = urlEnd + 1; continue;
-          }
-        }
-      }
-      if (c === "<" && (m = /^<((?:https?:\/\/|mailto:)[^\s<>]+)>/i.exec(rest))) {
-        flush(); link(m[1], parent).textContent = m[1]; i += m[0].length; continue;
-      }
-      if ((c === "h" || c === "H") && !/[A-Za-z0-9]/.test(text.charAt(i - 1)) && (m = /^https?:\/\/[^\s<>"]+/i.exec(rest))) {
-        var url = m[0].replace(/[.,;:!?'")\]*_~]+$/, "");
-        flush(); link(url, parent).textContent = url; i += url.length; continue;
-      }
-      buffer += c; i++;
-    }
-    flush();
-  }
-
-  var FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^\s`]*)[^`]*$/, HEADING = /^ {0,3}(#{1,6})(?:\s+(.*?))?(?:\s+#+)?\s*$/;
-  var RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/, QUOTE = /^ {0,3}> ?(.*)$/;
-  var ITEM = /^( *)([-*+]|\d{1,9}[.)])(?:[ \t]+(.*)|$)/, TABLE_RULE = /^ *\|? *:?-+:? *(\| *:?-+:? *)*\|? *$/;
-
-  function indentOf(line) { return /^ */.exec(line)[0].length; }
-
-  function startsBlock(line, next) {
-    return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) ||
-      ITEM.test(line) || isTable(line, next);
-  }
-
-  function isTable(line, next) {
-    return line.indexOf("|") !== -1 && next !== undefined && TABLE_RULE.test(next) && next.indexOf("|") !== -1 &&
-      next.indexOf("-") !== -1;
-  }
-
-  function tableCells(line) {
-    var cells = [], cell = "", inCode = false;
-    line = line.trim().replace(/^\|/, "");
-    if (/[^\\]\|$/.test(line) || line === "|") line = line.slice(0, -1);
-    for (var i = 0; i < line.length; i++) {
-      var c = line.charAt(i);
-      if (c === "\\" && line.charAt(i + 1) === "|") { cell += "|"; i++; continue; }
-      if (c === "`") inCode = !inCode;
-      if (c === "|" && !inCode) { cells.push(cell.trim()); cell = ""; continue; }
-      cell += c;
-    }
-    cells.push(cell.trim());
-    return cells;
-  }
-
-  function codeBlock(language, code, parent) {
-    var box = el("div", "codeblock"), head = el("div", "head"), copy = el("button", "copy", "Copy");
-    copy.type = "button";
-    copy.setAttribute("aria-label", "Copy code" + (language ? " (" + language + ")" : ""));
-    copy.addEventListener("click", function () { copyText(code, copy); });
-    head.appendChild(el("span", null, language || "code"));
-    head.appendChild(copy);
-    var pre = el("pre"), codeNode = el("code", null, code);
-    if (language) codeNode.setAttribute("data-language", language);
-    pre.appendChild(codeNode);
-    box.appendChild(head);
-    box.appendChild(pre);
-    parent.appendChild(box);
-  }
-
-  function renderList(lines, i, parent) {
-    var first = ITEM.exec(lines[i]), indent = first[1].length, ordered = /\d/.test(first[2]);
-    var list = el(ordered ? "ol" : "ul"), items = [], loose = false;
-    if (ordered && parseInt(first[2], 10) !== 1) list.start = parseInt(first[2], 10);
-    while (i < lines.length) {
-      var m = ITEM.exec(lines[i]);
-      if (!m || m[1].length !== indent || /\d/.test(m[2]) !== ordered || RULE.test(lines[i])) break;
-      var contentIndent = indent + m[2].length + 1, body = [m[3] || ""];
-      for (i++; i < lines.length; i++) {
-        var line = lines[i];
-        if (!line.trim()) {
-          var j = i;
-          while (j < lines.length && !lines[j].trim()) j++;
-          if (j < lines.length && indentOf(lines[j]) > indent) { loose = true; for (; i < j; i++) body.push(""); i--; continue; }
-          if (j < lines.length && (m = ITEM.exec(lines[j])) && m[1].length === indent && /\d/.test(m[2]) === ordered) { loose = true; i = j; }
-          break;
-        }
-        if (indentOf(line) > indent) { body.push(line.slice(Math.min(indentOf(line), contentIndent))); continue; }
-        if (startsBlock(line, lines[i + 1])) break;
-        body.push(line.trim());  // a lazy continuation of the item's paragraph
-      }
-      items.push(body);
-    }
-    items.forEach(function (body) {
-      var li = el("li");
-      renderBlocks(body, li, !loose);
-      list.appendChild(li);
-    });
-    parent.appendChild(list);
-    return i;
-  }
-
-  function renderBlocks(lines, parent, tight) {
-    var i = 0, m;
-    while (i < lines.length) {
-      var line = lines[i];
-      if (!line.trim()) { i++; continue; }
-      if ((m = FENCE.exec(line))) {
-        var fence = m[1], code = [];
-        for (i++; i < lines.length; i++) {
-          var t = lines[i].trim();
-          if (t.length >= fence.length && t.split("").every(function (ch) { return ch === fence.charAt(0); })) { i++; break; }
-          code.push(lines[i]);
-        }
-        codeBlock(m[2], code.join("\n"), parent);
-        continue;
-      }
-      if ((m = HEADING.exec(line))) {
-        var heading = el("h" + m[1].length);
-        renderInline(m[2] || "", heading);
-        parent.appendChild(heading); i++; continue;
-      }
-      if (RULE.test(line)) { parent.appendChild(el("hr")); i++; continue; }
-      if (QUOTE.test(line)) {
-        var quoted = [];
-        for (; i < lines.length && (m = QUOTE.exec(lines[i])); i++) quoted.push(m[1]);
-        var quote = el("blockquote");
-        renderBlocks(quoted, quote, false);
-        parent.appendChild(quote); continue;
-      }
-      if (ITEM.test(line)) { i = renderList(lines, i, parent); continue; }
-      if (isTable(line, lines[i + 1])) {
-        var header = tableCells(line), aligns = tableCells(lines[i + 1]).map(function (cell) {
-          return /^:-+:$/.test(cell) ? "center" : /-:$/.test(cell) ? "right" : /^:-/.test(cell) ? "left" : "";
-        });
-        var table = el("table"), thead = el("thead"), tbody = el("tbody");
-        var addRow = function (cells, section, tag) {
-          var row = el("tr");
-          for (var k = 0; k < header.length; k++) {
-            var cell = el(tag, aligns[k] ? "align-" + aligns[k] : null);
-            renderInline(cells[k] || "", cell);
-            row.appendChild(cell);
-          }
-          section.appendChild(row);
-        };
-        addRow(header, thead, "th");
-        for (i += 2; i < lines.length && lines[i].trim() && lines[i].indexOf("|") !== -1; i++) addRow(tableCells(lines[i]), tbody, "td");
-        table.appendChild(thead);
-        if (tbody.firstChild) table.appendChild(tbody);
-        parent.appendChild(table); continue;
-      }
-      var paragraph = [line.trim()];
-      for (i++; i < lines.length && lines[i].trim() && !startsBlock(lines[i], lines[i + 1]); i++) paragraph.push(lines[i].trim());
-      if (tight) {
-        if (parent.lastChild && parent.lastChild.nodeType === 3) parent.appendChild(el("br"));
-        renderInline(paragraph.join("\n"), parent);
-      } else {
-        var p = el("p");
-        renderInline(paragraph.join("\n"), p);
-        parent.appendChild(p);
-      }
-    }
-  }
-
-  function renderMarkdown(text) {
-    var fragment = document.createDocumentFragment();
-    renderBlocks(String(text).replace(/\r\n?/g, "\n").replace(/\t/g, "    ").split("\n"), fragment, false);
-    return fragment;
-  }
-
-  function copyText(text, button) {
-    var done = function () {
-      button.textContent = "Copied";
-      setTimeout(function () { button.textContent = "Copy"; }, 1500);
-    };
-    if (navigator.clipboard && window.isSecureContext) {
-      navigator.clipboard.writeText(text).then(done, function () { copyBySelection(text) && done(); });
-    } else if (copyBySelection(text)) {
-      done();
-    }
-  }
-
-  function copyBySelection(text) {
-    // Plain http to a LAN address is not a secure context: no clipboard API there.
-    var area = el("textarea");
-    area.value = text;
-    area.setAttribute("readonly", "");
-    area.className = "offscreen";
-    document.body.appendChild(area);
-    area.select();
-    var ok = false;
-    try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
-    area.remove();
-    return ok;
-  }
-
-  // --- Storage --------------------------------------------------------------------------
-
-  function readJson(storage, key, fallback) {
-    try { var value = JSON.parse(storage.getItem(key)); return value === null ? fallback : value; }
-    catch (e) { return fallback; }
-  }
-
-  var conversations = readJson(localStorage, CONVERSATIONS, []);
-  if (!Array.isArray(conversations)) conversations = [];
-  var prefs = readJson(localStorage, PREFS, {});
-  var apiKey = sessionStorage.getItem(KEY) || "";
-  var current = null, busy = null, attachments = [], health = null, emptyNode = $("empty");
-
-  function save() {
-    for (var attempt = 0; attempt < 50; attempt++) {
-      try { localStorage.setItem(CONVERSATIONS, JSON.stringify(conversations)); return; }
-      catch (e) {
-        // Over the browser's quota (images are large): drop the oldest images first.
-        if (!dropOldestImage()) { notice("This browser's storage is full; the conversation could not be saved."); return; }
-        notice("This browser's storage is full: images of older messages were not kept.");
-      }
-    }
-  }
-
-  function dropOldestImage() {
-    for (var c = conversations.length - 1; c >= 0; c--) {
-      var messages = conversations[c].messages;
-      for (var k = 0; k < messages.length; k++) {
-        if (messages[k].images && messages[k].images.length) { messages[k].images = []; messages[k].imagesDropped = true; return true; }
-      }
-    }
-    return false;
-  }
-
-  function savePrefs() {
-    prefs.model = $("model").value;
-    prefs.effort = $("effort").value;
-    try { localStorage.setItem(PREFS, JSON.stringify(prefs)); } catch (e) { /* not worth a notice */ }
-  }
-
-  // --- Talking to the proxy -------------------------------------------------------------
-
-  function headers(extra) {
-    var h = extra || {};
-    if (apiKey) h.Authorization = "Bearer " + apiKey;
-    return h;
-  }
-
-  function ProxyFailure(status, error, retryAfter) {
-    this.status = status;
-    this.error = error || {};
-    this.retryAfter = retryAfter;
-  }
-
-  function readFailure(response) {
-    return response.text().then(function (text) {
-      var error = null;
-      try { error = JSON.parse(text).error; } catch (e) { error = null; }
-      return new ProxyFailure(response.status, error, response.headers.get("Retry-After"));
-    });
-  }
-
-  function api(path, options) {
-    options = options || {};
-    options.headers = headers(options.headers);
-    options.cache = "no-store";
-    return fetch(path, options).then(function (response) {
-      if (response.ok) return response;
-      return readFailure(response).then(function (failure) { throw failure; });
-    });
-  }
-
-  function explain(failure) {
-    if (!(failure instanceof ProxyFailure)) return "Cannot reach the proxy. Is it still running?";
-    var error = failure.error, code = error.code || error.type || "";
-    // After a stream began, an error has no Retry-After header; the proxy's own words say when.
-    var wait = failure.retryAfter ? " Try again in " + failure.retryAfter + " s." : error.message ? " (" + error.message + ")" : "";
-    switch (code) {
-      case "cli_not_logged_in":
-        return "The claude CLI on the proxy's machine is not logged in. Run `claude` there and log in, then try again.";
-      case "rate_limit_exceeded":
-        return "Claude's API is rate limiting this account." + wait;
-      case "proxy_busy":
-        return "The proxy is busy with other requests." + wait;
-      case "overloaded":
-        return "Claude is overloaded right now." + wait;
-      case "budget_exceeded":
-        return "The proxy's spending budget for today is used up." + (failure.retryAfter ? " It resets in about " + Math.ceil(failure.retryAfter / 3600) + " h." : "");
-      case "timeout":
-        return "Claude did not finish within the proxy's time limit (CLAUDE_TIMEOUT).";
-      case "invalid_api_key":
-        return "The proxy refused the API key.";
-      case "request_too_large":
-        return "This conversation is too large for the proxy (images count). Start a new chat or attach smaller images.";
-      case "model_not_found":
-        return "The proxy or Claude does not know this model. " + (error.message || "");
-    }
-    if (failure.status === 0) return "The reply was cut off: " + (error.message || "the connection closed early") + ".";
-    return error.message ? "The proxy answered: " + error.message : "The proxy answered with HTTP status " + failure.status + ".";
-  }
-
-  function toApiMessages(messages) {
-    var out = [];
-    messages.forEach(function (message) {
-      if (message.role === "user") {
-        var images = message.images || [];
-        out.push({role: "user", content: images.length ? [{type: "text", text: message.text}].concat(images.map(function (url) {
-          return {type: "image_url", image_url: {url: url}};
-        })) : message.text});
-      } else if (message.text) {
-        out.push({role: "assistant", content: message.text});
-      }
-    });
-    return out;
-  }
-
-  function readStream(response, onDelta) {
-    // SSE: `data: {...}` lines; comments (`: keep-alive`) and other fields are skipped.
-    var reader = response.body.getReader(), decoder = new TextDecoder(), pending = "", finished = false;
-    function handle(line) {
-      if (line.slice(0, 5) !== "data:") return;
-      var payload = line.slice(5).trim();
-      if (payload === "[DONE]") { finished = true; return; }
-      var chunk = JSON.parse(payload);
-      if (chunk.error) throw new ProxyFailure(200, chunk.error, null);
-      (chunk.choices || []).forEach(function (choice) { onDelta(choice.delta || {}, choice.finish_reason); });
-    }
-    function pump() {
-      return reader.read().then(function (step) {
-        if (step.done) {
-          if (pending) handle(pending);
-          if (!finished) throw new ProxyFailure(0, {message: "the connection closed before the answer was complete"});
-          return;
-        }
-        pending += decoder.decode(step.value, {stream: true});
-        var lines = pending.split(/\r?\n/);
-        pending = lines.pop();
-        lines.forEach(handle);
-        return pump();
-      });
-    }
-    return pump();
-  }
-
-  function runReply(conversation) {
-    var reply = {role: "assistant", text: "", reasoning: ""};
-    var history = toApiMessages(conversation.messages);
-    conversation.messages.push(reply);
-    conversation.updated = Date.now();
-    var controller = new AbortController();
-    busy = {controller: controller, conversation: conversation, reply: reply};
-    save();
-    renderAll();
-    var body = {messages: history, stream: true};
-    if ($("model").value) body.model = $("model").value;
-    if ($("effort").value) body.reasoning_effort = $("effort").value;
-    var lastSave = Date.now();
-    return api("v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-      signal: controller.signal
-    }).then(function (response) {
-      return readStream(response, function (delta, finishReason) {
-        if (delta.reasoning_content) reply.reasoning += delta.reasoning_content;
-        if (delta.content) reply.text += delta.content;
-        if (finishReason === "length") reply.note = "The reply reached its length limit.";
-        scheduleRender();
-        if (Date.now() - lastSave > 1000) { lastSave = Date.now(); save(); }
-      });
-    }).catch(function (failure) {
-      if (failure && failure.name === "AbortError") { reply.note = "Stopped."; return; }
-      if (failure instanceof ProxyFailure && failure.status === 401) { askForKey("The proxy refused the key."); }
-      reply.error = explain(failure);
-    }).then(function () {
-      busy = null;
-      conversation.updated = Date.now();
-      save();
-      renderAll();
-      refreshHealth();
-    });
-  }
-
-  function send() {
-    var text = $("input").value.trim();
-    if (busy || (!text && !attachments.length)) return;
-    if (!current) {
-      current = {id: Date.now().toString(36) + Math.random().toString(36).slice(2, 8), title: "", messages: [], updated: Date.now()};
-      conversations.unshift(current);
-    }
-    if (!current.title) current.title = (text || "Image").replace(/\s+/g, " ").slice(0, 80);
-    current.messages.push({role: "user", text: text, images: attachments.slice()});
-    moveToTop(current);
-    $("input").value = "";
-    attachments = [];
-    renderAttachments();
-    notice("");
-    fitInput();
-    runReply(current);
-  }
-
-  function regenerate() {
-    if (busy || !current) return;
-    while (current.messages.length && current.messages[current.messages.length - 1].role === "assistant") current.messages.pop();
-    if (current.messages.length) runReply(current);
-  }
-
-  function moveToTop(conversation) {
-    conversations = [conversation].concat(conversations.filter(function (c) { return c !== conversation; }));
-  }
-
-  // --- Rendering ------------------------------------------------------------------------
-
-  var renderQueued = false;
-  function scheduleRender() {
-    // While a reply streams, only its own message is rendered again, once a frame at most.
-    if (renderQueued) return;
-    renderQueued = true;
-    requestAnimationFrame(function () {
-      renderQueued = false;
-      if (!busy || !busy.node || !busy.node.parentNode) return;
-      var list = $("messages"), nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-      var node = renderMessage(busy.reply, true), thinking = busy.node.querySelector("details");
-      if (thinking && thinking.open && node.querySelector("details")) node.querySelector("details").open = true;
-      list.replaceChild(node, busy.node);
-      busy.node = node;
-      if (nearBottom) list.scrollTop = list.scrollHeight;
-    });
-  }
-
-  function renderMessage(message, streaming) {
-    var box = el("div", "message " + message.role);
-    box.appendChild(el("div", "who", message.role === "user" ? "You" : "Claude"));
-    if (message.reasoning) {
-      var thinking = el("details", "thinking");
-      thinking.appendChild(el("summary", null, streaming && !message.text ? "Thinking\u2026" : "Thinking"));
-      thinking.appendChild(el("div", null, message.reasoning));
-      box.appendChild(thinking);
-    }
-    var body = el("div", "body");
-    if (message.role === "user") body.textContent = message.text;
-    else body.appendChild(renderMarkdown(message.text));
-    if (streaming) body.classList.add("cursor");
-    if (message.text || message.role === "user" || streaming) box.appendChild(body);
-    if (message.images && message.images.length) {
-      var images = el("div", "images");
-      message.images.forEach(function (url, n) {
-        var img = el("img");
-        img.alt = "Attached image " + (n + 1);
-        img.src = url;
-        images.appendChild(img);
-      });
-      box.appendChild(images);
-    }
-    if (message.imagesDropped) box.appendChild(el("div", "note", "(An image was here; it was not kept, for lack of browser storage.)"));
-    if (message.note) box.appendChild(el("div", "note", message.note));
-    if (message.error) box.appendChild(el("div", "error", message.error));
-    return box;
-  }
-
-  function renderMessages() {
-    var list = $("messages"), nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-    var nodes = [];
-    if (!current || !current.messages.length) nodes.push(emptyNode);
-    else current.messages.forEach(function (message) {
-      var streaming = busy && busy.reply === message, node = renderMessage(message, streaming);
-      if (streaming) busy.node = node;
-      nodes.push(node);
-    });
-    list.replaceChildren.apply(list, nodes);
-    if (nearBottom) list.scrollTop = list.scrollHeight;
-  }
-
-  function renderSidebar() {
-    var list = $("conversations"), items = [];
-    conversations.forEach(function (conversation) {
-      var li = el("li"), open = el("button", "open"), remove = el("button", "delete", "\u2715");
-      if (conversation === current) li.setAttribute("aria-current", "true");
-      open.type = remove.type = "button";
-      open.appendChild(el("span", "title", conversation.title || "New chat"));
-      open.appendChild(el("span", "when", new Date(conversation.updated).toLocaleString()));
-      open.addEventListener("click", function () { openConversation(conversation); });
-      remove.setAttribute("aria-label", "Delete conversation: " + (conversation.title || "New chat"));
-      remove.addEventListener("click", function () { deleteConversation(conversation); });
-      li.appendChild(open);
-      li.appendChild(remove);
-      items.push(li);
-    });
-    list.replaceChildren.apply(list, items);
-  }
-
-  function renderAttachments() {
-    var list = $("attachments"), items = [];
-    attachments.forEach(function (url, n) {
-      var li = el("li"), img = el("img"), remove = el("button", null, "\u2715");
-      img.src = url;
-      img.alt = "Image to send " + (n + 1);
-      remove.type = "button";
-      remove.setAttribute("aria-label", "Remove image " + (n + 1));
-      remove.addEventListener("click", function () { attachments.splice(n, 1); renderAttachments(); });
-      li.appendChild(img);
-      li.appendChild(remove);
-      items.push(li);
-    });
-    list.replaceChildren.apply(list, items);
-  }
-
-  function renderButtons() {
-    $("send").hidden = !!busy;
-    $("stop").hidden = !busy;
-    $("regenerate").disabled = !!busy || !current || !current.messages.length;
-  }
-
-  function renderAll() {
-    renderMessages();
-    renderSidebar();
-    renderButtons();
-  }
-
-  function notice(text) { $("notice").textContent = text; }
-
-  function openConversation(conversation) {
-    if (busy) busy.controller.abort();
-    current = conversation;
-    closeSidebar();
-    renderAll();
-    $("input").focus();
-  }
-
-  function deleteConversation(conversation) {
-    if (busy && busy.conversation === conversation) busy.controller.abort();
-    conversations = conversations.filter(function (c) { return c !== conversation; });
-    if (current === conversation) current = null;
-    save();
-    renderAll();
-  }
-
-  function closeSidebar() {
-    $("sidebar").classList.remove("open");
-    $("open-sidebar").setAttribute("aria-expanded", "false");
-  }
-
-  function fitInput() {
-    var input = $("input");
-    input.style.height = "auto";
-    input.style.height = input.scrollHeight + 2 + "px";
-  }
-
-  // --- Images ---------------------------------------------------------------------------
-
-  function addImages(files) {
-    Array.prototype.forEach.call(files, function (file) {
-      if (IMAGE_TYPES.indexOf(file.type) === -1) { notice("Only PNG, JPEG, GIF and WebP images can be sent (" + (file.name || file.type) + " is not one)."); return; }
-      var reader = new FileReader();
-      reader.onload = function () { attachments.push(reader.result); renderAttachments(); };
-      reader.onerror = function () { notice("Could not read " + file.name + "."); };
-      reader.readAsDataURL(file);
-    });
-  }
-
-  // --- Status and settings --------------------------------------------------------------
-
-  function setStatus(kind, text) {
-    $("status").className = kind;
-    $("status-text").textContent = text;
-  }
-
-  // A subscriber's plan (`plan` in /health, null for an API key): each window's use and when
-  // it resets, in the reader's time; a warning from 80 % up and at a reached limit.
-  var WINDOW_NAMES = {five_hour: "5-hour", seven_day: "weekly", seven_day_opus: "weekly Opus", seven_day_sonnet: "weekly Sonnet"};
-  var PLAN_FIELDS = {overage: true, updated_at: true, limit_reached: true, other: true};
-  function resetText(iso) {
-    var when = new Date(iso);
-    if (isNaN(when.getTime())) return "";
-    var time = when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
-    return when.getTime() - Date.now() > 20 * 3600 * 1000
-      ? when.toLocaleDateString([], {weekday: "short"}) + " " + time : time;
-  }
-  function planParts(plan) {
-    var out = {parts: [], warn: false};
-    if (!plan) return out;
-    Object.keys(plan).forEach(function (name) {
-      var use = plan[name];
-      if (PLAN_FIELDS[name] || !use || typeof use.utilization !== "number") return;
-      var percent = Math.round(use.utilization * 100), reset = use.resets_at ? resetText(use.resets_at) : "";
-      if (use.utilization >= 0.8 || use.status === "rejected") out.warn = true;
-      out.parts.push((WINDOW_NAMES[name] || name) + " " + percent + "%" + (reset ? " (resets " + reset + ")" : ""));
-    });
-    if (plan.limit_reached) {
-      out.warn = true;
-      out.parts.unshift(plan.limit_reached.kind === "credits" ? "usage credits spent"
-        : "plan limit reached" + (plan.limit_reached.resets_at ? " until " + resetText(plan.limit_reached.resets_at) : ""));
-    }
-    return out;
-  }
-
-  function refreshHealth() {
-    return api("health", {}).then(function (response) { return response.json(); }, function (failure) {
-      if (failure instanceof ProxyFailure && failure.status === 503) return {status: "cli_not_found"};
-      throw failure;
-    }).then(function (data) {
-      health = data || {};
-      if (health.status === "cli_not_found") return setStatus("bad", "claude CLI not found on the proxy's machine (set CLAUDE_PATH)");
-      if (!health.cli) return setStatus("warn", "connected; details need the API key");
-      var parts = ["claude " + String(health.cli.version || "version unknown").replace(/ \(Claude Code\)$/, "")];
-      parts.push((health.active_runs || 0) + " running");
-      if (health.limits && health.limits.queued) parts.push(health.limits.queued + " waiting");
-      if (health.pool) {
-        var warm = 0, idle = health.pool.idle || {};
-        Object.keys(idle).forEach(function (k) { warm += idle[k]; });
-        parts.push(warm + " warm");
-      }
-      // Spend appears once the proxy accounts for it (a `spend` object in /health).
-      if (health.spend && typeof health.spend.today_usd === "number") parts.push("$" + health.spend.today_usd.toFixed(2) + " today");
-      var plan = planParts(health.plan);
-      setStatus(plan.warn ? "warn" : "ok", parts.concat(plan.parts).join(" \u00b7 "));
-    }).catch(function () { setStatus("bad", "cannot reach the proxy"); });
-  }
-
-  function loadModels() {
-    return api("v1/models", {}).then(function (response) { return response.json(); }).then(function (listing) {
-      var select = $("model"), options = [], ids = (listing.data || []).map(function (m) { return m.id; });
-      var defaultOption = el("option", null, "default");
-      defaultOption.value = "";
-      options.push(defaultOption);
-      ids.forEach(function (id) { options.push(el("option", null, id)); });
-      select.replaceChildren.apply(select, options);
-      select.value = prefs.model && ids.indexOf(prefs.model) !== -1 ? prefs.model : "";
-      return true;
-    }, function (failure) {
-      if (failure instanceof ProxyFailure && failure.status === 401) { askForKey(apiKey ? "The proxy refused that key." : ""); return false; }
-      notice(explain(failure));
-      return false;
-    });
-  }
-
-  function askForKey(message) {
-    $("key-error").textContent = message || "";
-    if (!$("key-dialog").open) $("key-dialog").showModal();
-    $("key-input").focus();
-  }
-
-  function start() {
-    loadModels().then(function (ok) { if (ok) refreshHealth(); });
-  }
-
-  // --- Wiring ---------------------------------------------------------------------------
-
-  $("composer").addEventListener("submit", function (event) { event.preventDefault(); send(); });
-  $("input").addEventListener("keydown", function (event) {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); send(); }
-    else if (event.key === "Escape" && busy) busy.controller.abort();
-  });
-  $("input").addEventListener("input", fitInput);
-  $("input").addEventListener("paste", function (event) {
-    var files = Array.prototype.filter.call((event.clipboardData || {}).files || [], function (f) { return f.type.indexOf("image/") === 0; });
-    if (files.length) { event.preventDefault(); addImages(files); }
-  });
-  $("attach").addEventListener("click", function () { $("file").click(); });
-  $("file").addEventListener("change", function () { addImages($("file").files); $("file").value = ""; });
-  $("stop").addEventListener("click", function () { if (busy) busy.controller.abort(); $("input").focus(); });
-  $("regenerate").addEventListener("click", regenerate);
-  $("new-chat").addEventListener("click", function () {
-    if (busy) busy.controller.abort();  // its reply keeps what had arrived, marked as stopped
-    current = null;
-    closeSidebar();
-    renderAll();
-    $("input").focus();
-  });
-  $("open-sidebar").addEventListener("click", function () {
-    $("sidebar").classList.add("open");
-    $("open-sidebar").setAttribute("aria-expanded", "true");
-    $("new-chat").focus();
-  });
-  $("close-sidebar").addEventListener("click", function () { closeSidebar(); $("open-sidebar").focus(); });
-  $("sidebar").addEventListener("keydown", function (event) { if (event.key === "Escape") closeSidebar(); });
-  $("model").addEventListener("change", savePrefs);
-  $("effort").addEventListener("change", savePrefs);
-  $("key-dialog").addEventListener("cancel", function (event) { event.preventDefault(); });
-  $("key-form").addEventListener("submit", function (event) {
-    event.preventDefault();
-    apiKey = $("key-input").value.trim();
-    if (!apiKey) { $("key-error").textContent = "Enter a key."; return; }
-    sessionStorage.setItem(KEY, apiKey);
-    $("key-input").value = "";
-    $("key-dialog").close();
-    start();
-  });
-  window.addEventListener("storage", function (event) {
-    // Another tab changed the conversations: show its list (the open one stays as it is).
-    if (event.key !== CONVERSATIONS || busy) return;
-    var id = current && current.id;
-    conversations = readJson(localStorage, CONVERSATIONS, []);
-    current = conversations.filter(function (c) { return c.id === id; })[0] || null;
-    renderAll();
-  });
-
-  $("effort").value = prefs.effort || "";
-  renderAll();
-  start();
-  setInterval(function () { if (!document.hidden && !$("key-dialog").open) refreshHealth(); }, 5000);
-  window.claudeProxyPage = Object.freeze({renderMarkdown: renderMarkdown});
-})();
-"""
-
-
-def csp_source_hash(text):
-    """The CSP source expression that allows exactly this inline script or style."""
-    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
-
-
-WEB_PAGE = (WEB_PAGE_HTML.replace("/*STYLE*/", WEB_PAGE_STYLE, 1)
-            .replace("//SCRIPT", WEB_PAGE_SCRIPT, 1).encode("utf-8"))
-WEB_PAGE_HEADERS = {
-    # Only the page's own script and style run; it may fetch and show images from this origin
-    # and from data: URLs (attached images), and nothing else; no page may frame it.
-    "Content-Security-Policy": "; ".join((
-        "default-src 'self'", "script-src %s" % csp_source_hash(WEB_PAGE_SCRIPT),
-        "style-src %s" % csp_source_hash(WEB_PAGE_STYLE), "img-src 'self' data:",
-        "connect-src 'self'", "object-src 'none'", "base-uri 'none'", "form-action 'none'",
-        "frame-ancestors 'none'", "require-trusted-types-for 'script'", "trusted-types 'none'")),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",  # frame-ancestors, for browsers that predate it
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cache-Control": "no-cache",  # a new version of the proxy serves its new page at once
-}
-
-
-# HTTP handler ###############################################################################
-
-
-_log_lock = threading.Lock()
-
-
-#: Control characters from outside (ESC starts a terminal escape sequence) never reach the log.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-LOG_UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
-
-
-def escape_control(match):
-    return "\\x%02x" % ord(match.group(0))
-
-
-def printable(text, limit=200):
-    """Text from outside (a path, a CLI's stderr) for one log line: at most `limit` characters,
-    control characters as \\xNN."""
-    if len(text) > limit:
-        text = text[:limit] + "...(%d chars)" % len(text)
-    return CONTROL_CHARACTERS.sub(escape_control, text)
-
-
-def log(message):
-    message = LOG_UNSAFE.sub(escape_control, message)  # line breaks stay: tracebacks
-    with _log_lock:
-        sys.stderr.write("%s claude-proxy: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), message))
-        sys.stderr.flush()
-
-
-def model_entry(model_id, created):
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "anthropic"}
+# HTTP connections ###########################################################################
+#: Bytes in and out, before and beside the handler: request heads read without a thread per
+#: connection, deadlines for heads and bodies, strict framing, a watch for clients that hang
+#: up, and writes that give up on a client that stops reading.
 
 
 class ClientWatch:
@@ -6915,6 +5895,50 @@ class HeadReader:
             except (OSError, ValueError):
                 return self.server.shutdown_request(pending.sock)
             self._pending[pending.sock] = pending
+
+
+class ReadDeadlines:
+    """Drops connections whose request body has not fully arrived within BODY_READ_SECONDS of
+    its head: a client that trickles its body cannot pin a thread for long. One thread watches
+    every connection. (Heads have their own, shorter deadline: HeadReader.)"""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self._reading = {}  # handler -> deadline
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
+
+    def begin(self, handler):
+        with self._lock:
+            self._reading[handler] = time.monotonic() + self.seconds
+
+    def end(self, handler):
+        with self._lock:
+            self._reading.pop(handler, None)
+
+    def close(self):
+        self._stop.set()
+
+    def _watch(self):
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                late = [h for h, deadline in self._reading.items() if deadline < now]
+                for handler in late:
+                    del self._reading[handler]
+            for handler in late:
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+# HTTP handler ###############################################################################
+
+
+def model_entry(model_id, created):
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "anthropic"}
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -8032,6 +7056,993 @@ def main(argv=None):
             server.server_close()
     log("stopped")
     return 0
+
+
+# Web page ###################################################################################
+#: GET /: a chat and status page for someone who has a browser and nothing else. One document,
+#: its style and script inline and allowed by hash in a strict Content-Security-Policy: it loads
+#: nothing from anywhere, and talks only to this proxy's own API (same origin, so CORS stays
+#: off). Model and user text reach the page's DOM only as text nodes: its Markdown renderer
+#: builds elements, and the policy's Trusted Types clause makes any HTML sink throw.
+
+WEB_PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>claude-proxy</title>
+<link rel="icon" href="data:,">
+<style>/*STYLE*/</style>
+</head>
+<body>
+<div id="app">
+<aside id="sidebar" aria-label="Conversations">
+  <div class="side-head">
+    <button id="new-chat" type="button">+ New chat</button>
+    <button id="close-sidebar" class="icon narrow-only" type="button" aria-label="Close the conversation list">&#x2715;</button>
+  </div>
+  <ul id="conversations"></ul>
+  <p class="side-note">Conversations are kept in this browser only (localStorage), never on the proxy.</p>
+</aside>
+<main>
+  <header>
+    <button id="open-sidebar" class="icon narrow-only" type="button" aria-label="Conversations" aria-controls="sidebar" aria-expanded="false">&#x2630;</button>
+    <label>Model <select id="model"></select></label>
+    <label>Effort <select id="effort">
+      <option value="">default</option><option>low</option><option>medium</option>
+      <option>high</option><option>xhigh</option><option>max</option>
+    </select></label>
+    <div id="status" aria-label="Proxy status"><span class="dot"></span><span id="status-text">connecting&#x2026;</span></div>
+  </header>
+  <div id="messages">
+    <div id="empty"><h1>claude-proxy</h1><p>Talk to Claude through the <code>claude</code> CLI on this machine.
+    Enter sends, Shift+Enter starts a new line. Attach or paste PNG or JPEG images.</p></div>
+  </div>
+  <form id="composer" autocomplete="off">
+    <div id="notice" role="alert"></div>
+    <ul id="attachments" aria-label="Attached images"></ul>
+    <textarea id="input" rows="1" aria-label="Message" placeholder="Message Claude" aria-describedby="hint"></textarea>
+    <div class="actions">
+      <button id="attach" type="button">Attach image</button>
+      <input id="file" type="file" accept="image/png,image/jpeg,image/gif,image/webp" multiple tabindex="-1" aria-hidden="true">
+      <span id="hint" class="spacer">Enter sends, Shift+Enter starts a new line</span>
+      <button id="regenerate" type="button" disabled>Regenerate</button>
+      <button id="stop" type="button" hidden>Stop</button>
+      <button id="send" type="submit" class="primary">Send</button>
+    </div>
+  </form>
+</main>
+</div>
+<dialog id="key-dialog" aria-labelledby="key-title">
+  <form id="key-form">
+    <h2 id="key-title">This proxy needs an API key</h2>
+    <p>Enter one of the keys set in <code>CLAUDE_PROXY_API_KEY</code>. It is kept in this tab only
+    (sessionStorage) and sent only to this proxy.</p>
+    <input id="key-input" type="password" aria-label="API key" autocomplete="off" spellcheck="false">
+    <p id="key-error" role="alert"></p>
+    <button type="submit" class="primary">Use this key</button>
+  </form>
+</dialog>
+<script>//SCRIPT</script>
+</body>
+</html>
+"""
+
+WEB_PAGE_STYLE = r"""
+:root { --bg: #ffffff; --fg: #1f1f23; --muted: #66666f; --line: #dedee4; --panel: #f5f5f7;
+  --accent: #a3481f; --accent-fg: #ffffff; --user: #eef0f5; --code: #f2f2f5; --focus: #1a5fd0;
+  --err-bg: #fdecea; --err-fg: #8a1c12; --ok: #2e7d32; --warn: #b26a00; color-scheme: light dark; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #1a1a1e; --fg: #e7e7ea; --muted: #a0a0aa; --line: #34343c; --panel: #222228;
+    --accent: #e5956b; --accent-fg: #1a1a1e; --user: #2a2d36; --code: #26262d; --focus: #7fb0ff;
+    --err-bg: #3b1f1c; --err-fg: #ffb4a8; --ok: #7bc47f; --warn: #f0b14a; }
+}
+* { box-sizing: border-box; }
+html, body { margin: 0; height: 100%; }
+body { background: var(--bg); color: var(--fg); font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+button, select, input, textarea { font: inherit; color: inherit; }
+button, select { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 6px 12px; cursor: pointer; }
+button:hover:not(:disabled) { border-color: var(--muted); }
+button:disabled { opacity: .5; cursor: default; }
+button.primary { background: var(--accent); color: var(--accent-fg); border-color: var(--accent); }
+:focus-visible { outline: 2px solid var(--focus); outline-offset: 2px; }
+code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13.5px; }
+#app { display: grid; grid-template-columns: 270px 1fr; height: 100vh; height: 100dvh; }
+#sidebar { background: var(--panel); border-right: 1px solid var(--line); display: flex; flex-direction: column; min-height: 0; }
+.side-head { display: flex; gap: 8px; padding: 12px; }
+#new-chat { flex: 1; text-align: left; }
+#conversations { list-style: none; margin: 0; padding: 0 8px; overflow-y: auto; flex: 1; }
+#conversations li { display: flex; align-items: center; border-radius: 8px; margin-bottom: 2px; }
+#conversations li[aria-current="true"] { background: var(--user); }
+#conversations .open { flex: 1; min-width: 0; text-align: left; background: none; border: 0; padding: 7px 8px; }
+#conversations .title { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#conversations .when { display: block; color: var(--muted); font-size: 12px; }
+#conversations .delete { background: none; border: 0; color: var(--muted); padding: 4px 8px; }
+.side-note { color: var(--muted); font-size: 12px; padding: 0 14px; }
+main { display: flex; flex-direction: column; min-width: 0; min-height: 0; }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 14px; padding: 10px 16px; border-bottom: 1px solid var(--line); }
+header label { display: flex; align-items: center; gap: 6px; color: var(--muted); font-size: 13px; }
+header select { padding: 4px 8px; }
+#status { margin-left: auto; display: flex; align-items: center; gap: 6px; color: var(--muted); font-size: 13px; }
+#status .dot { width: 8px; height: 8px; border-radius: 50%; background: var(--muted); flex: none; }
+#status.ok .dot { background: var(--ok); } #status.bad .dot { background: var(--err-fg); } #status.warn .dot { background: var(--warn); }
+#messages { flex: 1; overflow-y: auto; padding: 16px; }
+#messages > * { max-width: 820px; margin-left: auto; margin-right: auto; }
+#empty { color: var(--muted); text-align: center; margin-top: 12vh; }
+#empty h1 { color: var(--fg); font-size: 24px; font-weight: 600; }
+.message { margin-bottom: 18px; }
+.message .who { font-size: 12px; font-weight: 600; color: var(--muted); margin-bottom: 2px; }
+.message.user .body { background: var(--user); border-radius: 12px; padding: 8px 12px; white-space: pre-wrap; overflow-wrap: anywhere; }
+.message.assistant .body { overflow-wrap: anywhere; }
+.message .body > :first-child { margin-top: 0; } .message .body > :last-child { margin-bottom: 0; }
+.message .images { display: flex; flex-wrap: wrap; gap: 6px; margin-top: 6px; }
+.message .images img, #attachments img { max-width: 160px; max-height: 120px; border-radius: 6px; border: 1px solid var(--line); display: block; }
+.message .note { color: var(--muted); font-size: 13px; font-style: italic; }
+.message .error { background: var(--err-bg); color: var(--err-fg); border-radius: 8px; padding: 8px 12px; margin-top: 6px; }
+.cursor::after { content: "\25CD"; color: var(--accent); margin-left: 2px; }
+details.thinking { border-left: 3px solid var(--line); padding: 2px 10px; margin-bottom: 8px; color: var(--muted); }
+details.thinking summary { cursor: pointer; font-size: 13px; }
+details.thinking div { white-space: pre-wrap; font-size: 13.5px; }
+.body pre { margin: 0; padding: 10px 12px; overflow-x: auto; background: var(--code); border-radius: 0 0 8px 8px; }
+.body :not(pre) > code { background: var(--code); border-radius: 4px; padding: 1px 4px; }
+.codeblock { border: 1px solid var(--line); border-radius: 8px; margin: 10px 0; }
+.codeblock .head { display: flex; align-items: center; justify-content: space-between; padding: 2px 4px 2px 12px; font-size: 12px; color: var(--muted); border-bottom: 1px solid var(--line); }
+.codeblock .copy { padding: 2px 10px; font-size: 12px; }
+.body table { border-collapse: collapse; margin: 10px 0; display: block; overflow-x: auto; }
+.body th, .body td { border: 1px solid var(--line); padding: 4px 10px; }
+.body th { background: var(--panel); }
+.body blockquote { margin: 8px 0; padding-left: 12px; border-left: 3px solid var(--line); color: var(--muted); }
+.body a { color: var(--focus); }
+.body h1, .body h2, .body h3, .body h4, .body h5, .body h6 { line-height: 1.25; margin: 16px 0 8px; }
+.body h1 { font-size: 1.4em; } .body h2 { font-size: 1.25em; } .body h3 { font-size: 1.1em; } .body h4, .body h5, .body h6 { font-size: 1em; }
+.align-left { text-align: left; } .align-center { text-align: center; } .align-right { text-align: right; }
+#composer { border-top: 1px solid var(--line); padding: 10px 16px 14px; }
+#composer > * { max-width: 820px; margin-left: auto; margin-right: auto; }
+#input { display: block; width: 100%; resize: none; min-height: 44px; max-height: 40vh; padding: 10px 12px; border: 1px solid var(--line); border-radius: 10px; background: var(--bg); }
+.actions { display: flex; align-items: center; gap: 8px; margin-top: 8px; }
+.actions .spacer { flex: 1; color: var(--muted); font-size: 12px; text-align: center; }
+.offscreen { position: fixed; left: -9999px; top: 0; }
+#file { position: absolute; width: 1px; height: 1px; opacity: 0; pointer-events: none; }
+#attachments { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 8px; }
+#attachments:empty, #notice:empty { display: none; }
+#attachments li { position: relative; }
+#attachments button { position: absolute; top: -8px; right: -8px; padding: 0 6px; border-radius: 50%; font-size: 12px; }
+#notice { background: var(--err-bg); color: var(--err-fg); border-radius: 8px; padding: 6px 12px; margin-bottom: 8px; }
+dialog { border: 1px solid var(--line); border-radius: 12px; background: var(--bg); color: var(--fg); max-width: min(440px, 92vw); padding: 20px; }
+dialog::backdrop { background: rgba(0, 0, 0, .5); }
+dialog h2 { margin-top: 0; font-size: 18px; }
+#key-input { width: 100%; padding: 8px 10px; border: 1px solid var(--line); border-radius: 8px; background: var(--bg); }
+#key-error { color: var(--err-fg); min-height: 1.5em; }
+.narrow-only { display: none; }
+.icon { padding: 4px 10px; }
+@media (max-width: 760px) {
+  #app { grid-template-columns: 1fr; }
+  .narrow-only { display: inline-block; }
+  #sidebar { position: fixed; z-index: 10; top: 0; bottom: 0; left: 0; width: min(300px, 86vw); transform: translateX(-105%); transition: transform .15s; box-shadow: 0 0 24px rgba(0, 0, 0, .25); visibility: hidden; }
+  #sidebar.open { transform: none; visibility: visible; }
+  header { padding: 8px 10px; gap: 6px 10px; }
+  #status { margin-left: 0; width: 100%; }
+  #messages { padding: 12px 10px; }
+  #composer { padding: 8px 10px 10px; }
+  .actions .spacer { font-size: 0; }
+}
+"""
+
+WEB_PAGE_SCRIPT = r"""
+"use strict";
+(function () {
+  var CONVERSATIONS = "claude-proxy.conversations", PREFS = "claude-proxy.prefs", KEY = "claude-proxy.api-key";
+  var IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+  var $ = function (id) { return document.getElementById(id); };
+
+  // --- Markdown -------------------------------------------------------------------------
+  // Builds DOM nodes: every piece of text goes in as a text node, so nothing in a reply can
+  // become markup. Links only to http(s) and mailto, opened with rel=noopener noreferrer;
+  // images are never loaded (an image in Markdown becomes a link).
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function safeHref(url) {
+    url = url.trim();
+    if (url.charAt(0) === "<" && url.charAt(url.length - 1) === ">") url = url.slice(1, -1);
+    // Absolute http(s) and mailto only; no whitespace or control characters that a browser
+    // would strip to reveal another scheme.
+    return /^(https?:\/\/|mailto:)[^\s\x00-\x1f\x7f]+$/i.test(url) ? url : null;
+  }
+
+  function link(href, parent) {
+    var a = el("a");
+    a.href = href;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    parent.appendChild(a);
+    return a;
+  }
+
+  function findClosing(text, marker, from) {
+    for (var j = text.indexOf(marker, from); j !== -1; j = text.indexOf(marker, j + 1)) {
+      if (j === from || /\s/.test(text.charAt(j - 1))) continue;
+      var ch = marker.charAt(0);
+      if (marker.length === 1 && (text.charAt(j + 1) === ch || text.charAt(j - 1) === ch)) continue;
+      if (ch === "_" && /[A-Za-z0-9]/.test(text.charAt(j + marker.length))) continue;
+      return j;
+    }
+    return -1;
+  }
+
+  function bracketEnd(text, start, open, close) {
+    for (var depth = 0, j = start; j < text.length; j++) {
+      var c = text.charAt(j);
+      if (c === "\\") { j++; continue; }
+      if (c === open) depth++;
+      else if (c === close && --depth === 0) return j;
+    }
+    return -1;
+  }
+
+  function renderInline(text, parent) {
+    var buffer = "", i = 0, m;
+    function flush() { if (buffer) { parent.appendChild(document.createTextNode(buffer)); buffer = ""; } }
+    while (i < text.length) {
+      var c = text.charAt(i), rest = text.slice(i);
+      if (c === "\\" && /^[!-\/:-@\[-`{-~]$/.test(text.charAt(i + 1))) { buffer += text.charAt(i + 1); i += 2; continue; }
+      if (c === "\n") { flush(); parent.appendChild(el("br")); i++; continue; }
+      if (c === "`") {
+        var run = /^`+/.exec(rest)[0], close = text.indexOf(run, i + run.length);
+        while (close !== -1 && text.charAt(close + run.length) === "`") close = text.indexOf(run, close + run.length + 1);
+        if (close === -1) { buffer += run; i += run.length; continue; }
+        var code = text.slice(i + run.length, close).replace(/\n/g, " ");
+        if (/^ .*[^ ].* $/.test(code)) code = code.slice(1, -1);
+        flush(); parent.appendChild(el("code", null, code)); i = close + run.length; continue;
+      }
+      if (c === "*" || c === "_" || c === "~") {
+        var marker = rest.slice(0, 2) === c + c ? c + c : c;
+        var before = text.charAt(i - 1), after = text.charAt(i + marker.length);
+        var opens = after && !/\s/.test(after) && !(c === "_" && /[A-Za-z0-9]/.test(before)) && !(c === "~" && marker.length === 1);
+        var end = opens ? findClosing(text, marker, i + marker.length) : -1;
+        if (end > i + marker.length) {
+          flush();
+          var tag = c === "~" ? "del" : marker.length === 2 ? "strong" : "em";
+          var node = el(tag);
+          renderInline(text.slice(i + marker.length, end), node);
+          parent.appendChild(node);
+          i = end + marker.length; continue;
+        }
+        buffer += marker; i += marker.length; continue;
+      }
+      if (c === "[") {
+        var labelEnd = bracketEnd(text, i, "[", "]");
+        if (labelEnd !== -1 && text.charAt(labelEnd + 1) === "(") {
+          var urlEnd = bracketEnd(text, labelEnd + 1, "(", ")");
+          if (urlEnd !== -1) {
+            var target = text.slice(labelEnd + 2, urlEnd).replace(/\s+("[^"]*"|'[^']*')\s*$/, "");
+            var href = safeHref(target);
+            if (href) {
+              flush();
+              renderInline(text.slice(i + 1, labelEnd), link(href, parent));
+              i = urlEnd + 1; continue;
+            }
+            // A link to anything else (javascript:, data:, relative) stays visible as text.
+            buffer += text.slice(i, urlEnd + 1); i = urlEnd + 1; continue;
+          }
+        }
+      }
+      if (c === "<" && (m = /^<((?:https?:\/\/|mailto:)[^\s<>]+)>/i.exec(rest))) {
+        flush(); link(m[1], parent).textContent = m[1]; i += m[0].length; continue;
+      }
+      if ((c === "h" || c === "H") && !/[A-Za-z0-9]/.test(text.charAt(i - 1)) && (m = /^https?:\/\/[^\s<>"]+/i.exec(rest))) {
+        var url = m[0].replace(/[.,;:!?'")\]*_~]+$/, "");
+        flush(); link(url, parent).textContent = url; i += url.length; continue;
+      }
+      buffer += c; i++;
+    }
+    flush();
+  }
+
+  var FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^\s`]*)[^`]*$/, HEADING = /^ {0,3}(#{1,6})(?:\s+(.*?))?(?:\s+#+)?\s*$/;
+  var RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/, QUOTE = /^ {0,3}> ?(.*)$/;
+  var ITEM = /^( *)([-*+]|\d{1,9}[.)])(?:[ \t]+(.*)|$)/, TABLE_RULE = /^ *\|? *:?-+:? *(\| *:?-+:? *)*\|? *$/;
+
+  function indentOf(line) { return /^ */.exec(line)[0].length; }
+
+  function startsBlock(line, next) {
+    return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) ||
+      ITEM.test(line) || isTable(line, next);
+  }
+
+  function isTable(line, next) {
+    return line.indexOf("|") !== -1 && next !== undefined && TABLE_RULE.test(next) && next.indexOf("|") !== -1 &&
+      next.indexOf("-") !== -1;
+  }
+
+  function tableCells(line) {
+    var cells = [], cell = "", inCode = false;
+    line = line.trim().replace(/^\|/, "");
+    if (/[^\\]\|$/.test(line) || line === "|") line = line.slice(0, -1);
+    for (var i = 0; i < line.length; i++) {
+      var c = line.charAt(i);
+      if (c === "\\" && line.charAt(i + 1) === "|") { cell += "|"; i++; continue; }
+      if (c === "`") inCode = !inCode;
+      if (c === "|" && !inCode) { cells.push(cell.trim()); cell = ""; continue; }
+      cell += c;
+    }
+    cells.push(cell.trim());
+    return cells;
+  }
+
+  function codeBlock(language, code, parent) {
+    var box = el("div", "codeblock"), head = el("div", "head"), copy = el("button", "copy", "Copy");
+    copy.type = "button";
+    copy.setAttribute("aria-label", "Copy code" + (language ? " (" + language + ")" : ""));
+    copy.addEventListener("click", function () { copyText(code, copy); });
+    head.appendChild(el("span", null, language || "code"));
+    head.appendChild(copy);
+    var pre = el("pre"), codeNode = el("code", null, code);
+    if (language) codeNode.setAttribute("data-language", language);
+    pre.appendChild(codeNode);
+    box.appendChild(head);
+    box.appendChild(pre);
+    parent.appendChild(box);
+  }
+
+  function renderList(lines, i, parent) {
+    var first = ITEM.exec(lines[i]), indent = first[1].length, ordered = /\d/.test(first[2]);
+    var list = el(ordered ? "ol" : "ul"), items = [], loose = false;
+    if (ordered && parseInt(first[2], 10) !== 1) list.start = parseInt(first[2], 10);
+    while (i < lines.length) {
+      var m = ITEM.exec(lines[i]);
+      if (!m || m[1].length !== indent || /\d/.test(m[2]) !== ordered || RULE.test(lines[i])) break;
+      var contentIndent = indent + m[2].length + 1, body = [m[3] || ""];
+      for (i++; i < lines.length; i++) {
+        var line = lines[i];
+        if (!line.trim()) {
+          var j = i;
+          while (j < lines.length && !lines[j].trim()) j++;
+          if (j < lines.length && indentOf(lines[j]) > indent) { loose = true; for (; i < j; i++) body.push(""); i--; continue; }
+          if (j < lines.length && (m = ITEM.exec(lines[j])) && m[1].length === indent && /\d/.test(m[2]) === ordered) { loose = true; i = j; }
+          break;
+        }
+        if (indentOf(line) > indent) { body.push(line.slice(Math.min(indentOf(line), contentIndent))); continue; }
+        if (startsBlock(line, lines[i + 1])) break;
+        body.push(line.trim());  // a lazy continuation of the item's paragraph
+      }
+      items.push(body);
+    }
+    items.forEach(function (body) {
+      var li = el("li");
+      renderBlocks(body, li, !loose);
+      list.appendChild(li);
+    });
+    parent.appendChild(list);
+    return i;
+  }
+
+  function renderBlocks(lines, parent, tight) {
+    var i = 0, m;
+    while (i < lines.length) {
+      var line = lines[i];
+      if (!line.trim()) { i++; continue; }
+      if ((m = FENCE.exec(line))) {
+        var fence = m[1], code = [];
+        for (i++; i < lines.length; i++) {
+          var t = lines[i].trim();
+          if (t.length >= fence.length && t.split("").every(function (ch) { return ch === fence.charAt(0); })) { i++; break; }
+          code.push(lines[i]);
+        }
+        codeBlock(m[2], code.join("\n"), parent);
+        continue;
+      }
+      if ((m = HEADING.exec(line))) {
+        var heading = el("h" + m[1].length);
+        renderInline(m[2] || "", heading);
+        parent.appendChild(heading); i++; continue;
+      }
+      if (RULE.test(line)) { parent.appendChild(el("hr")); i++; continue; }
+      if (QUOTE.test(line)) {
+        var quoted = [];
+        for (; i < lines.length && (m = QUOTE.exec(lines[i])); i++) quoted.push(m[1]);
+        var quote = el("blockquote");
+        renderBlocks(quoted, quote, false);
+        parent.appendChild(quote); continue;
+      }
+      if (ITEM.test(line)) { i = renderList(lines, i, parent); continue; }
+      if (isTable(line, lines[i + 1])) {
+        var header = tableCells(line), aligns = tableCells(lines[i + 1]).map(function (cell) {
+          return /^:-+:$/.test(cell) ? "center" : /-:$/.test(cell) ? "right" : /^:-/.test(cell) ? "left" : "";
+        });
+        var table = el("table"), thead = el("thead"), tbody = el("tbody");
+        var addRow = function (cells, section, tag) {
+          var row = el("tr");
+          for (var k = 0; k < header.length; k++) {
+            var cell = el(tag, aligns[k] ? "align-" + aligns[k] : null);
+            renderInline(cells[k] || "", cell);
+            row.appendChild(cell);
+          }
+          section.appendChild(row);
+        };
+        addRow(header, thead, "th");
+        for (i += 2; i < lines.length && lines[i].trim() && lines[i].indexOf("|") !== -1; i++) addRow(tableCells(lines[i]), tbody, "td");
+        table.appendChild(thead);
+        if (tbody.firstChild) table.appendChild(tbody);
+        parent.appendChild(table); continue;
+      }
+      var paragraph = [line.trim()];
+      for (i++; i < lines.length && lines[i].trim() && !startsBlock(lines[i], lines[i + 1]); i++) paragraph.push(lines[i].trim());
+      if (tight) {
+        if (parent.lastChild && parent.lastChild.nodeType === 3) parent.appendChild(el("br"));
+        renderInline(paragraph.join("\n"), parent);
+      } else {
+        var p = el("p");
+        renderInline(paragraph.join("\n"), p);
+        parent.appendChild(p);
+      }
+    }
+  }
+
+  function renderMarkdown(text) {
+    var fragment = document.createDocumentFragment();
+    renderBlocks(String(text).replace(/\r\n?/g, "\n").replace(/\t/g, "    ").split("\n"), fragment, false);
+    return fragment;
+  }
+
+  function copyText(text, button) {
+    var done = function () {
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = "Copy"; }, 1500);
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done, function () { copyBySelection(text) && done(); });
+    } else if (copyBySelection(text)) {
+      done();
+    }
+  }
+
+  function copyBySelection(text) {
+    // Plain http to a LAN address is not a secure context: no clipboard API there.
+    var area = el("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "offscreen";
+    document.body.appendChild(area);
+    area.select();
+    var ok = false;
+    try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+    area.remove();
+    return ok;
+  }
+
+  // --- Storage --------------------------------------------------------------------------
+
+  function readJson(storage, key, fallback) {
+    try { var value = JSON.parse(storage.getItem(key)); return value === null ? fallback : value; }
+    catch (e) { return fallback; }
+  }
+
+  var conversations = readJson(localStorage, CONVERSATIONS, []);
+  if (!Array.isArray(conversations)) conversations = [];
+  var prefs = readJson(localStorage, PREFS, {});
+  var apiKey = sessionStorage.getItem(KEY) || "";
+  var current = null, busy = null, attachments = [], health = null, emptyNode = $("empty");
+
+  function save() {
+    for (var attempt = 0; attempt < 50; attempt++) {
+      try { localStorage.setItem(CONVERSATIONS, JSON.stringify(conversations)); return; }
+      catch (e) {
+        // Over the browser's quota (images are large): drop the oldest images first.
+        if (!dropOldestImage()) { notice("This browser's storage is full; the conversation could not be saved."); return; }
+        notice("This browser's storage is full: images of older messages were not kept.");
+      }
+    }
+  }
+
+  function dropOldestImage() {
+    for (var c = conversations.length - 1; c >= 0; c--) {
+      var messages = conversations[c].messages;
+      for (var k = 0; k < messages.length; k++) {
+        if (messages[k].images && messages[k].images.length) { messages[k].images = []; messages[k].imagesDropped = true; return true; }
+      }
+    }
+    return false;
+  }
+
+  function savePrefs() {
+    prefs.model = $("model").value;
+    prefs.effort = $("effort").value;
+    try { localStorage.setItem(PREFS, JSON.stringify(prefs)); } catch (e) { /* not worth a notice */ }
+  }
+
+  // --- Talking to the proxy -------------------------------------------------------------
+
+  function headers(extra) {
+    var h = extra || {};
+    if (apiKey) h.Authorization = "Bearer " + apiKey;
+    return h;
+  }
+
+  function ProxyFailure(status, error, retryAfter) {
+    this.status = status;
+    this.error = error || {};
+    this.retryAfter = retryAfter;
+  }
+
+  function readFailure(response) {
+    return response.text().then(function (text) {
+      var error = null;
+      try { error = JSON.parse(text).error; } catch (e) { error = null; }
+      return new ProxyFailure(response.status, error, response.headers.get("Retry-After"));
+    });
+  }
+
+  function api(path, options) {
+    options = options || {};
+    options.headers = headers(options.headers);
+    options.cache = "no-store";
+    return fetch(path, options).then(function (response) {
+      if (response.ok) return response;
+      return readFailure(response).then(function (failure) { throw failure; });
+    });
+  }
+
+  function explain(failure) {
+    if (!(failure instanceof ProxyFailure)) return "Cannot reach the proxy. Is it still running?";
+    var error = failure.error, code = error.code || error.type || "";
+    // After a stream began, an error has no Retry-After header; the proxy's own words say when.
+    var wait = failure.retryAfter ? " Try again in " + failure.retryAfter + " s." : error.message ? " (" + error.message + ")" : "";
+    switch (code) {
+      case "cli_not_logged_in":
+        return "The claude CLI on the proxy's machine is not logged in. Run `claude` there and log in, then try again.";
+      case "rate_limit_exceeded":
+        return "Claude's API is rate limiting this account." + wait;
+      case "proxy_busy":
+        return "The proxy is busy with other requests." + wait;
+      case "overloaded":
+        return "Claude is overloaded right now." + wait;
+      case "budget_exceeded":
+        return "The proxy's spending budget for today is used up." + (failure.retryAfter ? " It resets in about " + Math.ceil(failure.retryAfter / 3600) + " h." : "");
+      case "timeout":
+        return "Claude did not finish within the proxy's time limit (CLAUDE_TIMEOUT).";
+      case "invalid_api_key":
+        return "The proxy refused the API key.";
+      case "request_too_large":
+        return "This conversation is too large for the proxy (images count). Start a new chat or attach smaller images.";
+      case "model_not_found":
+        return "The proxy or Claude does not know this model. " + (error.message || "");
+    }
+    if (failure.status === 0) return "The reply was cut off: " + (error.message || "the connection closed early") + ".";
+    return error.message ? "The proxy answered: " + error.message : "The proxy answered with HTTP status " + failure.status + ".";
+  }
+
+  function toApiMessages(messages) {
+    var out = [];
+    messages.forEach(function (message) {
+      if (message.role === "user") {
+        var images = message.images || [];
+        out.push({role: "user", content: images.length ? [{type: "text", text: message.text}].concat(images.map(function (url) {
+          return {type: "image_url", image_url: {url: url}};
+        })) : message.text});
+      } else if (message.text) {
+        out.push({role: "assistant", content: message.text});
+      }
+    });
+    return out;
+  }
+
+  function readStream(response, onDelta) {
+    // SSE: `data: {...}` lines; comments (`: keep-alive`) and other fields are skipped.
+    var reader = response.body.getReader(), decoder = new TextDecoder(), pending = "", finished = false;
+    function handle(line) {
+      if (line.slice(0, 5) !== "data:") return;
+      var payload = line.slice(5).trim();
+      if (payload === "[DONE]") { finished = true; return; }
+      var chunk = JSON.parse(payload);
+      if (chunk.error) throw new ProxyFailure(200, chunk.error, null);
+      (chunk.choices || []).forEach(function (choice) { onDelta(choice.delta || {}, choice.finish_reason); });
+    }
+    function pump() {
+      return reader.read().then(function (step) {
+        if (step.done) {
+          if (pending) handle(pending);
+          if (!finished) throw new ProxyFailure(0, {message: "the connection closed before the answer was complete"});
+          return;
+        }
+        pending += decoder.decode(step.value, {stream: true});
+        var lines = pending.split(/\r?\n/);
+        pending = lines.pop();
+        lines.forEach(handle);
+        return pump();
+      });
+    }
+    return pump();
+  }
+
+  function runReply(conversation) {
+    var reply = {role: "assistant", text: "", reasoning: ""};
+    var history = toApiMessages(conversation.messages);
+    conversation.messages.push(reply);
+    conversation.updated = Date.now();
+    var controller = new AbortController();
+    busy = {controller: controller, conversation: conversation, reply: reply};
+    save();
+    renderAll();
+    var body = {messages: history, stream: true};
+    if ($("model").value) body.model = $("model").value;
+    if ($("effort").value) body.reasoning_effort = $("effort").value;
+    var lastSave = Date.now();
+    return api("v1/chat/completions", {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+      signal: controller.signal
+    }).then(function (response) {
+      return readStream(response, function (delta, finishReason) {
+        if (delta.reasoning_content) reply.reasoning += delta.reasoning_content;
+        if (delta.content) reply.text += delta.content;
+        if (finishReason === "length") reply.note = "The reply reached its length limit.";
+        scheduleRender();
+        if (Date.now() - lastSave > 1000) { lastSave = Date.now(); save(); }
+      });
+    }).catch(function (failure) {
+      if (failure && failure.name === "AbortError") { reply.note = "Stopped."; return; }
+      if (failure instanceof ProxyFailure && failure.status === 401) { askForKey("The proxy refused the key."); }
+      reply.error = explain(failure);
+    }).then(function () {
+      busy = null;
+      conversation.updated = Date.now();
+      save();
+      renderAll();
+      refreshHealth();
+    });
+  }
+
+  function send() {
+    var text = $("input").value.trim();
+    if (busy || (!text && !attachments.length)) return;
+    if (!current) {
+      current = {id: Date.now().toString(36) + Math.random().toString(36).slice(2, 8), title: "", messages: [], updated: Date.now()};
+      conversations.unshift(current);
+    }
+    if (!current.title) current.title = (text || "Image").replace(/\s+/g, " ").slice(0, 80);
+    current.messages.push({role: "user", text: text, images: attachments.slice()});
+    moveToTop(current);
+    $("input").value = "";
+    attachments = [];
+    renderAttachments();
+    notice("");
+    fitInput();
+    runReply(current);
+  }
+
+  function regenerate() {
+    if (busy || !current) return;
+    while (current.messages.length && current.messages[current.messages.length - 1].role === "assistant") current.messages.pop();
+    if (current.messages.length) runReply(current);
+  }
+
+  function moveToTop(conversation) {
+    conversations = [conversation].concat(conversations.filter(function (c) { return c !== conversation; }));
+  }
+
+  // --- Rendering ------------------------------------------------------------------------
+
+  var renderQueued = false;
+  function scheduleRender() {
+    // While a reply streams, only its own message is rendered again, once a frame at most.
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(function () {
+      renderQueued = false;
+      if (!busy || !busy.node || !busy.node.parentNode) return;
+      var list = $("messages"), nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+      var node = renderMessage(busy.reply, true), thinking = busy.node.querySelector("details");
+      if (thinking && thinking.open && node.querySelector("details")) node.querySelector("details").open = true;
+      list.replaceChild(node, busy.node);
+      busy.node = node;
+      if (nearBottom) list.scrollTop = list.scrollHeight;
+    });
+  }
+
+  function renderMessage(message, streaming) {
+    var box = el("div", "message " + message.role);
+    box.appendChild(el("div", "who", message.role === "user" ? "You" : "Claude"));
+    if (message.reasoning) {
+      var thinking = el("details", "thinking");
+      thinking.appendChild(el("summary", null, streaming && !message.text ? "Thinking\u2026" : "Thinking"));
+      thinking.appendChild(el("div", null, message.reasoning));
+      box.appendChild(thinking);
+    }
+    var body = el("div", "body");
+    if (message.role === "user") body.textContent = message.text;
+    else body.appendChild(renderMarkdown(message.text));
+    if (streaming) body.classList.add("cursor");
+    if (message.text || message.role === "user" || streaming) box.appendChild(body);
+    if (message.images && message.images.length) {
+      var images = el("div", "images");
+      message.images.forEach(function (url, n) {
+        var img = el("img");
+        img.alt = "Attached image " + (n + 1);
+        img.src = url;
+        images.appendChild(img);
+      });
+      box.appendChild(images);
+    }
+    if (message.imagesDropped) box.appendChild(el("div", "note", "(An image was here; it was not kept, for lack of browser storage.)"));
+    if (message.note) box.appendChild(el("div", "note", message.note));
+    if (message.error) box.appendChild(el("div", "error", message.error));
+    return box;
+  }
+
+  function renderMessages() {
+    var list = $("messages"), nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+    var nodes = [];
+    if (!current || !current.messages.length) nodes.push(emptyNode);
+    else current.messages.forEach(function (message) {
+      var streaming = busy && busy.reply === message, node = renderMessage(message, streaming);
+      if (streaming) busy.node = node;
+      nodes.push(node);
+    });
+    list.replaceChildren.apply(list, nodes);
+    if (nearBottom) list.scrollTop = list.scrollHeight;
+  }
+
+  function renderSidebar() {
+    var list = $("conversations"), items = [];
+    conversations.forEach(function (conversation) {
+      var li = el("li"), open = el("button", "open"), remove = el("button", "delete", "\u2715");
+      if (conversation === current) li.setAttribute("aria-current", "true");
+      open.type = remove.type = "button";
+      open.appendChild(el("span", "title", conversation.title || "New chat"));
+      open.appendChild(el("span", "when", new Date(conversation.updated).toLocaleString()));
+      open.addEventListener("click", function () { openConversation(conversation); });
+      remove.setAttribute("aria-label", "Delete conversation: " + (conversation.title || "New chat"));
+      remove.addEventListener("click", function () { deleteConversation(conversation); });
+      li.appendChild(open);
+      li.appendChild(remove);
+      items.push(li);
+    });
+    list.replaceChildren.apply(list, items);
+  }
+
+  function renderAttachments() {
+    var list = $("attachments"), items = [];
+    attachments.forEach(function (url, n) {
+      var li = el("li"), img = el("img"), remove = el("button", null, "\u2715");
+      img.src = url;
+      img.alt = "Image to send " + (n + 1);
+      remove.type = "button";
+      remove.setAttribute("aria-label", "Remove image " + (n + 1));
+      remove.addEventListener("click", function () { attachments.splice(n, 1); renderAttachments(); });
+      li.appendChild(img);
+      li.appendChild(remove);
+      items.push(li);
+    });
+    list.replaceChildren.apply(list, items);
+  }
+
+  function renderButtons() {
+    $("send").hidden = !!busy;
+    $("stop").hidden = !busy;
+    $("regenerate").disabled = !!busy || !current || !current.messages.length;
+  }
+
+  function renderAll() {
+    renderMessages();
+    renderSidebar();
+    renderButtons();
+  }
+
+  function notice(text) { $("notice").textContent = text; }
+
+  function openConversation(conversation) {
+    if (busy) busy.controller.abort();
+    current = conversation;
+    closeSidebar();
+    renderAll();
+    $("input").focus();
+  }
+
+  function deleteConversation(conversation) {
+    if (busy && busy.conversation === conversation) busy.controller.abort();
+    conversations = conversations.filter(function (c) { return c !== conversation; });
+    if (current === conversation) current = null;
+    save();
+    renderAll();
+  }
+
+  function closeSidebar() {
+    $("sidebar").classList.remove("open");
+    $("open-sidebar").setAttribute("aria-expanded", "false");
+  }
+
+  function fitInput() {
+    var input = $("input");
+    input.style.height = "auto";
+    input.style.height = input.scrollHeight + 2 + "px";
+  }
+
+  // --- Images ---------------------------------------------------------------------------
+
+  function addImages(files) {
+    Array.prototype.forEach.call(files, function (file) {
+      if (IMAGE_TYPES.indexOf(file.type) === -1) { notice("Only PNG, JPEG, GIF and WebP images can be sent (" + (file.name || file.type) + " is not one)."); return; }
+      var reader = new FileReader();
+      reader.onload = function () { attachments.push(reader.result); renderAttachments(); };
+      reader.onerror = function () { notice("Could not read " + file.name + "."); };
+      reader.readAsDataURL(file);
+    });
+  }
+
+  // --- Status and settings --------------------------------------------------------------
+
+  function setStatus(kind, text) {
+    $("status").className = kind;
+    $("status-text").textContent = text;
+  }
+
+  // A subscriber's plan (`plan` in /health, null for an API key): each window's use and when
+  // it resets, in the reader's time; a warning from 80 % up and at a reached limit.
+  var WINDOW_NAMES = {five_hour: "5-hour", seven_day: "weekly", seven_day_opus: "weekly Opus", seven_day_sonnet: "weekly Sonnet"};
+  var PLAN_FIELDS = {overage: true, updated_at: true, limit_reached: true, other: true};
+  function resetText(iso) {
+    var when = new Date(iso);
+    if (isNaN(when.getTime())) return "";
+    var time = when.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+    return when.getTime() - Date.now() > 20 * 3600 * 1000
+      ? when.toLocaleDateString([], {weekday: "short"}) + " " + time : time;
+  }
+  function planParts(plan) {
+    var out = {parts: [], warn: false};
+    if (!plan) return out;
+    Object.keys(plan).forEach(function (name) {
+      var use = plan[name];
+      if (PLAN_FIELDS[name] || !use || typeof use.utilization !== "number") return;
+      var percent = Math.round(use.utilization * 100), reset = use.resets_at ? resetText(use.resets_at) : "";
+      if (use.utilization >= 0.8 || use.status === "rejected") out.warn = true;
+      out.parts.push((WINDOW_NAMES[name] || name) + " " + percent + "%" + (reset ? " (resets " + reset + ")" : ""));
+    });
+    if (plan.limit_reached) {
+      out.warn = true;
+      out.parts.unshift(plan.limit_reached.kind === "credits" ? "usage credits spent"
+        : "plan limit reached" + (plan.limit_reached.resets_at ? " until " + resetText(plan.limit_reached.resets_at) : ""));
+    }
+    return out;
+  }
+
+  function refreshHealth() {
+    return api("health", {}).then(function (response) { return response.json(); }, function (failure) {
+      if (failure instanceof ProxyFailure && failure.status === 503) return {status: "cli_not_found"};
+      throw failure;
+    }).then(function (data) {
+      health = data || {};
+      if (health.status === "cli_not_found") return setStatus("bad", "claude CLI not found on the proxy's machine (set CLAUDE_PATH)");
+      if (!health.cli) return setStatus("warn", "connected; details need the API key");
+      var parts = ["claude " + String(health.cli.version || "version unknown").replace(/ \(Claude Code\)$/, "")];
+      parts.push((health.active_runs || 0) + " running");
+      if (health.limits && health.limits.queued) parts.push(health.limits.queued + " waiting");
+      if (health.pool) {
+        var warm = 0, idle = health.pool.idle || {};
+        Object.keys(idle).forEach(function (k) { warm += idle[k]; });
+        parts.push(warm + " warm");
+      }
+      // Spend appears once the proxy accounts for it (a `spend` object in /health).
+      if (health.spend && typeof health.spend.today_usd === "number") parts.push("$" + health.spend.today_usd.toFixed(2) + " today");
+      var plan = planParts(health.plan);
+      setStatus(plan.warn ? "warn" : "ok", parts.concat(plan.parts).join(" \u00b7 "));
+    }).catch(function () { setStatus("bad", "cannot reach the proxy"); });
+  }
+
+  function loadModels() {
+    return api("v1/models", {}).then(function (response) { return response.json(); }).then(function (listing) {
+      var select = $("model"), options = [], ids = (listing.data || []).map(function (m) { return m.id; });
+      var defaultOption = el("option", null, "default");
+      defaultOption.value = "";
+      options.push(defaultOption);
+      ids.forEach(function (id) { options.push(el("option", null, id)); });
+      select.replaceChildren.apply(select, options);
+      select.value = prefs.model && ids.indexOf(prefs.model) !== -1 ? prefs.model : "";
+      return true;
+    }, function (failure) {
+      if (failure instanceof ProxyFailure && failure.status === 401) { askForKey(apiKey ? "The proxy refused that key." : ""); return false; }
+      notice(explain(failure));
+      return false;
+    });
+  }
+
+  function askForKey(message) {
+    $("key-error").textContent = message || "";
+    if (!$("key-dialog").open) $("key-dialog").showModal();
+    $("key-input").focus();
+  }
+
+  function start() {
+    loadModels().then(function (ok) { if (ok) refreshHealth(); });
+  }
+
+  // --- Wiring ---------------------------------------------------------------------------
+
+  $("composer").addEventListener("submit", function (event) { event.preventDefault(); send(); });
+  $("input").addEventListener("keydown", function (event) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); send(); }
+    else if (event.key === "Escape" && busy) busy.controller.abort();
+  });
+  $("input").addEventListener("input", fitInput);
+  $("input").addEventListener("paste", function (event) {
+    var files = Array.prototype.filter.call((event.clipboardData || {}).files || [], function (f) { return f.type.indexOf("image/") === 0; });
+    if (files.length) { event.preventDefault(); addImages(files); }
+  });
+  $("attach").addEventListener("click", function () { $("file").click(); });
+  $("file").addEventListener("change", function () { addImages($("file").files); $("file").value = ""; });
+  $("stop").addEventListener("click", function () { if (busy) busy.controller.abort(); $("input").focus(); });
+  $("regenerate").addEventListener("click", regenerate);
+  $("new-chat").addEventListener("click", function () {
+    if (busy) busy.controller.abort();  // its reply keeps what had arrived, marked as stopped
+    current = null;
+    closeSidebar();
+    renderAll();
+    $("input").focus();
+  });
+  $("open-sidebar").addEventListener("click", function () {
+    $("sidebar").classList.add("open");
+    $("open-sidebar").setAttribute("aria-expanded", "true");
+    $("new-chat").focus();
+  });
+  $("close-sidebar").addEventListener("click", function () { closeSidebar(); $("open-sidebar").focus(); });
+  $("sidebar").addEventListener("keydown", function (event) { if (event.key === "Escape") closeSidebar(); });
+  $("model").addEventListener("change", savePrefs);
+  $("effort").addEventListener("change", savePrefs);
+  $("key-dialog").addEventListener("cancel", function (event) { event.preventDefault(); });
+  $("key-form").addEventListener("submit", function (event) {
+    event.preventDefault();
+    apiKey = $("key-input").value.trim();
+    if (!apiKey) { $("key-error").textContent = "Enter a key."; return; }
+    sessionStorage.setItem(KEY, apiKey);
+    $("key-input").value = "";
+    $("key-dialog").close();
+    start();
+  });
+  window.addEventListener("storage", function (event) {
+    // Another tab changed the conversations: show its list (the open one stays as it is).
+    if (event.key !== CONVERSATIONS || busy) return;
+    var id = current && current.id;
+    conversations = readJson(localStorage, CONVERSATIONS, []);
+    current = conversations.filter(function (c) { return c.id === id; })[0] || null;
+    renderAll();
+  });
+
+  $("effort").value = prefs.effort || "";
+  renderAll();
+  start();
+  setInterval(function () { if (!document.hidden && !$("key-dialog").open) refreshHealth(); }, 5000);
+  window.claudeProxyPage = Object.freeze({renderMarkdown: renderMarkdown});
+})();
+"""
+
+
+def csp_source_hash(text):
+    """The CSP source expression that allows exactly this inline script or style."""
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+
+WEB_PAGE = (WEB_PAGE_HTML.replace("/*STYLE*/", WEB_PAGE_STYLE, 1)
+            .replace("//SCRIPT", WEB_PAGE_SCRIPT, 1).encode("utf-8"))
+WEB_PAGE_HEADERS = {
+    # Only the page's own script and style run; it may fetch and show images from this origin
+    # and from data: URLs (attached images), and nothing else; no page may frame it.
+    "Content-Security-Policy": "; ".join((
+        "default-src 'self'", "script-src %s" % csp_source_hash(WEB_PAGE_SCRIPT),
+        "style-src %s" % csp_source_hash(WEB_PAGE_STYLE), "img-src 'self' data:",
+        "connect-src 'self'", "object-src 'none'", "base-uri 'none'", "form-action 'none'",
+        "frame-ancestors 'none'", "require-trusted-types-for 'script'", "trusted-types 'none'")),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",  # frame-ancestors, for browsers that predate it
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-cache",  # a new version of the proxy serves its new page at once
+}
 
 
 if __name__ == "__main__":
