@@ -3169,8 +3169,12 @@ class MainTest(unittest.TestCase):
         stranger = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "not-ours")  # another program's
         os.mkdir(stranger)
         link = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "link")  # a link to a dead one: not followed
-        dead = tempfile.mkdtemp(prefix="claude-proxy-test-dead-")
-        self.addCleanup(shutil.rmtree, dead, True)
+        # Outside any TMPDIR a proxy sweeps, under a name no sweep takes for its own: only the
+        # link to it stands where a sweep looks.
+        outside = tempfile.mkdtemp(prefix="cp-test-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        dead = os.path.join(outside, "dead")
+        os.mkdir(dead)
         open(os.path.join(dead, cp.OWNER_FILE), "w").close()
         os.symlink(dead, link)
         record_dir, made = self.kill_mid_request(
