@@ -85,6 +85,10 @@ CACHE_TTLS = ("auto", "5m", "1h")
 #: With --cache-ttl auto, a conversation whose turns come further apart than this outlives the
 #: API's 5-minute cache entries: it is given 1-hour entries from then on.
 CACHE_5M_SECONDS = 270.0
+#: The CLI's switches for its prompt cache's lifetime (cli_env); one set in the proxy's own
+#: environment is the operator's choice, which --cache-ttl auto leaves alone.
+CACHE_TTL_VARIABLES = ("FORCE_PROMPT_CACHING_5M", "ENABLE_PROMPT_CACHING_1H",
+                       "CLAUDE_CODE_PROMPT_CACHE_TTL", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL")
 #: A connection costs a thread only once its request head has arrived whole: until then one
 #: selectors loop holds it, for at most HEAD_READ_SECONDS and MAX_HEAD_BYTES (common servers'
 #: default). When MAX_PENDING_HEADS connections are still sending heads, the oldest is dropped.
@@ -320,11 +324,15 @@ PLAN_WINDOW_WORDS = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_op
 PLAN_NO_RETRY_SECONDS = 60
 #: The CLI's words for a subscriber's reached limit (2.1.197 and 2.1.332: "You've hit your
 #: limit · resets 4:17am (UTC)", "You've hit your 5-hour limit", "your weekly limit · resets
-#: Dec 9, 3:17am (UTC)"), and for spent usage credits ("You're out of extra usage. Add more at
-#: claude.ai/settings/usage and keep going."). The API's status decides first; these only tell a
-#: plan's 429 from any other 429, and spent credits from any other 400.
+#: Dec 9, 3:17am (UTC)"; 2.1.332 also says api_error "usage_limit_reached"), and for a plan's
+#: spent usage credits ("You're out of extra usage. Add more at claude.ai/settings/usage and keep
+#: going.", "Your org is out of usage · add funds to continue", "... requires usage credits.",
+#: "Your usage allocation has been disabled by your admin"). The API's status decides first;
+#: these only tell a plan's 429 from any other 429, and spent credits from any other 400. An
+#: API key's "Credit balance is too low" is not the plan's: it stays the API's refusal.
 PLAN_LIMIT_TEXT = re.compile(r"(?:hit|reached) your (?:[\w-]+ )*limit", re.I)
-CREDITS_SPENT_TEXT = re.compile(r"out of (?:extra usage|usage credits|credits)|credit balance is too low", re.I)
+CREDITS_SPENT_TEXT = re.compile(r"out of (?:extra usage|usage credits|usage\b)|requires usage credits|"
+                                r"usage allocation has been disabled|usage limit is set to \$0", re.I)
 #: "resets 4:17am (UTC)" or "resets Dec 9, 3:17am (UTC)": the reset time, when the CLI printed
 #: no rate_limit_event in this run to give it exactly (only read when the zone is UTC).
 LIMIT_RESET_TEXT = re.compile(r"resets (?:(?P<month>[A-Z][a-z]{2}) (?P<day>\d{1,2}), )?"
@@ -358,18 +366,19 @@ def plan_limit_reached(window, resets_at, now, detail=""):
     minute away: the SDKs would otherwise retry at once, and frameworks for hours, each try a
     CLI run and a model request that cannot succeed."""
     words = PLAN_WINDOW_WORDS.get(window, window or "usage")
-    if resets_at:
+    if resets_at and resets_at > now:
         wait = max(1, int(-(-(resets_at - now) // 1)))
         message = ("Your Claude plan's %s limit is reached; it resets at %s (in %d s). Requests "
                    "are refused until then." % (words, iso_utc(resets_at), wait))
-    else:
-        wait = PLAN_PROBE_SECONDS
+    else:  # the reset is unknown, or past: look again when the next probe may run
+        wait = int(PLAN_PROBE_SECONDS)
         message = "Your Claude plan's %s limit is reached (the CLI said: %s)." % (words, detail[:200])
     headers = {"Retry-After": str(wait)}
     if wait > PLAN_NO_RETRY_SECONDS:
         headers["x-should-retry"] = "false"
     error = ProxyError(429, message, "rate_limit_error", None, "plan_limit_reached", headers)
-    error.plan_window = (window, resets_at)  # what PlanLimits refuses by until the reset
+    # What PlanLimits refuses by until the reset: the window, when it resets, the CLI's words.
+    error.plan_window = (window, resets_at, detail)
     return error
 
 
@@ -377,14 +386,17 @@ def credits_spent(detail):
     """The plan's usage credits (what headless runs draw on) are spent: a quota, not a bad
     request. OpenAI answers a spent balance with 429 insufficient_quota; the Anthropic dialect
     says 402 billing_error (anthropic_error)."""
-    return ProxyError(429, "The Claude plan's usage credits are spent: %s Add credits at "
-                      "claude.ai/settings/usage, or wait for the monthly credit to renew."
-                      % detail[:300].rstrip(), "insufficient_quota", None, "insufficient_quota",
+    said = detail[:300].rstrip()
+    where = "" if "claude.ai/settings/usage" in said else " Add credits at claude.ai/settings/usage."
+    return ProxyError(429, "The Claude plan's usage credits are spent (the CLI said: %s)%s Headless "
+                      "runs draw on them; wait for the monthly credit to renew, or add more."
+                      % (said, where), "insufficient_quota", None, "insufficient_quota",
                       {"x-should-retry": "false"})
 
 
-def plan_limit_of(rate_limit):
-    """(window, resets_at) of a rate_limit_event's info that says a limit is reached, else None."""
+def plan_limit_of(rate_limit, now):
+    """(window, resets_at) of a rate_limit_event's info that says a limit is reached until after
+    `now`, else None (a report whose reset has passed is no longer true)."""
     if not isinstance(rate_limit, dict) or rate_limit.get("status") != "rejected":
         return None
     window = rate_limit.get("rateLimitType")
@@ -394,6 +406,8 @@ def plan_limit_of(rate_limit):
         reset = windows[window].get("resetsAt")
     if not _is_number(reset):
         reset = rate_limit.get("resetsAt")
+    if _is_number(reset) and reset <= now:
+        return None
     return (window if isinstance(window, str) else None), (reset if _is_number(reset) else None)
 
 
@@ -469,8 +483,9 @@ def result_error(result, rate_limit=None, now=None):
     status = result.get("api_error_status")
     detail = str(result.get("result") or result.get("subtype") or "unknown error")[:500]
     now = time.time() if now is None else now
-    limit = plan_limit_of(rate_limit)
-    if status == 429 and (limit or PLAN_LIMIT_TEXT.search(detail)):
+    limit = plan_limit_of(rate_limit, now)
+    if status == 429 and (limit or PLAN_LIMIT_TEXT.search(detail)
+                          or result.get("api_error") == "usage_limit_reached"):
         window, reset = limit or ((rate_limit or {}).get("rateLimitType"), None)
         return plan_limit_reached(window, reset or limit_reset_from_text(detail, now), now, detail)
     if status in (400, 402, 403) and CREDITS_SPENT_TEXT.search(detail):
@@ -2160,13 +2175,12 @@ def cli_env(base_env, plan):
     if plan.get("max_tokens"):
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
     ttl = plan.get("cache_ttl")
-    if ttl in ("5m", "1h"):
+    if ttl in ("5m", "1h"):  # None: the CLI's own choice, as the environment gives it
         # The CLI writes a subscriber's prompt cache for 1 hour (a write costs 2x the input
         # price, a 5-minute one 1.25x), an API key's for 5 minutes. FORCE_PROMPT_CACHING_5M
         # and ENABLE_PROMPT_CACHING_1H decide it in 2.1.197 and 2.1.332 alike (5M wins over
         # 1H); 2.1.332 also reads CLAUDE_CODE_PROMPT_CACHE_TTL, and its MESSAGES_ variant.
-        for name in ("FORCE_PROMPT_CACHING_5M", "ENABLE_PROMPT_CACHING_1H",
-                     "CLAUDE_CODE_PROMPT_CACHE_TTL", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL"):
+        for name in CACHE_TTL_VARIABLES:
             env.pop(name, None)
         env["FORCE_PROMPT_CACHING_5M" if ttl == "5m" else "ENABLE_PROMPT_CACHING_1H"] = "1"
         env["CLAUDE_CODE_PROMPT_CACHE_TTL"] = ttl
@@ -2238,8 +2252,9 @@ def cli_help(claude_path, env):
 
 
 def cli_sessions_root(claude_path, env, cwd):
-    """Where this CLI keeps its sessions, asked of the CLI itself: (the projects folder, None)
-    or (None, why it cannot be told). A wrapper script may give the CLI another HOME or
+    """Where this CLI keeps its sessions, asked of the CLI itself: (the projects folder, None,
+    login) or (None, why it cannot be told, login); login is the init event's apiKeySource
+    ("none": logged in with an account, as a subscriber is), or None. A wrapper script may give the CLI another HOME or
     CLAUDE_CONFIG_DIR than the proxy's, so the proxy's own environment cannot say.
 
     The CLI is given `/clear`, which it answers without a model call (CLI-FACTS), in `cwd`;
@@ -2255,7 +2270,7 @@ def cli_sessions_root(claude_path, env, cwd):
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env,
                               timeout=CLI_CHECK_SECONDS)
     except (OSError, subprocess.SubprocessError) as e:
-        return None, "the CLI could not be run to ask it (%s)" % e
+        return None, "the CLI could not be run to ask it (%s)" % e, None
     init = None
     for line in done.stdout.splitlines():
         try:
@@ -2266,17 +2281,18 @@ def cli_sessions_root(claude_path, env, cwd):
             init = event
             break
     if init is None:
-        return None, "the CLI printed no init event when asked (exit status %s)" % done.returncode
+        return None, "the CLI printed no init event when asked (exit status %s)" % done.returncode, None
+    login = init.get("apiKeySource") if isinstance(init.get("apiKeySource"), str) else None
     memory = (init.get("memory_paths") or {}).get("auto") if isinstance(init.get("memory_paths"), dict) else None
     if not isinstance(memory, str) or not memory:
         return None, ("the CLI's init event names no auto-memory folder: auto memory may be off, "
-                      "in the CLI's settings or by CLAUDE_CODE_DISABLE_AUTO_MEMORY=1 in a wrapper")
+                      "in the CLI's settings or by CLAUDE_CODE_DISABLE_AUTO_MEMORY=1 in a wrapper"), login
     project = os.path.dirname(os.path.normpath(memory))
     root, name = os.path.split(project)
     if name != session_name(cwd) or os.path.basename(root) != "projects":
-        return None, "the CLI keeps a working directory's sessions in %s, not where the proxy expects" % project
+        return None, "the CLI keeps a working directory's sessions in %s, not where the proxy expects" % project, login
     shutil.rmtree(project, ignore_errors=True)
-    return root, None
+    return root, None, login
 
 
 class CliCheck:
@@ -2284,8 +2300,9 @@ class CliCheck:
     the flags its --help lacks, and where it keeps sessions (or why that cannot be told)."""
 
     def __init__(self, stamp=None, version=None, help_text=None, sessions_root=None,
-                 sessions_problem=None, checked=True):
+                 sessions_problem=None, checked=True, login=None):
         self.stamp = stamp
+        self.login = login  # the CLI's apiKeySource: "none" for an account's (OAuth) login
         self.version = version
         self.release = parse_cli_version(version)
         self.checked = checked
@@ -2924,21 +2941,21 @@ class CliRunner:
                     threading.Thread(target=lambda: found.update(help=cli_help(self.claude_path, self.env)))]
             for ask in asks:
                 ask.start()
-            root, problem = None, "the proxy's TMPDIR cannot be written"
+            root, problem, login = None, "the proxy's TMPDIR cannot be written", None
             try:
                 probe = self.folders.run_folder()
             except OSError:
                 probe = None
             if probe:
                 try:
-                    root, problem = cli_sessions_root(self.claude_path, self.env, probe)
+                    root, problem, login = cli_sessions_root(self.claude_path, self.env, probe)
                 finally:
                     shutil.rmtree(probe, ignore_errors=True)
             for ask in asks:
                 ask.join()
             version, help_text = found.get("version"), found.get("help")
             changed = self._check.checked and self._check.stamp != stamp
-            self._check = CliCheck(stamp, version, help_text, root, problem)
+            self._check = CliCheck(stamp, version, help_text, root, problem, login=login)
             self.refused_flags = []
         with self._version_lock:
             self._version, self._version_stamp = version, stamp
@@ -3242,6 +3259,15 @@ class CliRunner:
                 return
         run.stop()
 
+    def retire_kept(self, plan, scope):
+        """Stop the process kept for this conversation's next turn under this plan's shape, if
+        any: the conversation goes on in another shape (see TurnRhythm)."""
+        turns = plan["conversation"]["turns"]
+        if self.continuations is not None and len(turns) >= 3:
+            run = self.continuations.take(conversation_key(scope, run_shape(plan), turns[:-1]))
+            if run is not None:
+                run.stop()
+
     def _log_once(self, what, message):
         if what not in self._logged:
             self._logged.add(what)
@@ -3372,45 +3398,62 @@ class TurnRhythm:
     first such gap on it gets 1-hour entries. Its process shape then differs (cache_ttl is a
     SHAPE_FIELD), so its next turn resumes in a run started with the longer lifetime.
 
-    Remembered per conversation (conversation_key, without the lifetime), for an hour past its
-    last reply, at most `size` conversations."""
+    Only for a subscriber's CLI, whose own choice is 1 hour: an API key's CLI writes 5-minute
+    entries, and with an API key nothing changes. Nor where the operator set a lifetime in the
+    CLI's environment (CACHE_TTL_VARIABLES): that choice stands.
 
-    def __init__(self, mode="auto", gap_seconds=CACHE_5M_SECONDS, size=4096, clock=time.monotonic):
+    The gap is counted from when the previous turn's request began (when its model call wrote
+    or refreshed the entries), not from when its reply ended. Remembered per conversation
+    (conversation_key, without the lifetime), for an hour past its last reply, at most `size`
+    conversations."""
+
+    def __init__(self, mode="auto", gap_seconds=CACHE_5M_SECONDS, size=4096, clock=time.monotonic,
+                 env=None):
         self.mode = mode
         self.gap_seconds = gap_seconds
         self.size = size
         self.clock = clock
+        self.operator_set = sorted(name for name in CACHE_TTL_VARIABLES if (env or {}).get(name))
         self.slow = 0  # conversations given 1-hour entries
-        self._seen = collections.OrderedDict()  # key -> (last reply at, given 1h)
+        self._seen = collections.OrderedDict()  # key -> (previous request began at, its lifetime)
         self._lock = threading.Lock()
 
     @staticmethod
     def _key(scope, plan, turns):
         return conversation_key(scope, run_shape(dict(plan, cache_ttl=None)), turns)
 
-    def ttl_for(self, scope, plan):
-        """The cache lifetime a request's run gets: the mode's, or for auto, its rhythm's."""
+    def ttl_for(self, scope, plan, subscriber):
+        """(the cache lifetime a request's run gets, whether its conversation just turned slow):
+        the mode's, or for auto, its rhythm's (None: the CLI's own choice). A conversation keeps
+        the lifetime its earlier turns had, so that its kept process serves it, until it turns
+        slow."""
         if self.mode != "auto":
-            return self.mode
+            return self.mode, False
+        if self.operator_set:
+            return None, False
         turns = plan["conversation"]["turns"]
-        if len(turns) < 3:
-            return "5m"
-        with self._lock:
-            last, long_lived = self._seen.get(self._key(scope, plan, turns[:-1]), (None, False))
-            if last is not None and not long_lived and self.clock() - last > self.gap_seconds:
-                long_lived = True
-                self.slow += 1
-        return "1h" if long_lived else "5m"
+        if len(turns) >= 3:
+            with self._lock:
+                began, ttl = self._seen.get(self._key(scope, plan, turns[:-1]), (None, None))
+                if began is not None:
+                    if ttl == "1h":
+                        return "1h", False
+                    if subscriber and self.clock() - began > self.gap_seconds:
+                        self.slow += 1
+                        return "1h", True
+                    return ttl, False
+        return ("5m" if subscriber else None), False
 
-    def replied(self, scope, plan, reply_blocks):
-        """A reply was sent: the conversation's next turn will follow these turns."""
+    def replied(self, scope, plan, reply_blocks, began):
+        """A reply was sent to a request that began at `began` (this clock): the conversation's
+        next turn will follow these turns."""
         if self.mode != "auto":
             return
         turns = plan["conversation"]["turns"] + [{"role": "assistant", "content": reply_blocks}]
         key = self._key(scope, plan, turns)
         now = self.clock()
         with self._lock:
-            self._seen[key] = (now, plan.get("cache_ttl") == "1h")
+            self._seen[key] = (began, plan.get("cache_ttl"))
             self._seen.move_to_end(key)
             while self._seen and (len(self._seen) > self.size
                                   or now - next(iter(self._seen.values()))[0] > 3600):
@@ -5396,11 +5439,25 @@ class PlanLimits:
         self._updated_at = None
         self._refusal = None  # {"kind": "limit"|"credits", "window", "resets_at", "detail", "since"}
         self._last_try = 0.0  # when the last run was let through (or ended) while refusing
+        self._limits_seen = 0  # refusals begun so far: a ticket from admit() names the count
+        self._login = None  # the CLI's apiKeySource, from its init events
         self._warned = {}  # window -> the highest PLAN_WARN_LEVELS mark logged
 
     def last_info(self):
         with self._lock:
             return self._info
+
+    def observe_login(self, api_key_source):
+        """The init event's apiKeySource: "none" when the CLI is logged in with an account (a
+        subscriber's OAuth login), else where its API key comes from."""
+        if isinstance(api_key_source, str):
+            with self._lock:
+                self._login = api_key_source
+
+    def subscriber(self):
+        """Whether the CLI is logged in as a subscriber, as far as its runs have told."""
+        with self._lock:
+            return self._updated_at is not None or self._login == "none"
 
     def observe(self, info):
         """A rate_limit_event's rate_limit_info: the record now says what it says. A field of
@@ -5429,19 +5486,33 @@ class PlanLimits:
             log(note)
 
     def admit(self):
-        """Before a request's run: raise the refusal while a limit holds, but for a probe."""
+        """Before a request's run: raise the refusal while a limit holds, but for a probe.
+        Returns a ticket for still_admitted(), after the request's wait for a run slot."""
         with self._lock:
             refusal = self._refusal
             if refusal is None:
-                return
+                return (self._limits_seen, False)
             now = self.clock()
             reset = refusal["resets_at"]
             if (now - self._last_try >= self.probe_seconds
                     or (reset is not None and self._last_try < reset <= now)):
                 self._last_try = now
                 self.probes += 1
+                return (self._limits_seen, True)
+            self.refused += 1
+        raise self._refusal_error(refusal, now)
+
+    def still_admitted(self, ticket):
+        """After a request waited for a run slot: raise the refusal if a limit was reached
+        meanwhile (requests queued behind the run that found it would each start a run and a
+        model request in vain); a probe goes on."""
+        seen, probe = ticket
+        with self._lock:
+            refusal = self._refusal
+            if refusal is None or probe or seen == self._limits_seen:
                 return
             self.refused += 1
+            now = self.clock()
         raise self._refusal_error(refusal, now)
 
     def after_run(self, error):
@@ -5452,15 +5523,25 @@ class PlanLimits:
             was = self._refusal
             self._last_try = now
             if code == "plan_limit_reached":
-                window, reset = getattr(error, "plan_window", None)
+                window, reset, said = getattr(error, "plan_window", (None, None, error.message))
                 self._refusal = {"kind": "limit", "window": window, "resets_at": reset,
-                                 "detail": error.message, "since": (was or {}).get("since", now)}
+                                 "detail": said, "since": (was or {}).get("since", now)}
             elif code == "insufficient_quota":
                 self._refusal = {"kind": "credits", "window": None, "resets_at": None,
                                  "detail": error.message, "since": (was or {}).get("since", now)}
             elif error is None:
                 self._refusal = None
+                if was:
+                    # The last report said "rejected"; a run has just succeeded, and a kept
+                    # process reports again only when its figures change: until a report comes,
+                    # the rejected windows are not shown (nor sent as headers) as they were.
+                    self._windows = {name: window for name, window in self._windows.items()
+                                     if window.get("status") != "rejected"}
+                    if (self._info or {}).get("status") == "rejected":
+                        self._info = None
             refusal = self._refusal
+            if refusal and not was:
+                self._limits_seen += 1
         if refusal and not was:
             log("%s; new requests are refused without a run (429), one probe run a minute "
                 "excepted, until one succeeds." % (
@@ -5481,7 +5562,7 @@ class PlanLimits:
         """The `plan` object of /health: None until a run has reported the plan (always, for
         an API key); then each window, the overage, when it was last seen, and any limit."""
         with self._lock:
-            if self._info is None and self._refusal is None:
+            if self._updated_at is None and self._refusal is None:
                 return None
             plan = {name: dict(window) for name, window in self._windows.items()}
             plan["overage"] = self._overage
@@ -6126,8 +6207,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Vary", "Origin")
         if getattr(self, "dialect", None) == "anthropic":
             self.send_header("request-id", self.request_id)
-            for name, value in self.server.plan_limits.headers().items():
-                self.send_header(name, value)
+            # The plan's use is the key holders' to see, as /health's details are.
+            if not self.server.config.api_keys or key_matches(presented_key(self.headers),
+                                                              self.server.config.api_keys):
+                for name, value in self.server.plan_limits.headers().items():
+                    self.send_header(name, value)
         for name, value in getattr(self, "reply_headers", {}).items():
             self.send_header(name, value)
         super().end_headers()
@@ -6473,13 +6557,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if config.max_request_usd:
             plan["max_budget_usd"] = config.max_request_usd
         self.server.spend.check()  # a spent daily budget: 429 before any run or wait
-        self.server.plan_limits.admit()  # a reached plan limit: 429 without a run, but probes
-        plan["cache_ttl"] = self.server.rhythm.ttl_for(self.client_scope(), plan)
+        admitted = self.server.plan_limits.admit()  # a reached plan limit: 429 without a run, but probes
+        plan["cache_ttl"], slowed = self.server.rhythm.ttl_for(
+            self.client_scope(), plan, self.server.plan_limits.subscriber())
+        if slowed:  # its process, kept with 5-minute entries, will not serve it again
+            self.server.runner.retire_kept(dict(plan, cache_ttl="5m"), self.client_scope())
         stream = getattr(sink, "stream", None)
         if stream is not None and config.keepalive:
             stream.keep_alive(config.keepalive, sink.keepalive)
         try:
-            self._answer(plan, sink, requested)
+            self._answer(plan, sink, requested, admitted)
         except ProxyError as error:
             if stream is not None:
                 stream.stop_keep_alive()
@@ -6493,7 +6580,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if stream is not None:
                 stream.stop_keep_alive()
 
-    def _answer(self, plan, sink, requested):
+    def _answer(self, plan, sink, requested, admitted):
         config = self.server.config
         limits = self.server.plan_limits
         translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
@@ -6510,6 +6597,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             admission.acquire(time.monotonic() + config.timeout, watch.gone)
             try:
                 events, holding = None, [True]
+                limits.still_admitted(admitted)  # a limit reached while this one waited
                 run = self.server.runner.start(plan, self.client_scope())
                 translator.cost_before, translator.usage_before = run.cost_seen, run.usage_before
                 translator.model_usage_before = run.model_usage_seen
@@ -6522,6 +6610,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 for event in events:
                     if event.get("type") == "rate_limit_event":  # from any kind of run
                         limits.observe(event.get("rate_limit_info"))
+                    elif event.get("type") == "system" and event.get("subtype") == "init":
+                        limits.observe_login(event.get("apiKeySource"))
                     try:
                         reply_events = translator.feed(event)
                     except (TypeError, AttributeError, KeyError, ValueError, IndexError):
@@ -6559,7 +6649,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                             limits.after_run(translator.error)
                             if not translator.error:
                                 self.server.rhythm.replied(self.client_scope(), plan,
-                                                           translator.reply_blocks())
+                                                           translator.reply_blocks(), self.started)
                 finally:
                     admission.release()
         # The run is stopped or kept for the conversation's next turn by now.
@@ -6763,7 +6853,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.metrics = Metrics()
         self.spend = Spend(config.daily_budget, config.state_dir)
         self.plan_limits = PlanLimits()
-        self.rhythm = TurnRhythm(config.cache_ttl, config.cache_gap)
+        self.rhythm = TurnRhythm(config.cache_ttl, config.cache_gap, env=self.runner.env)
         self.response_store = ResponseStore()
         self.read_deadlines = ReadDeadlines(BODY_READ_SECONDS)
         self.io_seconds = min(SOCKET_IO_SECONDS, config.timeout)
@@ -6945,6 +7035,8 @@ def parse_args(argv=None):
                  "max_request_usd"):
         if getattr(args, name) < 0:
             parser.error("--%s must be 0 or more" % name.replace("_", "-"))
+    if args.cache_ttl not in CACHE_TTLS:  # argparse checks a flag's choices, not a default's
+        parser.error("--cache-ttl / CLAUDE_CACHE_TTL must be one of %s" % ", ".join(CACHE_TTLS))
     for name in ("timeout", "max_body", "pool_idle", "max_concurrency", "cache_gap"):
         if getattr(args, name) <= 0:
             parser.error("--%s must be more than 0" % name.replace("_", "-"))
@@ -6997,6 +7089,7 @@ def main(argv=None):
                     for name in GRACEFUL_SIGNALS if hasattr(signal, name)}
         try:
             check = server.runner.check_cli()  # logs what a user must act on
+            server.plan_limits.observe_login(check.login)  # a subscriber's first run gets --cache-ttl
         except KeyboardInterrupt:
             server.runner.stop_all()
             server.server_close()

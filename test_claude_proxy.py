@@ -199,7 +199,8 @@ def init_event():
       "tools": [t["name"] for t in mcp_tools],
       "mcp_servers": [{"name": n, "status": "connected"} for n in mcp_servers],
       "model": model, "permissionMode": "default",
-      "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default",
+      "apiKeySource": "none" if SUBSCRIBER else "ANTHROPIC_API_KEY", "claude_code_version": "2.1.197",
+      "output_style": "default",
       "uuid": str(uuid.uuid4())}, **memory_paths())
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
@@ -6549,6 +6550,15 @@ class PlanTablesTest(unittest.TestCase):
              limit_result("API Error: 429 rate limited", 429), None, 429, "rate_limit_exceeded", "5", None),
             ("another 400 is still the request's", limit_result("API Error: 400 bad", 400), None,
              400, "upstream_rejected", None, "false"),
+            ("an API key's spent balance is not the plan's",
+             limit_result("Credit balance is too low", 400), None, 400, "upstream_rejected", None, "false"),
+            ("an org out of usage", limit_result("Your org is out of usage \u00b7 add funds to continue", 400),
+             None, 429, "insufficient_quota", None, "false"),
+            ("the CLI's own word for a plan's limit", dict(limit_result("Rate limited", 429), api_error="usage_limit_reached"),
+             None, 429, "plan_limit_reached", "60", None),
+            ("a rejected report whose reset has passed is not believed", limit_result("API Error: 429 busy", 429),
+             dict(LIMIT_INFO, unifiedWindows={"five_hour": {"utilization": 1, "resetsAt": NOW - 5}}, resetsAt=NOW - 5),
+             429, "rate_limit_exceeded", "5", None),
         ]
         for name, result, info, status, code, retry_after, should_retry in cases:
             with self.subTest(name):
@@ -6594,14 +6604,22 @@ class PlanTablesTest(unittest.TestCase):
         self.assertEqual((status, body["error"]["type"], headers["x-should-retry"]), (402, "billing_error", "false"))
 
     def test_the_translator_reads_the_event_and_passes_it_on(self):
+        # The translator reads the clock (result_error's `now`): resets an hour and days ahead.
+        now = int(time.time())
+        soon, later = now + 3600, now + 3 * 86400
+        limit = dict(LIMIT_INFO, resetsAt=soon, unifiedWindows={"five_hour": {"utilization": 1, "resetsAt": soon}})
+        week = dict(WEEK_INFO, resetsAt=later, unifiedWindows={"seven_day": {"utilization": 1, "resetsAt": later}})
         translator = cp.ReplyTranslator()
-        self.assertEqual(translator.feed({"type": "rate_limit_event", "rate_limit_info": LIMIT_INFO}), [])
-        translator.feed(limit_result("You've hit your limit \u00b7 resets 5:37am (UTC)", 429))
+        self.assertEqual(translator.feed({"type": "rate_limit_event", "rate_limit_info": limit}), [])
+        translator.feed(limit_result("You've hit your limit", 429))
         self.assertEqual(translator.error.code, "plan_limit_reached")
-        self.assertEqual(translator.error.plan_window, ("five_hour", 1796530665))
-        kept = cp.ReplyTranslator(rate_limit=WEEK_INFO)  # a kept process printed none this turn
+        self.assertEqual(translator.error.plan_window, ("five_hour", soon, "You've hit your limit"))
+        kept = cp.ReplyTranslator(rate_limit=week)  # a kept process printed none this turn
         kept.feed(limit_result("You've hit your limit", 429))
-        self.assertEqual(kept.error.plan_window, ("seven_day", 1796786265))
+        self.assertEqual(kept.error.plan_window[:2], ("seven_day", later))
+        stale = cp.ReplyTranslator(rate_limit=dict(limit, resetsAt=now - 60, unifiedWindows={}))
+        stale.feed(limit_result("API Error: 429 rate limited", 429))
+        self.assertEqual(stale.error.code, "rate_limit_exceeded", "a limit whose reset has passed is not believed")
 
 
 class Clock:
@@ -6771,28 +6789,49 @@ class CacheTtlTest(unittest.TestCase):
     def test_auto_gives_1h_once_the_turns_come_further_apart_than_the_gap(self):
         clock = Clock(1000.0)
         rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
-        first = dict(self.plan("hi"), cache_ttl=rhythm.ttl_for("k", self.plan("hi")))
-        self.assertEqual(first["cache_ttl"], "5m")
-        rhythm.replied("k", first, [{"type": "text", "text": "hello"}])
+        first = self.plan("hi")
+        first["cache_ttl"], switched = rhythm.ttl_for("k", first, True)
+        self.assertEqual((first["cache_ttl"], switched), ("5m", False))
+        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now)
         clock.now += 60
         second = self.plan("hi", "hello", "more")
-        self.assertEqual(rhythm.ttl_for("k", second), "5m", "a minute apart: 5-minute entries")
-        self.assertEqual(rhythm.ttl_for("other key", second), "5m", "another client's is not this one")
-        rhythm.replied("k", dict(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}])
-        clock.now += 600
+        self.assertEqual(rhythm.ttl_for("k", second, True), ("5m", False), "a minute apart: 5-minute entries")
+        self.assertEqual(rhythm.ttl_for("other key", second, True), ("5m", False), "another client's is not this one")
+        rhythm.replied("k", dict(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}], clock.now)
+        clock.now += 200  # the reply took 200 s: the gap counts from the request
         third = self.plan("hi", "hello", "more", "ok", "and")
-        self.assertEqual(rhythm.ttl_for("k", third), "1h", "ten minutes apart: 1-hour entries")
-        rhythm.replied("k", dict(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}])
+        self.assertEqual(rhythm.ttl_for("k", third, True), ("5m", False))
+        clock.now += 100
+        self.assertEqual(rhythm.ttl_for("k", third, True), ("1h", True), "300 s after the request that wrote it")
+        rhythm.replied("k", dict(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}], clock.now)
         clock.now += 5
         fourth = self.plan("hi", "hello", "more", "ok", "and", "sure", "then")
-        self.assertEqual(rhythm.ttl_for("k", fourth), "1h", "a slow conversation stays on 1-hour entries")
+        self.assertEqual(rhythm.ttl_for("k", fourth, True), ("1h", False), "a slow conversation stays on 1-hour entries")
         self.assertEqual(rhythm.slow, 1)
-        self.assertEqual(rhythm.ttl_for("k", self.plan("new conversation")), "5m")
+        self.assertEqual(rhythm.ttl_for("k", self.plan("new conversation"), True), ("5m", False))
+
+    def test_auto_leaves_an_api_key_and_the_operators_choice_alone(self):
+        rhythm = cp.TurnRhythm("auto", clock=Clock(0.0))
+        self.assertEqual(rhythm.ttl_for("k", self.plan("hi"), False), (None, False), "the CLI's own choice")
+        operator = cp.TurnRhythm("auto", env={"ENABLE_PROMPT_CACHING_1H": "1"})
+        self.assertEqual(operator.ttl_for("k", self.plan("hi"), True), (None, False))
+        self.assertEqual(cp.cli_env({"ENABLE_PROMPT_CACHING_1H": "1"}, {"cache_ttl": None})["ENABLE_PROMPT_CACHING_1H"], "1")
+
+    def test_a_conversation_keeps_its_lifetime_until_it_turns_slow(self):
+        clock = Clock(0.0)
+        rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
+        first = dict(self.plan("hi"), cache_ttl=None)  # before the proxy knew it was a subscriber
+        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now)
+        clock.now += 10
+        self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), (None, False),
+                         "its kept process was started so")
+        clock.now += 300
+        self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), ("1h", True))
 
     def test_fixed_lifetimes(self):
         for mode in ("5m", "1h"):
             rhythm = cp.TurnRhythm(mode)
-            self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "a", "b")), mode)
+            self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "a", "b"), False), (mode, False))
 
 
 def serve_subscriber(test, env=None, **config):
@@ -6927,10 +6966,25 @@ class PlanServerTest(ServerTestCase):
         self.assertEqual(len([r for r in self.records() if len(r["lines"]) == 2]), 1, "the kept process served it")
         self.assertEqual(json.loads(self.request("GET", "/health", port=port)[2])["plan"]["five_hour"]["utilization"], 0.7)
 
-    def test_runs_get_5_minute_cache_entries_by_default(self):
+    def test_an_api_keys_runs_keep_the_clis_own_cache_lifetime(self):
         self.assertEqual(self.chat(user("hi"))[0], 200)
         [record] = self.records()
-        self.assertEqual(record["env"].get("FORCE_PROMPT_CACHING_5M"), "1")
+        self.assertEqual((record["env"].get("FORCE_PROMPT_CACHING_5M"), record["env"].get("ENABLE_PROMPT_CACHING_1H")),
+                         (None, None))
+
+    def test_a_subscribers_conversations_get_5_minutes_then_1_hour_when_slow(self):
+        server, port = self.subscriber(cache_gap=1e-6)  # any wait is "slow" here
+        server.plan_limits.observe_login("none")  # as main()'s check of the CLI tells it
+        first = [{"role": "user", "content": "hi"}]
+        reply = json.loads(self.chat({"messages": first}, port=port)[2])["choices"][0]["message"]["content"]
+        status, _, raw = self.chat({"messages": first + [{"role": "assistant", "content": reply},
+                                                         {"role": "user", "content": "more"}]}, port=port)
+        self.assertEqual(status, 200, raw)
+        one, two = self.records()
+        self.assertEqual((one["env"].get("FORCE_PROMPT_CACHING_5M"), one["env"].get("ENABLE_PROMPT_CACHING_1H")), ("1", None))
+        self.assertEqual((two["env"].get("FORCE_PROMPT_CACHING_5M"), two["env"].get("ENABLE_PROMPT_CACHING_1H")), (None, "1"))
+        self.assertIn("resumed", two, "a run started with the longer lifetime, from the session file")
+        self.assertEqual(json.loads(self.request("GET", "/health", port=port)[2])["cache_ttl"]["conversations_given_1h"], 1)
 
 
 # Files and PDFs ##############################################################################
