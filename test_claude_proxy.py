@@ -6730,6 +6730,40 @@ class PlanLimitsTest(unittest.TestCase):
         with self.assertRaises(cp.ProxyError):
             limits.admit()
 
+    def test_requests_waiting_when_a_limit_is_found_are_refused_once_they_get_a_slot(self):
+        clock = Clock(NOW)
+        limits = cp.PlanLimits(clock)
+        running, waiting = limits.admit(), limits.admit()  # both admitted; one runs, one waits
+        limits.still_admitted(running)
+        limits.after_run(self.limit(clock))  # the running one finds the limit
+        with self.assertRaises(cp.ProxyError) as refused:
+            limits.still_admitted(waiting)
+        self.assertEqual(refused.exception.code, "plan_limit_reached")
+        clock.now = NOW + 60
+        probe = limits.admit()
+        limits.still_admitted(probe)  # a probe goes on
+        limits.after_run(None)
+        later = limits.admit()
+        limits.after_run(self.limit(clock))  # reached again while `later` waited
+        with self.assertRaises(cp.ProxyError):
+            limits.still_admitted(later)
+
+    def test_a_lifted_limit_no_longer_shows_rejected_windows(self):
+        clock = Clock(NOW)
+        limits = cp.PlanLimits(clock)
+        limits.observe(LIMIT_INFO)
+        limits.after_run(self.limit(clock))
+        self.assertEqual(limits.headers()["anthropic-ratelimit-unified-status"], "rejected")
+        clock.now = NOW + 60
+        limits.admit()
+        limits.after_run(None)  # a kept process succeeded, and printed no new report
+        plan = limits.snapshot()
+        self.assertNotIn("five_hour", plan)
+        self.assertEqual(plan["seven_day"]["status"], "allowed")
+        self.assertEqual(limits.headers(), {})
+        limits.observe(PLAN_INFO)  # the next report
+        self.assertEqual(limits.snapshot()["five_hour"]["utilization"], 0.85)
+
     def test_spent_credits_refuse_too(self):
         clock = Clock(NOW)
         limits = cp.PlanLimits(clock)
@@ -6889,6 +6923,15 @@ class PlanServerTest(ServerTestCase):
                 self.assertEqual(headers["anthropic-ratelimit-unified-7d-utilization"], "0.3")
         self.assertNotIn("anthropic-ratelimit-unified-status", self.chat(user("hi"), port=port)[1],
                          "only the Anthropic dialect carries them")
+
+    def test_unified_headers_only_for_key_holders(self):
+        server, port = self.subscriber(api_keys=["k1"])
+        body = {"model": "sonnet", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        status, headers, _ = self.request("POST", "/v1/messages", body, headers={"x-api-key": "k1"}, port=port)
+        self.assertEqual((status, headers["anthropic-ratelimit-unified-5h-utilization"]), (200, "0.12"))
+        status, headers, _ = self.request("POST", "/v1/messages", body, headers={"x-api-key": "wrong"}, port=port)
+        self.assertEqual(status, 401)
+        self.assertFalse([h for h in headers if h.startswith("anthropic-ratelimit")])
 
     def test_a_reached_limit_in_every_dialect(self):
         requests = [
