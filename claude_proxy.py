@@ -1656,6 +1656,11 @@ def cli_env(base_env, plan):
     # a gateway.) An operator who wants them sets these to 0.
     env.setdefault("CLAUDE_CODE_DISABLE_CLAUDE_MDS", "1")
     env.setdefault("CLAUDE_CODE_DISABLE_AUTO_MEMORY", "1")
+    # Attachments are the CLI's own context for a coding session, computed for every message:
+    # with no tools and no files, all they add is a "<total_tokens>N tokens left" reminder (in
+    # each user turn, and inside each tool result after its text). CLI 2.1.332 spends ~20 ms
+    # of a warm process's first message on them (2.1.197's requests are the same either way).
+    env.setdefault("CLAUDE_CODE_DISABLE_ATTACHMENTS", "1")
     env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
     if plan.get("max_tokens"):
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
@@ -1666,6 +1671,33 @@ def cli_stdin(content):
     """One stream-json user message: a line on the CLI's stdin."""
     message = {"type": "user", "message": {"role": "user", "content": content}}
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+#: A warm process is sent `/clear` as soon as it starts: a command the CLI runs itself, with no
+#: model request, which takes it once along the path every message takes (reading the line,
+#: building the system prompt and the init event). CLI 2.1.332 does that work lazily, at the
+#: first message: primed, a warm process answers ~60 ms sooner (see README, Performance). The
+#: price: the next model request's first user message starts with three short text blocks the
+#: CLI adds (a caveat that a local command ran, "<command-name>/clear</command-name>...", its
+#: empty output; about 100 tokens), which a process kept for the conversation keeps sending.
+#: Releases before WARM_PRIME_SINCE are not primed: 2.1.197 answers as fast without it, and its
+#: caveat tells the model not to respond to the messages below it.
+WARM_PRIME_TEXT = "/clear"
+WARM_PRIME_SINCE = (2, 1, 332)
+
+
+def cli_release(version):
+    """(major, minor, patch) of a `claude --version` line, or None."""
+    match = re.match(r"\s*(\d+)\.(\d+)\.(\d+)", version or "")
+    return tuple(int(n) for n in match.groups()) if match else None
+
+
+def prime_answered(events):
+    """Whether the events a CLI printed for the prime (up to its result) show it ran the
+    command itself: a result that is no error, with no model turn and no streamed reply."""
+    result = events[-1] if events and events[-1].get("type") == "result" else None
+    return (result is not None and not result.get("is_error") and not result.get("num_turns")
+            and not any(e.get("type") == "stream_event" for e in events))
 
 
 def find_claude(configured=None):
@@ -1761,6 +1793,7 @@ class CliRun:
         self._stdout_closed = False
         self._peeked = []
         self.sessions = None  # the folder of the session file it resumes, removed with it
+        self._priming = None  # the thread reading the CLI's answer to the prime (see prime())
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
@@ -1812,6 +1845,26 @@ class CliRun:
             self.results_given += 1
         self.pending_calls = []
 
+    def prime(self, line, failed):
+        """Send a warm process WARM_PRIME_TEXT ahead of its message. A thread reads the CLI's
+        answer to it, which no request sees (events() starts after it); if the CLI made a model
+        call of it instead, failed(run) is called, and the run is stopped unless a request
+        holds it already."""
+        self._write_stdin(line, close=False)
+
+        def read_answer():
+            seen = []
+            for event in self._events():
+                seen.append(event)
+                if event.get("type") == "result":
+                    break
+            if seen and seen[-1].get("type") == "result" and not prime_answered(seen):
+                failed(self)
+                if not self.serving:
+                    self.stop()
+        self._priming = threading.Thread(target=read_answer, name="warm-prime", daemon=True)
+        self._priming.start()
+
     def first_event(self, seconds):
         """The run's first event, or None if it printed none within `seconds` (the run is then
         stopped). events() gives it again."""
@@ -1848,7 +1901,13 @@ class CliRun:
 
     def events(self):
         """Each JSON object the CLI prints, in order, until it exits or is stopped. A reader
-        may stop early and call again for the next turn's events."""
+        may stop early and call again for the next turn's events. A primed process's answer to
+        the prime is not among them."""
+        if self._priming is not None:
+            self._priming.join()
+        return self._events()
+
+    def _events(self):
         while self._peeked:
             yield self._peeked.pop(0)
         with self._lock:
@@ -2033,6 +2092,7 @@ class CliRunner:
         self.idle_seconds = pool_idle
         self.default_model = None  # the model the CLI runs when a request names none
         self._resume_failed = None  # the binary stamp of a CLI that could not load a session
+        self._prime_failed = None  # the binary stamp of a CLI that made a model call of the prime
         self._logged = set()
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
@@ -2064,6 +2124,21 @@ class CliRunner:
         """The version main() read at start-up, for the binary on disk now."""
         with self._version_lock:
             self._version, self._version_stamp = version, self.binary_stamp()
+
+    def prime_line(self):
+        """What a warm process of the CLI on disk is primed with, or None (WARM_PRIME_SINCE;
+        a binary that once answered the prime with a model call is not primed again)."""
+        if self._prime_failed is not None and self._prime_failed == self.binary_stamp():
+            return None
+        release = cli_release(self.version())
+        if release is None or release < WARM_PRIME_SINCE:
+            return None
+        return cli_stdin([{"type": "text", "text": WARM_PRIME_TEXT}])
+
+    def prime_failed(self, run):
+        self._prime_failed = run.binary
+        self._log_once("prime", "the claude CLI answered %s with a model call; warm processes "
+                       "of this binary are no longer primed." % WARM_PRIME_TEXT)
 
     def spawn(self, plan, shape=None, history=None, deferred=None):
         """Start a process for a plan's shape, waiting for its message; with `history` (turns
@@ -2379,7 +2454,7 @@ class WarmPool:
         self.runner = runner
         self.size = size
         self.idle_seconds = idle_seconds
-        self.hits = self.misses = self.started = self.retired = 0
+        self.hits = self.misses = self.started = self.retired = self.primed = 0
         self._idle = {}  # shape -> [CliRun], oldest first
         self._recent = collections.OrderedDict()  # shape -> shape_plan, least recently requested first
         self._seen_again = set()  # shapes requested more than once
@@ -2433,7 +2508,7 @@ class WarmPool:
             return {"size": self.size, "idle_seconds": self.idle_seconds,
                     "idle": {shape_label(s): len(r) for s, r in self._idle.items() if r},
                     "hits": self.hits, "misses": self.misses, "started": self.started,
-                    "retired": self.retired}
+                    "primed": self.primed, "retired": self.retired}
 
     def close(self):
         with self._cond:
@@ -2495,6 +2570,10 @@ class WarmPool:
             victim.stop()
         try:
             run = self.runner.spawn(plan, shape)
+            line = self.runner.prime_line()
+            if line:
+                run.prime(line, self.runner.prime_failed)
+                self.primed += 1
         except ProxyError as error:
             log("warm pool: cannot start a process: %s" % error.message)
             if error.status != 503:
