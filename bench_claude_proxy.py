@@ -319,7 +319,7 @@ def main(argv=None):
                         "releases side by side in one run: the rounds interleave them.")
     parser.add_argument("--rounds", type=int, default=15, help="Default: 15. Requests per way.")
     parser.add_argument("--gap", type=float, default=1.0,
-                        help="Default: 1.0. Seconds between rounds (the pool refills meanwhile).")
+                        help="Default: 1.0. Seconds between requests (the pool refills meanwhile).")
     parser.add_argument("--stub-delay", type=float, default=0.5,
                         help="Default: 0.5. The stub's start-up time in seconds (the real CLI "
                         "2.1.197 measured 0.5 s here; CLI-FACTS saw 1.1-1.4 s).")
@@ -372,7 +372,9 @@ def main(argv=None):
             for label, claude, pooled, ways, results in subjects:
                 for name in names[round_ % 3:] + names[:round_ % 3]:
                     results[name].append(ways[name]())
-            time.sleep(args.gap)
+                    # A warm process taken is replaced in the background: its start-up must
+                    # not fall on the next measurement.
+                    time.sleep(args.gap)
         memory = [(rss_mb(pooled.pid), [rss_mb(p) for p in descendants(pooled.pid)])
                   for _, _, pooled, _, _ in subjects]
     finally:
@@ -383,7 +385,7 @@ def main(argv=None):
             fake.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print("claude_proxy.py %s benchmark: %s; %d rounds, %.1f s apart, medians"
+    print("claude_proxy.py %s benchmark: %s; %d rounds, requests %.1f s apart, medians"
           % (cp.__version__, what, args.rounds, args.gap))
     for (label, claude, _, _, results), (proxy_mb, pool_mb) in zip(subjects, memory):
         if args.claude:
@@ -404,7 +406,7 @@ def main(argv=None):
                   % (proxy_mb, len(known), sum(known)))
     if len(subjects) > 1:
         print("side by side, first token (median of %d):" % args.rounds)
-        print("%-24s" % "" + "".join("%16s" % label for label, _, _, _, _ in subjects))
+        print("%-24s" % "" + "".join(" %15s" % label[:15] for label, _, _, _, _ in subjects))
         for name in names:
             print("%-24s" % name + "".join("%14.3f s" % median([r[0] for r in results[name]])
                                            for _, _, _, _, results in subjects))

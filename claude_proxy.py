@@ -1676,7 +1676,7 @@ def cli_stdin(content):
 #: A warm process is sent `/clear` as soon as it starts: a command the CLI runs itself, with no
 #: model request, which takes it once along the path every message takes (reading the line,
 #: building the system prompt and the init event). CLI 2.1.332 does that work lazily, at the
-#: first message: primed, a warm process answers ~60 ms sooner (see README, Performance). The
+#: first message: primed, a warm process answered 30-40 ms sooner (see README, Benchmark). The
 #: price: the next model request's first user message starts with three short text blocks the
 #: CLI adds (a caveat that a local command ran, "<command-name>/clear</command-name>...", its
 #: empty output; about 100 tokens), which a process kept for the conversation keeps sending.
@@ -2438,6 +2438,13 @@ class Continuations:
             stop_runs(expired)
 
 
+#: A process taken from the pool is replaced this long after the take, not at once: a CLI starting
+#: up keeps both cores of a small machine busy for most of a second, and the process just taken
+#: needs them for the ~0.1 s before its model request. Measured with the CLI alone (2 cores): a
+#: start-up alongside added ~45 ms to the first token, with CLI 2.1.197 and with 2.1.332.
+WARM_REFILL_DELAY = 0.25
+
+
 class WarmPool:
     """CLI processes started ahead of their requests, waiting on stdin, keyed by shape.
 
@@ -2459,7 +2466,7 @@ class WarmPool:
         self._recent = collections.OrderedDict()  # shape -> shape_plan, least recently requested first
         self._seen_again = set()  # shapes requested more than once
         self._failed = collections.OrderedDict()  # shape -> binary stamp when it failed to start
-        self._wanted = []  # shapes to start a process for
+        self._wanted = []  # (shape, monotonic time from which to start a process for it)
         self._working = False  # the maintenance thread is starting processes
         self._cond = threading.Condition()
         self._closed = False
@@ -2493,7 +2500,7 @@ class WarmPool:
             else:
                 self.misses += 1
             self.retired += len(stale)
-            self._wanted.append(shape)
+            self._wanted.append((shape, time.monotonic() + WARM_REFILL_DELAY))
             self._cond.notify()
         for candidate in stale:
             candidate.stop()
@@ -2528,11 +2535,14 @@ class WarmPool:
         while True:
             with self._cond:
                 self._working = False
-                if not self._wanted and not self._closed:
-                    self._cond.wait(1.0)
+                now = time.monotonic()
+                if not self._closed and not any(due <= now for _, due in self._wanted):
+                    self._cond.wait(min([due - now for _, due in self._wanted] + [1.0]))
                 if self._closed:
                     return
-                wanted, self._wanted = list(dict.fromkeys(self._wanted)), []
+                now = time.monotonic()
+                wanted = list(dict.fromkeys(shape for shape, due in self._wanted if due <= now))
+                self._wanted = [(shape, due) for shape, due in self._wanted if due > now]
                 self._working = bool(wanted)
                 expired = self._take_expired()
             stop_runs(expired)

@@ -2008,6 +2008,17 @@ class PoolTest(ServerTestCase):
             self.assertFalse(pid_alive(record["pid"]))
         self.assertEqual(server.runner.processes(), 0)
 
+    def test_replacement_starts_after_the_taken_process_got_going(self):
+        server, port = self.pool_server()
+        pool = server.runner.pool
+        self.ok(user("first"), port)
+        self.assertTrue(wait_until(lambda: pool.idle_count() == 1 and pool.settled()))
+        self.addCleanup(setattr, cp, "WARM_REFILL_DELAY", cp.WARM_REFILL_DELAY)
+        cp.WARM_REFILL_DELAY = 600
+        self.ok(user("second"), port)
+        self.assertEqual((pool.hits, pool.started), (1, 1), "no replacement yet")
+        self.assertFalse(pool.settled(), "one is due")
+
     def test_release_numbers(self):
         self.assertEqual(cp.cli_release("2.1.332 (Claude Code)"), (2, 1, 332))
         self.assertEqual(cp.cli_release("10.0.1"), (10, 0, 1))
