@@ -2583,7 +2583,6 @@ class WarmPool:
             line = self.runner.prime_line()
             if line:
                 run.prime(line, self.runner.prime_failed)
-                self.primed += 1
         except ProxyError as error:
             log("warm pool: cannot start a process: %s" % error.message)
             if error.status != 503:
@@ -2596,6 +2595,7 @@ class WarmPool:
             if not self._closed:
                 self._idle.setdefault(shape, []).append(run)
                 self.started += 1
+                self.primed += 1 if line else 0
                 return
         run.stop()
 
