@@ -1853,11 +1853,14 @@ class CliRun:
         self._write_stdin(line, close=False)
 
         def read_answer():
-            seen = []
-            for event in self._events():
-                seen.append(event)
-                if event.get("type") == "result":
-                    break
+            seen, reader = [], self._events()
+            try:
+                for event in reader:
+                    seen.append(event)
+                    if event.get("type") == "result":
+                        break
+            finally:
+                reader.close()  # stdout is free for events() from here
             if seen and seen[-1].get("type") == "result" and not prime_answered(seen):
                 failed(self)
                 if not self.serving:
