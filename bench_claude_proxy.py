@@ -14,6 +14,13 @@ reports the proxy's memory and the warm pool's. Standard library only; loopback 
 The stub imitates the real CLI's start-up with a sleep (--stub-delay) before it reads stdin.
 Machines are noisy: compare figures from the same run, not across runs.
 
+    python3 bench_claude_proxy.py --claude NEW/claude --claude OLD/claude --fake-api ../shared/fake_anthropic_api.py
+
+Several --claude: the same three ways for each CLI release, their rounds interleaved so that the
+machine's noise falls on all of them, then a side-by-side table of the first tokens and of each
+release's warm / cold ratio. With --fake-api the CLIs answer from the fake Anthropic API (an API
+key login, a home folder of the run's own), so real binaries need no wrapper.
+
     python3 bench_claude_proxy.py --conversation --claude PATH --fake-api ../shared/fake_anthropic_api.py
     python3 bench_claude_proxy.py --cache-ttl-bench --claude PATH --fake-api ../shared/fake_anthropic_api.py
 
@@ -370,17 +377,20 @@ def cache_ttl_benchmark(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claude", help="Default: the test suite's stub CLI. A real CLI (or a "
-                        "wrapper script that sets its environment) to measure instead.")
+    parser.add_argument("--claude", action="append",
+                        help="Default: the test suite's stub CLI. A real CLI (or a wrapper script "
+                        "that sets its environment) to measure instead. Repeat it to set CLI "
+                        "releases side by side in one run: the rounds interleave them.")
     parser.add_argument("--rounds", type=int, default=15, help="Default: 15. Requests per way.")
     parser.add_argument("--gap", type=float, default=1.0,
-                        help="Default: 1.0. Seconds between rounds (the pool refills meanwhile).")
+                        help="Default: 1.0. Seconds between requests (the pool refills meanwhile).")
     parser.add_argument("--stub-delay", type=float, default=0.5,
                         help="Default: 0.5. The stub's start-up time in seconds (the real CLI "
                         "2.1.197 measured 0.5 s here; CLI-FACTS saw 1.1-1.4 s).")
     parser.add_argument("--conversation", action="store_true",
                         help="Run the conversation benchmark instead (needs --claude and --fake-api).")
-    parser.add_argument("--fake-api", help="The shared fake_anthropic_api.py, for --conversation.")
+    parser.add_argument("--fake-api", help="The shared fake_anthropic_api.py: for --conversation, and "
+                        "for the first-token benchmark the real CLIs talk to it (with an API key).")
     parser.add_argument("--turns", type=int, default=12, help="Default: 12. Turns of the conversation.")
     parser.add_argument("--tool-rounds", type=int, default=4, help="Default: 4. Rounds of the tool loop.")
     parser.add_argument("--cache-ttl-bench", action="store_true",
@@ -390,58 +400,90 @@ def main(argv=None):
                         "5-minute cache entry (a person's pause is 1.5 s longer).")
     args = parser.parse_args(argv)
     if args.conversation:
+        if args.claude and len(args.claude) > 1:
+            raise SystemExit("--conversation measures one CLI: give --claude once")
+        args.claude = args.claude[0] if args.claude else None
         return conversation_benchmark(args)
     if args.cache_ttl_bench:
         return cache_ttl_benchmark(args)
 
     tmp = tempfile.mkdtemp(prefix="bench-claude-proxy-")
-    env = dict(os.environ)
+    env, fake = dict(os.environ), None
     if args.claude:
-        claude, what, text = args.claude, "CLI %s" % args.claude, "Say hello."
+        clis, what, text = args.claude, "CLI", "Say hello."
+        if args.fake_api:
+            fake, fake_port = start_fake_api(args.fake_api, os.path.join(tmp, "fake.log"), env)
+            env.update(ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % fake_port, ANTHROPIC_API_KEY="sk-fake",
+                       HOME=os.path.join(tmp, "home"))
+            env.pop("CLAUDE_CONFIG_DIR", None)
+            os.makedirs(env["HOME"])
+            what = "CLI against the fake Anthropic API"
     else:
         from test_claude_proxy import write_stub
         claude, _ = write_stub(tmp)
+        clis = [claude]
         env["STUB_START_DELAY"] = str(args.stub_delay)
         what, text = "stub CLI, start-up delay %.2f s" % args.stub_delay, "STAMP"
-    pooled, pooled_port = start_proxy(claude, 2, env)
-    plain, plain_port = start_proxy(claude, 0, env)
-    ways = {
-        "direct cold claude -p": lambda: direct(claude, text, env),
-        "proxy, warm pool on": lambda: via_proxy(pooled_port, text),
-        "proxy, pool off": lambda: via_proxy(plain_port, text),
-    }
-    results = {name: [] for name in ways}
+    names = ["direct cold claude -p", "proxy, warm pool on", "proxy, pool off"]
+    subjects, proxies = [], []  # subjects: (label, claude, pooled proxy, {way: runs})
     try:
-        via_proxy(pooled_port, text)  # the pool learns the shape; not counted
+        for claude in clis:
+            label = (cp.cli_version(claude) or "version unknown").replace(" (Claude Code)", "")
+            pooled, pooled_port = start_proxy(claude, 2, env)
+            proxies.append(pooled)
+            plain, plain_port = start_proxy(claude, 0, env)
+            proxies.append(plain)
+            ways = {names[0]: lambda c=claude: direct(c, text, env),
+                    names[1]: lambda p=pooled_port: via_proxy(p, text),
+                    names[2]: lambda p=plain_port: via_proxy(p, text)}
+            subjects.append((label, claude, pooled, ways, {name: [] for name in names}))
+            via_proxy(pooled_port, text)  # the pool learns the shape; not counted
         time.sleep(args.gap)
-        names = list(ways)
         for round_ in range(args.rounds):
-            for name in names[round_ % 3:] + names[:round_ % 3]:
-                results[name].append(ways[name]())
-            time.sleep(args.gap)
-        proxy_mb = rss_mb(pooled.pid)
-        pool_mb = [rss_mb(p) for p in descendants(pooled.pid)]
+            for label, claude, pooled, ways, results in subjects:
+                for name in names[round_ % 3:] + names[:round_ % 3]:
+                    results[name].append(ways[name]())
+                    # A warm process taken is replaced in the background: its start-up must
+                    # not fall on the next measurement.
+                    time.sleep(args.gap)
+        memory = [(rss_mb(pooled.pid), [rss_mb(p) for p in descendants(pooled.pid)])
+                  for _, _, pooled, _, _ in subjects]
     finally:
-        stop_proxy(pooled)
-        stop_proxy(plain)
+        for proc in proxies:
+            stop_proxy(proc)
+        if fake:
+            fake.terminate()
+            fake.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    base = median([r[0] for r in results["direct cold claude -p"]])
-    print("claude_proxy.py %s benchmark: %s; %d rounds, %.1f s apart, medians"
+    print("claude_proxy.py %s benchmark: %s; %d rounds, requests %.1f s apart, medians"
           % (cp.__version__, what, args.rounds, args.gap))
-    print("%-24s %14s %12s %22s" % ("", "first token", "total", "first token / direct"))
-    for name, runs in results.items():
-        first = median([r[0] for r in runs])
-        print("%-24s %12.3f s %10.3f s %22.2f" % (name, first, median([r[1] for r in runs]), first / base))
-    if not args.claude:
-        direct_delay = median(chunk_delays([a for r in results["direct cold claude -p"] for a in r[2]]))
-        proxy_delay = median(chunk_delays([a for r in results["proxy, warm pool on"] for a in r[2]]))
-        print("per streamed chunk, CLI write -> client read: direct %.2f ms, through the proxy %.2f ms "
-              "(added %.2f ms)" % (direct_delay * 1000, proxy_delay * 1000, (proxy_delay - direct_delay) * 1000))
-    known = [m for m in pool_mb if m is not None]
-    if proxy_mb is not None:
-        print("memory: proxy %.0f MB RSS; its CLI processes (warm pool, MCP servers) %d, %.0f MB RSS in all"
-              % (proxy_mb, len(known), sum(known)))
+    for (label, claude, _, _, results), (proxy_mb, pool_mb) in zip(subjects, memory):
+        if args.claude:
+            print("CLI %s: %s" % (label, claude))
+        base = median([r[0] for r in results[names[0]]])
+        print("%-24s %14s %12s %22s" % ("", "first token", "total", "first token / direct"))
+        for name, runs in results.items():
+            first = median([r[0] for r in runs])
+            print("%-24s %12.3f s %10.3f s %22.2f" % (name, first, median([r[1] for r in runs]), first / base))
+        if not args.claude:
+            direct_delay = median(chunk_delays([a for r in results[names[0]] for a in r[2]]))
+            proxy_delay = median(chunk_delays([a for r in results[names[1]] for a in r[2]]))
+            print("per streamed chunk, CLI write -> client read: direct %.2f ms, through the proxy %.2f ms "
+                  "(added %.2f ms)" % (direct_delay * 1000, proxy_delay * 1000, (proxy_delay - direct_delay) * 1000))
+        known = [m for m in pool_mb if m is not None]
+        if proxy_mb is not None:
+            print("memory: proxy %.0f MB RSS; its CLI processes (warm pool, MCP servers) %d, %.0f MB RSS in all"
+                  % (proxy_mb, len(known), sum(known)))
+    if len(subjects) > 1:
+        print("side by side, first token (median of %d):" % args.rounds)
+        print("%-24s" % "" + "".join(" %15s" % label[:15] for label, _, _, _, _ in subjects))
+        for name in names:
+            print("%-24s" % name + "".join("%14.3f s" % median([r[0] for r in results[name]])
+                                           for _, _, _, _, results in subjects))
+        print("%-24s" % "warm / cold" + "".join(
+            "%16.2f" % (median([r[0] for r in results[names[1]]]) / median([r[0] for r in results[names[0]]]))
+            for _, _, _, _, results in subjects))
     return 0
 
 

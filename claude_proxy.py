@@ -2171,6 +2171,11 @@ def cli_env(base_env, plan):
     # the API, summarises the history itself and answers from the summary (four model calls and
     # a 200, the client's turns silently replaced). Not by the operator's choice either.
     env["DISABLE_AUTO_COMPACT"] = "1"
+    # Attachments are the CLI's own context for a coding session, computed for every message:
+    # with no tools and no files, all they add is a "<total_tokens>N tokens left" reminder (in
+    # each user turn, and inside each tool result after its text). CLI 2.1.332 spends ~20 ms
+    # of a warm process's first message on them (2.1.197's requests are the same either way).
+    env.setdefault("CLAUDE_CODE_DISABLE_ATTACHMENTS", "1")
     env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
     if plan.get("max_tokens"):
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
@@ -2191,6 +2196,27 @@ def cli_stdin(content):
     """One stream-json user message: a line on the CLI's stdin."""
     message = {"type": "user", "message": {"role": "user", "content": content}}
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+#: A warm process is sent `/clear` as soon as it starts: a command the CLI runs itself, with no
+#: model request, which takes it once along the path every message takes (reading the line,
+#: building the system prompt and the init event). CLI 2.1.332 does that work lazily, at the
+#: first message: primed, a warm process answered 30-40 ms sooner (see README, Benchmark). The
+#: price: the next model request's first user message starts with three short text blocks the
+#: CLI adds (a caveat that a local command ran, "<command-name>/clear</command-name>...", its
+#: empty output; about 100 tokens), which a process kept for the conversation keeps sending.
+#: Releases before WARM_PRIME_SINCE are not primed: 2.1.197 answers as fast without it, and its
+#: caveat tells the model not to respond to the messages below it.
+WARM_PRIME_TEXT = "/clear"
+WARM_PRIME_SINCE = (2, 1, 332)
+
+
+def prime_answered(events):
+    """Whether the events a CLI printed for the prime (up to its result) show it ran the
+    command itself: a result that is no error, with no model turn and no streamed reply."""
+    result = events[-1] if events and events[-1].get("type") == "result" else None
+    return (result is not None and not result.get("is_error") and not result.get("num_turns")
+            and not any(e.get("type") == "stream_event" for e in events))
 
 
 def find_claude(configured=None):
@@ -2408,6 +2434,7 @@ class CliRun:
         self._stdout_closed = False
         self._peeked = []
         self.sessions = None  # the folder of the session file it resumes, removed with it
+        self._priming = None  # the thread reading the CLI's answer to the prime (see prime())
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
@@ -2484,6 +2511,29 @@ class CliRun:
             self._peeked = seen + self._peeked
             timer.cancel()
 
+    def prime(self, line, failed):
+        """Send a warm process WARM_PRIME_TEXT ahead of its message. A thread reads the CLI's
+        answer to it, which no request sees (events() starts after it); if the CLI made a model
+        call of it instead, failed(run) is called, and the run is stopped unless a request
+        holds it already."""
+        self._write_stdin(line, close=False)
+
+        def read_answer():
+            seen, reader = [], self._events()
+            try:
+                for event in reader:
+                    seen.append(event)
+                    if event.get("type") == "result":
+                        break
+            finally:
+                reader.close()  # stdout is free for events() from here
+            if seen and seen[-1].get("type") == "result" and not prime_answered(seen):
+                failed(self)
+                if not self.serving:
+                    self.stop()
+        self._priming = threading.Thread(target=read_answer, name="warm-prime", daemon=True)
+        self._priming.start()
+
     def first_event(self, seconds):
         """The run's first event, or None if it printed none within `seconds` (the run is then
         stopped). events() gives it again."""
@@ -2520,7 +2570,13 @@ class CliRun:
 
     def events(self):
         """Each JSON object the CLI prints, in order, until it exits or is stopped. A reader
-        may stop early and call again for the next turn's events."""
+        may stop early and call again for the next turn's events. A primed process's answer to
+        the prime is not among them."""
+        if self._priming is not None:
+            self._priming.join()
+        return self._events()
+
+    def _events(self):
         while self._peeked:
             yield self._peeked.pop(0)
         with self._lock:
@@ -2888,6 +2944,7 @@ class CliRunner:
         self.idle_seconds = pool_idle
         self.default_model = None  # the model the CLI runs when a request names none
         self._resume_failed = None  # the binary stamp of a CLI that could not load a session
+        self._prime_failed = None  # the binary stamp of a CLI that made a model call of the prime
         self._logged = set()
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
@@ -3036,6 +3093,21 @@ class CliRunner:
                 "kept_processes": ("on" if self.continuations else
                                    "off: --history transcript" if not self.real_turns
                                    else "off: --pool-size 0")}
+
+    def prime_line(self):
+        """What a warm process of the CLI on disk is primed with, or None (WARM_PRIME_SINCE;
+        a binary that once answered the prime with a model call is not primed again)."""
+        if self._prime_failed is not None and self._prime_failed == self.binary_stamp():
+            return None
+        release = parse_cli_version(self.version())
+        if release is None or release < WARM_PRIME_SINCE:
+            return None
+        return cli_stdin([{"type": "text", "text": WARM_PRIME_TEXT}])
+
+    def prime_failed(self, run):
+        self._prime_failed = run.binary
+        self._log_once("prime", "the claude CLI answered %s with a model call; warm processes "
+                       "of this binary are no longer primed." % WARM_PRIME_TEXT)
 
     def spawn(self, plan, shape=None, history=None, deferred=None):
         """Start a process for a plan's shape, waiting for its message; with `history` (turns
@@ -3460,6 +3532,13 @@ class TurnRhythm:
                 self._seen.popitem(last=False)
 
 
+#: A process taken from the pool is replaced this long after the take, not at once: a CLI starting
+#: up keeps both cores of a small machine busy for most of a second, and the process just taken
+#: needs them for the ~0.1 s before its model request. Measured with the CLI alone (2 cores): a
+#: start-up alongside added ~45 ms to the first token, with CLI 2.1.197 and with 2.1.332.
+WARM_REFILL_DELAY = 0.25
+
+
 class WarmPool:
     """CLI processes started ahead of their requests, waiting on stdin, keyed by shape.
 
@@ -3476,12 +3555,12 @@ class WarmPool:
         self.runner = runner
         self.size = size
         self.idle_seconds = idle_seconds
-        self.hits = self.misses = self.started = self.retired = 0
+        self.hits = self.misses = self.started = self.retired = self.primed = 0
         self._idle = {}  # shape -> [CliRun], oldest first
         self._recent = collections.OrderedDict()  # shape -> shape_plan, least recently requested first
         self._seen_again = set()  # shapes requested more than once
         self._failed = collections.OrderedDict()  # shape -> binary stamp when it failed to start
-        self._wanted = []  # shapes to start a process for
+        self._wanted = []  # (shape, monotonic time from which to start a process for it)
         self._working = False  # the maintenance thread is starting processes
         self._cond = threading.Condition()
         self._closed = False
@@ -3515,7 +3594,7 @@ class WarmPool:
             else:
                 self.misses += 1
             self.retired += len(stale)
-            self._wanted.append(shape)
+            self._wanted.append((shape, time.monotonic() + WARM_REFILL_DELAY))
             self._cond.notify()
         for candidate in stale:
             candidate.stop()
@@ -3530,7 +3609,7 @@ class WarmPool:
             return {"size": self.size, "idle_seconds": self.idle_seconds,
                     "idle": {shape_label(s): len(r) for s, r in self._idle.items() if r},
                     "hits": self.hits, "misses": self.misses, "started": self.started,
-                    "retired": self.retired}
+                    "primed": self.primed, "retired": self.retired}
 
     def close(self):
         with self._cond:
@@ -3550,11 +3629,14 @@ class WarmPool:
         while True:
             with self._cond:
                 self._working = False
-                if not self._wanted and not self._closed:
-                    self._cond.wait(1.0)
+                now = time.monotonic()
+                if not self._closed and not any(due <= now for _, due in self._wanted):
+                    self._cond.wait(min([due - now for _, due in self._wanted] + [1.0]))
                 if self._closed:
                     return
-                wanted, self._wanted = list(dict.fromkeys(self._wanted)), []
+                now = time.monotonic()
+                wanted = list(dict.fromkeys(shape for shape, due in self._wanted if due <= now))
+                self._wanted = [(shape, due) for shape, due in self._wanted if due > now]
                 self._working = bool(wanted)
                 expired = self._take_expired()
             stop_runs(expired)
@@ -3592,6 +3674,9 @@ class WarmPool:
             victim.stop()
         try:
             run = self.runner.spawn(plan, shape)
+            line = self.runner.prime_line()
+            if line:
+                run.prime(line, self.runner.prime_failed)
         except ProxyError as error:
             log("warm pool: cannot start a process: %s" % error.message)
             if error.status != 503:
@@ -3604,6 +3689,7 @@ class WarmPool:
             if not self._closed:
                 self._idle.setdefault(shape, []).append(run)
                 self.started += 1
+                self.primed += 1 if line else 0
                 return
         run.stop()
 

@@ -152,7 +152,7 @@ record = {"pid": os.getpid(), "started_at": time.time(), "argv": sys.argv, "cwd"
           "env": {k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_MAX_OUTPUT_TOKENS",
                   "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_DISABLE_CLAUDE_MDS", "FORCE_PROMPT_CACHING_5M",
-                  "ENABLE_PROMPT_CACHING_1H")}}
+                  "ENABLE_PROMPT_CACHING_1H", "CLAUDE_CODE_DISABLE_ATTACHMENTS", "DISABLE_AUTO_COMPACT")}}
 if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
@@ -534,21 +534,39 @@ elif deferred_call:  # a deferred tool call: run it through the bridge, then ans
     while reply_once(first):
         first = False
     first = False
+local_output = []  # what the real CLI (2.1.332) puts before the next message after /clear
 while True:
     line = sys.stdin.readline()
+    if line and json.loads(line)["message"]["content"] in ("/clear", [{"type": "text", "text": "/clear"}]) \
+            and not os.environ.get("STUB_CLEAR_IS_A_PROMPT"):
+        # A command the CLI runs itself: no model call, the conversation starts again.
+        history[:] = []
+        if not flags.get("--system-prompt-file"):  # the proxy's check of the CLI: not a run
+            emit(init_event())
+            result("")
+            os.remove(path)
+            path = os.path.join(RECORD_DIR, "check-%%d.ignored" %% os.getpid())
+            continue
+        record.setdefault("primes", []).append(line)
+        save()
+        emit({"type": "conversation_reset", "new_conversation_id": str(uuid.uuid4()), "trigger": "clear",
+              "uuid": str(uuid.uuid4()), "session_id": session})
+        emit(init_event())
+        emit({"type": "result", "subtype": "success", "is_error": False, "num_turns": 0, "result": "",
+              "duration_api_ms": 0, "total_cost_usd": 0, "session_id": session, "uuid": str(uuid.uuid4())})
+        local_output = [{"type": "text", "text": "<local-command-caveat>The command below was run directly in "
+                         "Claude Code, not sent to you as a request.</local-command-caveat>\n"},
+                        {"type": "text", "text": "<command-name>/clear</command-name>\n"},
+                        {"type": "text", "text": "<local-command-stdout></local-command-stdout>\n"}]
+        continue
     record.setdefault("message_at", time.time())
     record.setdefault("stdin", line)
     record.setdefault("lines", []).append(line)
     save()
     if not line:
         sys.exit(0)
-    if json.loads(line)["message"]["content"] in ("/clear", [{"type": "text", "text": "/clear"}]):
-        emit(init_event())  # no model call
-        result("")
-        os.remove(path)
-        path = os.path.join(RECORD_DIR, "check-%%d.ignored" %% os.getpid())  # not a run's record
-        continue
-    history.append({"role": "user", "content": json.loads(line)["message"]["content"]})
+    history.append({"role": "user", "content": local_output + json.loads(line)["message"]["content"]})
+    local_output = []
     while True:
         record["history"] = history
         save()
@@ -835,6 +853,8 @@ class CliCommandTest(unittest.TestCase):
         self.assertEqual(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
         self.assertEqual(env["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1", "the user's CLAUDE.md stays out")
         self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_CLAUDE_MDS="0"), {})["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "0")
+        self.assertEqual(env["CLAUDE_CODE_DISABLE_ATTACHMENTS"], "1", "no token-count reminders, a faster first message")
+        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_ATTACHMENTS="0"), {})["CLAUDE_CODE_DISABLE_ATTACHMENTS"], "0")
         self.assertEqual(env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "64")
         self.assertEqual(cp.cli_env(dict(base, DISABLE_AUTO_COMPACT="0"), {})["DISABLE_AUTO_COMPACT"], "1",
                          "a history over the window is never summarised behind the client's back")
@@ -1435,8 +1455,9 @@ class ServerTestCase(unittest.TestCase):
     def make_server(cls, claude=None, **config):
         """A proxy over the stub (or over `claude`; "" for none at all), not yet serving."""
         config.setdefault("timeout", cls.timeout)
+        config.setdefault("claude_version", "2.1.197 (Claude Code)")
         return cp.ProxyServer(("127.0.0.1", 0), cp.Config(cls.stub if claude is None else claude or None,
-                                                          claude_version="2.1.197 (Claude Code)", **config))
+                                                          **config))
 
     def serve(self, claude=None, **config):
         """A proxy of this test's own, serving in a thread, stopped at cleanup; returns it."""
@@ -1600,6 +1621,7 @@ class ChatTest(ServerTestCase):
         self.assertEqual(record["cwd_entries"], ["system-prompt.txt"], "an empty private working dir")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1")
+        self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_ATTACHMENTS"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "99")
         self.assertIsNone(record["env"]["CLAUDECODE"])
         self.assertFalse(os.path.exists(record["cwd"]), "the private dir and prompt file are removed")
@@ -2153,6 +2175,102 @@ class PoolTest(ServerTestCase):
         for record in self.records(runs_only=False):
             self.assertFalse(pid_alive(record["pid"]))
         self.assertEqual(server.runner.processes(), 0)
+
+    def test_replacement_starts_after_the_taken_process_got_going(self):
+        server, port = self.pool_server()
+        pool = server.runner.pool
+        self.ok(user("first"), port)
+        self.assertTrue(wait_until(lambda: pool.idle_count() == 1 and pool.settled()))
+        self.addCleanup(setattr, cp, "WARM_REFILL_DELAY", cp.WARM_REFILL_DELAY)
+        cp.WARM_REFILL_DELAY = 600
+        self.ok(user("second"), port)
+        self.assertEqual((pool.hits, pool.started), (1, 1), "no replacement yet")
+        self.assertFalse(pool.settled(), "one is due")
+
+    def test_release_numbers(self):
+        self.assertEqual(cp.parse_cli_version("2.1.332 (Claude Code)"), (2, 1, 332))
+        self.assertEqual(cp.parse_cli_version("10.0.1"), (10, 0, 1))
+        for text in (None, "", "Claude Code", "2.1"):
+            self.assertIsNone(cp.parse_cli_version(text))
+        self.assertLess(cp.parse_cli_version("2.1.197"), cp.WARM_PRIME_SINCE)
+        self.assertGreaterEqual(cp.parse_cli_version("2.1.332"), cp.WARM_PRIME_SINCE)
+
+    def test_prime_answer_tables(self):
+        ran = [{"type": "conversation_reset"}, {"type": "system", "subtype": "init"},
+               {"type": "result", "subtype": "success", "is_error": False, "num_turns": 0, "result": ""}]
+        self.assertTrue(cp.prime_answered(ran))
+        self.assertTrue(cp.prime_answered([{"type": "system", "subtype": "init"},  # 2.1.197's shape
+                                           {"type": "assistant", "message": {"model": "<synthetic>"}},
+                                           {"type": "result", "is_error": False, "num_turns": 0}]))
+        for events in ([], ran[:2], [ran[1], {"type": "stream_event", "event": {}}, dict(ran[2])],
+                       ran[:2] + [dict(ran[2], num_turns=1)], ran[:2] + [dict(ran[2], is_error=True)]):
+            with self.subTest(events):
+                self.assertFalse(cp.prime_answered(events))
+
+    def primed_server(self, version="2.1.332 (Claude Code)", **config):
+        server, port = self.pool_server(claude_version=version, **config)
+        self.ok(user("first"), port)  # a miss: the pool learns the shape
+        self.assertTrue(wait_until(lambda: server.runner.pool.idle_count() == 1 and server.runner.pool.settled()))
+        return server, port
+
+    def test_a_new_cli_s_warm_process_is_primed_with_clear(self):
+        server, port = self.primed_server()
+        self.assertTrue(wait_until(lambda: [r for r in self.records(runs_only=False) if r.get("primes")]))
+        [warm] = [r for r in self.records(runs_only=False) if r.get("primes")]
+        self.assertEqual([json.loads(line) for line in warm["primes"]],
+                         [{"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": "/clear"}]}}])
+        self.assertNotIn("stdin", warm, "only the prime so far: no message, no model call")
+        status, _, raw = self.chat(dict(user("second"), stream=True), port=port)
+        self.assertEqual(status, 200, raw)
+        text = "".join(chunk["choices"][0]["delta"].get("content") or ""
+                       for chunk in sse_payloads(raw) if isinstance(chunk, dict) and chunk.get("choices"))
+        self.assertEqual(text, "Echo: second [images: 0]", "nothing of the prime's answer reaches the client")
+        [served] = [r for r in self.records() if "second" in r["stdin"]]
+        self.assertEqual(served["pid"], warm["pid"])
+        self.assertEqual(server.runner.pool.hits, 1)
+        # What the CLI then sends the model: its /clear blocks, then the message (README).
+        self.assertEqual(served["history"][0]["content"][1], {"type": "text", "text": "<command-name>/clear</command-name>\n"})
+        self.assertEqual(served["history"][0]["content"][-1], {"type": "text", "text": "second"})
+        status, _, raw = self.request("GET", "/health", port=port)
+        self.assertGreaterEqual(json.loads(raw)["pool"]["primed"], 1)
+
+    def test_primed_process_keeps_the_conversation_after_the_prime(self):
+        server, port = self.primed_server()
+        first = self.ok(user("SAY[one]"), port)
+        self.assertEqual(first["choices"][0]["message"]["content"], "one")
+        reply = self.ok({"messages": [{"role": "user", "content": "SAY[one]"}, {"role": "assistant", "content": "one"},
+                                      {"role": "user", "content": "two"}]}, port)
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Echo: two [images: 0]")
+        [kept] = [r for r in self.records() if "SAY[one]" in r["stdin"]]
+        self.assertEqual(len(kept["primes"]), 1)
+        self.assertEqual(len(kept["lines"]), 2, "the kept process got the next turn as its next line")
+
+    def test_older_cli_and_cold_runs_are_not_primed(self):
+        self.primed_server(version="2.1.197 (Claude Code)")
+        self.assertEqual(self.waiting()[0].get("primes"), None)
+        self.setUp()
+        self.primed_server(version=None)  # `claude --version` failed: not primed either
+        self.assertEqual(self.waiting()[0].get("primes"), None)
+        self.setUp()
+        plain = self.serve(pool_size=0, claude_version="2.1.332 (Claude Code)")
+        self.ok(user("cold"), plain.server_address[1])
+        self.ok({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                              {"role": "user", "content": "resumed"}]}, plain.server_address[1])
+        self.assertEqual([r.get("primes") for r in self.records()], [None, None], "cold and resumed runs: no prime")
+
+    def test_a_cli_that_calls_the_model_for_the_prime_is_not_primed_again(self):
+        os.environ["STUB_CLEAR_IS_A_PROMPT"] = "1"  # read by the stub processes started below
+        self.addCleanup(os.environ.pop, "STUB_CLEAR_IS_A_PROMPT", None)
+        server, port = self.pool_server(claude_version="2.1.332 (Claude Code)")
+        self.ok(user("first"), port)
+        runner = server.runner
+        self.assertTrue(wait_until(lambda: runner._prime_failed is not None), "the answer was read")
+        self.assertTrue(wait_until(lambda: runner.pool.idle_count() == 0), "that process is not handed out")
+        self.assertIsNone(runner.prime_line())
+        reply = self.ok(user("second"), port)
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Echo: second [images: 0]")
+        self.assertTrue(wait_until(lambda: runner.pool.idle_count() == 1))
+        self.assertEqual(self.waiting()[0].get("lines"), None, "the next one waits unprimed")
 
     def test_pooled_runs_still_stop_on_disconnect_and_timeout(self):
         server, port = self.pool_server(timeout=0.5)
