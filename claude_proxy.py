@@ -2193,9 +2193,29 @@ def cli_env(base_env, plan):
 
 
 def cli_stdin(content):
-    """One stream-json user message: a line on the CLI's stdin."""
+    """One stream-json user message: a line on the CLI's stdin (a client's words: never a
+    command of the CLI's, see not_a_command)."""
+    return cli_command_line(not_a_command(content))
+
+
+def cli_command_line(content):
+    """The stdin line as it is, which the CLI runs as a command of its own if its text starts
+    with one (/clear): for the proxy's own commands only."""
     message = {"type": "user", "message": {"role": "user", "content": content}}
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def not_a_command(content):
+    """A user message whose first block is text starting with "/" is split after the slash:
+    the CLI runs a message that starts with one of its commands (/model opus, /clear,
+    /heapdump, /config, ...; 2.1.197 and 2.1.332) instead of sending it to the model, and any
+    client could so reach the CLI. The API joins adjacent text blocks: the model reads the
+    same words."""
+    if content and content[0].get("type") == "text" and content[0]["text"].startswith("/") \
+            and len(content[0]["text"]) > 1:
+        first = content[0]
+        return [{"type": "text", "text": "/"}, dict(first, text=first["text"][1:])] + list(content[1:])
+    return content
 
 
 #: A warm process is sent `/clear` as soon as it starts: a command the CLI runs itself, with no
@@ -2292,7 +2312,7 @@ def cli_sessions_root(claude_path, env, cwd):
             "--verbose", "--no-session-persistence", "--tools", "", "--strict-mcp-config",
             "--max-turns", "1"]
     try:
-        done = subprocess.run(argv, input=cli_stdin([{"type": "text", "text": "/clear"}]),
+        done = subprocess.run(argv, input=cli_command_line([{"type": "text", "text": "/clear"}]),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, env=env,
                               timeout=CLI_CHECK_SECONDS)
     except (OSError, subprocess.SubprocessError) as e:
@@ -3102,7 +3122,7 @@ class CliRunner:
         release = parse_cli_version(self.version())
         if release is None or release < WARM_PRIME_SINCE:
             return None
-        return cli_stdin([{"type": "text", "text": WARM_PRIME_TEXT}])
+        return cli_command_line([{"type": "text", "text": WARM_PRIME_TEXT}])
 
     def prime_failed(self, run):
         self._prime_failed = run.binary

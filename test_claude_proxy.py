@@ -870,6 +870,23 @@ class CliCommandTest(unittest.TestCase):
         self.assertEqual(data.count(b"\n"), 1)
         self.assertEqual(json.loads(data), {"type": "user", "message": {"role": "user", "content": content}})
 
+    def test_a_clients_words_are_never_a_command_of_the_clis(self):
+        text = lambda t: {"type": "text", "text": t}
+        cases = [
+            ("/model opus", [text("/model opus")], [text("/"), text("model opus")]),
+            ("/clear after an image", [text("/clear"), {"type": "image", "source": {}}],
+             [text("/"), text("clear"), {"type": "image", "source": {}}]),
+            ("a slash alone", [text("/")], [text("/")]),
+            ("not first", [text("hi"), text("/clear")], [text("hi"), text("/clear")]),
+            ("an image first", [{"type": "image", "source": {}}, text("/clear")], [{"type": "image", "source": {}}, text("/clear")]),
+            ("a path in words", [text("what is /etc/hosts")], [text("what is /etc/hosts")]),
+        ]
+        for name, content, want in cases:
+            with self.subTest(name):
+                self.assertEqual(json.loads(cp.cli_stdin(content))["message"]["content"], want)
+        self.assertEqual(json.loads(cp.cli_command_line([text("/clear")]))["message"]["content"], [text("/clear")],
+                         "the proxy's own commands go as they are")
+
 
 class ErrorMappingTest(unittest.TestCase):
     def test_retry_notices(self):
@@ -8055,6 +8072,15 @@ class RealCliTest(RealCliTestCase):
         self.assertIn("too long", error["message"].lower())
         # 2.1.332 then refuses it before any call; 2.1.197 sends it once.
         self.assertLessEqual(len(self.api.model_calls()), 1, "no summary calls")
+
+    def test_a_message_that_starts_like_a_command_reaches_the_model(self):
+        # Else the CLI runs its own /model, /clear, /heapdump... for any client that writes one.
+        for words in ("/model opus", "/clear"):
+            with self.subTest(words):
+                self.assertTrue(self.ok(user(words))["choices"][0]["message"]["content"])
+                [turn] = self.turns(self.api.model_calls()[-1])
+                self.assertTrue("".join(self.texts(turn)).endswith(words), self.texts(turn))
+        self.assertEqual(len(self.api.model_calls()), 2, "each reached the model")
 
     def test_health_says_what_was_checked_and_is_in_use(self):
         server = self.serve()
