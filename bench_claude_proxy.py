@@ -399,13 +399,11 @@ def main(argv=None):
                         help="Default: 4. With --cache-ttl-bench: how long the fake keeps a "
                         "5-minute cache entry (a person's pause is 1.5 s longer).")
     args = parser.parse_args(argv)
-    if args.conversation:
+    if args.conversation or args.cache_ttl_bench:
         if args.claude and len(args.claude) > 1:
-            raise SystemExit("--conversation measures one CLI: give --claude once")
+            raise SystemExit("--conversation and --cache-ttl-bench measure one CLI: give --claude once")
         args.claude = args.claude[0] if args.claude else None
-        return conversation_benchmark(args)
-    if args.cache_ttl_bench:
-        return cache_ttl_benchmark(args)
+        return (conversation_benchmark if args.conversation else cache_ttl_benchmark)(args)
 
     tmp = tempfile.mkdtemp(prefix="bench-claude-proxy-")
     env, fake = dict(os.environ), None
