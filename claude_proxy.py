@@ -1913,6 +1913,9 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
             "--verbose", "--include-partial-messages", "--no-session-persistence",
             "--tools", "", "--strict-mcp-config", "--system-prompt-file", system_prompt_path]
     if resume:
+        # A resumed run writes on in the proxy's own session file (removed with the run): what
+        # the CLI adds there is how the proxy learns the run context it says (session_context).
+        argv.remove("--no-session-persistence")
         argv += ["--resume", resume]
     if plan.get("tools"):
         # The client's functions, through this file's MCP mode. A reply that calls them is
@@ -2003,11 +2006,46 @@ def cli_blocks(blocks, role):
     return out
 
 
-def session_lines(turns, session_id, cwd, model, deferred=None):
+#: What CLI 2.1.332 tells the model about its run: a system message, "# Environment" (working
+#: directory, platform, shell, OS), the model's name and today's date, kept in its sessions as
+#: attachment entries after the first user turn. A new run sends that message right after the
+#: first user message, with the cache breakpoint on it. Resuming a session without them, the
+#: CLI sends it after the LAST user message, so no resumed request starts with the prefix the
+#: one before wrote to the prompt cache. Given them, it sends the message where they sit, from
+#: their fields (the text is rendered again), and adds a message at the end only for what
+#: differs from its own run: another working directory, model or date (checked with 2.1.332;
+#: 2.1.197 ignores them). The proxy cannot know a model's name as the CLI renders it, so it
+#: takes these from what a resumed run wrote in its session file (session_context).
+CONTEXT_ATTACHMENTS = ("environment", "model")
+
+
+def session_context(text):
+    """The run context a session file's text holds: {"environment": attachment, "model":
+    attachment}, the last of each (a changed one is written again after the first)."""
+    found = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        attachment = entry.get("attachment")
+        if (entry.get("type") == "attachment" and isinstance(attachment, dict)
+                and attachment.get("type") in CONTEXT_ATTACHMENTS):
+            found[attachment["type"]] = attachment
+    return found
+
+
+def session_lines(turns, session_id, cwd, model, deferred=None, context=()):
     """A session file the CLI resumes as real turns: one entry per turn, chained by parentUuid.
     It must end with an assistant turn: resuming a session that ends with a user turn makes
     the CLI add an answer of its own ("No response requested."), and tool results cannot come
     on stdin (the CLI drops a tool_use it finds unanswered in the session).
+
+    context: attachments (CONTEXT_ATTACHMENTS, and the date) written after the first turn,
+    where the CLI's own sessions have them, so that the run's context message sits where it
+    sat in the conversation's first request.
 
     deferred: the one tool_use block of the last turn whose result the client has sent. The
     file then ends with the marker a PreToolUse hook's "defer" leaves (checked with 2.1.197):
@@ -2017,6 +2055,16 @@ def session_lines(turns, session_id, cwd, model, deferred=None):
     lines, parent = [], None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     for number, turn in enumerate(turns):
+        if number == 1:
+            for attachment in context:
+                entry_id = str(uuid.uuid4())
+                lines.append(json.dumps({
+                    "parentUuid": parent, "isSidechain": False, "type": "attachment",
+                    "attachment": attachment, "uuid": entry_id, "timestamp": stamp,
+                    "userType": "external", "entrypoint": "sdk-cli", "cwd": cwd,
+                    "sessionId": session_id, "version": SESSION_FORMAT_VERSION},
+                    ensure_ascii=False))
+                parent = entry_id
         entry_id = str(uuid.uuid4())
         content = cli_blocks(turn["content"], turn["role"])
         if turn["role"] == "user":
@@ -2321,7 +2369,7 @@ def start_failure(error):
 
 
 class CliRun:
-    """One `claude -p` process: started in a private empty directory and its own process group,
+    """One `claude -p` process: started in the runs' empty directory and its own process group,
     given one message, read event by event, and stopped (the whole group) whatever happens.
 
     It may be started ahead of its request (the warm pool): the CLI prints nothing and calls
@@ -2330,7 +2378,7 @@ class CliRun:
     the CLI then holds the conversation as real turns, and the next turn is one more line (or,
     after tool calls, the results the MCP bridge is waiting for)."""
 
-    def __init__(self, runner, argv, env, workdir, shape=None):
+    def __init__(self, runner, argv, env, workdir, shape=None, cwd=None):
         self.runner = runner
         self.workdir = workdir
         self.shape = shape
@@ -2358,14 +2406,15 @@ class CliRun:
         self._stdout_reader = False
         self._stdout_closed = False
         self._peeked = []
-        self.sessions = None  # the folder of the session file it resumes, removed with it
+        self.sessions = None  # the session file it resumes, removed with it
+        self.shape_model = None  # the model it was started with (--model), None for the default
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs["start_new_session"] = True  # its own process group: stop it and its children
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=workdir, env=env, **kwargs)
+                                     stderr=subprocess.PIPE, cwd=cwd or workdir, env=env, **kwargs)
         try:  # for the next proxy, should this one die without stopping it (remove_leftovers)
             with open(workdir + CLI_PID_SUFFIX, "w", encoding="utf-8") as f:
                 f.write("%d %s" % (self.proc.pid, process_start(self.proc.pid) or "-"))
@@ -2556,8 +2605,16 @@ class CliRun:
             os.remove(self.workdir + CLI_PID_SUFFIX)
         except OSError:
             pass
-        if self.sessions:  # the session file the run resumed, and its folder
-            shutil.rmtree(self.sessions, ignore_errors=True)
+        if self.sessions:  # the session file the run resumed, once read for what it learnt
+            try:
+                with open(self.sessions, encoding="utf-8") as f:
+                    self.runner.learn_context(self.shape_model, session_context(f.read()))
+            except (OSError, UnicodeDecodeError):
+                pass
+            try:
+                os.remove(self.sessions)
+            except OSError:
+                pass
         self.runner.forget(self)
 
     def __enter__(self):
@@ -2624,6 +2681,7 @@ def shape_label(shape):
 PROXY_FOLDER_PREFIX = "claude-proxy-"
 OWNER_FILE = "owner.lock"
 SESSION_ROOTS_FILE = "session-roots"
+CLI_FOLDER = "cwd"  # the runs' working directory (ProxyFolder.cli_folder)
 CLI_PID_SUFFIX = ".pid"  # beside a run's folder: "<pid> <start time>" of the CLI it runs
 
 
@@ -2765,6 +2823,17 @@ class ProxyFolder:
         """A new private folder (0700) for one run, inside this proxy's folder."""
         return tempfile.mkdtemp(prefix="run-", dir=self.folder())
 
+    def cli_folder(self):
+        """The working directory of every run: one empty folder (0700) in this proxy's folder.
+        The CLI names it to the model (CONTEXT_ATTACHMENTS) and keeps sessions by it: one for
+        all runs keeps that text, and so the cached prefix, the same from run to run."""
+        folder = os.path.join(self.folder(), CLI_FOLDER)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        return folder
+
     def note_sessions(self, root):
         """Session folders may be made in `root`: the next proxy removes ours there if we die."""
         with self._lock:
@@ -2788,6 +2857,9 @@ class ProxyFolder:
         with self._lock:
             folders, self._folders, self._closed = list(self._folders.values()), {}, True
         for folder, fd in folders:
+            for root in self._roots:  # where resumed runs' session files were
+                shutil.rmtree(os.path.join(root, session_name(os.path.join(folder, CLI_FOLDER))),
+                              ignore_errors=True)
             os.close(fd)
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -2843,6 +2915,8 @@ class CliRunner:
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
         self.folders = ProxyFolder()
+        self._context_lock = threading.Lock()
+        self._context_binary, self._context = None, {}  # learn_context
         self._check_lock = threading.Lock()
         self._check = CliCheck(checked=False)  # main() turns checking on (check_cli)
         self._deferred_failed = None  # the binary stamp of a CLI that ignored a deferred call
@@ -3007,38 +3081,64 @@ class CliRunner:
         # folder and go with it: nothing is left in TMPDIR.
         for name in ("TMPDIR", "TEMP", "TMP"):
             env[name] = workdir
-        session_id = sessions = None
+        session_id = path = None
         try:
+            cwd = self.folders.cli_folder()
             if history:
                 session_id = str(uuid.uuid4())
-                sessions = os.path.join(self.sessions_root(env), session_name(workdir))
+                sessions = os.path.join(self.sessions_root(env), session_name(cwd))
                 self.folders.note_sessions(os.path.dirname(sessions))
-                os.makedirs(sessions, mode=0o700)
+                os.makedirs(sessions, mode=0o700, exist_ok=True)
                 path = os.path.join(sessions, session_id + ".jsonl")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(session_lines(history, session_id, os.path.realpath(workdir),
+                    f.write(session_lines(history, session_id, os.path.realpath(cwd),
                                           plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL,
-                                          deferred))
+                                          deferred, self.context_for(plan.get("model"))))
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path,
-                                            session_id), env, workdir, shape)
-                run.sessions = sessions
+                                            session_id), env, workdir, shape, cwd)
+                run.sessions, run.shape_model = path, plan.get("model")
                 self._runs.add(run)
             return run
         except OSError as e:
             shutil.rmtree(workdir, ignore_errors=True)
-            if sessions:
-                shutil.rmtree(sessions, ignore_errors=True)
+            if path and os.path.exists(path):
+                os.remove(path)
             log("cannot start the claude CLI at %s: %s" % (self.claude_path, e))
             raise start_failure(e)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
-            if sessions:
-                shutil.rmtree(sessions, ignore_errors=True)
+            if path and os.path.exists(path):
+                os.remove(path)
             raise
+
+    def learn_context(self, model, found):
+        """Keep what a resumed run's session file says of its run (session_context), for the
+        session files of later runs: the environment, and the model's name per --model."""
+        stamp = self.binary_stamp()
+        with self._context_lock:
+            if self._context_binary != stamp:
+                self._context_binary, self._context = stamp, {}
+            if "environment" in found:
+                self._context["environment"] = found["environment"]
+            if "model" in found:
+                self._context[("model", model)] = found["model"]
+
+    def context_for(self, model):
+        """The attachments a session file for a run of `model` starts with (session_lines):
+        none until a resumed run of this binary and model has shown them."""
+        stamp = self.binary_stamp()
+        with self._context_lock:
+            if self._context_binary != stamp:
+                return ()
+            environment, named = self._context.get("environment"), self._context.get(("model", model))
+        if not environment or not named:
+            return ()
+        # The CLI's own date: its local one, as it renders "Today's date is ...".
+        return (environment, named, {"type": "date", "date": time.strftime("%Y-%m-%d")})
 
     def start(self, plan, scope=""):
         """A run for a parsed request, given its message. Never waits for the pool.

@@ -152,7 +152,7 @@ record = {"pid": os.getpid(), "started_at": time.time(), "argv": sys.argv, "cwd"
           "env": {k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_MAX_OUTPUT_TOKENS",
                   "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_DISABLE_CLAUDE_MDS", "FORCE_PROMPT_CACHING_5M",
-                  "ENABLE_PROMPT_CACHING_1H")}}
+                  "ENABLE_PROMPT_CACHING_1H", "TMPDIR")}}
 if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
@@ -241,6 +241,21 @@ if flags.get("--resume"):
         deferred_call = entries[-1]["attachment"]  # the real CLI runs it at once on resume
         record["deferred"] = deferred_call
     record["resumed"] = list(history)
+    # What the session file holds, in order: turns by role, attachments by kind.
+    record["session_entries"] = [e["attachment"]["type"] if e.get("type") == "attachment" else e["type"]
+                                 for e in entries]
+    record["session_context"] = [e["attachment"] for e in entries if e.get("type") == "attachment"
+                                 and e["attachment"]["type"] in ("environment", "model", "date")]
+    if "--no-session-persistence" not in sys.argv:
+        # As CLI 2.1.332 does, it writes on in the session: its run context, when the file has
+        # none (or another) after the first user turn.
+        own = [{"type": "environment", "snapshot": {"workingDirectory": os.getcwd(), "platform": sys.platform}},
+               {"type": "model", "identity": {"modelId": model}, "text": "You are " + model + "."}]
+        with open(session_path, "a") as f:
+            for attachment in own:
+                if attachment not in record["session_context"]:
+                    f.write(json.dumps({"type": "attachment", "attachment": attachment, "uuid": str(uuid.uuid4()),
+                                        "parentUuid": entries[-1].get("uuid")}) + "\n")
     save()
     if any(m["role"] == "assistant" and "model" not in m for m in history) or "HANGONRESUME" in json.dumps(history):
         time.sleep(600)  # the real CLI hangs, silent, on a session it cannot load
@@ -1596,12 +1611,12 @@ class ChatTest(ServerTestCase):
         self.assertEqual(record["system_prompt"], "SYSTEM " + secret)
         self.assertEqual(json.loads(record["stdin"])["message"]["content"],
                          [{"type": "text", "text": "USER " + secret}])
-        self.assertEqual(record["cwd_entries"], ["system-prompt.txt"], "an empty private working dir")
+        self.assertEqual(record["cwd_entries"], [], "an empty working dir: the run's files are elsewhere")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "99")
         self.assertIsNone(record["env"]["CLAUDECODE"])
-        self.assertFalse(os.path.exists(record["cwd"]), "the private dir and prompt file are removed")
+        self.assertFalse(os.path.exists(record["env"]["TMPDIR"]), "the private dir and prompt file are removed")
         self.assertFalse(pid_alive(record["pid"]))
 
     def test_default_system_prompt(self):
@@ -6156,6 +6171,43 @@ class ConversationTablesTest(unittest.TestCase):
                          [{"type": "tool_result", "tool_use_id": "toolu_abc", "content": "", "is_error": True}])
         self.assertEqual(lines[3]["message"]["content"][0], {"type": "thinking", "thinking": "ok", "signature": "sig"})
 
+    def test_session_file_run_context(self):
+        """The run context CLI 2.1.332 keeps in its sessions goes right after the first turn,
+        where a new run puts its environment message, and the chain runs through it."""
+        turns = [{"role": "user", "content": [{"type": "text", "text": "one"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "three"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "four"}]}]
+        context = ({"type": "environment", "snapshot": {"workingDirectory": "/w"}},
+                   {"type": "model", "identity": {"modelId": "claude-x"}, "text": "You are claude-x."},
+                   {"type": "date", "date": "2026-12-06"})
+        cases = [((), ["user", "assistant", "user", "assistant"]),
+                 (context, ["user", "environment", "model", "date", "assistant", "user", "assistant"])]
+        for given, kinds in cases:
+            with self.subTest(context=len(given)):
+                lines = [json.loads(l) for l in cp.session_lines(turns, "sid", "/w", "claude-x", None, given).splitlines()]
+                self.assertEqual([l["attachment"]["type"] if l["type"] == "attachment" else l["type"] for l in lines], kinds)
+                self.assertEqual([l["parentUuid"] for l in lines[1:]], [l["uuid"] for l in lines[:-1]], "one chain")
+                self.assertEqual([l["attachment"] for l in lines if l["type"] == "attachment"], list(given),
+                                 "the attachments as given: the CLI renders their text itself")
+                self.assertEqual({l["sessionId"] for l in lines} | {l["cwd"] for l in lines}, {"sid", "/w"})
+
+    def test_run_context_read_from_a_session_file(self):
+        environment = {"type": "environment", "snapshot": {"workingDirectory": "/w"}}
+        model = {"type": "model", "identity": {"modelId": "claude-x"}, "text": "You are claude-x."}
+        newer = dict(environment, snapshot={"workingDirectory": "/v"})
+        def line(attachment):
+            return json.dumps({"type": "attachment", "attachment": attachment, "uuid": "u"})
+        cases = [("", {}),
+                 (cp.session_lines([{"role": "user", "content": [cp.text_block("hi")]}], "s", "/w", "m"), {}),
+                 ("\n".join([line(environment), "not json", line(model), line({"type": "date", "date": "x"})]),
+                  {"environment": environment, "model": model}),
+                 ("\n".join([line(environment), line(newer)]), {"environment": newer}),
+                 (json.dumps({"type": "attachment", "attachment": "odd"}) + "\n[1]", {})]
+        for text, expected in cases:
+            with self.subTest(text=text[:60]):
+                self.assertEqual(cp.session_context(text), expected)
+
     def test_tool_ids_the_api_accepts(self):
         cases = [("call_abc", "toolu_abc"), ("toolu_x-1", "toolu_x-1"), ("fc_1", "fc_1")]
         for client, want in cases:
@@ -6283,6 +6335,36 @@ class ConversationTest(ServerTestCase):
                                               "id": record["resumed"][1]["id"], "type": "message",
                                               "model": cp.DEFAULT_SESSION_MODEL, "stop_reason": "end_turn",
                                               "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}])
+        self.assertTrue(wait_until(lambda: session_files() == []))
+
+    def test_resumed_sessions_carry_the_run_context_the_cli_wrote(self):
+        """CLI 2.1.332 sends its environment message where a session file has its run context
+        (CONTEXT_ATTACHMENTS): the first resumed run writes it, later ones get it back."""
+        self.server.runner._context = {}
+        self.addCleanup(setattr, self.server.runner, "_context", {})
+        turns = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                 {"role": "user", "content": "three"}]
+        status, _, raw = self.chat({"model": "opus", "messages": turns})
+        self.assertEqual(status, 200, raw)
+        [first] = self.records()
+        self.assertNotIn("--no-session-persistence", first["argv"], "the CLI writes on in the proxy's session")
+        self.assertEqual(first["session_entries"], ["user", "assistant"], "nothing learnt yet")
+        self.assertTrue(wait_until(lambda: session_files() == []))
+        turns += [{"role": "assistant", "content": "four"}, {"role": "user", "content": "five"}]
+        status, _, raw = self.chat({"model": "opus", "messages": turns})
+        self.assertEqual(status, 200, raw)
+        second = [r for r in self.records() if r["pid"] != first["pid"]][0]
+        self.assertEqual(second["session_entries"], ["user", "environment", "model", "date", "assistant", "user", "assistant"])
+        environment, model, date = second["session_context"]
+        self.assertEqual(environment["snapshot"]["workingDirectory"], first["cwd"], "as the CLI wrote it")
+        self.assertEqual(second["cwd"], first["cwd"], "every run in the same working directory")
+        self.assertEqual(model, {"type": "model", "identity": {"modelId": "claude-opus-5"}, "text": "You are claude-opus-5."})
+        self.assertEqual(date, {"type": "date", "date": time.strftime("%Y-%m-%d")})
+        # Another model's name is not known yet: no run context rather than a wrong one.
+        status, _, raw = self.chat({"model": "haiku", "messages": turns})
+        self.assertEqual(status, 200, raw)
+        third = [r for r in self.records() if r["pid"] not in (first["pid"], second["pid"])][0]
+        self.assertEqual(third["session_entries"], ["user", "assistant", "user", "assistant"])
         self.assertTrue(wait_until(lambda: session_files() == []))
 
     def test_a_session_the_cli_cannot_load_falls_back_to_the_transcript(self):
@@ -7237,7 +7319,7 @@ class DocumentServerTest(ServerTestCase):
         [record] = self.records()
         self.assertEqual(record["resumed"][0]["content"], [pdf_document("r.pdf"), cp.text_block("Summarise")])
         self.assertTrue(wait_until(lambda: session_files() == []), "the session file goes with its run")
-        self.assertFalse(os.path.exists(record["cwd"]))
+        self.assertFalse(os.path.exists(record["env"]["TMPDIR"]))
         # The transcript: the document keeps its place in the history.
         self.setUp()
         server = self.serve(history="transcript")
