@@ -3285,13 +3285,15 @@ class CliRunner:
     def finish(self, run, plan, reply, scope=""):
         """After a request: keep its run for the conversation's next turn if it can serve it
         (a live process whose reply was complete and sent as the CLI holds it), else stop it."""
+        if reply.model and not plan.get("model") and not run.sessions:
+            # The CLI's default model, for the session files of later runs (DEFAULT_SESSION_MODEL):
+            # only from a run that resumed none, which runs the model its session names.
+            self.default_model = reply.model
         if (self.continuations is not None and run.live and reply.done and not reply.error
                 and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
                 and not (reply.calls and reply.stop_reason == "max_tokens")  # a call cut short
                 and not reply.skipped_calls and run.alive()):
             run.model = reply.model or run.model
-            if reply.model and not plan.get("model"):
-                self.default_model = reply.model
             run.pending_calls = [(call_id(tool_id, n), name)
                                  for n, (tool_id, name, _) in enumerate(reply.calls)]
             if reply.total_cost_usd is not None:

@@ -7814,6 +7814,49 @@ class RealCliTest(RealCliTestCase):
         self.assertEqual(two["system"], one["system"], "the same system prompt, so the cache holds")
         self.assertTrue(wait_until(lambda: self.sessions_left() == []), self.sessions_left())
 
+    def test_resumed_requests_read_the_one_before_from_the_cache(self):
+        """Every turn resumed cold: each request must begin with what the one before wrote to
+        the prompt cache (its messages through its last cache breakpoint). CLI 2.1.332 sends
+        its environment message after the last user message of a session without its run
+        context; the proxy's session files carry it once a resumed run has shown it."""
+        messages, bodies = [], []
+        for n, text in enumerate(["My name is Ada.", "I live in Paris.", "I like tea.", "What is my name?"]):
+            messages.append({"role": "user", "content": text})
+            reply = self.ok({"messages": messages})["choices"][0]["message"]["content"]
+            self.assertEqual(reply, "Echo: " + text)
+            messages.append({"role": "assistant", "content": reply})
+            bodies.append(self.api.model_calls()[-1])
+        self.assertEqual(len(self.api.model_calls()), 4, "one model call per request")
+        last = self.turns(bodies[-1])
+        self.assertEqual([self.texts(m)[-1].strip() for m in last], [m["content"] for m in messages[:-1]],
+                         "the real turns, in order, none lost")
+        # The first resumed request (the second) shows the proxy the run context; from then on
+        # each request reads what the one before wrote, the third the first request's prefix.
+        for before, after in ((bodies[0], bodies[2]), (bodies[2], bodies[3])):
+            cached = self.cached_prefix(before)
+            self.assertGreaterEqual(len(cached), len(before["messages"]) - 1, "the breakpoint is on the last turn")
+            self.assertEqual([self.plain(m) for m in after["messages"][:len(cached)]], cached, "the next request reads it")
+        self.assertEqual(len({json.dumps(b["system"]) for b in bodies}), 1, "one system prompt")
+        self.assertEqual(len({b["model"] for b in bodies}), 1, "one model: the CLI's default, resumed or not")
+        self.assertTrue(wait_until(lambda: self.sessions_left() == []), self.sessions_left())
+
+    @staticmethod
+    def plain(message):
+        """A message as the prompt cache sees it: content as blocks, no cache breakpoints."""
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        return dict(message, content=[{k: v for k, v in b.items() if k != "cache_control"} for b in blocks])
+
+    @classmethod
+    def cached_prefix(cls, body):
+        """A request's messages through its last cache breakpoint (plain)."""
+        end = 0
+        for i, message in enumerate(body["messages"]):
+            content = message["content"]
+            if not isinstance(content, str) and any("cache_control" in b for b in content):
+                end = i + 1
+        return [cls.plain(m) for m in body["messages"][:end]]
+
     def test_a_kept_process_takes_the_next_turn(self):
         server = self.serve(pool_size=1)
         port = server.server_address[1]
