@@ -2015,8 +2015,11 @@ def cli_blocks(blocks, role):
 #: their fields (the text is rendered again), and adds a message at the end only for what
 #: differs from its own run: another working directory, model or date (checked with 2.1.332;
 #: 2.1.197 ignores them). The proxy cannot know a model's name as the CLI renders it, so it
-#: takes these from what a resumed run wrote in its session file (session_context).
-CONTEXT_ATTACHMENTS = ("environment", "model")
+#: takes these from what a resumed run wrote in its session file (session_context). For some
+#: models (claude-sonnet-4-6, not claude-opus-5-5) the CLI sends them as <system-reminder>
+#: blocks in the first user message instead, with one more, "<total_tokens>N tokens left",
+#: which it also adds to every later user message: a reminder kept after each user turn.
+CONTEXT_ATTACHMENTS = ("environment", "model", "total_tokens_reminder")
 
 
 def session_context(text):
@@ -2037,7 +2040,7 @@ def session_context(text):
     return found
 
 
-def session_lines(turns, session_id, cwd, model, deferred=None, context=()):
+def session_lines(turns, session_id, cwd, model, deferred=None, context=(), reminder=None):
     """A session file the CLI resumes as real turns: one entry per turn, chained by parentUuid.
     It must end with an assistant turn: resuming a session that ends with a user turn makes
     the CLI add an answer of its own ("No response requested."), and tool results cannot come
@@ -2045,7 +2048,8 @@ def session_lines(turns, session_id, cwd, model, deferred=None, context=()):
 
     context: attachments (CONTEXT_ATTACHMENTS, and the date) written after the first turn,
     where the CLI's own sessions have them, so that the run's context message sits where it
-    sat in the conversation's first request.
+    sat in the conversation's first request; reminder: one written after each later user turn
+    that is not tool results, as the CLI does.
 
     deferred: the one tool_use block of the last turn whose result the client has sent. The
     file then ends with the marker a PreToolUse hook's "defer" leaves (checked with 2.1.197):
@@ -2055,16 +2059,21 @@ def session_lines(turns, session_id, cwd, model, deferred=None, context=()):
     lines, parent = [], None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     for number, turn in enumerate(turns):
+        after = ()
         if number == 1:
-            for attachment in context:
-                entry_id = str(uuid.uuid4())
-                lines.append(json.dumps({
-                    "parentUuid": parent, "isSidechain": False, "type": "attachment",
-                    "attachment": attachment, "uuid": entry_id, "timestamp": stamp,
-                    "userType": "external", "entrypoint": "sdk-cli", "cwd": cwd,
-                    "sessionId": session_id, "version": SESSION_FORMAT_VERSION},
-                    ensure_ascii=False))
-                parent = entry_id
+            after = context
+        elif number > 1 and turns[number - 1]["role"] == "user" and reminder and not any(
+                b["type"] == "tool_result" for b in turns[number - 1]["content"]):
+            after = (reminder,)
+        for attachment in after:
+            entry_id = str(uuid.uuid4())
+            lines.append(json.dumps({
+                "parentUuid": parent, "isSidechain": False, "type": "attachment",
+                "attachment": attachment, "uuid": entry_id, "timestamp": stamp,
+                "userType": "external", "entrypoint": "sdk-cli", "cwd": cwd,
+                "sessionId": session_id, "version": SESSION_FORMAT_VERSION},
+                ensure_ascii=False))
+            parent = entry_id
         entry_id = str(uuid.uuid4())
         content = cli_blocks(turn["content"], turn["role"])
         if turn["role"] == "user":
@@ -3094,7 +3103,7 @@ class CliRunner:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(session_lines(history, session_id, os.path.realpath(cwd),
                                           plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL,
-                                          deferred, self.context_for(plan.get("model"))))
+                                          deferred, *self.context_for(plan.get("model"))))
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
@@ -3117,7 +3126,7 @@ class CliRunner:
 
     def learn_context(self, model, found):
         """Keep what a resumed run's session file says of its run (session_context), for the
-        session files of later runs: the environment, and the model's name per --model."""
+        session files of later runs: the environment, and per --model its name and reminder."""
         stamp = self.binary_stamp()
         with self._context_lock:
             if self._context_binary != stamp:
@@ -3125,20 +3134,23 @@ class CliRunner:
             if "environment" in found:
                 self._context["environment"] = found["environment"]
             if "model" in found:
-                self._context[("model", model)] = found["model"]
+                self._context[("model", model)] = (found["model"], found.get("total_tokens_reminder"))
 
     def context_for(self, model):
-        """The attachments a session file for a run of `model` starts with (session_lines):
-        none until a resumed run of this binary and model has shown them."""
+        """(attachments after the first turn, reminder after each later user turn) for the
+        session file of a run of `model` (session_lines): none until a resumed run of this
+        binary and model has shown them."""
         stamp = self.binary_stamp()
         with self._context_lock:
             if self._context_binary != stamp:
-                return ()
-            environment, named = self._context.get("environment"), self._context.get(("model", model))
+                return (), None
+            environment = self._context.get("environment")
+            named, reminder = self._context.get(("model", model), (None, None))
         if not environment or not named:
-            return ()
+            return (), None
         # The CLI's own date: its local one, as it renders "Today's date is ...".
-        return (environment, named, {"type": "date", "date": time.strftime("%Y-%m-%d")})
+        date = {"type": "date", "date": time.strftime("%Y-%m-%d")}
+        return (environment, named) + ((reminder,) if reminder else ()) + (date,), reminder
 
     def start(self, plan, scope=""):
         """A run for a parsed request, given its message. Never waits for the pool.

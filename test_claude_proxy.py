@@ -6181,14 +6181,22 @@ class ConversationTablesTest(unittest.TestCase):
         context = ({"type": "environment", "snapshot": {"workingDirectory": "/w"}},
                    {"type": "model", "identity": {"modelId": "claude-x"}, "text": "You are claude-x."},
                    {"type": "date", "date": "2026-12-06"})
-        cases = [((), ["user", "assistant", "user", "assistant"]),
-                 (context, ["user", "environment", "model", "date", "assistant", "user", "assistant"])]
-        for given, kinds in cases:
-            with self.subTest(context=len(given)):
-                lines = [json.loads(l) for l in cp.session_lines(turns, "sid", "/w", "claude-x", None, given).splitlines()]
+        reminder = {"type": "total_tokens_reminder", "text": "<total_tokens>9 tokens left</total_tokens>"}
+        tools = [turns[0], {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "f", "input": {}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "ok"}]},
+                 turns[3]]
+        cases = [(turns, (), None, ["user", "assistant", "user", "assistant"]),
+                 (turns, context, None, ["user", "environment", "model", "date", "assistant", "user", "assistant"]),
+                 (turns, context[:2] + (reminder,) + context[2:], reminder,
+                  ["user", "environment", "model", "total_tokens_reminder", "date", "assistant",
+                   "user", "total_tokens_reminder", "assistant"]),
+                 (tools, context, reminder, ["user", "environment", "model", "date", "assistant", "user", "assistant"])]
+        for history, given, every, kinds in cases:
+            with self.subTest(kinds=kinds):
+                lines = [json.loads(l) for l in cp.session_lines(history, "sid", "/w", "claude-x", None, given, every).splitlines()]
                 self.assertEqual([l["attachment"]["type"] if l["type"] == "attachment" else l["type"] for l in lines], kinds)
                 self.assertEqual([l["parentUuid"] for l in lines[1:]], [l["uuid"] for l in lines[:-1]], "one chain")
-                self.assertEqual([l["attachment"] for l in lines if l["type"] == "attachment"], list(given),
+                self.assertEqual([l["attachment"] for l in lines if l["type"] == "attachment"][:len(given)], list(given),
                                  "the attachments as given: the CLI renders their text itself")
                 self.assertEqual({l["sessionId"] for l in lines} | {l["cwd"] for l in lines}, {"sid", "/w"})
 
