@@ -1976,8 +1976,8 @@ def cli_config_dir(env):
 
 def session_name(path):
     """The name of the folder, in the CLI's projects folder, that holds the sessions of a
-    working directory: one per run, since each run has its own, so the user's own `claude
-    --resume` never lists it."""
+    working directory: the runs' own (ProxyFolder.cli_folder), so the user's own `claude
+    --resume` never lists them."""
     return SESSION_NAME.sub("-", os.path.realpath(path))
 
 
@@ -2416,7 +2416,7 @@ class CliRun:
         self._stdout_closed = False
         self._peeked = []
         self.sessions = None  # the session file it resumes, removed with it
-        self.shape_model = None  # the model it was started with (--model), None for the default
+        self.session_model = None  # the model its session file names (CliRunner.learn_context)
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
@@ -2617,7 +2617,7 @@ class CliRun:
         if self.sessions:  # the session file the run resumed, once read for what it learnt
             try:
                 with open(self.sessions, encoding="utf-8") as f:
-                    self.runner.learn_context(self.shape_model, session_context(f.read()))
+                    self.runner.learn_context(self.session_model, session_context(f.read()))
             except (OSError, UnicodeDecodeError):
                 pass
             try:
@@ -3090,7 +3090,7 @@ class CliRunner:
         # folder and go with it: nothing is left in TMPDIR.
         for name in ("TMPDIR", "TEMP", "TMP"):
             env[name] = workdir
-        session_id = path = None
+        session_id = path = model = None
         try:
             cwd = self.folders.cli_folder()
             if history:
@@ -3100,16 +3100,17 @@ class CliRunner:
                 os.makedirs(sessions, mode=0o700, exist_ok=True)
                 path = os.path.join(sessions, session_id + ".jsonl")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                # The model the session names: the one the CLI runs, given no --model.
+                model = plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(session_lines(history, session_id, os.path.realpath(cwd),
-                                          plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL,
-                                          deferred, *self.context_for(plan.get("model"))))
+                    f.write(session_lines(history, session_id, os.path.realpath(cwd), model,
+                                          deferred, *self.context_for(model)))
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path,
                                             session_id), env, workdir, shape, cwd)
-                run.sessions, run.shape_model = path, plan.get("model")
+                run.sessions, run.session_model = path, model
                 self._runs.add(run)
             return run
         except OSError as e:
@@ -3126,7 +3127,8 @@ class CliRunner:
 
     def learn_context(self, model, found):
         """Keep what a resumed run's session file says of its run (session_context), for the
-        session files of later runs: the environment, and per --model its name and reminder."""
+        session files of later runs: the environment, and per model (as the session named it,
+        which the CLI runs given no --model) its name and reminder."""
         stamp = self.binary_stamp()
         with self._context_lock:
             if self._context_binary != stamp:

@@ -6345,6 +6345,25 @@ class ConversationTest(ServerTestCase):
                                               "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}])
         self.assertTrue(wait_until(lambda: session_files() == []))
 
+    def test_a_session_names_the_default_model_a_new_run_reported(self):
+        """Given no --model, the CLI runs the model a resumed session names: the CLI's default,
+        learnt from a run that resumed none, even with no process kept."""
+        self.server.runner.default_model = None
+        self.addCleanup(setattr, self.server.runner, "default_model", None)
+        status, _, raw = self.chat({"messages": [{"role": "user", "content": "one"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(self.server.runner.default_model, "claude-sonnet-5", "the stub's default")
+        status, _, raw = self.chat({"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                                 {"role": "user", "content": "three"}]})
+        self.assertEqual(status, 200, raw)
+        [resumed] = [r for r in self.records() if "resumed" in r]
+        self.assertEqual(resumed["resumed"][1]["model"], "claude-sonnet-5")
+        self.server.runner.default_model = "claude-other-1"  # as if a resumed run reported its session's
+        status, _, raw = self.chat({"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                                 {"role": "user", "content": "four"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(self.server.runner.default_model, "claude-other-1", "not learnt from a resumed run")
+
     def test_resumed_sessions_carry_the_run_context_the_cli_wrote(self):
         """CLI 2.1.332 sends its environment message where a session file has its run context
         (CONTEXT_ATTACHMENTS): the first resumed run writes it, later ones get it back."""
