@@ -2023,8 +2023,8 @@ CONTEXT_ATTACHMENTS = ("environment", "model", "total_tokens_reminder")
 
 
 def session_context(text):
-    """The run context a session file's text holds: {"environment": attachment, "model":
-    attachment}, the last of each (a changed one is written again after the first)."""
+    """The run context a session file's text holds: {kind: attachment} for each kind of
+    CONTEXT_ATTACHMENTS it has, the last of each (a changed one is written again, later)."""
     found = {}
     for line in text.splitlines():
         try:
@@ -3268,7 +3268,7 @@ class CliRunner:
                        "instead, which the prompt cache cannot reuse. If CLAUDE_PATH is a wrapper "
                        "that gives the CLI another HOME or CLAUDE_CONFIG_DIR, /health shows where "
                        "the CLI said it keeps sessions." % (
-                           os.path.dirname(run.sessions or "") or "?",
+                           os.path.dirname(os.path.dirname(run.sessions or "")) or "?",
                            str((first or {}).get("errors") or "no output in %gs"
                                % RESUME_START_SECONDS)[:200]))
         return None

@@ -6410,6 +6410,8 @@ class ConversationTest(ServerTestCase):
         self.assertIn("HANGONRESUME", json.loads(answered["stdin"])["message"]["content"][0]["text"],
                       "the transcript carries the history")
         self.assertEqual(sum("did not load a session file" in line for line in LOG_LINES), 1)
+        self.assertTrue(any("wrote in %s (" % os.path.join(CONFIG_DIR, "projects") in line for line in LOG_LINES),
+                        "it names the CLI's projects folder")
         self.assertTrue(wait_until(lambda: session_files() == []))
         # The same CLI is not asked to resume again: every continuation would wait for it.
         status, _, raw = self.chat({"messages": [
