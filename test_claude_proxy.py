@@ -3228,6 +3228,38 @@ class MainTest(unittest.TestCase):
         self.assertEqual(os.listdir(tmpdir), [], "removed at shutdown")
         self.assertIsNone(cp.owner_gone(tmpdir), "no owner file: cannot be told")
 
+    def test_the_runs_session_folder_goes_at_shutdown_or_after_a_crash(self):
+        """All runs share one working directory, so their session files share one folder in
+        the CLI's projects folder: removed at shutdown, or by the next proxy after a crash."""
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        projects = tempfile.mkdtemp(prefix="claude-proxy-test-projects-")
+        self.addCleanup(shutil.rmtree, projects, True)
+        os.mkdir(os.path.join(projects, "-home-me-work"))  # the user's own sessions
+        for crash in (False, True):
+            saved, tempfile.tempdir = tempfile.tempdir, tmpdir
+            try:
+                folders = cp.ProxyFolder()
+                cwd = folders.cli_folder()
+                self.assertEqual(folders.cli_folder(), cwd, "one for every run")
+                folders.note_sessions(projects)
+            finally:
+                tempfile.tempdir = saved
+            self.assertEqual(os.listdir(cwd), [])
+            if os.name != "nt":
+                self.assertEqual(os.stat(cwd).st_mode & 0o777, 0o700)
+            sessions = os.path.join(projects, cp.session_name(cwd))
+            os.mkdir(sessions)
+            open(os.path.join(sessions, "s.jsonl"), "w").close()
+            if crash:  # the lock goes with the process; here, with its file descriptor
+                for _, fd in folders._folders.values():
+                    os.close(fd)
+                self.assertEqual(len(cp.remove_leftovers(tmpdir)), 1)
+            else:
+                folders.close()
+            self.assertEqual(os.listdir(projects), ["-home-me-work"], "crash" if crash else "shutdown")
+            self.assertEqual(os.listdir(tmpdir), [])
+
     def test_a_tool_call_waiting_for_a_killed_proxy_ends_by_itself(self):
         tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
         self.addCleanup(shutil.rmtree, tmpdir, True)
