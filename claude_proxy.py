@@ -2018,7 +2018,9 @@ def cli_blocks(blocks, role):
 #: takes these from what a resumed run wrote in its session file (session_context). For some
 #: models (claude-sonnet-4-6, not claude-opus-5-5) the CLI sends them as <system-reminder>
 #: blocks in the first user message instead, with one more, "<total_tokens>N tokens left",
-#: which it also adds to every later user message: a reminder kept after each user turn.
+#: which it also adds to every later user message: a reminder kept after each user turn. After
+#: tool results it puts a countdown (N tokens left) inside the last result instead, whose N the
+#: proxy cannot know: for such a model the cache is read only up to the first tool result.
 CONTEXT_ATTACHMENTS = ("environment", "model", "total_tokens_reminder")
 
 
