@@ -2020,7 +2020,7 @@ def cli_blocks(blocks, role):
 #: blocks in the first user message instead, with one more, "<total_tokens>N tokens left",
 #: which it also adds to every later user message: a reminder kept after each user turn. After
 #: tool results it puts a countdown (N tokens left) inside the last result instead, whose N the
-#: proxy cannot know: for such a model the cache is read only up to the first tool result.
+#: proxy cannot know: for such a model a resumed tool loop is not read back in full.
 CONTEXT_ATTACHMENTS = ("environment", "model", "total_tokens_reminder")
 
 
