@@ -1960,6 +1960,9 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
             "--verbose", "--include-partial-messages", "--no-session-persistence",
             "--tools", "", "--strict-mcp-config", "--system-prompt-file", system_prompt_path]
     if resume:
+        # A resumed run writes on in the proxy's own session file (removed with the run): what
+        # the CLI adds there is how the proxy learns the run context it says (session_context).
+        argv.remove("--no-session-persistence")
         argv += ["--resume", resume]
     if plan.get("tools"):
         # The client's functions, through this file's MCP mode. A reply that calls them is
@@ -2020,8 +2023,8 @@ def cli_config_dir(env):
 
 def session_name(path):
     """The name of the folder, in the CLI's projects folder, that holds the sessions of a
-    working directory: one per run, since each run has its own, so the user's own `claude
-    --resume` never lists it."""
+    working directory: the runs' own (ProxyFolder.cli_folder), so the user's own `claude
+    --resume` never lists them."""
     return SESSION_NAME.sub("-", os.path.realpath(path))
 
 
@@ -2050,11 +2053,52 @@ def cli_blocks(blocks, role):
     return out
 
 
-def session_lines(turns, session_id, cwd, model, deferred=None):
+#: What CLI 2.1.332 tells the model about its run: a system message, "# Environment" (working
+#: directory, platform, shell, OS), the model's name and today's date, kept in its sessions as
+#: attachment entries after the first user turn. A new run sends that message right after the
+#: first user message, with the cache breakpoint on it. Resuming a session without them, the
+#: CLI sends it after the LAST user message, so no resumed request starts with the prefix the
+#: one before wrote to the prompt cache. Given them, it sends the message where they sit, from
+#: their fields (the text is rendered again), and adds a message at the end only for what
+#: differs from its own run: another working directory, model or date (checked with 2.1.332;
+#: 2.1.197 ignores them). The proxy cannot know a model's name as the CLI renders it, so it
+#: takes these from what a resumed run wrote in its session file (session_context). For some
+#: models (claude-sonnet-4-6, not claude-opus-5-5) the CLI sends them as <system-reminder>
+#: blocks in the first user message instead, with one more, "<total_tokens>N tokens left",
+#: which it also adds to every later user message: a reminder kept after each user turn. After
+#: tool results it puts a countdown (N tokens left) inside the last result instead, whose N the
+#: proxy cannot know: for such a model a resumed tool loop is not read back in full.
+CONTEXT_ATTACHMENTS = ("environment", "model", "total_tokens_reminder")
+
+
+def session_context(text):
+    """The run context a session file's text holds: {kind: attachment} for each kind of
+    CONTEXT_ATTACHMENTS it has, the last of each (a changed one is written again, later)."""
+    found = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        attachment = entry.get("attachment")
+        if (entry.get("type") == "attachment" and isinstance(attachment, dict)
+                and attachment.get("type") in CONTEXT_ATTACHMENTS):
+            found[attachment["type"]] = attachment
+    return found
+
+
+def session_lines(turns, session_id, cwd, model, deferred=None, context=(), reminder=None):
     """A session file the CLI resumes as real turns: one entry per turn, chained by parentUuid.
     It must end with an assistant turn: resuming a session that ends with a user turn makes
     the CLI add an answer of its own ("No response requested."), and tool results cannot come
     on stdin (the CLI drops a tool_use it finds unanswered in the session).
+
+    context: attachments (CONTEXT_ATTACHMENTS, and the date) written after the first turn,
+    where the CLI's own sessions have them, so that the run's context message sits where it
+    sat in the conversation's first request; reminder: one written after each later user turn
+    that is not tool results, as the CLI does.
 
     deferred: the one tool_use block of the last turn whose result the client has sent. The
     file then ends with the marker a PreToolUse hook's "defer" leaves (checked with 2.1.197):
@@ -2064,6 +2108,21 @@ def session_lines(turns, session_id, cwd, model, deferred=None):
     lines, parent = [], None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
     for number, turn in enumerate(turns):
+        after = ()
+        if number == 1:
+            after = context
+        elif number > 1 and turns[number - 1]["role"] == "user" and reminder and not any(
+                b["type"] == "tool_result" for b in turns[number - 1]["content"]):
+            after = (reminder,)
+        for attachment in after:
+            entry_id = str(uuid.uuid4())
+            lines.append(json.dumps({
+                "parentUuid": parent, "isSidechain": False, "type": "attachment",
+                "attachment": attachment, "uuid": entry_id, "timestamp": stamp,
+                "userType": "external", "entrypoint": "sdk-cli", "cwd": cwd,
+                "sessionId": session_id, "version": SESSION_FORMAT_VERSION},
+                ensure_ascii=False))
+            parent = entry_id
         entry_id = str(uuid.uuid4())
         content = cli_blocks(turn["content"], turn["role"])
         if turn["role"] == "user":
@@ -2416,7 +2475,7 @@ def start_failure(error):
 
 
 class CliRun:
-    """One `claude -p` process: started in a private empty directory and its own process group,
+    """One `claude -p` process: started in the runs' empty directory and its own process group,
     given one message, read event by event, and stopped (the whole group) whatever happens.
 
     It may be started ahead of its request (the warm pool): the CLI prints nothing and calls
@@ -2425,7 +2484,7 @@ class CliRun:
     the CLI then holds the conversation as real turns, and the next turn is one more line (or,
     after tool calls, the results the MCP bridge is waiting for)."""
 
-    def __init__(self, runner, argv, env, workdir, shape=None):
+    def __init__(self, runner, argv, env, workdir, shape=None, cwd=None):
         self.runner = runner
         self.workdir = workdir
         self.shape = shape
@@ -2453,7 +2512,8 @@ class CliRun:
         self._stdout_reader = False
         self._stdout_closed = False
         self._peeked = []
-        self.sessions = None  # the folder of the session file it resumes, removed with it
+        self.sessions = None  # the session file it resumes, removed with it
+        self.session_model = None  # the model its session file names (CliRunner.learn_context)
         self._priming = None  # the thread reading the CLI's answer to the prime (see prime())
         kwargs = {}
         if os.name == "nt":
@@ -2461,7 +2521,7 @@ class CliRun:
         else:
             kwargs["start_new_session"] = True  # its own process group: stop it and its children
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=workdir, env=env, **kwargs)
+                                     stderr=subprocess.PIPE, cwd=cwd or workdir, env=env, **kwargs)
         try:  # for the next proxy, should this one die without stopping it (remove_leftovers)
             with open(workdir + CLI_PID_SUFFIX, "w", encoding="utf-8") as f:
                 f.write("%d %s" % (self.proc.pid, process_start(self.proc.pid) or "-"))
@@ -2681,8 +2741,16 @@ class CliRun:
             os.remove(self.workdir + CLI_PID_SUFFIX)
         except OSError:
             pass
-        if self.sessions:  # the session file the run resumed, and its folder
-            shutil.rmtree(self.sessions, ignore_errors=True)
+        if self.sessions:  # the session file the run resumed, once read for what it learnt
+            try:
+                with open(self.sessions, encoding="utf-8") as f:
+                    self.runner.learn_context(self.session_model, session_context(f.read()))
+            except (OSError, UnicodeDecodeError):
+                pass
+            try:
+                os.remove(self.sessions)
+            except OSError:
+                pass
         self.runner.forget(self)
 
     def __enter__(self):
@@ -2749,6 +2817,7 @@ def shape_label(shape):
 PROXY_FOLDER_PREFIX = "claude-proxy-"
 OWNER_FILE = "owner.lock"
 SESSION_ROOTS_FILE = "session-roots"
+CLI_FOLDER = "cwd"  # the runs' working directory (ProxyFolder.cli_folder)
 CLI_PID_SUFFIX = ".pid"  # beside a run's folder: "<pid> <start time>" of the CLI it runs
 
 
@@ -2890,6 +2959,17 @@ class ProxyFolder:
         """A new private folder (0700) for one run, inside this proxy's folder."""
         return tempfile.mkdtemp(prefix="run-", dir=self.folder())
 
+    def cli_folder(self):
+        """The working directory of every run: one empty folder (0700) in this proxy's folder.
+        The CLI names it to the model (CONTEXT_ATTACHMENTS) and keeps sessions by it: one for
+        all runs keeps that text, and so the cached prefix, the same from run to run."""
+        folder = os.path.join(self.folder(), CLI_FOLDER)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        return folder
+
     def note_sessions(self, root):
         """Session folders may be made in `root`: the next proxy removes ours there if we die."""
         with self._lock:
@@ -2913,6 +2993,9 @@ class ProxyFolder:
         with self._lock:
             folders, self._folders, self._closed = list(self._folders.values()), {}, True
         for folder, fd in folders:
+            for root in self._roots:  # where resumed runs' session files were
+                shutil.rmtree(os.path.join(root, session_name(os.path.join(folder, CLI_FOLDER))),
+                              ignore_errors=True)
             os.close(fd)
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -2969,6 +3052,8 @@ class CliRunner:
         self._version_lock = threading.Lock()
         self._version = self._version_stamp = None
         self.folders = ProxyFolder()
+        self._context_lock = threading.Lock()
+        self._context_binary, self._context = None, {}  # learn_context
         self._check_lock = threading.Lock()
         self._check = CliCheck(checked=False)  # main() turns checking on (check_cli)
         self._deferred_failed = None  # the binary stamp of a CLI that ignored a deferred call
@@ -3148,38 +3233,69 @@ class CliRunner:
         # folder and go with it: nothing is left in TMPDIR.
         for name in ("TMPDIR", "TEMP", "TMP"):
             env[name] = workdir
-        session_id = sessions = None
+        session_id = path = model = None
         try:
+            cwd = self.folders.cli_folder()
             if history:
                 session_id = str(uuid.uuid4())
-                sessions = os.path.join(self.sessions_root(env), session_name(workdir))
+                sessions = os.path.join(self.sessions_root(env), session_name(cwd))
                 self.folders.note_sessions(os.path.dirname(sessions))
-                os.makedirs(sessions, mode=0o700)
+                os.makedirs(sessions, mode=0o700, exist_ok=True)
                 path = os.path.join(sessions, session_id + ".jsonl")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                # The model the session names: the one the CLI runs, given no --model.
+                model = plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(session_lines(history, session_id, os.path.realpath(workdir),
-                                          plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL,
-                                          deferred))
+                    f.write(session_lines(history, session_id, os.path.realpath(cwd), model,
+                                          deferred, *self.context_for(model)))
             with self._lock:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path,
-                                            session_id), env, workdir, shape)
-                run.sessions = sessions
+                                            session_id), env, workdir, shape, cwd)
+                run.sessions, run.session_model = path, model
                 self._runs.add(run)
             return run
         except OSError as e:
             shutil.rmtree(workdir, ignore_errors=True)
-            if sessions:
-                shutil.rmtree(sessions, ignore_errors=True)
+            if path and os.path.exists(path):
+                os.remove(path)
             log("cannot start the claude CLI at %s: %s" % (self.claude_path, e))
             raise start_failure(e)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
-            if sessions:
-                shutil.rmtree(sessions, ignore_errors=True)
+            if path and os.path.exists(path):
+                os.remove(path)
             raise
+
+    def learn_context(self, model, found):
+        """Keep what a resumed run's session file says of its run (session_context), for the
+        session files of later runs: the environment, and per model (as the session named it,
+        which the CLI runs given no --model) its name and reminder."""
+        stamp = self.binary_stamp()
+        with self._context_lock:
+            if self._context_binary != stamp:
+                self._context_binary, self._context = stamp, {}
+            if "environment" in found:
+                self._context["environment"] = found["environment"]
+            if "model" in found:
+                self._context[("model", model)] = (found["model"], found.get("total_tokens_reminder"))
+
+    def context_for(self, model):
+        """(attachments after the first turn, reminder after each later user turn) for the
+        session file of a run of `model` (session_lines): none until a resumed run of this
+        binary and model has shown them."""
+        stamp = self.binary_stamp()
+        with self._context_lock:
+            if self._context_binary != stamp:
+                return (), None
+            environment = self._context.get("environment")
+            named, reminder = self._context.get(("model", model), (None, None))
+        if not environment or not named:
+            return (), None
+        # The CLI's own date: its local one, as it renders "Today's date is ...".
+        date = {"type": "date", "date": time.strftime("%Y-%m-%d")}
+        return (environment, named) + ((reminder,) if reminder else ()) + (date,), reminder
 
     def start(self, plan, scope=""):
         """A run for a parsed request, given its message. Never waits for the pool.
@@ -3295,7 +3411,7 @@ class CliRunner:
                        "instead, which the prompt cache cannot reuse. If CLAUDE_PATH is a wrapper "
                        "that gives the CLI another HOME or CLAUDE_CONFIG_DIR, /health shows where "
                        "the CLI said it keeps sessions." % (
-                           os.path.dirname(run.sessions or "") or "?",
+                           os.path.dirname(os.path.dirname(run.sessions or "")) or "?",
                            str((first or {}).get("errors") or "no output in %gs"
                                % RESUME_START_SECONDS)[:200]))
         return None
@@ -3326,13 +3442,15 @@ class CliRunner:
     def finish(self, run, plan, reply, scope=""):
         """After a request: keep its run for the conversation's next turn if it can serve it
         (a live process whose reply was complete and sent as the CLI holds it), else stop it."""
+        if reply.model and not plan.get("model") and not run.sessions:
+            # The CLI's default model, for the session files of later runs (DEFAULT_SESSION_MODEL):
+            # only from a run that resumed none, which runs the model its session names.
+            self.default_model = reply.model
         if (self.continuations is not None and run.live and reply.done and not reply.error
                 and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
                 and not (reply.calls and reply.stop_reason == "max_tokens")  # a call cut short
                 and not reply.skipped_calls and run.alive()):
             run.model = reply.model or run.model
-            if reply.model and not plan.get("model"):
-                self.default_model = reply.model
             run.pending_calls = [(call_id(tool_id, n), name)
                                  for n, (tool_id, name, _) in enumerate(reply.calls)]
             if reply.total_cost_usd is not None:

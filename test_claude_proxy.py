@@ -152,7 +152,7 @@ record = {"pid": os.getpid(), "started_at": time.time(), "argv": sys.argv, "cwd"
           "env": {k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT",
                   "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CLAUDE_CODE_MAX_OUTPUT_TOKENS",
                   "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_DISABLE_CLAUDE_MDS", "FORCE_PROMPT_CACHING_5M",
-                  "ENABLE_PROMPT_CACHING_1H", "CLAUDE_CODE_DISABLE_ATTACHMENTS", "DISABLE_AUTO_COMPACT")}}
+                  "ENABLE_PROMPT_CACHING_1H", "CLAUDE_CODE_DISABLE_ATTACHMENTS", "DISABLE_AUTO_COMPACT", "TMPDIR")}}
 if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
@@ -242,6 +242,21 @@ if flags.get("--resume"):
         deferred_call = entries[-1]["attachment"]  # the real CLI runs it at once on resume
         record["deferred"] = deferred_call
     record["resumed"] = list(history)
+    # What the session file holds, in order: turns by role, attachments by kind.
+    record["session_entries"] = [e["attachment"]["type"] if e.get("type") == "attachment" else e["type"]
+                                 for e in entries]
+    record["session_context"] = [e["attachment"] for e in entries if e.get("type") == "attachment"
+                                 and e["attachment"]["type"] in ("environment", "model", "date")]
+    if "--no-session-persistence" not in sys.argv:
+        # As CLI 2.1.332 does, it writes on in the session: its run context, when the file has
+        # none (or another) after the first user turn.
+        own = [{"type": "environment", "snapshot": {"workingDirectory": os.getcwd(), "platform": sys.platform}},
+               {"type": "model", "identity": {"modelId": model}, "text": "You are " + model + "."}]
+        with open(session_path, "a") as f:
+            for attachment in own:
+                if attachment not in record["session_context"]:
+                    f.write(json.dumps({"type": "attachment", "attachment": attachment, "uuid": str(uuid.uuid4()),
+                                        "parentUuid": entries[-1].get("uuid")}) + "\n")
     save()
     if any(m["role"] == "assistant" and "model" not in m for m in history) or "HANGONRESUME" in json.dumps(history):
         time.sleep(600)  # the real CLI hangs, silent, on a session it cannot load
@@ -1635,13 +1650,13 @@ class ChatTest(ServerTestCase):
         self.assertEqual(record["system_prompt"], "SYSTEM " + secret)
         self.assertEqual(json.loads(record["stdin"])["message"]["content"],
                          [{"type": "text", "text": "USER " + secret}])
-        self.assertEqual(record["cwd_entries"], ["system-prompt.txt"], "an empty private working dir")
+        self.assertEqual(record["cwd_entries"], [], "an empty working dir: the run's files are elsewhere")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_DISABLE_ATTACHMENTS"], "1")
         self.assertEqual(record["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "99")
         self.assertIsNone(record["env"]["CLAUDECODE"])
-        self.assertFalse(os.path.exists(record["cwd"]), "the private dir and prompt file are removed")
+        self.assertFalse(os.path.exists(record["env"]["TMPDIR"]), "the private dir and prompt file are removed")
         self.assertFalse(pid_alive(record["pid"]))
 
     def test_default_system_prompt(self):
@@ -3352,6 +3367,38 @@ class MainTest(unittest.TestCase):
         folders.close()
         self.assertEqual(os.listdir(tmpdir), [], "removed at shutdown")
         self.assertIsNone(cp.owner_gone(tmpdir), "no owner file: cannot be told")
+
+    def test_the_runs_session_folder_goes_at_shutdown_or_after_a_crash(self):
+        """All runs share one working directory, so their session files share one folder in
+        the CLI's projects folder: removed at shutdown, or by the next proxy after a crash."""
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        projects = tempfile.mkdtemp(prefix="claude-proxy-test-projects-")
+        self.addCleanup(shutil.rmtree, projects, True)
+        os.mkdir(os.path.join(projects, "-home-me-work"))  # the user's own sessions
+        for crash in (False, True):
+            saved, tempfile.tempdir = tempfile.tempdir, tmpdir
+            try:
+                folders = cp.ProxyFolder()
+                cwd = folders.cli_folder()
+                self.assertEqual(folders.cli_folder(), cwd, "one for every run")
+                folders.note_sessions(projects)
+            finally:
+                tempfile.tempdir = saved
+            self.assertEqual(os.listdir(cwd), [])
+            if os.name != "nt":
+                self.assertEqual(os.stat(cwd).st_mode & 0o777, 0o700)
+            sessions = os.path.join(projects, cp.session_name(cwd))
+            os.mkdir(sessions)
+            open(os.path.join(sessions, "s.jsonl"), "w").close()
+            if crash:  # the lock goes with the process; here, with its file descriptor
+                for _, fd in folders._folders.values():
+                    os.close(fd)
+                self.assertEqual(len(cp.remove_leftovers(tmpdir)), 1)
+            else:
+                folders.close()
+            self.assertEqual(os.listdir(projects), ["-home-me-work"], "crash" if crash else "shutdown")
+            self.assertEqual(os.listdir(tmpdir), [])
 
     def test_a_tool_call_waiting_for_a_killed_proxy_ends_by_itself(self):
         tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
@@ -6296,6 +6343,51 @@ class ConversationTablesTest(unittest.TestCase):
                          [{"type": "tool_result", "tool_use_id": "toolu_abc", "content": "", "is_error": True}])
         self.assertEqual(lines[3]["message"]["content"][0], {"type": "thinking", "thinking": "ok", "signature": "sig"})
 
+    def test_session_file_run_context(self):
+        """The run context CLI 2.1.332 keeps in its sessions goes right after the first turn,
+        where a new run puts its environment message, and the chain runs through it."""
+        turns = [{"role": "user", "content": [{"type": "text", "text": "one"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "three"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "four"}]}]
+        context = ({"type": "environment", "snapshot": {"workingDirectory": "/w"}},
+                   {"type": "model", "identity": {"modelId": "claude-x"}, "text": "You are claude-x."},
+                   {"type": "date", "date": "2026-12-06"})
+        reminder = {"type": "total_tokens_reminder", "text": "<total_tokens>9 tokens left</total_tokens>"}
+        tools = [turns[0], {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "f", "input": {}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "ok"}]},
+                 turns[3]]
+        cases = [(turns, (), None, ["user", "assistant", "user", "assistant"]),
+                 (turns, context, None, ["user", "environment", "model", "date", "assistant", "user", "assistant"]),
+                 (turns, context[:2] + (reminder,) + context[2:], reminder,
+                  ["user", "environment", "model", "total_tokens_reminder", "date", "assistant",
+                   "user", "total_tokens_reminder", "assistant"]),
+                 (tools, context, reminder, ["user", "environment", "model", "date", "assistant", "user", "assistant"])]
+        for history, given, every, kinds in cases:
+            with self.subTest(kinds=kinds):
+                lines = [json.loads(l) for l in cp.session_lines(history, "sid", "/w", "claude-x", None, given, every).splitlines()]
+                self.assertEqual([l["attachment"]["type"] if l["type"] == "attachment" else l["type"] for l in lines], kinds)
+                self.assertEqual([l["parentUuid"] for l in lines[1:]], [l["uuid"] for l in lines[:-1]], "one chain")
+                self.assertEqual([l["attachment"] for l in lines if l["type"] == "attachment"][:len(given)], list(given),
+                                 "the attachments as given: the CLI renders their text itself")
+                self.assertEqual({l["sessionId"] for l in lines} | {l["cwd"] for l in lines}, {"sid", "/w"})
+
+    def test_run_context_read_from_a_session_file(self):
+        environment = {"type": "environment", "snapshot": {"workingDirectory": "/w"}}
+        model = {"type": "model", "identity": {"modelId": "claude-x"}, "text": "You are claude-x."}
+        newer = dict(environment, snapshot={"workingDirectory": "/v"})
+        def line(attachment):
+            return json.dumps({"type": "attachment", "attachment": attachment, "uuid": "u"})
+        cases = [("", {}),
+                 (cp.session_lines([{"role": "user", "content": [cp.text_block("hi")]}], "s", "/w", "m"), {}),
+                 ("\n".join([line(environment), "not json", line(model), line({"type": "date", "date": "x"})]),
+                  {"environment": environment, "model": model}),
+                 ("\n".join([line(environment), line(newer)]), {"environment": newer}),
+                 (json.dumps({"type": "attachment", "attachment": "odd"}) + "\n[1]", {})]
+        for text, expected in cases:
+            with self.subTest(text=text[:60]):
+                self.assertEqual(cp.session_context(text), expected)
+
     def test_tool_ids_the_api_accepts(self):
         cases = [("call_abc", "toolu_abc"), ("toolu_x-1", "toolu_x-1"), ("fc_1", "fc_1")]
         for client, want in cases:
@@ -6425,6 +6517,55 @@ class ConversationTest(ServerTestCase):
                                               "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}])
         self.assertTrue(wait_until(lambda: session_files() == []))
 
+    def test_a_session_names_the_default_model_a_new_run_reported(self):
+        """Given no --model, the CLI runs the model a resumed session names: the CLI's default,
+        learnt from a run that resumed none, even with no process kept."""
+        self.server.runner.default_model = None
+        self.addCleanup(setattr, self.server.runner, "default_model", None)
+        status, _, raw = self.chat({"messages": [{"role": "user", "content": "one"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(self.server.runner.default_model, "claude-sonnet-5", "the stub's default")
+        status, _, raw = self.chat({"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                                 {"role": "user", "content": "three"}]})
+        self.assertEqual(status, 200, raw)
+        [resumed] = [r for r in self.records() if "resumed" in r]
+        self.assertEqual(resumed["resumed"][1]["model"], "claude-sonnet-5")
+        self.server.runner.default_model = "claude-other-1"  # as if a resumed run reported its session's
+        status, _, raw = self.chat({"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                                 {"role": "user", "content": "four"}]})
+        self.assertEqual(status, 200, raw)
+        self.assertEqual(self.server.runner.default_model, "claude-other-1", "not learnt from a resumed run")
+
+    def test_resumed_sessions_carry_the_run_context_the_cli_wrote(self):
+        """CLI 2.1.332 sends its environment message where a session file has its run context
+        (CONTEXT_ATTACHMENTS): the first resumed run writes it, later ones get it back."""
+        self.server.runner._context = {}
+        self.addCleanup(setattr, self.server.runner, "_context", {})
+        turns = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                 {"role": "user", "content": "three"}]
+        status, _, raw = self.chat({"model": "opus", "messages": turns})
+        self.assertEqual(status, 200, raw)
+        [first] = self.records()
+        self.assertNotIn("--no-session-persistence", first["argv"], "the CLI writes on in the proxy's session")
+        self.assertEqual(first["session_entries"], ["user", "assistant"], "nothing learnt yet")
+        self.assertTrue(wait_until(lambda: session_files() == []))
+        turns += [{"role": "assistant", "content": "four"}, {"role": "user", "content": "five"}]
+        status, _, raw = self.chat({"model": "opus", "messages": turns})
+        self.assertEqual(status, 200, raw)
+        second = [r for r in self.records() if r["pid"] != first["pid"]][0]
+        self.assertEqual(second["session_entries"], ["user", "environment", "model", "date", "assistant", "user", "assistant"])
+        environment, model, date = second["session_context"]
+        self.assertEqual(environment["snapshot"]["workingDirectory"], first["cwd"], "as the CLI wrote it")
+        self.assertEqual(second["cwd"], first["cwd"], "every run in the same working directory")
+        self.assertEqual(model, {"type": "model", "identity": {"modelId": "claude-opus-5"}, "text": "You are claude-opus-5."})
+        self.assertEqual(date, {"type": "date", "date": time.strftime("%Y-%m-%d")})
+        # Another model's name is not known yet: no run context rather than a wrong one.
+        status, _, raw = self.chat({"model": "haiku", "messages": turns})
+        self.assertEqual(status, 200, raw)
+        third = [r for r in self.records() if r["pid"] not in (first["pid"], second["pid"])][0]
+        self.assertEqual(third["session_entries"], ["user", "assistant", "user", "assistant"])
+        self.assertTrue(wait_until(lambda: session_files() == []))
+
     def test_a_session_the_cli_cannot_load_falls_back_to_the_transcript(self):
         saved = cp.RESUME_START_SECONDS
         cp.RESUME_START_SECONDS = 1.0
@@ -6441,6 +6582,8 @@ class ConversationTest(ServerTestCase):
         self.assertIn("HANGONRESUME", json.loads(answered["stdin"])["message"]["content"][0]["text"],
                       "the transcript carries the history")
         self.assertEqual(sum("did not load a session file" in line for line in LOG_LINES), 1)
+        self.assertTrue(any("wrote in %s (" % os.path.join(CONFIG_DIR, "projects") in line for line in LOG_LINES),
+                        "it names the CLI's projects folder")
         self.assertTrue(wait_until(lambda: session_files() == []))
         # The same CLI is not asked to resume again: every continuation would wait for it.
         status, _, raw = self.chat({"messages": [
@@ -7473,7 +7616,7 @@ class DocumentServerTest(ServerTestCase):
         [record] = self.records()
         self.assertEqual(record["resumed"][0]["content"], [pdf_document("r.pdf"), cp.text_block("Summarise")])
         self.assertTrue(wait_until(lambda: session_files() == []), "the session file goes with its run")
-        self.assertFalse(os.path.exists(record["cwd"]))
+        self.assertFalse(os.path.exists(record["env"]["TMPDIR"]))
         # The transcript: the document keeps its place in the history.
         self.setUp()
         server = self.serve(history="transcript")
@@ -7967,6 +8110,49 @@ class RealCliTest(RealCliTestCase):
         self.assertIn("What is my name?", self.texts(turns[2]))
         self.assertEqual(two["system"], one["system"], "the same system prompt, so the cache holds")
         self.assertTrue(wait_until(lambda: self.sessions_left() == []), self.sessions_left())
+
+    def test_resumed_requests_read_the_one_before_from_the_cache(self):
+        """Every turn resumed cold: each request must begin with what the one before wrote to
+        the prompt cache (its messages through its last cache breakpoint). CLI 2.1.332 sends
+        its environment message after the last user message of a session without its run
+        context; the proxy's session files carry it once a resumed run has shown it."""
+        messages, bodies = [], []
+        for n, text in enumerate(["My name is Ada.", "I live in Paris.", "I like tea.", "What is my name?"]):
+            messages.append({"role": "user", "content": text})
+            reply = self.ok({"messages": messages})["choices"][0]["message"]["content"]
+            self.assertEqual(reply, "Echo: " + text)
+            messages.append({"role": "assistant", "content": reply})
+            bodies.append(self.api.model_calls()[-1])
+        self.assertEqual(len(self.api.model_calls()), 4, "one model call per request")
+        last = self.turns(bodies[-1])
+        self.assertEqual([self.texts(m)[-1].strip() for m in last], [m["content"] for m in messages[:-1]],
+                         "the real turns, in order, none lost")
+        # The first resumed request (the second) shows the proxy the run context; from then on
+        # each request reads what the one before wrote, the third the first request's prefix.
+        for before, after in ((bodies[0], bodies[2]), (bodies[2], bodies[3])):
+            cached = self.cached_prefix(before)
+            self.assertGreaterEqual(len(cached), len(before["messages"]) - 1, "the breakpoint is on the last turn")
+            self.assertEqual([self.plain(m) for m in after["messages"][:len(cached)]], cached, "the next request reads it")
+        self.assertEqual(len({json.dumps(b["system"]) for b in bodies}), 1, "one system prompt")
+        self.assertEqual(len({b["model"] for b in bodies}), 1, "one model: the CLI's default, resumed or not")
+        self.assertTrue(wait_until(lambda: self.sessions_left() == []), self.sessions_left())
+
+    @staticmethod
+    def plain(message):
+        """A message as the prompt cache sees it: content as blocks, no cache breakpoints."""
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        return dict(message, content=[{k: v for k, v in b.items() if k != "cache_control"} for b in blocks])
+
+    @classmethod
+    def cached_prefix(cls, body):
+        """A request's messages through its last cache breakpoint (plain)."""
+        end = 0
+        for i, message in enumerate(body["messages"]):
+            content = message["content"]
+            if not isinstance(content, str) and any("cache_control" in b for b in content):
+                end = i + 1
+        return [cls.plain(m) for m in body["messages"][:end]]
 
     def test_a_kept_process_takes_the_next_turn(self):
         server = self.serve(pool_size=1)
