@@ -2559,6 +2559,12 @@ class CliRun:
                 self._timer.cancel()
                 self._timer = None
 
+    def totals(self):
+        """What the CLI's result has added up over this process's life so far, for the next
+        reply's translator: (total_cost_usd, usage of this message's calls already answered,
+        modelUsage totals)."""
+        return self.cost_seen, dict(self.usage_before), dict(self.model_usage_seen)
+
     def give_results(self, results):
         """Tool results for the calls the MCP bridge is waiting on (see mcp_serve): one file
         each, numbered in the order the CLI makes the calls, each written whole at once."""
@@ -3441,12 +3447,18 @@ class CliRunner:
 
     def finish(self, run, plan, reply, scope=""):
         """After a request: keep its run for the conversation's next turn if it can serve it
-        (a live process whose reply was complete and sent as the CLI holds it), else stop it."""
+        (a live process whose reply was complete and sent as the CLI holds it), else stop it.
+        reply: the run's translator; None when the reply could not be read or sent whole."""
+        if reply is None:
+            run.stop()
+            return
         if reply.model and not plan.get("model") and not run.sessions:
             # The CLI's default model, for the session files of later runs (DEFAULT_SESSION_MODEL):
             # only from a run that resumed none, which runs the model its session names.
             self.default_model = reply.model
+        # A run that reached --max-budget-usd would refuse its next turn: not kept.
         if (self.continuations is not None and run.live and reply.done and not reply.error
+                and not reply.budget_reached
                 and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
                 and not (reply.calls and reply.stop_reason == "max_tokens")  # a call cut short
                 and not reply.skipped_calls and run.alive()):
@@ -3907,7 +3919,7 @@ class ReplyTranslator:
     results (see Continuations), and no result event comes."""
 
     def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
-                 live_structured=False, rate_limit=None):
+                 live_structured=False, rate_limit=None, totals=None):
         self.stop = list(stop)
         # The subscriber's plan as the CLI last reported it (a rate_limit_event's info): a kept
         # process prints one only when the figures change, so the proxy's last one stands in.
@@ -3927,9 +3939,8 @@ class ReplyTranslator:
         # A kept run's result counts more than this request: total_cost_usd adds up over the
         # process's life, and usage over one message's model calls, the calls of a tool loop
         # answered earlier included. What those came to is taken off (see CliRunner.finish).
-        self.cost_before = 0.0
-        self.usage_before = {}
-        self.model_usage_before = {}
+        # totals: the run's (cost, usage, modelUsage) so far, as CliRun.totals() gives them.
+        self.cost_before, self.usage_before, self.model_usage_before = totals or (0.0, {}, {})
         self.total_cost_usd = None
         self.model_usage_total = None  # modelUsage summed over models: it adds up like the cost
         self.budget_reached = False  # the run reached --max-budget-usd: it takes no more calls
@@ -5857,6 +5868,193 @@ class PlanLimits:
         return "\n".join(lines) + "\n"
 
 
+# Answering a request ########################################################################
+#: One owner of a request's life, with no HTTP in it: Proxy holds the stateful parts (the
+#: runner and its processes, admission, spend, the plan's limits, the cache lifetimes, metrics,
+#: stored responses) and answers a parsed request into a dialect's sink: aliases and budgets
+#: applied, the plan's limits asked, a run slot taken, the run started, its events translated
+#: and handed to the sink, the run kept or stopped, its cost counted, errors rendered.
+
+
+class RequestClient:
+    """What the proxy knows of a request's client: its scope (whose conversations are its own:
+    a hash of its API key), its socket (to notice a hang-up) and when its request began."""
+
+    __slots__ = ("scope", "connection", "started")
+
+    def __init__(self, scope, connection, started):
+        self.scope, self.connection, self.started = scope, connection, started
+
+
+class AnswerLog:
+    """What an answered request leaves for the access log and the reply's headers (headers:
+    the handler's own dict, read when the reply's headers are written)."""
+
+    __slots__ = ("model", "usage", "error", "cost", "headers")
+
+    def __init__(self, headers):
+        self.model, self.usage, self.error, self.cost = "-", None, None, None
+        self.headers = headers
+
+
+class Proxy:
+    """Owns every request's life after parsing, and the stateful parts it needs, built once by
+    ProxyServer from the Config."""
+
+    def __init__(self, config, runner=None):
+        self.config = config
+        self.runner = runner or CliRunner(config.claude_path, config.timeout,
+                                          log_prompts=config.log_prompts,
+                                          pool_size=config.pool_size, pool_idle=config.pool_idle,
+                                          history=config.history)
+        self.runner.known_version(config.claude_version)
+        self.admission = Admission(config.max_concurrency, config.max_queue)
+        self.metrics = Metrics()
+        self.spend = Spend(config.daily_budget, config.state_dir)
+        self.plan_limits = PlanLimits()
+        self.rhythm = TurnRhythm(config.cache_ttl, config.cache_gap, env=self.runner.env)
+        self.response_store = ResponseStore()
+
+    def answer(self, plan, sink, client, record):
+        """Run a parsed request through the CLI and hand its reply events to a dialect's sink
+        (its stream writer or message collector): the one path every dialect shares.
+
+        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError); its
+        `translator` attribute is set to the run's ReplyTranslator before the first event. A
+        stream writer also has `stream` (its SseStream) and keepalive(): the bytes that keep
+        a silent stream alive. Model aliases and the daily budget are applied here. A
+        ProxyError raised from here is the HTTP answer (nothing was written yet)."""
+        config = self.config
+        requested = plan["model"]  # what the client asked for: the response says this name
+        plan["model"] = config.model_aliases.get(requested, requested)
+        if config.max_request_usd:
+            plan["max_budget_usd"] = config.max_request_usd
+        self.spend.check()  # a spent daily budget: 429 before any run or wait
+        admitted = self.plan_limits.admit()  # a reached plan limit: 429 without a run, but probes
+        plan["cache_ttl"], slowed = self.rhythm.ttl_for(client.scope, plan, self.plan_limits.subscriber())
+        if slowed:  # its process, kept with 5-minute entries, will not serve it again
+            self.runner.retire_kept(dict(plan, cache_ttl="5m"), client.scope)
+        stream = getattr(sink, "stream", None)
+        if stream is not None and config.keepalive:
+            stream.keep_alive(config.keepalive, sink.keepalive)
+        try:
+            self._answer(plan, sink, requested, admitted, client, record)
+        except ProxyError as error:
+            if stream is not None:
+                stream.stop_keep_alive()
+            if not sink.started:
+                raise  # nothing committed: a real HTTP status
+            # Keep-alives committed the 200 (a long wait for a run slot): the error event.
+            log("request failed: %s %s" % (error.status, error.message))
+            record.error = error.code or error.type
+            sink.fail(error)
+        finally:
+            if stream is not None:
+                stream.stop_keep_alive()
+
+    def _answer(self, plan, sink, requested, admitted, client, record):
+        config, limits = self.config, self.plan_limits
+        record.model = plan["model"] or "default"
+        if requested and requested != plan["model"]:
+            record.model = "%s(%s)" % (requested, plan["model"])  # an alias, and what it ran
+        admission, metrics = self.admission, self.metrics
+        run = translator = error = None
+        with ClientWatch(client.connection) as watch:
+            watch.on_gone(admission.wake)
+            admission.acquire(time.monotonic() + config.timeout, watch.gone)
+            try:
+                events, holding = None, [True]
+                limits.still_admitted(admitted)  # a limit reached while this one waited
+                run = self.runner.start(plan, client.scope)
+                # The run's totals so far: a kept run's result adds up over its life.
+                translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
+                                             bool(plan["json_schema"]), live_structured=plan["stream"],
+                                             rate_limit=limits.last_info(), totals=run.totals())
+                sink.translator = translator  # a sink may read the usage as it goes (message_start)
+                metrics.cli_run()
+                # Only while this request holds the run: once kept for the next turn, it is not
+                # this client's hang-up to act on.
+                watch.on_gone(lambda: holding[0] and run.cancel("client_gone"))
+                first_token = False
+                events = run.events()
+                for event in events:
+                    if event.get("type") == "rate_limit_event":  # from any kind of run
+                        limits.observe(event.get("rate_limit_info"))
+                    elif event.get("type") == "system" and event.get("subtype") == "init":
+                        limits.observe_login(event.get("apiKeySource"))
+                    try:
+                        reply_events = translator.feed(event)
+                    except (TypeError, AttributeError, KeyError, ValueError, IndexError):
+                        # An event of the right kind with fields of the wrong JSON types.
+                        log("cli printed an event the proxy cannot read: %s" % str(event)[:200])
+                        error = cli_failed("The claude CLI printed an event the proxy could not "
+                                           "read.", "cli_bad_output")
+                        break
+                    # The init event comes first and names the model the CLI really runs:
+                    # the response says that one when the request named none.
+                    sink.model = requested or translator.model or run.model or "claude"
+                    if reply_events and not first_token:
+                        first_token = True
+                        metrics.first_token(time.monotonic() - client.started)
+                    for reply_event in reply_events:
+                        sink.event(reply_event)
+                    if translator.done:
+                        break
+            except ProxyError as refused:
+                if not (translator and translator.done):
+                    raise
+                error = refused  # a sink refused the reply (revised after streaming)
+            finally:
+                try:
+                    if run is not None:
+                        if events is not None:
+                            events.close()  # stdout stays open for a kept run's next turn
+                        holding[0] = False
+                        if translator is not None:
+                            # Kept for the next turn, or stopped; unread or unreadable, stopped.
+                            self.runner.finish(run, plan, translator if error is None else None,
+                                               client.scope)
+                            self._account(plan, sink, translator, run, record)
+                            if translator.done and error is None:
+                                limits.after_run(translator.error)
+                                if not translator.error:
+                                    self.rhythm.replied(client.scope, plan, translator.reply_blocks(),
+                                                        client.started)
+                        else:
+                            run.stop()
+                finally:
+                    admission.release()
+        # The run is stopped or kept for the conversation's next turn by now.
+        error = error or translator.error
+        if not translator.done and error is None:
+            if run.cancelled == "client_gone":
+                raise ClientGone()
+            error = run_failure(run, plan)
+        if error and error.code == "model_not_found":
+            error = unknown_model(requested, config, "" if requested == plan["model"]
+                                  else "it is an alias of %r" % plan["model"])
+        stream = getattr(sink, "stream", None)
+        if stream is not None:
+            stream.stop_keep_alive()  # the reply's end is written by the sink alone
+        if error:
+            log("request failed: %s %s" % (error.status, error.message))
+            record.error = error.code or error.type  # a stream's status is already 200
+            sink.fail(error)
+            return
+        record.usage = chat_usage(translator.usage)
+        sink.finish(translator)
+
+    def _account(self, plan, sink, translator, run, record):
+        """Count what the run cost for this request (also when it failed, if the CLI said)."""
+        cost = translator.cost_usd
+        self.spend.record(translator.model or run.model or plan["model"] or "claude",
+                          cost, translator.usage)
+        if cost is not None:
+            record.cost = cost
+            if getattr(sink, "stream", None) is None:  # known before the body: a header
+                record.headers["x-claude-cost-usd"] = "%.6f" % cost
+
+
 # HTTP connections ###########################################################################
 #: Bytes in and out, before and beside the handler: request heads read without a thread per
 #: connection, deadlines for heads and bodies, strict framing, a watch for clients that hang
@@ -6768,142 +6966,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, {"input_tokens": estimate_tokens(plan)})
 
     def answer(self, plan, sink):
-        """Run a parsed request through the CLI and hand its reply events to a dialect's sink
-        (its stream writer or message collector): the one path every dialect shares.
-
-        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError); its
-        `translator` attribute is set to the run's ReplyTranslator before the first event. A
-        stream writer also has `stream` (its SseStream) and keepalive(): the bytes that keep
-        a silent stream alive. Model aliases and the daily budget are applied here."""
-        config = self.server.config
-        requested = plan["model"]  # what the client asked for: the response says this name
-        plan["model"] = config.model_aliases.get(requested, requested)
-        if config.max_request_usd:
-            plan["max_budget_usd"] = config.max_request_usd
-        self.server.spend.check()  # a spent daily budget: 429 before any run or wait
-        admitted = self.server.plan_limits.admit()  # a reached plan limit: 429 without a run, but probes
-        plan["cache_ttl"], slowed = self.server.rhythm.ttl_for(
-            self.client_scope(), plan, self.server.plan_limits.subscriber())
-        if slowed:  # its process, kept with 5-minute entries, will not serve it again
-            self.server.runner.retire_kept(dict(plan, cache_ttl="5m"), self.client_scope())
-        stream = getattr(sink, "stream", None)
-        if stream is not None and config.keepalive:
-            stream.keep_alive(config.keepalive, sink.keepalive)
+        """Hand a parsed request and its dialect's sink to the proxy (Proxy.answer), which
+        owns the request's life from here; what it leaves for the access log comes back."""
+        record = AnswerLog(self.reply_headers)
         try:
-            self._answer(plan, sink, requested, admitted)
-        except ProxyError as error:
-            if stream is not None:
-                stream.stop_keep_alive()
-            if not sink.started:
-                raise  # nothing committed: a real HTTP status
-            # Keep-alives committed the 200 (a long wait for a run slot): the error event.
-            log("request failed: %s %s" % (error.status, error.message))
-            self.log_error = error.code or error.type
-            sink.fail(error)
+            self.server.proxy.answer(plan, sink, RequestClient(self.client_scope(), self.connection,
+                                                               self.started), record)
         finally:
-            if stream is not None:
-                stream.stop_keep_alive()
-
-    def _answer(self, plan, sink, requested, admitted):
-        config = self.server.config
-        limits = self.server.plan_limits
-        translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
-                                     bool(plan["json_schema"]), live_structured=plan["stream"],
-                                     rate_limit=limits.last_info())
-        sink.translator = translator  # a sink may read the usage as it goes (message_start)
-        self.log_model = plan["model"] or "default"
-        if requested and requested != plan["model"]:
-            self.log_model = "%s(%s)" % (requested, plan["model"])  # an alias, and what it ran
-        admission, metrics = self.server.admission, self.server.metrics
-        run = None
-        with ClientWatch(self.connection) as watch:
-            watch.on_gone(admission.wake)
-            admission.acquire(time.monotonic() + config.timeout, watch.gone)
-            try:
-                events, holding = None, [True]
-                limits.still_admitted(admitted)  # a limit reached while this one waited
-                run = self.server.runner.start(plan, self.client_scope())
-                translator.cost_before, translator.usage_before = run.cost_seen, run.usage_before
-                translator.model_usage_before = run.model_usage_seen
-                metrics.cli_run()
-                # Only while this request holds the run: once kept for the next turn, it is not
-                # this client's hang-up to act on.
-                watch.on_gone(lambda: holding[0] and run.cancel("client_gone"))
-                first_token = False
-                events = run.events()
-                for event in events:
-                    if event.get("type") == "rate_limit_event":  # from any kind of run
-                        limits.observe(event.get("rate_limit_info"))
-                    elif event.get("type") == "system" and event.get("subtype") == "init":
-                        limits.observe_login(event.get("apiKeySource"))
-                    try:
-                        reply_events = translator.feed(event)
-                    except (TypeError, AttributeError, KeyError, ValueError, IndexError):
-                        # An event of the right kind with fields of the wrong JSON types.
-                        log("cli printed an event the proxy cannot read: %s" % str(event)[:200])
-                        translator.error = cli_failed("The claude CLI printed an event the proxy "
-                                                      "could not read.", "cli_bad_output")
-                        translator.done = True
-                        break
-                    # The init event comes first and names the model the CLI really runs:
-                    # the response says that one when the request named none.
-                    sink.model = requested or translator.model or run.model or "claude"
-                    if reply_events and not first_token:
-                        first_token = True
-                        metrics.first_token(time.monotonic() - self.started)
-                    for reply_event in reply_events:
-                        sink.event(reply_event)
-                    if translator.done:
-                        break
-            except ProxyError as error:
-                if not (run and translator.done):
-                    raise
-                translator.error = error  # a sink refused the reply (revised after streaming)
-            finally:
-                try:
-                    if run is not None:
-                        if events is not None:
-                            events.close()  # stdout stays open for a kept run's next turn
-                        holding[0] = False
-                        if translator.budget_reached:
-                            run.live = False  # the CLI would refuse its next turn: not kept
-                        self.server.runner.finish(run, plan, translator, self.client_scope())
-                        self.account(plan, sink, translator, run)
-                        if translator.done:
-                            limits.after_run(translator.error)
-                            if not translator.error:
-                                self.server.rhythm.replied(self.client_scope(), plan,
-                                                           translator.reply_blocks(), self.started)
-                finally:
-                    admission.release()
-        # The run is stopped or kept for the conversation's next turn by now.
-        if not translator.done:
-            if run.cancelled == "client_gone":
-                raise ClientGone()
-            translator.error = run_failure(run, plan)
-        if translator.error and translator.error.code == "model_not_found":
-            translator.error = unknown_model(requested, config, "" if requested == plan["model"]
-                                             else "it is an alias of %r" % plan["model"])
-        stream = getattr(sink, "stream", None)
-        if stream is not None:
-            stream.stop_keep_alive()  # the reply's end is written by the sink alone
-        if translator.error:
-            log("request failed: %s %s" % (translator.error.status, translator.error.message))
-            self.log_error = translator.error.code or translator.error.type  # a stream's status is already 200
-            sink.fail(translator.error)
-            return
-        self.log_usage = chat_usage(translator.usage)
-        sink.finish(translator)
-
-    def account(self, plan, sink, translator, run):
-        """Count what the run cost for this request (also when it failed, if the CLI said)."""
-        cost = translator.cost_usd
-        self.server.spend.record(translator.model or run.model or plan["model"] or "claude",
-                                 cost, translator.usage)
-        if cost is not None:
-            self.log_cost = cost
-            if getattr(sink, "stream", None) is None:  # known before the body: a header
-                self.reply_headers["x-claude-cost-usd"] = "%.6f" % cost
+            self.log_model, self.log_usage, self.log_cost = record.model, record.usage, record.cost
+            self.log_error = record.error or self.log_error
 
     def client_scope(self):
         """Whose conversations these are: a continuation is only ever found by the same key."""
@@ -7068,17 +7139,11 @@ class ProxyServer(ThreadingHTTPServer):
 
     def __init__(self, address, config, runner=None):
         self.config = config
-        self.runner = runner or CliRunner(config.claude_path, config.timeout,
-                                          log_prompts=config.log_prompts,
-                                          pool_size=config.pool_size, pool_idle=config.pool_idle,
-                                          history=config.history)
-        self.runner.known_version(config.claude_version)
-        self.admission = Admission(config.max_concurrency, config.max_queue)
-        self.metrics = Metrics()
-        self.spend = Spend(config.daily_budget, config.state_dir)
-        self.plan_limits = PlanLimits()
-        self.rhythm = TurnRhythm(config.cache_ttl, config.cache_gap, env=self.runner.env)
-        self.response_store = ResponseStore()
+        self.proxy = Proxy(config, runner)  # what outlives a request, and answers it
+        # Its parts, for the handler's endpoints that read them (/health, /metrics, stored responses).
+        self.runner, self.admission, self.metrics = self.proxy.runner, self.proxy.admission, self.proxy.metrics
+        self.spend, self.plan_limits = self.proxy.spend, self.proxy.plan_limits
+        self.rhythm, self.response_store = self.proxy.rhythm, self.proxy.response_store
         self.read_deadlines = ReadDeadlines(BODY_READ_SECONDS)
         self.io_seconds = min(SOCKET_IO_SECONDS, config.timeout)
         self.max_connections = config.max_concurrency + config.max_queue + EXTRA_CONNECTIONS
