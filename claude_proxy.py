@@ -207,6 +207,17 @@ def log(message):
         sys.stderr.flush()
 
 
+def access_line(address, method, path, status, error, model, usage, cost, seconds):
+    """One request's access-log line: client method path status [error=] model= tokens= [cost=]
+    ms; what came from outside is cut and its control characters escaped (printable)."""
+    usage = usage or {}
+    tokens = "%s+%s" % (usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
+    return '%s %s %s %s%s model=%s tokens=%s%s %.0fms' % (
+        address, printable(method, 20), printable((path or "-").split("?")[0]), status or "-",
+        " error=%s" % error if error else "", model, tokens,
+        " cost=$%.6f" % cost if cost is not None else "", seconds * 1000)
+
+
 # Errors #####################################################################################
 
 
@@ -5214,6 +5225,64 @@ def is_json_content_type(value):
     return (value or "").split(";", 1)[0].strip().lower() == "application/json"
 
 
+def access_origin(config, headers):
+    """Host and Origin, before anything else is looked at: raises the refusal, or returns the
+    origin to answer CORS for (None when the request is not an allowed page's).
+
+    A web page the user visits can reach a loopback server: through DNS rebinding (its own
+    name resolving to 127.0.0.1: a foreign Host), or with a cross-site request (a foreign
+    Origin). Neither may run anything."""
+    cors_origin = None
+    hosts = headers.get_all("Host") or []
+    if len(hosts) > 1 or (hosts and host_header_name(hosts[0]) is None):
+        raise invalid("The Host header must be one host name or [IPv6 address], with an "
+                      "optional port; got %r." % ", ".join(hosts)[:100], None, "invalid_host")
+    if config.loopback_only and hosts and not is_loopback_host(host_header_name(hosts[0])):
+        raise forbidden("Host %r is not this machine; the proxy is bound to loopback and "
+                        "answers only localhost, 127.0.0.1 or [::1]." % hosts[0][:100],
+                        "host_not_allowed")
+    origin = headers.get("Origin")
+    if origin is not None:
+        if origin_allowed(origin, config.cors_origins):
+            cors_origin = "*" if "*" in config.cors_origins else origin
+        # Its own origin, where the Host check or a key guards it: with neither (--no-auth
+        # beyond loopback) a DNS-rebound page would pass as the proxy's own.
+        elif not (is_own_origin(origin, headers.get("Host"))
+                  and (config.loopback_only or config.api_keys)):
+            raise forbidden("Origin %r may not use this proxy; allow it with "
+                            "CLAUDE_PROXY_CORS_ORIGINS." % origin[:100], "origin_not_allowed")
+    return cors_origin
+
+
+def require_key(config, headers, public, command):
+    """The API key, after the Host and Origin (a refusal still carries CORS headers, so a page
+    can read it). public: the route needs no key (/health, the page)."""
+    if config.api_keys and not public and command != "OPTIONS" and not is_key_holder(config, headers):
+        raise ProxyError(401, "A valid API key is required: Authorization: Bearer <key> "
+                         "or x-api-key (CLAUDE_PROXY_API_KEY).", "invalid_request_error",
+                         None, "invalid_api_key",
+                         {"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
+
+
+def is_key_holder(config, headers):
+    """Whether a request may see what is for key holders: no key is set, or it has a valid one."""
+    return not config.api_keys or key_matches(presented_key(headers), config.api_keys)
+
+
+def preflight_headers(allowed, cors_origin, requested):
+    """OPTIONS: the CORS preflight's headers when the Origin is allowed, a plain Allow otherwise."""
+    allowed = allowed + (("HEAD",) if "GET" in allowed else ()) + ("OPTIONS",)
+    headers = {"Allow": ", ".join(allowed)}
+    if cors_origin:
+        # Echo the names the page asks for: `*` never covers Authorization, and the browser
+        # openai SDK adds X-Stainless-* headers.
+        headers.update({"Access-Control-Allow-Methods": ", ".join(allowed),
+                        "Access-Control-Allow-Headers": allowed_request_headers(requested)
+                        or "Authorization, Content-Type",
+                        "Access-Control-Max-Age": "600"})
+    return headers
+
+
 class Admission:
     """At most `concurrency` CLI runs at once and `queue` requests waiting for one; past that,
     429 at once. A waiter leaves when its client hangs up, the deadline passes, or the proxy
@@ -6170,6 +6239,78 @@ def body_framing(headers):
     return "length", int(lengths[0])
 
 
+def request_body(rfile, framing, limit, close):
+    """The request body, as body_framing() said it is delimited: 411 without a length, 413 past
+    `limit` (close() is called: the rest is not read), 400 when it ends early or its chunks are
+    malformed."""
+    kind, length = framing
+    if kind == "chunked":
+        return chunked_body(rfile, limit, close)
+    if kind == "none":
+        raise ProxyError(411, "A Content-Length header is required", "invalid_request_error",
+                         None, "length_required", {"x-should-retry": "false"})
+    if length > limit:
+        close()
+        raise ProxyError(413, "The request body is %d bytes; this proxy accepts at most %d "
+                         "(CLAUDE_MAX_BODY)." % (length, limit), "invalid_request_error", None,
+                         "request_too_large", {"x-should-retry": "false"})
+    body = rfile.read(length)
+    if len(body) < length:
+        raise invalid("The request body ended early", None, "incomplete_body")
+    return body
+
+
+def chunked_body(rfile, limit, close):
+    parts, size = [], 0
+    while True:
+        line = rfile.readline(1024).split(b";")[0].strip()
+        if not CHUNK_SIZE.match(line):  # hex digits only: int() would take "-1"
+            raise invalid("Malformed chunked request body", None, "invalid_body")
+        chunk = int(line, 16)
+        if chunk == 0:
+            while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts)
+        size += chunk
+        if size > limit:
+            close()
+            raise ProxyError(413, "The request body is over %d bytes (CLAUDE_MAX_BODY)." % limit,
+                             "invalid_request_error", None, "request_too_large",
+                             {"x-should-retry": "false"})
+        parts.append(rfile.read(chunk))
+        if len(parts[-1]) < chunk:
+            raise invalid("The request body ended early", None, "incomplete_body")
+        rfile.readline(1024)
+
+
+def json_body(raw):
+    try:
+        body = json.loads(raw)
+        # JSON may spell lone surrogates (\\ud800) that no UTF-8 file or pipe can carry.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return body
+    except (ValueError, RecursionError) as e:
+        raise invalid("The request body is not valid JSON: %s" % str(e)[:200], None, "invalid_json")
+
+
+def discard_body(wfile, connection):
+    """After answering without reading the body (401, 403, 413, 415, ...): read and drop what
+    the client is still sending, within limits. Closing with unread data would reset the
+    connection, and the client could lose the answer it has not read yet."""
+    try:
+        wfile.flush()
+        connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client may close
+        connection.settimeout(DISCARD_SECONDS)
+        deadline, left = time.monotonic() + DISCARD_SECONDS, DISCARD_BYTES
+        while left > 0 and time.monotonic() < deadline:
+            data = connection.recv(min(left, 65536))
+            if not data:
+                break
+            left -= len(data)
+    except OSError:
+        pass
+
+
 def raw_error_response(error):
     """A whole HTTP response for an error found before any handler exists (a head too large,
     every worker busy): the same envelope, written straight to the socket."""
@@ -6534,7 +6675,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.framing = body_framing(self.headers)
             route = self.route(method, self.path)
             self.dialect = self.request_dialect(route)
-            self.check_access(route)
+            self.cors_origin = access_origin(self.server.config, self.headers)
+            require_key(self.server.config, self.headers, route is not None and
+                        route[1] in (self.health, self.web_page, self.root), self.command)
             if route is None:
                 raise ProxyError(404, "No route %s %s; the API is under /v1 (POST "
                                  "/v1/chat/completions, POST /v1/messages, GET /v1/models)." % (method, self.path.split("?")[0]),
@@ -6573,53 +6716,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.log_access(method)
             if not self.body_read and self.framing not in (("none", None), ("length", 0)):
                 self.close_connection = True
-                self.discard_body()  # a body was sent (or its framing could not be read)
-
-    def check_access(self, route):
-        """Host, Origin and API key, before anything else is looked at.
-
-        A web page the user visits can reach a loopback server: through DNS rebinding (its own
-        name resolving to 127.0.0.1: a foreign Host), or with a cross-site request (a foreign
-        Origin). Neither may run anything."""
-        config = self.server.config
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) > 1 or (hosts and host_header_name(hosts[0]) is None):
-            raise invalid("The Host header must be one host name or [IPv6 address], with an "
-                          "optional port; got %r." % ", ".join(hosts)[:100], None, "invalid_host")
-        if config.loopback_only and hosts and not is_loopback_host(host_header_name(hosts[0])):
-            raise forbidden("Host %r is not this machine; the proxy is bound to loopback and "
-                            "answers only localhost, 127.0.0.1 or [::1]." % hosts[0][:100],
-                            "host_not_allowed")
-        origin = self.headers.get("Origin")
-        if origin is not None:
-            if origin_allowed(origin, config.cors_origins):
-                self.cors_origin = "*" if "*" in config.cors_origins else origin
-            # Its own origin, where the Host check or a key guards it: with neither (--no-auth
-            # beyond loopback) a DNS-rebound page would pass as the proxy's own.
-            elif not (is_own_origin(origin, self.headers.get("Host"))
-                      and (config.loopback_only or config.api_keys)):
-                raise forbidden("Origin %r may not use this proxy; allow it with "
-                                "CLAUDE_PROXY_CORS_ORIGINS." % origin[:100], "origin_not_allowed")
-        public = route is not None and route[1] in (self.health, self.web_page, self.root)
-        if config.api_keys and not public and self.command != "OPTIONS":
-            if not key_matches(presented_key(self.headers), config.api_keys):
-                raise ProxyError(401, "A valid API key is required: Authorization: Bearer <key> "
-                                 "or x-api-key (CLAUDE_PROXY_API_KEY).", "invalid_request_error",
-                                 None, "invalid_api_key",
-                                 {"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
+                discard_body(self.wfile, self.connection)  # a body was sent (or its framing could not be read)
 
     def preflight(self, allowed):
-        """OPTIONS: the CORS preflight when the Origin is allowed, a plain Allow otherwise."""
-        allowed = allowed + (("HEAD",) if "GET" in allowed else ()) + ("OPTIONS",)
-        headers = {"Allow": ", ".join(allowed)}
-        if self.cors_origin:
-            requested = allowed_request_headers(self.headers.get("Access-Control-Request-Headers"))
-            # Echo the names the page asks for: `*` never covers Authorization, and the browser
-            # openai SDK adds X-Stainless-* headers.
-            headers.update({"Access-Control-Allow-Methods": ", ".join(allowed),
-                            "Access-Control-Allow-Headers": requested or "Authorization, Content-Type",
-                            "Access-Control-Max-Age": "600"})
-        self.send_body(204, b"", None, headers)
+        self.send_body(204, b"", None, preflight_headers(
+            allowed, self.cors_origin, self.headers.get("Access-Control-Request-Headers")))
 
     def end_headers(self):
         if self.cors_origin:  # on every response to an allowed page: errors and streams too
@@ -6630,8 +6731,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if getattr(self, "dialect", None) == "anthropic":
             self.send_header("request-id", self.request_id)
             # The plan's use is the key holders' to see, as /health's details are.
-            if not self.server.config.api_keys or key_matches(presented_key(self.headers),
-                                                              self.server.config.api_keys):
+            if is_key_holder(self.server.config, self.headers):
                 for name, value in self.server.plan_limits.headers().items():
                     self.send_header(name, value)
         for name, value in getattr(self, "reply_headers", {}).items():
@@ -6697,90 +6797,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
         pass  # one access-log line per request instead, from log_access
 
     def log_access(self, method):
-        usage = self.log_usage or {}
-        tokens = "%s+%s" % (usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
-        cost = getattr(self, "log_cost", None)
-        log('%s %s %s %s%s model=%s tokens=%s%s %.0fms' % (
-            self.client_address[0], printable(method, 20),
-            printable((getattr(self, "path", None) or "-").split("?")[0]),
-            self.status or "-",
-            " error=%s" % self.log_error if self.log_error else "", self.log_model, tokens,
-            " cost=$%.6f" % cost if cost is not None else "",
-            (time.monotonic() - self.started) * 1000))
+        log(access_line(self.client_address[0], method, getattr(self, "path", None), self.status,
+                        self.log_error, self.log_model, self.log_usage,
+                        getattr(self, "log_cost", None), time.monotonic() - self.started))
 
     # --- request bodies
 
-
-    def discard_body(self):
-        """After answering without reading the body (401, 403, 413, 415, ...): read and drop
-        what the client is still sending, within limits. Closing with unread data would reset
-        the connection, and the client could lose the answer it has not read yet."""
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client may close
-            self.connection.settimeout(DISCARD_SECONDS)
-            deadline, left = time.monotonic() + DISCARD_SECONDS, DISCARD_BYTES
-            while left > 0 and time.monotonic() < deadline:
-                data = self.connection.recv(min(left, 65536))
-                if not data:
-                    break
-                left -= len(data)
-        except OSError:
-            pass
-
-    def read_body(self):
-        limit = self.server.config.max_body
-        kind, length = self.framing
-        if kind == "chunked":
-            return self.read_chunked(limit)
-        if kind == "none":
-            raise ProxyError(411, "A Content-Length header is required", "invalid_request_error",
-                             None, "length_required", {"x-should-retry": "false"})
-        if length > limit:
-            self.close_connection = True
-            raise ProxyError(413, "The request body is %d bytes; this proxy accepts at most %d "
-                             "(CLAUDE_MAX_BODY)." % (length, limit), "invalid_request_error", None,
-                             "request_too_large", {"x-should-retry": "false"})
-        body = self.rfile.read(length)
-        if len(body) < length:
-            raise invalid("The request body ended early", None, "incomplete_body")
+    def read_json(self):
+        """The request's body as JSON (request_body, json_body); the read deadline ends."""
+        raw = request_body(self.rfile, self.framing, self.server.config.max_body, self.close)
         self.body_read = True
         self.server.read_deadlines.end(self)
-        return body
+        return json_body(raw)
 
-    def read_chunked(self, limit):
-        parts, size = [], 0
-        while True:
-            line = self.rfile.readline(1024).split(b";")[0].strip()
-            if not CHUNK_SIZE.match(line):  # hex digits only: int() would take "-1"
-                raise invalid("Malformed chunked request body", None, "invalid_body")
-            chunk = int(line, 16)
-            if chunk == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                self.body_read = True
-                self.server.read_deadlines.end(self)
-                return b"".join(parts)
-            size += chunk
-            if size > limit:
-                self.close_connection = True
-                raise ProxyError(413, "The request body is over %d bytes (CLAUDE_MAX_BODY)." % limit,
-                                 "invalid_request_error", None, "request_too_large",
-                                 {"x-should-retry": "false"})
-            parts.append(self.rfile.read(chunk))
-            if len(parts[-1]) < chunk:
-                raise invalid("The request body ended early", None, "incomplete_body")
-            self.rfile.readline(1024)
-
-    def read_json(self):
-        raw = self.read_body()
-        try:
-            body = json.loads(raw)
-            # JSON may spell lone surrogates (\\ud800) that no UTF-8 file or pipe can carry.
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-            return body
-        except (ValueError, RecursionError) as e:
-            raise invalid("The request body is not valid JSON: %s" % str(e)[:200], None, "invalid_json")
+    def close(self):
+        self.close_connection = True
 
     # --- endpoints
 
