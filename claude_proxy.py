@@ -5984,6 +5984,92 @@ class Proxy:
         self.rhythm = TurnRhythm(config.cache_ttl, config.cache_gap, env=self.runner.env)
         self.response_store = ResponseStore()
 
+    def health(self, details, reading_heads):
+        """GET /health: (status, body). 200 while the CLI binary is on disk, else 503. Open to
+        load balancers without the key; the details are for key holders."""
+        config, runner = self.config, self.runner
+        # The binary as it is on disk now: the CLI updates itself, and may be removed.
+        found = runner.binary_stamp() is not None
+        status = 200 if found else 503
+        if not details:
+            return status, {"status": "ok" if found else "cli_not_found", "version": __version__}
+        return status, {
+            "status": "ok" if found else "cli_not_found",
+            "version": __version__,
+            "cli": dict(runner.cli_report(), path=config.claude_path, found=found,
+                        version=runner.version() if found else None),
+            "default_model": config.model,
+            "default_effort": config.effort,
+            "active_runs": runner.active(),
+            "pool": runner.pool.stats() if runner.pool else None,
+            "conversations": runner.continuations.stats() if runner.continuations else None,
+            "limits": {"max_concurrency": self.admission.concurrency,
+                       "max_queue": self.admission.queue,
+                       "running": self.admission.running,
+                       "queued": self.admission.waiting,
+                       "reading_heads": reading_heads},
+            "auth": bool(config.api_keys),
+            "spend": self.spend.summary(),
+            "plan": self.plan_limits.snapshot(),
+            "cache_ttl": {"mode": self.rhythm.mode, "conversations_given_1h": self.rhythm.slow},
+        }
+
+    def metrics_text(self):
+        """GET /metrics: the Prometheus text exposition (format 0.0.4)."""
+        return (self.metrics.render(self.admission, self.runner) + self.spend.render()
+                + self.plan_limits.render())
+
+    def responses_request(self, body, scope, response_id):
+        """A POST /v1/responses body -> (plan, request, keep): previous_response_id and
+        item references are looked up among this client's stored responses; keep(response,
+        reply) stores the answer under response_id when the request asks to be stored."""
+        config = self.config
+        previous = None
+        if isinstance(body, dict) and body.get("previous_response_id") is not None:
+            previous_id = body["previous_response_id"]
+            _require(isinstance(previous_id, str), "`previous_response_id` must be a string",
+                     "previous_response_id")
+            previous = self.response_store.get(scope, previous_id)
+            if previous is None:
+                raise response_not_found(previous_id, "previous_response_id")
+        plan, request = parse_responses_request(
+            body, config.model, config.effort, previous,
+            lambda item_id: self.response_store.item(scope, item_id))
+        keep = None
+        if request["store"]:
+            def keep(response, reply):
+                self.response_store.put(scope, response_id, stored_record(plan, request, response, reply))
+        return plan, request, keep
+
+    def compaction_request(self, body, scope):
+        """A POST /v1/responses/compact body -> (plan, request, the user messages it retains):
+        the conversation, with a compaction trigger, offered no tools and never streamed."""
+        config = self.config
+        _require(isinstance(body, dict), "The request body must be a JSON object", None)
+        items = body.get("input", [])
+        if isinstance(items, str):
+            items = [{"role": "user", "content": items}]
+        _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
+        _require(items or body.get("previous_response_id") is not None,
+                 "Nothing to compact: send `input`, or `previous_response_id`", "input")
+        previous = None
+        if body.get("previous_response_id") is not None:
+            _require(isinstance(body["previous_response_id"], str),
+                     "`previous_response_id` must be a string", "previous_response_id")
+            previous = self.response_store.get(scope, body["previous_response_id"])
+            if previous is None:
+                raise response_not_found(body["previous_response_id"], "previous_response_id")
+        # Only what shapes the conversation: this endpoint offers no tools and never streams.
+        compacting = {name: body[name] for name in ("model", "instructions", "reasoning")
+                      if name in body}
+        compacting.update(input=items + [{"type": "compaction_trigger"}], store=False)
+        plan, request = parse_responses_request(
+            compacting, config.model, config.effort, previous,
+            lambda item_id: self.response_store.item(scope, item_id))
+        retained = [compacted_user_message(item) for item in items if isinstance(item, dict)
+                    and item.get("type", "message") == "message" and item.get("role") == "user"]
+        return plan, request, retained
+
     def answer(self, plan, sink, client, record):
         """Run a parsed request through the CLI and hand its reply events to a dialect's sink
         (its stream writer or message collector): the one path every dialect shares.
@@ -6596,26 +6682,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # body and no status line: answer it as HTTP/1.0 instead, status and headers included.
     default_request_version = "HTTP/1.0"
 
-    def do_GET(self):
-        self.dispatch("GET")
+    def do_any(self):
+        self.dispatch(self.command)
 
-    def do_POST(self):
-        self.dispatch("POST")
-
-    def do_PUT(self):
-        self.dispatch("PUT")
-
-    def do_DELETE(self):
-        self.dispatch("DELETE")
-
-    def do_PATCH(self):
-        self.dispatch("PATCH")
-
-    def do_HEAD(self):
-        self.dispatch("HEAD")
-
-    def do_OPTIONS(self):
-        self.dispatch("OPTIONS")
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_any
 
     def route(self, method, path):
         """(allowed methods, handler method, its arguments) for a path, or None."""
@@ -6816,45 +6886,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # --- endpoints
 
     def health(self):
-        config, runner = self.server.config, self.server.runner
-        # The binary as it is on disk now: the CLI updates itself, and may be removed.
-        found = runner.binary_stamp() is not None
-        status = 200 if found else 503
-        if config.api_keys and not key_matches(presented_key(self.headers), config.api_keys):
-            # Open to load balancers without the key, but the details are for key holders.
-            return self.send_json(status, {"status": "ok" if found else "cli_not_found",
-                                           "version": __version__})
-        self.send_json(status, {
-            "status": "ok" if found else "cli_not_found",
-            "version": __version__,
-            "cli": dict(runner.cli_report(), path=config.claude_path, found=found,
-                        version=runner.version() if found else None),
-            "default_model": config.model,
-            "default_effort": config.effort,
-            "active_runs": self.server.runner.active(),
-            "pool": self.server.runner.pool.stats() if self.server.runner.pool else None,
-            "conversations": (self.server.runner.continuations.stats()
-                              if self.server.runner.continuations else None),
-            "limits": {"max_concurrency": self.server.admission.concurrency,
-                       "max_queue": self.server.admission.queue,
-                       "running": self.server.admission.running,
-                       "queued": self.server.admission.waiting,
-                       "reading_heads": self.server.heads.pending()},
-            "auth": bool(config.api_keys),
-            "spend": self.server.spend.summary(),
-            "plan": self.server.plan_limits.snapshot(),
-            "cache_ttl": {"mode": self.server.rhythm.mode,
-                          "conversations_given_1h": self.server.rhythm.slow},
-        })
+        details = is_key_holder(self.server.config, self.headers)
+        self.send_json(*self.server.proxy.health(details, self.server.heads.pending()))
 
     def web_page(self):
         """The chat page: served without a key, it holds nothing but itself."""
         self.send_body(200, WEB_PAGE, "text/html; charset=utf-8", WEB_PAGE_HEADERS)
 
     def metrics(self):
-        data = (self.server.metrics.render(self.server.admission, self.server.runner)
-                + self.server.spend.render() + self.server.plan_limits.render()).encode("utf-8")
-        self.send_body(200, data, "text/plain; version=0.0.4; charset=utf-8")
+        self.send_body(200, self.server.proxy.metrics_text().encode("utf-8"),
+                       "text/plain; version=0.0.4; charset=utf-8")
 
     def root(self):
         """GET or HEAD /: Claude Code probes the base URL before its first request."""
@@ -6908,31 +6949,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def create_response(self):
         """POST /v1/responses: the Responses API over the same runs as Chat Completions."""
-        config = self.server.config
-        body = self.read_json()
-        scope = self.client_scope()
-        previous = None
-        if isinstance(body, dict) and body.get("previous_response_id") is not None:
-            previous_id = body["previous_response_id"]
-            _require(isinstance(previous_id, str), "`previous_response_id` must be a string",
-                     "previous_response_id")
-            previous = self.server.response_store.get(scope, previous_id)
-            if previous is None:
-                raise response_not_found(previous_id, "previous_response_id")
-        plan, request = parse_responses_request(
-            body, config.model, config.effort, previous,
-            lambda item_id: self.server.response_store.item(scope, item_id))
         response_id = "resp_" + uuid.uuid4().hex
-        keep = None
-        if request["store"]:
-            def keep(response, reply):
-                self.server.response_store.put(scope, response_id,
-                                               stored_record(plan, request, response, reply))
+        plan, request, keep = self.server.proxy.responses_request(self.read_json(), self.client_scope(),
+                                                                  response_id)
         sink_type = ResponsesStreamWriter if plan["stream"] else ResponsesCollector
-        sink = sink_type(self, response_id, int(time.time()), plan["model"], request["echo"],
-                         request["namespaces"], keep, bool(plan["json_schema"]),
-                         compacting=request["compacting"])
-        self.answer(plan, sink)
+        self.answer(plan, sink_type(self, response_id, int(time.time()), plan["model"], request["echo"],
+                                    request["namespaces"], keep, bool(plan["json_schema"]),
+                                    compacting=request["compacting"]))
 
     def websocket_refused(self):
         """The Responses API's WebSocket mode (GET /v1/responses, upgraded) is not served: a
@@ -6948,35 +6971,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """POST /v1/responses/compact: the conversation (input, or a stored response and
         input) compacted into its user messages and one `compaction` item (see
         COMPACTION_PREFIX). Nothing is stored."""
-        config = self.server.config
-        body = self.read_json()
-        _require(isinstance(body, dict), "The request body must be a JSON object", None)
-        items = body.get("input", [])
-        if isinstance(items, str):
-            items = [{"role": "user", "content": items}]
-        _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
-        _require(items or body.get("previous_response_id") is not None,
-                 "Nothing to compact: send `input`, or `previous_response_id`", "input")
-        scope = self.client_scope()
-        previous = None
-        if body.get("previous_response_id") is not None:
-            _require(isinstance(body["previous_response_id"], str),
-                     "`previous_response_id` must be a string", "previous_response_id")
-            previous = self.server.response_store.get(scope, body["previous_response_id"])
-            if previous is None:
-                raise response_not_found(body["previous_response_id"], "previous_response_id")
-        # Only what shapes the conversation: this endpoint offers no tools and never streams.
-        request_body = {name: body[name] for name in ("model", "instructions", "reasoning")
-                        if name in body}
-        request_body.update(input=items + [{"type": "compaction_trigger"}], store=False)
-        plan, request = parse_responses_request(
-            request_body, config.model, config.effort, previous,
-            lambda item_id: self.server.response_store.item(scope, item_id))
-        retained = [compacted_user_message(item) for item in items if isinstance(item, dict)
-                    and item.get("type", "message") == "message" and item.get("role") == "user"]
-        sink = CompactCollector(self, retained, "resp_" + uuid.uuid4().hex, int(time.time()),
-                                plan["model"], request["echo"])
-        self.answer(plan, sink)
+        plan, request, retained = self.server.proxy.compaction_request(self.read_json(), self.client_scope())
+        self.answer(plan, CompactCollector(self, retained, "resp_" + uuid.uuid4().hex, int(time.time()),
+                                           plan["model"], request["echo"]))
 
     def stored_response(self, response_id):
         """GET or DELETE /v1/responses/{id}: a stored response of this API key's."""
