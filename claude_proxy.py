@@ -4507,6 +4507,14 @@ class ChatMessageCollector:
         raise error
 
 
+def chat_sink(handler, plan, completion_id, created):
+    """The sink a Chat Completions request is answered into: a stream writer or a collector."""
+    if plan["stream"]:
+        return ChatStreamWriter(handler, completion_id, created, plan["model"], plan["include_usage"],
+                                bool(plan["json_schema"]))
+    return ChatMessageCollector(handler, completion_id, created, plan["model"], plan["legacy_functions"])
+
+
 # OpenAI Responses response ##################################################################
 #: The response object and its stream of typed events. One builder, ResponsesOutput, turns
 #: neutral reply events into output items and the events that build them; the stream writer
@@ -4826,6 +4834,16 @@ class CompactCollector(ResponsesCollector):
                                      "usage": responses_usage(reply.usage)})
 
 
+def websocket_refused():
+    """The Responses API's WebSocket mode (GET /v1/responses, upgraded) is not served: a 426,
+    sent in HTTP/1.1, which WebSocket clients read (Codex then goes on over HTTP at once; a 405
+    in the proxy's HTTP/1.0 it takes for a broken handshake, and retries 5 times)."""
+    return ProxyError(426, "WebSocket mode is not supported by this proxy; POST /v1/responses "
+                      "over HTTP instead (with \"stream\": true to stream).",
+                      "invalid_request_error", None, "websocket_not_supported",
+                      {"Upgrade": "HTTP/1.1", "Connection": "close", "x-should-retry": "false"})
+
+
 # Stored responses ###########################################################################
 #: store: true (OpenAI's default) keeps a response for GET /v1/responses/{id} and for
 #: previous_response_id: in memory only, bounded by count, age and size, and visible only to
@@ -5135,6 +5153,14 @@ def anthropic_model_entry(model_id, created):
     """GET /v1/models for a request carrying anthropic-version: Anthropic's model shape."""
     return {"type": "model", "id": model_id, "display_name": model_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))}
+
+
+def anthropic_sink(handler, plan, message_id):
+    """The sink a Messages API request is answered into: a stream writer or a collector."""
+    if plan["stream"]:
+        return AnthropicStreamWriter(handler, message_id, plan["model"], plan["show_thinking"],
+                                     bool(plan["json_schema"]))
+    return AnthropicMessageCollector(handler, message_id, plan["model"], plan["show_thinking"])
 
 
 # Access, limits and metrics #################################################################
@@ -5476,6 +5502,30 @@ def unknown_model(model, config, detail=""):
             model, " (%s)" % detail[:200] if detail else "", ", ".join(listed_models(config)),
             model if model and MODEL_NAME.match(model) else "gpt-4o"),
         "invalid_request_error", "model", "model_not_found", {"x-should-retry": "false"})
+
+
+def model_entry(model_id, created):
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "anthropic"}
+
+
+def model_listing(config, dialect):
+    """GET /v1/models: the configured models and the aliases, in the dialect's shape."""
+    if dialect == "anthropic":
+        data = [anthropic_model_entry(m, config.started) for m in listed_models(config)]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+    return {"object": "list", "data": [model_entry(m, config.started) for m in listed_models(config)]}
+
+
+def model_lookup(config, model_id, dialect):
+    """GET /v1/models/{id}: its entry, or 404. Any Claude model name the CLI would take is
+    "there": clients that verify their configured model with this call must not be turned
+    away for a valid full name."""
+    if model_id not in listed_models(config) and not (model_id.startswith("claude-")
+                                                      and MODEL_NAME.match(model_id)):
+        raise ProxyError(404, "The model %r does not exist; GET /v1/models lists them." % model_id,
+                         "invalid_request_error", "model", "model_not_found")
+    return (anthropic_model_entry if dialect == "anthropic" else model_entry)(model_id, config.started)
 
 
 # Spend and budgets ##########################################################################
@@ -6397,6 +6447,27 @@ def discard_body(wfile, connection):
         pass
 
 
+def method_refusal(route, method, path, content_type):
+    """Why a request cannot go to its route (404 no route, 405 another method, 415 a POST body
+    that is not JSON), or None. HEAD is GET without a body."""
+    if route is None:
+        return ProxyError(404, "No route %s %s; the API is under /v1 (POST /v1/chat/completions, "
+                          "POST /v1/messages, GET /v1/models)." % (method, path.split("?")[0]),
+                          "invalid_request_error", None, "not_found")
+    allowed = route[0]
+    if method == "HEAD" and "GET" in allowed:
+        method = "GET"  # send_body leaves the body out for HEAD
+    if method not in allowed:
+        return ProxyError(405, "Method %s is not allowed here; use %s." % (method, " or ".join(allowed)),
+                          "invalid_request_error", None, "method_not_allowed",
+                          {"Allow": ", ".join(allowed)})
+    if method == "POST" and not is_json_content_type(content_type):
+        return ProxyError(415, "POST bodies must be sent as Content-Type: application/json.",
+                          "invalid_request_error", None, "unsupported_media_type",
+                          {"x-should-retry": "false"})
+    return None
+
+
 def raw_error_response(error):
     """A whole HTTP response for an error found before any handler exists (a head too large,
     every worker busy): the same envelope, written straight to the socket."""
@@ -6667,10 +6738,6 @@ class ReadDeadlines:
 # HTTP handler ###############################################################################
 
 
-def model_entry(model_id, created):
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "anthropic"}
-
-
 class ProxyHandler(BaseHTTPRequestHandler):
     """Routes requests; every error leaves as an OpenAI error envelope, never an HTML page."""
 
@@ -6748,28 +6815,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.cors_origin = access_origin(self.server.config, self.headers)
             require_key(self.server.config, self.headers, route is not None and
                         route[1] in (self.health, self.web_page, self.root), self.command)
-            if route is None:
-                raise ProxyError(404, "No route %s %s; the API is under /v1 (POST "
-                                 "/v1/chat/completions, POST /v1/messages, GET /v1/models)." % (method, self.path.split("?")[0]),
-                                 "invalid_request_error", None, "not_found")
-            allowed, handler, arguments = route
-            if method == "OPTIONS":
-                return self.preflight(allowed)
-            if method == "HEAD" and "GET" in allowed:
-                method = "GET"  # send_json leaves the body out for HEAD
-            if handler == self.create_response and method == "GET" and "websocket" in (
+            if route is not None and method == "OPTIONS":
+                return self.preflight(route[0])
+            if route is not None and route[1] == self.create_response and method == "GET" and "websocket" in (
                     self.headers.get("Upgrade") or "").lower():
-                raise self.websocket_refused()
-            if method not in allowed:
-                raise ProxyError(405, "Method %s is not allowed here; use %s." % (method, " or ".join(allowed)),
-                                 "invalid_request_error", None, "method_not_allowed",
-                                 {"Allow": ", ".join(allowed)})
-            if method == "POST" and not is_json_content_type(self.headers.get("Content-Type")):
-                self.close_connection = True
-                raise ProxyError(415, "POST bodies must be sent as Content-Type: application/json.",
-                                 "invalid_request_error", None, "unsupported_media_type",
-                                 {"x-should-retry": "false"})
-            handler(*arguments)
+                self.protocol_version = "HTTP/1.1"  # what WebSocket clients read a refusal in
+                raise websocket_refused()
+            refusal = method_refusal(route, method, self.path, self.headers.get("Content-Type"))
+            if refusal is not None:
+                if refusal.status == 415:
+                    self.close_connection = True
+                raise refusal
+            route[1](*route[2])
         except ProxyError as error:
             self.send_error_body(error)
         except (BrokenPipeError, ConnectionResetError, socket.timeout, ClientGone):
@@ -6902,50 +6959,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, {"name": "claude-proxy", "version": __version__})
 
     def list_models(self):
-        config = self.server.config
-        if self.dialect == "anthropic":
-            data = [anthropic_model_entry(m, config.started) for m in listed_models(config)]
-            return self.send_json(200, {"data": data, "has_more": False,
-                                        "first_id": data[0]["id"] if data else None,
-                                        "last_id": data[-1]["id"] if data else None})
-        self.send_json(200, {"object": "list",
-                             "data": [model_entry(m, config.started) for m in listed_models(config)]})
+        self.send_json(200, model_listing(self.server.config, self.dialect))
 
     def get_model(self, model_id):
-        config = self.server.config
-        # Any Claude model name the CLI would take is "there": clients that verify their
-        # configured model with this call must not be turned away for a valid full name.
-        if model_id not in listed_models(config) and not (model_id.startswith("claude-")
-                                                   and MODEL_NAME.match(model_id)):
-            raise ProxyError(404, "The model %r does not exist; GET /v1/models lists them." % model_id,
-                             "invalid_request_error", "model", "model_not_found")
-        self.send_json(200, (anthropic_model_entry if self.dialect == "anthropic" else model_entry)(
-            model_id, config.started))
+        self.send_json(200, model_lookup(self.server.config, model_id, self.dialect))
 
     def chat_completions(self):
         config = self.server.config
         plan = parse_chat_request(self.read_json(), config.model, config.effort)
-        completion_id = "chatcmpl-" + uuid.uuid4().hex
-        created = int(time.time())
-        if plan["stream"]:
-            sink = ChatStreamWriter(self, completion_id, created, plan["model"],
-                                    plan["include_usage"], bool(plan["json_schema"]))
-        else:
-            sink = ChatMessageCollector(self, completion_id, created, plan["model"],
-                                        plan["legacy_functions"])
-        self.answer(plan, sink)
+        self.answer(plan, chat_sink(self, plan, "chatcmpl-" + uuid.uuid4().hex, int(time.time())))
 
     def messages(self):
         """POST /v1/messages: the Anthropic Messages API over the same runs."""
         config = self.server.config
         plan = parse_messages_request(self.read_json(), config.model, config.effort)
-        message_id = "msg_" + uuid.uuid4().hex[:24]
-        if plan["stream"]:
-            sink = AnthropicStreamWriter(self, message_id, plan["model"], plan["show_thinking"],
-                                         bool(plan["json_schema"]))
-        else:
-            sink = AnthropicMessageCollector(self, message_id, plan["model"], plan["show_thinking"])
-        self.answer(plan, sink)
+        self.answer(plan, anthropic_sink(self, plan, "msg_" + uuid.uuid4().hex[:24]))
 
     def create_response(self):
         """POST /v1/responses: the Responses API over the same runs as Chat Completions."""
@@ -6956,16 +6984,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.answer(plan, sink_type(self, response_id, int(time.time()), plan["model"], request["echo"],
                                     request["namespaces"], keep, bool(plan["json_schema"]),
                                     compacting=request["compacting"]))
-
-    def websocket_refused(self):
-        """The Responses API's WebSocket mode (GET /v1/responses, upgraded) is not served: a
-        426 in HTTP/1.1, which WebSocket clients read (Codex then goes on over HTTP at once;
-        a 405 in the proxy's HTTP/1.0 it takes for a broken handshake, and retries 5 times)."""
-        self.protocol_version = "HTTP/1.1"
-        return ProxyError(426, "WebSocket mode is not supported by this proxy; POST /v1/responses "
-                          "over HTTP instead (with \"stream\": true to stream).",
-                          "invalid_request_error", None, "websocket_not_supported",
-                          {"Upgrade": "HTTP/1.1", "Connection": "close", "x-should-retry": "false"})
 
     def compact_response(self):
         """POST /v1/responses/compact: the conversation (input, or a stored response and
