@@ -4234,6 +4234,27 @@ def run_failure(run, plan):
                       "error output." % run.returncode, "cli_crashed")
 
 
+class ReplySink:
+    """What a dialect's writer or collector is to Proxy.answer: it takes one reply's neutral
+    events and writes them in its dialect. A sink implements event(reply event),
+    finish(translator) and fail(ProxyError), and says whether anything was written
+    (`started`); a stream writer also has `stream` (its SseStream) and keepalive(), the bytes
+    that keep a silent stream alive. The proxy tells it the run's translator and the model to
+    name through use() and name_model(), not by setting its fields."""
+
+    model = None
+    translator = None
+    started = False
+
+    def use(self, translator):
+        """The run's translator, before its first event: a sink may read the usage from it."""
+        self.translator = translator
+
+    def name_model(self, model):
+        """The model the response names: the CLI's own, when the request named none."""
+        self.model = model
+
+
 # Server-sent events #########################################################################
 
 
@@ -4410,7 +4431,7 @@ def merge_delta(message, delta):
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-class ChatStreamWriter:
+class ChatStreamWriter(ReplySink):
     """Writes one streamed completion: the role chunk with the first delta, then chunks,
     finish, usage, [DONE]."""
 
@@ -4472,7 +4493,7 @@ class ChatStreamWriter:
         self.stream.write(sse_event(error.body()))
 
 
-class ChatMessageCollector:
+class ChatMessageCollector(ReplySink):
     """The non-streaming counterpart of ChatStreamWriter: gathers deltas into one message."""
 
     started = False
@@ -4699,7 +4720,7 @@ def responses_error(error):
     return {"code": error.code or error.type, "message": error.message}
 
 
-class ResponsesSink:
+class ResponsesSink(ReplySink):
     """What the stream writer and the collector share: the request's id and echo, the output
     builder, and `keep`, called with the final response object before the client gets it (so a
     client that continues at once with previous_response_id finds it stored)."""
@@ -5051,7 +5072,7 @@ class AnthropicBlocks:
         return [{"type": "content_block_stop", "index": self.index}]
 
 
-class AnthropicStreamWriter:
+class AnthropicStreamWriter(ReplySink):
     """Writes one streamed message: message_start (with the input usage so far) before the first
     block, the content block events, one message_delta with the stop reason and the whole
     usage, message_stop. Every data line has its `event:` line: the SDKs dispatch on it."""
@@ -5062,7 +5083,7 @@ class AnthropicStreamWriter:
         self.id, self.model = message_id, model
         self.blocks = AnthropicBlocks(show_thinking)
         self.structured = structured
-        self.translator = None  # answer() sets it: message_start reads the input usage from it
+        self.translator = None  # use() gives it: message_start reads the input usage from it
         self.opened = False  # message_start went out
 
     @property
@@ -5106,7 +5127,7 @@ class AnthropicStreamWriter:
         self._send([anthropic_error(error, self.handler.request_id)[1]])
 
 
-class AnthropicMessageCollector:
+class AnthropicMessageCollector(ReplySink):
     """The non-streaming counterpart: folds the same block events into one message."""
 
     started = False
@@ -6124,10 +6145,7 @@ class Proxy:
         """Run a parsed request through the CLI and hand its reply events to a dialect's sink
         (its stream writer or message collector): the one path every dialect shares.
 
-        A sink has `model`, event(reply event), finish(translator) and fail(ProxyError); its
-        `translator` attribute is set to the run's ReplyTranslator before the first event. A
-        stream writer also has `stream` (its SseStream) and keepalive(): the bytes that keep
-        a silent stream alive. Model aliases and the daily budget are applied here. A
+        The sink is a ReplySink. Model aliases and the daily budget are applied here. A
         ProxyError raised from here is the HTTP answer (nothing was written yet)."""
         config = self.config
         requested = plan["model"]  # what the client asked for: the response says this name
@@ -6175,7 +6193,7 @@ class Proxy:
                 translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
                                              bool(plan["json_schema"]), live_structured=plan["stream"],
                                              rate_limit=limits.last_info(), totals=run.totals())
-                sink.translator = translator  # a sink may read the usage as it goes (message_start)
+                sink.use(translator)  # a sink may read the usage as it goes (message_start)
                 metrics.cli_run()
                 # Only while this request holds the run: once kept for the next turn, it is not
                 # this client's hang-up to act on.
@@ -6197,7 +6215,7 @@ class Proxy:
                         break
                     # The init event comes first and names the model the CLI really runs:
                     # the response says that one when the request named none.
-                    sink.model = requested or translator.model or run.model or "claude"
+                    sink.name_model(requested or translator.model or run.model or "claude")
                     if reply_events and not first_token:
                         first_token = True
                         metrics.first_token(time.monotonic() - client.started)
