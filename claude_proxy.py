@@ -1959,7 +1959,9 @@ def estimate_tokens(plan):
     return -(-characters // 4) + 1600 * images + PDF_PAGE_TOKENS * pages + 4 * len(turns)
 
 
-# CLI run: argv, stdin, process ##############################################################
+# CLI run: argv, environment, stdin ##########################################################
+#: How a run is started: its arguments (nothing of a prompt in them), its environment, and
+#: the user message that goes on its stdin.
 
 
 def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume=None):
@@ -2012,6 +2014,95 @@ def cli_safe_json(value):
         body = match.group(0)[1:-1].replace('\\"', "\\u0022")
         return '"%s"' % CMD_METACHARACTERS.sub(lambda m: "\\u%04x" % ord(m.group(0)), body)
     return JSON_STRING.sub(escape, json.dumps(value, separators=(",", ":"), ensure_ascii=True))
+
+
+def cli_schema(schema, param):
+    """A structured-output schema (any dialect's) the CLI can be given, or a 400 naming `param`.
+    The CLI silently drops a schema it cannot use (CLI-FACTS), which would turn a JSON answer
+    into prose, and its StructuredOutput tool needs an object at the root. It takes the schema
+    only as an argument: measured in the form it is really given, since cli_safe_json's escapes
+    make it up to six times longer than its JSON."""
+    _require(isinstance(schema, dict) and schema.get("type") == "object",
+             "%s must be a JSON Schema with \"type\": \"object\" at the root" % param, param,
+             "invalid_json_schema")
+    size = len(cli_safe_json(schema))
+    if size > MAX_SCHEMA_BYTES:
+        raise invalid("%s is %d bytes as a command-line argument (with & | < > ^ %% ! ( ) \" "
+                      "escaped), over the %d the CLI can be given; shorten it"
+                      % (param, size, MAX_SCHEMA_BYTES), param, "invalid_json_schema")
+    return schema
+
+
+def cli_env(base_env, plan):
+    """The child's environment: the proxy's own, minus what would stop or distract the CLI."""
+    env = dict(base_env)
+    # The CLI refuses to start "nested" inside another Claude Code session.
+    for name in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"):
+        env.pop(name, None)
+    for name in [n for n in env if n.startswith("CLAUDE_PROXY_")]:
+        env.pop(name)  # the proxy's own settings, its API keys among them, are not the CLI's
+    # One request, one model call: no title-generation side call, telemetry or update check.
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    # The user's own CLAUDE.md files and auto-memory are notes for their coding sessions: they
+    # would reach every API client's prompt. (Settings still load: they may hold the login or
+    # a gateway.) An operator who wants them sets these to 0.
+    env.setdefault("CLAUDE_CODE_DISABLE_CLAUDE_MDS", "1")
+    env.setdefault("CLAUDE_CODE_DISABLE_AUTO_MEMORY", "1")
+    # A conversation over the model's window is the client's to shorten: 2.1.332, refused by
+    # the API, summarises the history itself and answers from the summary (four model calls and
+    # a 200, the client's turns silently replaced). Not by the operator's choice either.
+    env["DISABLE_AUTO_COMPACT"] = "1"
+    # Attachments are the CLI's own context for a coding session, computed for every message:
+    # with no tools and no files, all they add is a "<total_tokens>N tokens left" reminder (in
+    # each user turn, and inside each tool result after its text). CLI 2.1.332 spends ~20 ms
+    # of a warm process's first message on them (2.1.197's requests are the same either way).
+    env.setdefault("CLAUDE_CODE_DISABLE_ATTACHMENTS", "1")
+    env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
+    if plan.get("max_tokens"):
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
+    ttl = plan.get("cache_ttl")
+    if ttl in ("5m", "1h"):  # None: the CLI's own choice, as the environment gives it
+        # The CLI writes a subscriber's prompt cache for 1 hour (a write costs 2x the input
+        # price, a 5-minute one 1.25x), an API key's for 5 minutes. FORCE_PROMPT_CACHING_5M
+        # and ENABLE_PROMPT_CACHING_1H decide it in 2.1.197 and 2.1.332 alike (5M wins over
+        # 1H); 2.1.332 also reads CLAUDE_CODE_PROMPT_CACHE_TTL, and its MESSAGES_ variant.
+        for name in CACHE_TTL_VARIABLES:
+            env.pop(name, None)
+        env["FORCE_PROMPT_CACHING_5M" if ttl == "5m" else "ENABLE_PROMPT_CACHING_1H"] = "1"
+        env["CLAUDE_CODE_PROMPT_CACHE_TTL"] = ttl
+    return env
+
+
+def cli_stdin(content):
+    """One stream-json user message: a line on the CLI's stdin (a client's words: never a
+    command of the CLI's, see not_a_command)."""
+    return cli_command_line(not_a_command(content))
+
+
+def cli_command_line(content):
+    """The stdin line as it is, which the CLI runs as a command of its own if its text starts
+    with one (/clear): for the proxy's own commands only."""
+    message = {"type": "user", "message": {"role": "user", "content": content}}
+    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def not_a_command(content):
+    """A user message whose first block is text starting with "/" is split after the slash:
+    the CLI runs a message that starts with one of its commands (/model opus, /clear,
+    /heapdump, /config, ...; 2.1.197 and 2.1.332) instead of sending it to the model, and any
+    client could so reach the CLI. The API joins adjacent text blocks: the model reads the
+    same words."""
+    if content and content[0].get("type") == "text" and content[0]["text"].startswith("/") \
+            and len(content[0]["text"]) > 1:
+        first = content[0]
+        return [{"type": "text", "text": "/"}, dict(first, text=first["text"][1:])] + list(content[1:])
+    return content
+
+
+# CLI run: session files #####################################################################
+#: A conversation's earlier turns, as a session file the CLI resumes (--resume): real turns,
+#: read from the prompt cache, in the CLI's own undocumented format (checked with 2.1.197 and
+#: 2.1.332).
 
 
 #: The CLI's sessions live under its config directory, in a folder named after the working
@@ -2180,6 +2271,20 @@ def deferrable_call(plan, turns):
     return calls[0]
 
 
+# CLI run: the tool bridge ###################################################################
+#: The client's functions reach the model through an MCP server that is this same file,
+#: started by the CLI (mcp_config): it lists them as MCP tools, and answers each call with the
+#: client's result when its next request brings it (CliRun.give_results writes it, result_waiter
+#: reads it). It never runs a function: the proxy hands the model's calls back to the client.
+#: `claude_proxy.py --mcp-tools FILE` runs it.
+
+
+def mcp_config(tools_path):
+    """The --mcp-config that starts this very file as the MCP server of the client's functions."""
+    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), "--mcp-tools", tools_path]
+    return {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": command[0], "args": command[1:]}}}
+
+
 def bridgeable(result):
     """Whether a tool result can go through the MCP bridge as it is: text and images can; the
     CLI turns a PDF an MCP server returns into a file it saves and a line of text (checked
@@ -2199,114 +2304,106 @@ def mcp_results(blocks):
     return content or [{"type": "text", "text": ""}]
 
 
-def cli_schema(schema, param):
-    """A structured-output schema (any dialect's) the CLI can be given, or a 400 naming `param`.
-    The CLI silently drops a schema it cannot use (CLI-FACTS), which would turn a JSON answer
-    into prose, and its StructuredOutput tool needs an object at the root. It takes the schema
-    only as an argument: measured in the form it is really given, since cli_safe_json's escapes
-    make it up to six times longer than its JSON."""
-    _require(isinstance(schema, dict) and schema.get("type") == "object",
-             "%s must be a JSON Schema with \"type\": \"object\" at the root" % param, param,
-             "invalid_json_schema")
-    size = len(cli_safe_json(schema))
-    if size > MAX_SCHEMA_BYTES:
-        raise invalid("%s is %d bytes as a command-line argument (with & | < > ^ %% ! ( ) \" "
-                      "escaped), over the %d the CLI can be given; shorten it"
-                      % (param, size, MAX_SCHEMA_BYTES), param, "invalid_json_schema")
-    return schema
+MCP_PROTOCOL_VERSION = "2025-06-18"
 
 
-def mcp_config(tools_path):
-    """The --mcp-config that starts this very file as the MCP server of the client's functions."""
-    command = [sys.executable, "-I", "-S", os.path.abspath(__file__), "--mcp-tools", tools_path]
-    return {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": command[0], "args": command[1:]}}}
+def mcp_reply(message, tools, wait_for_result=None):
+    """One JSON-RPC message from the CLI -> the reply (a dict), or None for a notification.
+    wait_for_result(name) gives a tools/call its result: the client's, when it comes."""
+    if not isinstance(message, dict):
+        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request"}}
+    method, params, request_id = message.get("method"), message.get("params"), message.get("id")
+    if params is None:
+        params = {}
+    if request_id is None:
+        return None  # notifications/initialized, notifications/cancelled, ...
+    if not isinstance(method, str):
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": "Invalid Request"}}
+    if not isinstance(params, dict):  # JSON-RPC allows positional params; MCP never sends them
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": "Invalid params"}}
+    if method == "initialize":
+        result = {"protocolVersion": params.get("protocolVersion") or MCP_PROTOCOL_VERSION,
+                  "capabilities": {"tools": {"listChanged": False}},
+                  "serverInfo": {"name": "claude-proxy", "version": __version__}}
+    elif method == "ping":
+        result = {}
+    elif method == "tools/list":
+        result = {"tools": [{"name": t["mcp_name"], "description": t["description"],
+                             "inputSchema": t["input_schema"]} for t in tools]}
+    elif method == "tools/call" and wait_for_result is not None:
+        result = wait_for_result(params.get("name"))
+    elif method == "tools/call":
+        result = {"isError": True, "content": [{"type": "text", "text":
+                  "This function is run by the client application, not here."}]}
+    else:
+        return {"jsonrpc": "2.0", "id": request_id,
+                "error": {"code": -32601, "message": "Method not found: %s" % method}}
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 
-def cli_env(base_env, plan):
-    """The child's environment: the proxy's own, minus what would stop or distract the CLI."""
-    env = dict(base_env)
-    # The CLI refuses to start "nested" inside another Claude Code session.
-    for name in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"):
-        env.pop(name, None)
-    for name in [n for n in env if n.startswith("CLAUDE_PROXY_")]:
-        env.pop(name)  # the proxy's own settings, its API keys among them, are not the CLI's
-    # One request, one model call: no title-generation side call, telemetry or update check.
-    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
-    # The user's own CLAUDE.md files and auto-memory are notes for their coding sessions: they
-    # would reach every API client's prompt. (Settings still load: they may hold the login or
-    # a gateway.) An operator who wants them sets these to 0.
-    env.setdefault("CLAUDE_CODE_DISABLE_CLAUDE_MDS", "1")
-    env.setdefault("CLAUDE_CODE_DISABLE_AUTO_MEMORY", "1")
-    # A conversation over the model's window is the client's to shorten: 2.1.332, refused by
-    # the API, summarises the history itself and answers from the summary (four model calls and
-    # a 200, the client's turns silently replaced). Not by the operator's choice either.
-    env["DISABLE_AUTO_COMPACT"] = "1"
-    # Attachments are the CLI's own context for a coding session, computed for every message:
-    # with no tools and no files, all they add is a "<total_tokens>N tokens left" reminder (in
-    # each user turn, and inside each tool result after its text). CLI 2.1.332 spends ~20 ms
-    # of a warm process's first message on them (2.1.197's requests are the same either way).
-    env.setdefault("CLAUDE_CODE_DISABLE_ATTACHMENTS", "1")
-    env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
-    if plan.get("max_tokens"):
-        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
-    ttl = plan.get("cache_ttl")
-    if ttl in ("5m", "1h"):  # None: the CLI's own choice, as the environment gives it
-        # The CLI writes a subscriber's prompt cache for 1 hour (a write costs 2x the input
-        # price, a 5-minute one 1.25x), an API key's for 5 minutes. FORCE_PROMPT_CACHING_5M
-        # and ENABLE_PROMPT_CACHING_1H decide it in 2.1.197 and 2.1.332 alike (5M wins over
-        # 1H); 2.1.332 also reads CLAUDE_CODE_PROMPT_CACHE_TTL, and its MESSAGES_ variant.
-        for name in CACHE_TTL_VARIABLES:
-            env.pop(name, None)
-        env["FORCE_PROMPT_CACHING_5M" if ttl == "5m" else "ENABLE_PROMPT_CACHING_1H"] = "1"
-        env["CLAUDE_CODE_PROMPT_CACHE_TTL"] = ttl
-    return env
+def result_waiter(folder, wait_seconds, owner_files=()):
+    """tools/call results from the proxy: the n-th call gets the file n.json in `folder`,
+    which the proxy writes when the client's next request brings the results. The bridge
+    polls: a file is the one channel that works alike on every platform. If none comes in
+    `wait_seconds`, the proxy has gone without stopping the run: end the run's whole process
+    group, so that nothing is left running."""
+    calls = [0]
+
+    def proxy_gone():
+        # Its owner lock can be taken: the proxy was killed, and nobody will bring a result.
+        return any(owner_gone(os.path.dirname(path)) for path in owner_files)
+
+    def wait_for_result(name):
+        path = os.path.join(folder, "%d.json" % calls[0])
+        calls[0] += 1
+        deadline = time.monotonic() + wait_seconds
+        checked = time.monotonic()
+        while not os.path.exists(path):
+            if time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                if proxy_gone():
+                    deadline = 0
+            if time.monotonic() > deadline or not os.path.isdir(folder):
+                # KILL, the CLI with us: given TERM, or the call's failure, it would ask the
+                # model again, a paid call nobody reads.
+                if os.name != "nt":
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                else:
+                    subprocess.run(["taskkill", "/T", "/F", "/PID", str(os.getppid())],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                sys.exit(1)
+            time.sleep(0.02)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return wait_for_result
 
 
-def cli_stdin(content):
-    """One stream-json user message: a line on the CLI's stdin (a client's words: never a
-    command of the CLI's, see not_a_command)."""
-    return cli_command_line(not_a_command(content))
+def mcp_serve(tools_path, stdin=None, stdout=None):
+    """Serve MCP over stdio (newline-delimited JSON-RPC) until the CLI closes stdin."""
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    with open(tools_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    waiter = result_waiter(os.path.join(os.path.dirname(os.path.abspath(tools_path)), MCP_RESULTS_DIR),
+                           float(spec.get("wait_seconds", DEFAULT_TIMEOUT)), spec.get("owner_files") or ())
+    for line in iter(stdin.readline, b""):
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            reply = {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}}
+        else:
+            reply = mcp_reply(message, spec["tools"], waiter)
+        if reply is not None:
+            stdout.write(json.dumps(reply).encode("utf-8") + b"\n")
+            stdout.flush()
+    return 0
 
 
-def cli_command_line(content):
-    """The stdin line as it is, which the CLI runs as a command of its own if its text starts
-    with one (/clear): for the proxy's own commands only."""
-    message = {"type": "user", "message": {"role": "user", "content": content}}
-    return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def not_a_command(content):
-    """A user message whose first block is text starting with "/" is split after the slash:
-    the CLI runs a message that starts with one of its commands (/model opus, /clear,
-    /heapdump, /config, ...; 2.1.197 and 2.1.332) instead of sending it to the model, and any
-    client could so reach the CLI. The API joins adjacent text blocks: the model reads the
-    same words."""
-    if content and content[0].get("type") == "text" and content[0]["text"].startswith("/") \
-            and len(content[0]["text"]) > 1:
-        first = content[0]
-        return [{"type": "text", "text": "/"}, dict(first, text=first["text"][1:])] + list(content[1:])
-    return content
-
-
-#: A warm process is sent `/clear` as soon as it starts: a command the CLI runs itself, with no
-#: model request, which takes it once along the path every message takes (reading the line,
-#: building the system prompt and the init event). CLI 2.1.332 does that work lazily, at the
-#: first message: primed, a warm process answered 30-40 ms sooner (see README, Benchmark). The
-#: price: the next model request's first user message starts with three short text blocks the
-#: CLI adds (a caveat that a local command ran, "<command-name>/clear</command-name>...", its
-#: empty output; about 100 tokens), which a process kept for the conversation keeps sending.
-#: Releases before WARM_PRIME_SINCE are not primed: 2.1.197 answers as fast without it, and its
-#: caveat tells the model not to respond to the messages below it.
-WARM_PRIME_TEXT = "/clear"
-WARM_PRIME_SINCE = (2, 1, 332)
-
-
-def prime_answered(events):
-    """Whether the events a CLI printed for the prime (up to its result) show it ran the
-    command itself: a result that is no error, with no model turn and no streamed reply."""
-    result = events[-1] if events and events[-1].get("type") == "result" else None
-    return (result is not None and not result.get("is_error") and not result.get("num_turns")
-            and not any(e.get("type") == "stream_event" for e in events))
+# CLI run: checking the CLI ##################################################################
+#: What the proxy finds out about the binary without a model call: where it is, its version,
+#: the flags its --help lists, where it keeps sessions, how it is logged in.
 
 
 def find_claude(configured=None):
@@ -2454,6 +2551,11 @@ class CliCheck:
                        "If CLAUDE_PATH is a wrapper that sets HOME or CLAUDE_CONFIG_DIR, set them "
                        "for the proxy too." % self.sessions_problem)
         return out
+
+
+# CLI run: the process #######################################################################
+#: One CLI process from start to stop, and the folders a proxy's runs leave on disk, found
+#: and removed by the next start if the proxy dies.
 
 
 def bounded_lines(stream, limit):
@@ -2801,29 +2903,6 @@ def stop_runs(runs, reason=None):
         thread.join()
 
 
-#: What a process must be started with, as opposed to what its message carries: requests whose
-#: plans agree on these can be served by the same kind of warm process.
-SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens",
-                "max_budget_usd", "cache_ttl")
-
-
-def run_shape(plan):
-    """The key of a plan's process shape (everything that goes into argv, files or env)."""
-    return json.dumps([plan.get(field) for field in SHAPE_FIELDS], sort_keys=True)
-
-
-def shape_plan(plan):
-    """The part of a plan that a process is started with: no conversation."""
-    return {field: plan.get(field) for field in SHAPE_FIELDS}
-
-
-def shape_label(shape):
-    """A short readable name for a shape, for /health: model/effort/hash."""
-    model, effort = json.loads(shape)[:2]
-    return "%s/%s/%s" % (model or "default", effort or "-",
-                         hashlib.sha1(shape.encode("utf-8")).hexdigest()[:8])
-
-
 #: What a proxy leaves on disk is findable by the next one: every run's folder (system prompt,
 #: MCP config, tool results, the CLI's own temporary files) is made inside the proxy's own
 #: folder in TMPDIR, claude-proxy-<random>, which holds an owner file locked for the proxy's
@@ -3046,6 +3125,11 @@ def run_files(plan, wait_seconds=DEFAULT_TIMEOUT, folders=None):
             shutil.rmtree(workdir, ignore_errors=True)
         log("cannot write a run's files in %s: %s" % (tempfile.gettempdir(), e))
         raise tmpdir_unavailable(e.strerror or e)
+
+
+# CLI run: the runner ########################################################################
+#: The one owner of every CLI process: how a conversation reaches the CLI, best first, and
+#: whether a run is kept for its next turn or stopped.
 
 
 class CliRunner:
@@ -3532,6 +3616,56 @@ class CliRunner:
             runs = list(self._runs)
         stop_runs(runs, "shutdown")
         self.folders.close()
+
+
+# CLI run: reuse #############################################################################
+#: Processes started ahead of their request (the warm pool, primed) and kept after a reply for
+#: the conversation's next turn, keyed by the process shape; and which prompt-cache lifetime a
+#: conversation's runs get.
+
+
+#: What a process must be started with, as opposed to what its message carries: requests whose
+#: plans agree on these can be served by the same kind of warm process.
+SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens",
+                "max_budget_usd", "cache_ttl")
+
+
+def run_shape(plan):
+    """The key of a plan's process shape (everything that goes into argv, files or env)."""
+    return json.dumps([plan.get(field) for field in SHAPE_FIELDS], sort_keys=True)
+
+
+def shape_plan(plan):
+    """The part of a plan that a process is started with: no conversation."""
+    return {field: plan.get(field) for field in SHAPE_FIELDS}
+
+
+def shape_label(shape):
+    """A short readable name for a shape, for /health: model/effort/hash."""
+    model, effort = json.loads(shape)[:2]
+    return "%s/%s/%s" % (model or "default", effort or "-",
+                         hashlib.sha1(shape.encode("utf-8")).hexdigest()[:8])
+
+
+#: A warm process is sent `/clear` as soon as it starts: a command the CLI runs itself, with no
+#: model request, which takes it once along the path every message takes (reading the line,
+#: building the system prompt and the init event). CLI 2.1.332 does that work lazily, at the
+#: first message: primed, a warm process answered 30-40 ms sooner (see README, Benchmark). The
+#: price: the next model request's first user message starts with three short text blocks the
+#: CLI adds (a caveat that a local command ran, "<command-name>/clear</command-name>...", its
+#: empty output; about 100 tokens), which a process kept for the conversation keeps sending.
+#: Releases before WARM_PRIME_SINCE are not primed: 2.1.197 answers as fast without it, and its
+#: caveat tells the model not to respond to the messages below it.
+WARM_PRIME_TEXT = "/clear"
+WARM_PRIME_SINCE = (2, 1, 332)
+
+
+def prime_answered(events):
+    """Whether the events a CLI printed for the prime (up to its result) show it ran the
+    command itself: a result that is no error, with no model turn and no streamed reply."""
+    result = events[-1] if events and events[-1].get("type") == "result" else None
+    return (result is not None and not result.get("is_error") and not result.get("num_turns")
+            and not any(e.get("type") == "stream_event" for e in events))
 
 
 class Continuations:
@@ -7044,108 +7178,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Whose conversations these are: a continuation is only ever found by the same key."""
         key = presented_key(self.headers) or ""
         return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]
-
-
-# MCP server mode ############################################################################
-#: `claude_proxy.py --mcp-tools FILE`: started by the CLI (see mcp_config), it lists the client's
-#: functions as MCP tools so the model calls them natively. It never runs them: the proxy hands
-#: the model's calls back to the client as OpenAI tool_calls.
-
-MCP_PROTOCOL_VERSION = "2025-06-18"
-
-
-def mcp_reply(message, tools, wait_for_result=None):
-    """One JSON-RPC message from the CLI -> the reply (a dict), or None for a notification.
-    wait_for_result(name) gives a tools/call its result: the client's, when it comes."""
-    if not isinstance(message, dict):
-        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request"}}
-    method, params, request_id = message.get("method"), message.get("params"), message.get("id")
-    if params is None:
-        params = {}
-    if request_id is None:
-        return None  # notifications/initialized, notifications/cancelled, ...
-    if not isinstance(method, str):
-        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": "Invalid Request"}}
-    if not isinstance(params, dict):  # JSON-RPC allows positional params; MCP never sends them
-        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32602, "message": "Invalid params"}}
-    if method == "initialize":
-        result = {"protocolVersion": params.get("protocolVersion") or MCP_PROTOCOL_VERSION,
-                  "capabilities": {"tools": {"listChanged": False}},
-                  "serverInfo": {"name": "claude-proxy", "version": __version__}}
-    elif method == "ping":
-        result = {}
-    elif method == "tools/list":
-        result = {"tools": [{"name": t["mcp_name"], "description": t["description"],
-                             "inputSchema": t["input_schema"]} for t in tools]}
-    elif method == "tools/call" and wait_for_result is not None:
-        result = wait_for_result(params.get("name"))
-    elif method == "tools/call":
-        result = {"isError": True, "content": [{"type": "text", "text":
-                  "This function is run by the client application, not here."}]}
-    else:
-        return {"jsonrpc": "2.0", "id": request_id,
-                "error": {"code": -32601, "message": "Method not found: %s" % method}}
-    return {"jsonrpc": "2.0", "id": request_id, "result": result}
-
-
-def result_waiter(folder, wait_seconds, owner_files=()):
-    """tools/call results from the proxy: the n-th call gets the file n.json in `folder`,
-    which the proxy writes when the client's next request brings the results. The bridge
-    polls: a file is the one channel that works alike on every platform. If none comes in
-    `wait_seconds`, the proxy has gone without stopping the run: end the run's whole process
-    group, so that nothing is left running."""
-    calls = [0]
-
-    def proxy_gone():
-        # Its owner lock can be taken: the proxy was killed, and nobody will bring a result.
-        return any(owner_gone(os.path.dirname(path)) for path in owner_files)
-
-    def wait_for_result(name):
-        path = os.path.join(folder, "%d.json" % calls[0])
-        calls[0] += 1
-        deadline = time.monotonic() + wait_seconds
-        checked = time.monotonic()
-        while not os.path.exists(path):
-            if time.monotonic() - checked > 0.5:
-                checked = time.monotonic()
-                if proxy_gone():
-                    deadline = 0
-            if time.monotonic() > deadline or not os.path.isdir(folder):
-                # KILL, the CLI with us: given TERM, or the call's failure, it would ask the
-                # model again, a paid call nobody reads.
-                if os.name != "nt":
-                    os.killpg(os.getpgid(0), signal.SIGKILL)
-                else:
-                    subprocess.run(["taskkill", "/T", "/F", "/PID", str(os.getppid())],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                sys.exit(1)
-            time.sleep(0.02)
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return wait_for_result
-
-
-def mcp_serve(tools_path, stdin=None, stdout=None):
-    """Serve MCP over stdio (newline-delimited JSON-RPC) until the CLI closes stdin."""
-    stdin = stdin or sys.stdin.buffer
-    stdout = stdout or sys.stdout.buffer
-    with open(tools_path, encoding="utf-8") as f:
-        spec = json.load(f)
-    waiter = result_waiter(os.path.join(os.path.dirname(os.path.abspath(tools_path)), MCP_RESULTS_DIR),
-                           float(spec.get("wait_seconds", DEFAULT_TIMEOUT)), spec.get("owner_files") or ())
-    for line in iter(stdin.readline, b""):
-        if not line.strip():
-            continue
-        try:
-            message = json.loads(line)
-        except ValueError:
-            reply = {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}}
-        else:
-            reply = mcp_reply(message, spec["tools"], waiter)
-        if reply is not None:
-            stdout.write(json.dumps(reply).encode("utf-8") + b"\n")
-            stdout.flush()
-    return 0
 
 
 # Main #######################################################################################
