@@ -3796,7 +3796,7 @@ class TurnRhythm:
         slow."""
         if self.mode != "auto":
             return self.mode, False
-        if self.operator_set:
+        if self.operator_set or subscriber is False:  # an API key's: nothing to remember either
             return None, False
         turns = plan["conversation"]["turns"]
         if len(turns) >= 3:
@@ -3811,10 +3811,10 @@ class TurnRhythm:
                     return ttl, False
         return ("5m" if subscriber else None), False
 
-    def replied(self, scope, plan, reply_blocks, began):
+    def replied(self, scope, plan, reply_blocks, began, subscriber):
         """A reply was sent to a request that began at `began` (this clock): the conversation's
         next turn will follow these turns."""
-        if self.mode != "auto":
+        if self.mode != "auto" or self.operator_set or subscriber is False:
             return
         turns = plan["conversation"]["turns"] + [{"role": "assistant", "content": reply_blocks}]
         key = self._key(scope, plan, turns)
@@ -5964,9 +5964,12 @@ class PlanLimits:
                 self._login = api_key_source
 
     def subscriber(self):
-        """Whether the CLI is logged in as a subscriber, as far as its runs have told."""
+        """Whether the CLI is logged in as a subscriber, as far as its runs have told: True,
+        False (an API key's login), or None while no run or check has said."""
         with self._lock:
-            return self._updated_at is not None or self._login == "none"
+            if self._updated_at is not None or self._login == "none":
+                return True
+            return None if self._login is None else False
 
     def observe(self, info):
         """A rate_limit_event's rate_limit_info: the record now says what it says. A field of
@@ -6376,7 +6379,7 @@ class Proxy:
                                 limits.after_run(translator.error)
                                 if not translator.error:
                                     self.rhythm.replied(client.scope, plan, translator.reply_blocks(),
-                                                        client.started)
+                                                        client.started, limits.subscriber())
                         else:
                             run.stop()
                 finally:

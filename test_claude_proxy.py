@@ -7104,18 +7104,18 @@ class CacheTtlTest(unittest.TestCase):
         first = self.plan("hi")
         first["cache_ttl"], switched = rhythm.ttl_for("k", first, True)
         self.assertEqual((first["cache_ttl"], switched), ("5m", False))
-        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now)
+        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, True)
         clock.now += 60
         second = self.plan("hi", "hello", "more")
         self.assertEqual(rhythm.ttl_for("k", second, True), ("5m", False), "a minute apart: 5-minute entries")
         self.assertEqual(rhythm.ttl_for("other key", second, True), ("5m", False), "another client's is not this one")
-        rhythm.replied("k", dict(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}], clock.now)
+        rhythm.replied("k", dict(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}], clock.now, True)
         clock.now += 200  # the reply took 200 s: the gap counts from the request
         third = self.plan("hi", "hello", "more", "ok", "and")
         self.assertEqual(rhythm.ttl_for("k", third, True), ("5m", False))
         clock.now += 100
         self.assertEqual(rhythm.ttl_for("k", third, True), ("1h", True), "300 s after the request that wrote it")
-        rhythm.replied("k", dict(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}], clock.now)
+        rhythm.replied("k", dict(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}], clock.now, True)
         clock.now += 5
         fourth = self.plan("hi", "hello", "more", "ok", "and", "sure", "then")
         self.assertEqual(rhythm.ttl_for("k", fourth, True), ("1h", False), "a slow conversation stays on 1-hour entries")
@@ -7125,6 +7125,8 @@ class CacheTtlTest(unittest.TestCase):
     def test_auto_leaves_an_api_key_and_the_operators_choice_alone(self):
         rhythm = cp.TurnRhythm("auto", clock=Clock(0.0))
         self.assertEqual(rhythm.ttl_for("k", self.plan("hi"), False), (None, False), "the CLI's own choice")
+        rhythm.replied("k", self.plan("hi"), [{"type": "text", "text": "a"}], 0.0, False)
+        self.assertEqual(len(rhythm._seen), 0, "an API key's conversations are not even remembered")
         operator = cp.TurnRhythm("auto", env={"ENABLE_PROMPT_CACHING_1H": "1"})
         self.assertEqual(operator.ttl_for("k", self.plan("hi"), True), (None, False))
         self.assertEqual(cp.cli_env({"ENABLE_PROMPT_CACHING_1H": "1"}, {"cache_ttl": None})["ENABLE_PROMPT_CACHING_1H"], "1")
@@ -7133,7 +7135,7 @@ class CacheTtlTest(unittest.TestCase):
         clock = Clock(0.0)
         rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
         first = dict(self.plan("hi"), cache_ttl=None)  # before the proxy knew it was a subscriber
-        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now)
+        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, None)
         clock.now += 10
         self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), (None, False),
                          "its kept process was started so")
