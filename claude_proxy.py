@@ -2600,6 +2600,7 @@ class CliRun:
     def __init__(self, runner, argv, env, workdir, shape=None, cwd=None):
         self.runner = runner
         self.workdir = workdir
+        self.cwd = cwd or workdir  # where the CLI runs (the proxy's one working directory)
         self.shape = shape
         self.binary = runner.binary_stamp()
         self.spawned_at = time.monotonic()
@@ -2634,7 +2635,7 @@ class CliRun:
         else:
             kwargs["start_new_session"] = True  # its own process group: stop it and its children
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=cwd or workdir, env=env, **kwargs)
+                                     stderr=subprocess.PIPE, cwd=self.cwd, env=env, **kwargs)
         try:  # for the next proxy, should this one die without stopping it (remove_leftovers)
             with open(workdir + CLI_PID_SUFFIX, "w", encoding="utf-8") as f:
                 f.write("%d %s" % (self.proc.pid, process_start(self.proc.pid) or "-"))
@@ -2870,6 +2871,7 @@ class CliRun:
                 os.remove(self.sessions)
             except OSError:
                 pass
+        self.runner.unregister(self)
         self.runner.forget(self)
 
     def __enter__(self):
@@ -3240,6 +3242,30 @@ class CliRunner:
         it could not be told) where it would be with the proxy's own environment."""
         check = self.cli_check()
         return check.sessions_root or os.path.join(cli_config_dir(env), "projects")
+
+    def unregister(self, run):
+        """Remove what a stopped run left in the CLI's registry of live sessions: 2.1.332 writes
+        <config>/sessions/<pid>.json (its working directory, session id, status) and a
+        <pid>.<hash>.key beside it, even with --no-session-persistence, and removes them only
+        when it exits by itself; a run the proxy kills leaves them for good. Only the files of
+        this pid that name this run's working directory are removed."""
+        if run.proc.pid is None or not self.claude_path:
+            return
+        folder = os.path.join(os.path.dirname(self.sessions_root(self.env)), "sessions")
+        entry = os.path.join(folder, "%d.json" % run.proc.pid)
+        try:
+            with open(entry, encoding="utf-8") as f:
+                registered = json.load(f)
+        except (OSError, ValueError):
+            return
+        if not isinstance(registered, dict) or registered.get("pid") != run.proc.pid or \
+                os.path.realpath(str(registered.get("cwd"))) != os.path.realpath(run.cwd):
+            return
+        for name in [n for n in os.listdir(folder) if n.startswith("%d." % run.proc.pid)]:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
 
     def note_refused_flag(self, stderr_lines):
         """A run ended with `unknown option`: say so once, and in /health."""

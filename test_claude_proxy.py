@@ -8270,6 +8270,21 @@ class RealCliTest(RealCliTestCase):
                 self.assertTrue("".join(self.texts(turn)).endswith(words), self.texts(turn))
         self.assertEqual(len(self.api.model_calls()), 2, "each reached the model")
 
+    def test_no_session_registration_is_left_in_the_clis_home(self):
+        # 2.1.332 registers each live process in <config>/sessions (<pid>.json and a .key) and
+        # removes it only when it exits by itself; the proxy kills its runs.
+        server = self.serve(pool_size=1)
+        port = server.server_address[1]
+        first = self.ok(user("hi"), port)["choices"][0]["message"]["content"]
+        self.ok({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                              {"role": "user", "content": "more"}]}, port)  # kept, then resumed-or-kept
+        self.ok({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                              {"role": "user", "content": "z"}]}, port)  # resumed cold
+        server.stop()
+        folder = os.path.join(self.home, ".claude", "sessions")
+        left = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        self.assertEqual(left, [])
+
     def test_health_says_what_was_checked_and_is_in_use(self):
         server = self.serve()
         server.runner.check_cli()  # as main() does before it serves
