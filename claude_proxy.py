@@ -2972,15 +2972,41 @@ def own_folder(path):
     return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
 
 
-def remove_leftovers(tmpdir=None):
+def unregister_run(registry, pid, within):
+    """Remove a run's entry from the CLI's registry of live sessions (<registry>/<pid>.json and
+    <pid>.<hash>.key): only when the entry is that pid's and names a working directory at or
+    inside `within` (the run's own, or a dead proxy's folder), so never another's."""
+    try:
+        with open(os.path.join(registry, "%d.json" % pid), encoding="utf-8") as f:
+            registered = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not isinstance(registered, dict) or registered.get("pid") != pid:
+        return
+    where, within = os.path.realpath(str(registered.get("cwd"))), os.path.realpath(within)
+    if not (where == within or where.startswith(within + os.sep)):
+        return
+    for name in [n for n in os.listdir(registry) if n.startswith("%d." % pid)]:
+        try:
+            os.remove(os.path.join(registry, name))
+        except OSError:
+            pass
+
+
+def remove_leftovers(tmpdir=None, registries=None):
     """Before serving: remove what proxies that died (SIGKILL, a crash, a power cut) left in
-    TMPDIR: their folders, the session files of their resumed runs, and any of their CLI
-    processes still running (whose start time matches, so never a stranger reusing a pid; where
+    TMPDIR: their folders, the session files of their resumed runs, their runs' entries in the
+    CLI's registry of live sessions (see CliRunner.unregister; `registries`: the CLI's
+    <config>/sessions folders, by default the one the proxy's own environment gives, and those
+    beside the projects folders it wrote sessions in), and any of their CLI processes still
+    running (whose start time matches, so never a stranger reusing a pid; where
     start times cannot be read, the process is left: a waiting CLI ends when its stdin closes, a
     tool call's bridge when its folder goes). Only folders of this proxy's kind, with an owner
     file whose lock can be taken: folders of proxies still running, of any other program, or
     that cannot be told are left alone. Returns the folders removed."""
     tmpdir = tmpdir or tempfile.gettempdir()
+    if registries is None:
+        registries = [os.path.join(cli_config_dir(os.environ), "sessions")]
     removed = []
     try:
         names = sorted(os.listdir(tmpdir))
@@ -2992,21 +3018,26 @@ def remove_leftovers(tmpdir=None):
             continue
         if owner_gone(folder) is not True:
             continue
+        try:
+            with open(os.path.join(folder, SESSION_ROOTS_FILE), encoding="utf-8") as f:
+                roots = [line.strip() for line in f if line.strip()]
+        except OSError:
+            roots = []
+        pids = []
         for run in os.listdir(folder):
             if not run.endswith(CLI_PID_SUFFIX):
                 continue
             try:
                 with open(os.path.join(folder, run), encoding="utf-8") as f:
                     pid, start = f.read().split()
+                pids.append(int(pid))
                 if os.name != "nt" and process_start(int(pid)) == start:
                     os.killpg(int(pid), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
-        try:
-            with open(os.path.join(folder, SESSION_ROOTS_FILE), encoding="utf-8") as f:
-                roots = [line.strip() for line in f if line.strip()]
-        except OSError:
-            roots = []
+        for registry in set(registries) | {os.path.join(os.path.dirname(r), "sessions") for r in roots}:
+            for pid in pids:
+                unregister_run(registry, pid, folder)
         prefix = session_name(folder) + "-"
         for root in roots:
             try:
@@ -3249,23 +3280,9 @@ class CliRunner:
         <pid>.<hash>.key beside it, even with --no-session-persistence, and removes them only
         when it exits by itself; a run the proxy kills leaves them for good. Only the files of
         this pid that name this run's working directory are removed."""
-        if run.proc.pid is None or not self.claude_path:
-            return
-        folder = os.path.join(os.path.dirname(self.sessions_root(self.env)), "sessions")
-        entry = os.path.join(folder, "%d.json" % run.proc.pid)
-        try:
-            with open(entry, encoding="utf-8") as f:
-                registered = json.load(f)
-        except (OSError, ValueError):
-            return
-        if not isinstance(registered, dict) or registered.get("pid") != run.proc.pid or \
-                os.path.realpath(str(registered.get("cwd"))) != os.path.realpath(run.cwd):
-            return
-        for name in [n for n in os.listdir(folder) if n.startswith("%d." % run.proc.pid)]:
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
+        if run.proc.pid is not None and self.claude_path:
+            unregister_run(os.path.join(os.path.dirname(self.sessions_root(self.env)), "sessions"),
+                           run.proc.pid, run.cwd)
 
     def note_refused_flag(self, stderr_lines):
         """A run ended with `unknown option`: say so once, and in /health."""

@@ -3352,6 +3352,30 @@ class MainTest(unittest.TestCase):
         proc.terminate()
         self.assertEqual(proc.wait(15), 0)
 
+    def test_a_dead_proxys_entries_in_the_clis_session_registry_go(self):
+        # CLI 2.1.332 registers each live process in <config>/sessions; a killed run leaves it.
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        registry = tempfile.mkdtemp(prefix="cp-test-registry-")
+        self.addCleanup(shutil.rmtree, registry, True)
+        dead = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "dead")
+        os.makedirs(os.path.join(dead, "cwd"))
+        open(os.path.join(dead, cp.OWNER_FILE), "w").close()
+        with open(os.path.join(dead, "run-1" + cp.CLI_PID_SUFFIX), "w") as f:
+            f.write("999991 -")  # no such process: nothing to kill
+        entries = {999991: os.path.join(dead, "cwd"),  # the dead proxy's run: goes
+                   999992: os.path.join(dead, "cwd"),  # not one of its runs: stays
+                   999993: "/somewhere/else"}
+        for pid, cwd in entries.items():
+            with open(os.path.join(registry, "%d.json" % pid), "w") as f:
+                json.dump({"pid": pid, "cwd": cwd}, f)
+            open(os.path.join(registry, "%d.abc.key" % pid), "w").close()
+        with open(os.path.join(dead, "run-2" + cp.CLI_PID_SUFFIX), "w") as f:
+            f.write("999993 -")  # its pid, but another working directory: stays
+        self.assertEqual(cp.remove_leftovers(tmpdir, registries=[registry]), [dead])
+        self.assertEqual(sorted(os.listdir(registry)),
+                         ["999992.abc.key", "999992.json", "999993.abc.key", "999993.json"])
+
     def test_a_live_proxys_folder_is_left_alone(self):
         tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
         self.addCleanup(shutil.rmtree, tmpdir, True)
