@@ -2587,6 +2587,19 @@ def start_failure(error):
                       {"Retry-After": "5"})
 
 
+#: A CliRun's state, one at a time, moved only by its CliRunner (RUN_MOVES):
+RUN_WARM = "warm"  # waiting for a new conversation: just started (the warm pool), or reset
+RUN_SERVING = "serving"  # answering a request
+RUN_KEPT = "kept"  # waiting for its conversation's next turn (Continuations)
+RUN_RESETTING = "resetting"  # its conversation is over: being cleared for another (ReusePool)
+RUN_STOPPED = "stopped"  # the process group is gone; nothing moves it again
+RUN_MOVES = {RUN_WARM: (RUN_SERVING, RUN_STOPPED),
+             RUN_SERVING: (RUN_KEPT, RUN_STOPPED),
+             RUN_KEPT: (RUN_SERVING, RUN_RESETTING, RUN_STOPPED),
+             RUN_RESETTING: (RUN_WARM, RUN_STOPPED),
+             RUN_STOPPED: ()}
+
+
 class CliRun:
     """One `claude -p` process: started in the runs' empty directory and its own process group,
     given one message, read event by event, and stopped (the whole group) whatever happens.
@@ -2595,7 +2608,10 @@ class CliRun:
     no model until its message arrives on stdin (CLI-FACTS). A live run keeps stdin open after
     its message, so that it can be kept for the conversation's next turn (see Continuations):
     the CLI then holds the conversation as real turns, and the next turn is one more line (or,
-    after tool calls, the results the MCP bridge is waiting for)."""
+    after tool calls, the results the MCP bridge is waiting for). Once that conversation is
+    over, it may be reset and serve the next new conversation of the same client and shape
+    (ReusePool). Where it is in that life is its `state` (RUN_MOVES), which only the runner
+    moves (CliRunner.move); a stop, wherever it comes from (a timeout, a hang-up), ends it."""
 
     def __init__(self, runner, argv, env, workdir, shape=None, cwd=None):
         self.runner = runner
@@ -2605,7 +2621,9 @@ class CliRun:
         self.binary = runner.binary_stamp()
         self.spawned_at = time.monotonic()
         self.timeout = runner.timeout
-        self.serving = False  # answering a request now (not waiting in the pool or parked)
+        self._state = RUN_WARM
+        self.scope = None  # the client whose conversations it serves (set when it first serves)
+        self.conversations = 0  # conversations it has begun: a reused process serves several
         self.live = False  # stdin stays open after the message: it can serve the next turn
         self.model = None  # the model the CLI said it runs (its init event)
         self.pending_calls = []  # (tool_use id, client name) the MCP bridge waits on, in order
@@ -2644,19 +2662,41 @@ class CliRun:
         self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._stderr_reader.start()
 
+    @property
+    def state(self):
+        return self._state
+
+    def enter(self, state, scope=None):
+        """Move to `state`: for the runner only (CliRunner.move). False if the run is stopped
+        already (a stop wins over any move); a move RUN_MOVES does not allow is a bug. From
+        RUN_WARM to RUN_SERVING it begins a new conversation of client `scope`: a process serves
+        one client's conversations only, never another's."""
+        with self._lock:
+            if self._state == RUN_STOPPED:
+                return False
+            if state not in RUN_MOVES[self._state] and state != self._state:
+                raise ValueError("a CLI run cannot go from %s to %s" % (self._state, state))
+            if self._state == RUN_WARM and state == RUN_SERVING:
+                if self.scope is not None and scope != self.scope:
+                    raise ValueError("a CLI run serves one client's conversations only")
+                self.scope = scope
+                self.conversations += 1
+            self._state = state
+            return True
+
     def send(self, message, live=False):
         """Hand the run a message. Unless live, stdin is closed after it, so the CLI exits
         after replying. The timeout counts from here."""
-        self.live = live
-        self.begin_turn()
+        self.begin_turn(live)
         # Written from a thread: a large message must not deadlock against a CLI that writes
         # its first events before it has read all of stdin.
         threading.Thread(target=self._write_stdin, args=(message, not live), daemon=True).start()
 
-    def begin_turn(self):
-        """A request starts using the run: the timeout counts from here."""
+    def begin_turn(self, live):
+        """A request starts using the run: the timeout counts from here. live: stdin stays open
+        after this turn's message (the run may be kept)."""
         with self._lock:
-            self.serving = True
+            self.live = live
             if self._stopped:
                 return
             if self._timer:
@@ -2668,7 +2708,6 @@ class CliRun:
     def end_turn(self):
         """The request is answered and the run is kept: no timeout while it waits."""
         with self._lock:
-            self.serving = False
             if self._timer:
                 self._timer.cancel()
                 self._timer = None
@@ -2676,7 +2715,9 @@ class CliRun:
     def totals(self):
         """What the CLI's result has added up over this process's life so far, for the next
         reply's translator: (total_cost_usd, usage of this message's calls already answered,
-        modelUsage totals)."""
+        modelUsage totals). After a reset, what the CLI said once it was reset (see prime)."""
+        if self._priming is not None:
+            self._priming.join()
         return self.cost_seen, dict(self.usage_before), dict(self.model_usage_seen)
 
     def give_results(self, results):
@@ -2712,10 +2753,11 @@ class CliRun:
             timer.cancel()
 
     def prime(self, line, failed):
-        """Send a warm process WARM_PRIME_TEXT ahead of its message. A thread reads the CLI's
-        answer to it, which no request sees (events() starts after it); if the CLI made a model
-        call of it instead, failed(run) is called, and the run is stopped unless a request
-        holds it already."""
+        """Send a warm process WARM_PRIME_TEXT ahead of its message (or a used one, to reset
+        it: the same command). A thread reads the CLI's answer to it, which no request sees
+        (events() starts after it); if the CLI made a model call of it instead, failed(run) is
+        called, and the run is stopped unless a request holds it already. The command starts
+        a new session: the CLI's totals start again from what its result says (0)."""
         self._write_stdin(line, close=False)
 
         def read_answer():
@@ -2729,8 +2771,14 @@ class CliRun:
                 reader.close()  # stdout is free for events() from here
             if seen and seen[-1].get("type") == "result" and not prime_answered(seen):
                 failed(self)
-                if not self.serving:
+                if self.state != RUN_SERVING:
                     self.stop()
+            elif seen and seen[-1].get("type") == "result":
+                result = seen[-1]
+                cost = result.get("total_cost_usd")
+                self.cost_seen = float(cost) if isinstance(cost, (int, float)) else 0.0
+                self.usage_before = {}
+                self.model_usage_seen = model_usage_totals(result.get("modelUsage")) or {}
         self._priming = threading.Thread(target=read_answer, name="warm-prime", daemon=True)
         self._priming.start()
 
@@ -2833,6 +2881,7 @@ class CliRun:
             if self._stopped:
                 return
             self._stopped = True
+            self._state = RUN_STOPPED  # a stop wins over any move (see enter)
             if self._timer:
                 self._timer.cancel()
         if self.proc.poll() is None:
@@ -3170,7 +3219,7 @@ class CliRunner:
     stopping them all at shutdown."""
 
     def __init__(self, claude_path, timeout=DEFAULT_TIMEOUT, env=None, log_prompts=False,
-                 pool_size=0, pool_idle=DEFAULT_POOL_IDLE, history="turns"):
+                 pool_size=0, pool_idle=DEFAULT_POOL_IDLE, history="turns", reuse=None):
         self.claude_path = claude_path
         self.timeout = timeout
         self.env = dict(os.environ if env is None else env)
@@ -3194,8 +3243,10 @@ class CliRunner:
         self.refused_flags = []  # options the CLI refused as unknown, this binary
         self.pool = WarmPool(self, pool_size, pool_idle) if pool_size > 0 and claude_path else None
         self.real_turns = history != "transcript"
-        self.continuations = (Continuations(pool_size, pool_idle)
+        self.continuations = (Continuations(pool_size, pool_idle, self.retire)
                               if pool_size > 0 and claude_path and self.real_turns else None)
+        # reuse: a ReuseLimits, or None (off). Only processes that can be kept can be reused.
+        self.reuse = ReusePool(reuse, pool_idle) if reuse and self.continuations else None
 
     def binary_stamp(self):
         """What identifies the CLI binary on disk; it changes when the CLI updates itself."""
@@ -3337,7 +3388,17 @@ class CliRunner:
                         "tool results go as a transcript")
         else:
             deferred = "on"
+        if self.reuse:
+            reuse = "on" if self.prime_line() else (
+                "off: the CLI made a model call of %s" % WARM_PRIME_TEXT
+                if self._prime_failed is not None and self._prime_failed == stamp
+                else "off: the CLI is older than %s, or its version is unknown"
+                % ".".join(map(str, WARM_PRIME_SINCE)))
+        else:
+            reuse = ("off: --reuse off" if self.continuations else
+                     "off: --history transcript" if not self.real_turns else "off: --pool-size 0")
         return {"session_files": session_files, "deferred_tool_results": deferred,
+                "process_reuse": reuse,
                 "warm_pool": "on" if self.pool else "off: --pool-size 0",
                 "kept_processes": ("on" if self.continuations else
                                    "off: --history transcript" if not self.real_turns
@@ -3460,28 +3521,33 @@ class CliRunner:
         live = self.continuations is not None and not plan.get("json_schema")
         if self.continuations and len(turns) >= 3 and turns[-1]["role"] == "user":
             run = self.continuations.take(conversation_key(scope, shape, turns[:-1]))
-            if run is not None and self._continue(run, turns[-1]["content"]):
+            if run is not None and self.move(run, RUN_SERVING) and self._continue(run, turns[-1]["content"]):
                 return run
             if run is not None:
                 run.stop()
         real_turns = self.real_turns and turns[0]["role"] == "user" and turns[-1]["role"] == "user"
         if len(turns) == 1 and real_turns and not ends_with_tool_results(plan["conversation"]):
-            return self._fresh(plan, shape, turns[0]["content"], live)
+            return self._fresh(plan, shape, turns[0]["content"], live, scope)
         if real_turns and not ends_with_tool_results(plan["conversation"]):
-            run = self._resumed(plan, shape, turns, live)
+            run = self._resumed(plan, shape, turns, live, scope)
             if run is not None:
                 return run
         deferred = real_turns and deferrable_call(plan, turns)
         if deferred:
-            run = self._resumed(plan, shape, turns, live, deferred)
+            run = self._resumed(plan, shape, turns, live, scope, deferred)
             if run is not None:
                 return run
-        return self._fresh(plan, shape, transcript_prompt(plan["conversation"]), live)
+        return self._fresh(plan, shape, transcript_prompt(plan["conversation"]), live, scope)
 
-    def _fresh(self, plan, shape, content, live):
-        run = self.pool.take(shape, plan) if self.pool else None
+    def _fresh(self, plan, shape, content, live, scope):
+        """A new conversation: in a process this client's earlier conversation of this shape
+        left (reset), else a warm one, else a new one."""
+        run = self.reuse.take(scope, shape) if self.reuse and live else None
+        if run is None:
+            run = self.pool.take(shape, plan) if self.pool else None
         if run is None:
             run = self.spawn(plan, shape)
+        self.move(run, RUN_SERVING, scope)
         self._send(run, content, live)
         return run
 
@@ -3491,7 +3557,7 @@ class CliRunner:
             log("prompt: %s" % message[:4000].decode("utf-8", "replace"))
         run.send(message, live)
 
-    def _resumed(self, plan, shape, turns, live, deferred=None):
+    def _resumed(self, plan, shape, turns, live, scope, deferred=None):
         """A cold run resuming the earlier turns from a session file; None if the CLI could not
         load it (it may hang without a word: it gets RESUME_START_SECONDS). A CLI binary that
         failed once is not asked again: every continuation would pay the wait.
@@ -3505,13 +3571,13 @@ class CliRunner:
         if deferred and self._deferred_failed is not None and self._deferred_failed == self.binary_stamp():
             return None
         run = self.spawn(plan, shape, history=turns[:-1], deferred=deferred)
+        self.move(run, RUN_SERVING, scope)
         try:
             if deferred:
                 [result] = turns[-1]["content"]
                 run.give_results([{"content": mcp_results(result["content"]),
                                    "isError": bool(result.get("is_error"))}])
-                run.live = live
-                run.begin_turn()
+                run.begin_turn(live)
                 if not live:  # the CLI exits once it has answered
                     threading.Thread(target=run._write_stdin, args=(b"",), daemon=True).start()
             else:
@@ -3571,7 +3637,7 @@ class CliRunner:
                 return False
             if not all(bridgeable(b) for b in results):
                 return False
-            run.begin_turn()
+            run.begin_turn(True)
             try:
                 run.give_results([{"content": mcp_results(by_id[i]["content"]),
                                    "isError": bool(by_id[i].get("is_error"))} for i in wanted])
@@ -3615,9 +3681,41 @@ class CliRunner:
             turns = plan["conversation"]["turns"] + [{"role": "assistant",
                                                       "content": reply.reply_blocks()}]
             run.end_turn()
-            if self.continuations.park(conversation_key(scope, run.shape, turns), run):
+            if self.move(run, RUN_KEPT) and self.continuations.park(conversation_key(scope, run.shape, turns), run):
                 return
         run.stop()
+
+    def move(self, run, state, scope=None):
+        """The one place a run's state changes (see RUN_MOVES); False if it is stopped."""
+        return run.enter(state, scope)
+
+    def retire(self, run):
+        """A kept run whose conversation is over (its wait expired, or newer ones pushed it
+        out): reset and offered to the ReusePool for its client's next new conversation of its
+        shape, or stopped (reuse off or not possible, or the process is due for recycling)."""
+        line = self.prime_line() if self.reuse else None
+        if line is None or not self.reuse.fit(run, self.reusable(run)) \
+                or not self.move(run, RUN_RESETTING):
+            run.stop()
+            return
+        run.prime(line, self.prime_failed)  # the same command as a warm process's prime
+        if not (self.move(run, RUN_WARM) and self.reuse.offer(run)):
+            run.stop()
+
+    def reusable(self, run):
+        """Why a kept run cannot start another conversation, or None: only a process that
+        started its conversation from stdin (a resumed one writes on in a session file), waits
+        on no tool call, has no per-run budget (the reset would start its count again), and
+        runs the CLI binary on disk now."""
+        if run.sessions:
+            return "resumed"
+        if run.pending_calls:
+            return "tool call"
+        if json.loads(run.shape)[SHAPE_FIELDS.index("max_budget_usd")]:
+            return "budget"
+        if not run.alive() or run.binary != self.binary_stamp():
+            return "gone"
+        return None
 
     def retire_kept(self, plan, scope):
         """Stop the process kept for this conversation's next turn under this plan's shape, if
@@ -3640,7 +3738,7 @@ class CliRunner:
     def active(self):
         """How many runs are serving a request now (warm and kept processes not counted)."""
         with self._lock:
-            return sum(1 for run in self._runs if run.serving)
+            return sum(1 for run in self._runs if run.state == RUN_SERVING)
 
     def processes(self):
         """How many CLI processes the proxy holds, warm ones included."""
@@ -3655,6 +3753,8 @@ class CliRunner:
             self.pool.close()
         if self.continuations:
             self.continuations.close()
+        if self.reuse:
+            self.reuse.close()
         with self._lock:
             runs = list(self._runs)
         stop_runs(runs, "shutdown")
@@ -3723,9 +3823,12 @@ class Continuations:
     `idle_seconds` (the API's cache lives 5 minutes: older, it buys little). A key is taken
     once: two requests can never share a process."""
 
-    def __init__(self, size, idle_seconds):
+    def __init__(self, size, idle_seconds, retire=None):
         self.size = size
         self.idle_seconds = idle_seconds
+        # What becomes of a run whose conversation is over (CliRunner.retire: reset for reuse,
+        # or stopped); by default, stopped.
+        self.retire = retire or CliRun.stop
         self.hits = self.kept = self.retired = 0
         self._kept = collections.OrderedDict()  # key -> (run, kept at), oldest first
         self._cond = threading.Condition()
@@ -3748,7 +3851,7 @@ class Continuations:
             self.kept += 1
             self._cond.notify()
         for victim in victims:
-            victim.stop()
+            self.retire(victim)
         return True
 
     def take(self, key):
@@ -3790,6 +3893,151 @@ class Continuations:
                 old = [key for key, (run, since) in self._kept.items()
                        if now - since >= self.idle_seconds or not run.alive()]
                 expired = [self._kept.pop(key)[0] for key in old]
+                self.retired += len(expired)
+                if not expired:
+                    self._cond.wait(1.0)
+            for run in expired:
+                self.retire(run)
+
+
+#: Measured with CLI 2.1.332 (API key, one process, a one-shot conversation after each /clear):
+#: its resident memory grew from about 200 MB to 265 MB over 30 conversations, and went on
+#: growing. A reused process is stopped (and a new one started when needed) after this many
+#: conversations, or once its resident memory passes this many MB, whichever comes first.
+DEFAULT_REUSE_CONVERSATIONS = 50
+DEFAULT_REUSE_MEMORY_MB = 400
+
+
+class ReuseLimits:
+    """How long a process may go on serving new conversations (--reuse-conversations,
+    --reuse-memory-mb) and how many reset processes may wait at once (--max-concurrency: one per
+    run slot)."""
+
+    __slots__ = ("conversations", "memory_mb", "size")
+
+    def __init__(self, conversations=DEFAULT_REUSE_CONVERSATIONS, memory_mb=DEFAULT_REUSE_MEMORY_MB,
+                 size=DEFAULT_MAX_CONCURRENCY):
+        self.conversations, self.memory_mb, self.size = conversations, memory_mb, size
+
+
+def process_memory_mb(pid):
+    """A process's resident memory in MB, or None where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/%d/status" % pid, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class ReusePool:
+    """Processes whose conversation is over, reset with WARM_PRIME_TEXT (a new conversation in
+    the same process, with no model request: CLI-FACTS), each waiting for the next new
+    conversation of the same client (its scope: never another's) and shape. A new conversation
+    started this way costs the CLI about a seventh of a new process's CPU. The CLI sends the
+    model the same blocks as after a warm process's prime (README, "What the model sees").
+
+    Bounded: at most `limits.size` wait, the oldest going first; one waits at most
+    `idle_seconds`; a process is recycled (stopped instead of reset) after
+    `limits.conversations` conversations or above `limits.memory_mb` of resident memory."""
+
+    def __init__(self, limits, idle_seconds):
+        self.limits = limits
+        self.idle_seconds = idle_seconds
+        self.resets = self.reused = self.retired = 0
+        self.recycled = {"conversations": 0, "memory": 0}
+        self.not_reusable = 0  # conversations over whose process could not be reset (reusable)
+        self._idle = collections.OrderedDict()  # run -> (scope, shape, reset at), oldest first
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._retire_idle, name="reuse", daemon=True)
+        self._thread.start()
+
+    def fit(self, run, why_not):
+        """Whether a run whose conversation is over may be reset for another; counts why not
+        (why_not: CliRunner.reusable's answer)."""
+        memory = None if why_not or run.conversations >= self.limits.conversations \
+            else process_memory_mb(run.proc.pid)
+        with self._cond:
+            if why_not:
+                self.not_reusable += 1
+            elif run.conversations >= self.limits.conversations:
+                self.recycled["conversations"] += 1
+            elif memory is not None and memory >= self.limits.memory_mb:
+                self.recycled["memory"] += 1
+            else:
+                return True
+        return False
+
+    def offer(self, run):
+        """Keep a reset run for its client's next new conversation of its shape; False if
+        closed (the caller stops it)."""
+        victims = []
+        with self._cond:
+            if self._closed:
+                return False
+            self.resets += 1
+            self._idle[run] = (run.scope, run.shape, time.monotonic())
+            while len(self._idle) > self.limits.size:
+                victims.append(self._idle.popitem(last=False)[0])
+                self.retired += 1
+            self._cond.notify()
+        stop_runs(victims)
+        return True
+
+    def take(self, scope, shape):
+        """The most recently reset process of this client and shape, or None."""
+        stale, found = [], None
+        with self._cond:
+            for run in reversed(list(self._idle)):
+                owner, kind, _ = self._idle[run]
+                if owner != scope or kind != shape:
+                    continue
+                del self._idle[run]
+                if run.alive() and run.binary == run.runner.binary_stamp():
+                    found = run
+                    self.reused += 1
+                    break
+                stale.append(run)
+                self.retired += 1
+        stop_runs(stale)
+        return found
+
+    def count(self):
+        with self._cond:
+            return len(self._idle)
+
+    def stats(self):
+        """For /health and /metrics."""
+        with self._cond:
+            return {"waiting": len(self._idle), "reused": self.reused, "resets": self.resets,
+                    "recycled": dict(self.recycled), "retired": self.retired,
+                    "not_reusable": self.not_reusable,
+                    "max_conversations": self.limits.conversations,
+                    "max_memory_mb": self.limits.memory_mb, "size": self.limits.size,
+                    "idle_seconds": self.idle_seconds}
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            runs = list(self._idle)
+            self._idle.clear()
+            self._cond.notify()
+        self._thread.join(10)
+        stop_runs(runs)
+
+    def _retire_idle(self):
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                expired = [run for run, (_, _, since) in self._idle.items()
+                           if now - since >= self.idle_seconds or not run.alive()]
+                for run in expired:
+                    del self._idle[run]
                 self.retired += len(expired)
                 if not expired:
                     self._cond.wait(1.0)
@@ -5658,6 +5906,17 @@ class Metrics:
                    [((), kept["kept_now"])])
             metric("conversations_continued_total", "counter",
                    "Requests served by their conversation's kept process.", [((), kept["continued"])])
+        reuse = runner.reuse.stats() if runner.reuse else None
+        if reuse:
+            metric("reuse_waiting", "gauge", "CLI processes reset and waiting for a new conversation.",
+                   [((), reuse["waiting"])])
+            metric("reuse_conversations_total", "counter",
+                   "New conversations served by a process an earlier one left (reset).",
+                   [((), reuse["reused"])])
+            metric("reuse_resets_total", "counter", "Processes reset for another conversation.",
+                   [((), reuse["resets"])])
+            metric("reuse_recycled_total", "counter", "Processes stopped instead of reset, by why.",
+                   [((("reason", r),), n) for r, n in sorted(reuse["recycled"].items())])
         pool = runner.pool.stats() if runner.pool else None
         if pool:
             metric("pool_idle", "gauge", "Warm CLI processes waiting.", [((), sum(pool["idle"].values()))])
@@ -6226,7 +6485,11 @@ class Proxy:
         self.runner = runner or CliRunner(config.claude_path, config.timeout,
                                           log_prompts=config.log_prompts,
                                           pool_size=config.pool_size, pool_idle=config.pool_idle,
-                                          history=config.history)
+                                          history=config.history,
+                                          reuse=ReuseLimits(config.reuse_conversations,
+                                                            config.reuse_memory_mb,
+                                                            config.max_concurrency)
+                                          if config.reuse else None)
         self.runner.known_version(config.claude_version)
         self.admission = Admission(config.max_concurrency, config.max_queue)
         self.metrics = Metrics()
@@ -6254,6 +6517,7 @@ class Proxy:
             "active_runs": runner.active(),
             "pool": runner.pool.stats() if runner.pool else None,
             "conversations": runner.continuations.stats() if runner.continuations else None,
+            "reuse": runner.reuse.stats() if runner.reuse else None,
             "limits": {"max_concurrency": self.admission.concurrency,
                        "max_queue": self.admission.queue,
                        "running": self.admission.running,
@@ -7240,7 +7504,9 @@ class Config:
                  shutdown_grace=DEFAULT_SHUTDOWN_GRACE, ui=True, history="turns",
                  keepalive=DEFAULT_KEEPALIVE, model_aliases=None, daily_budget=None,
                  max_request_usd=None, state_dir=None, cache_ttl="auto",
-                 cache_gap=CACHE_5M_SECONDS):
+                 cache_gap=CACHE_5M_SECONDS, reuse=False,
+                 reuse_conversations=DEFAULT_REUSE_CONVERSATIONS,
+                 reuse_memory_mb=DEFAULT_REUSE_MEMORY_MB):
         self.claude_path = claude_path
         self.history = history  # "turns", or "transcript": how earlier turns reach the CLI
         self.model = model or None
@@ -7268,6 +7534,9 @@ class Config:
         self.state_dir = state_dir  # where today's spend is kept; None: memory only (tests)
         self.cache_ttl = cache_ttl  # the prompt cache's lifetime: auto, 5m or 1h (TurnRhythm)
         self.cache_gap = cache_gap  # with auto: a longer wait between turns gives a conversation 1h
+        self.reuse = reuse  # main() turns reusing processes on (--reuse); tests opt in
+        self.reuse_conversations = reuse_conversations  # then a reused process is recycled
+        self.reuse_memory_mb = reuse_memory_mb  # or past this much resident memory
         self.started = int(time.time())
 
 
@@ -7403,6 +7672,20 @@ def parse_args(argv=None):
     add("--pool-idle", type=float, default=env("CLAUDE_POOL_IDLE", str(DEFAULT_POOL_IDLE)),
         help="Default: %g (env CLAUDE_POOL_IDLE). Seconds a warm process may wait unused."
         % DEFAULT_POOL_IDLE)
+    add("--reuse", choices=("on", "off"), default=env("CLAUDE_REUSE", "on"),
+        help="Default: on (env CLAUDE_REUSE). A process whose conversation is over (kept for a "
+        "next turn that did not come in time, or pushed out by newer ones) is reset and serves "
+        "the same client's next new conversation of the same kind: several times the requests/s "
+        "for many short requests. CLI %s or newer; see the README for what the model sees."
+        % ".".join(map(str, WARM_PRIME_SINCE)))
+    add("--reuse-conversations", type=int,
+        default=env("CLAUDE_REUSE_CONVERSATIONS", str(DEFAULT_REUSE_CONVERSATIONS)),
+        help="Default: %d (env CLAUDE_REUSE_CONVERSATIONS). Conversations one process may serve "
+        "before it is recycled." % DEFAULT_REUSE_CONVERSATIONS)
+    add("--reuse-memory-mb", type=float,
+        default=env("CLAUDE_REUSE_MEMORY_MB", str(DEFAULT_REUSE_MEMORY_MB)),
+        help="Default: %g (env CLAUDE_REUSE_MEMORY_MB). A process whose resident memory passes "
+        "this is recycled instead of reused." % DEFAULT_REUSE_MEMORY_MB)
     add("--history", choices=HISTORY_MODES, default=env("CLAUDE_HISTORY", "turns"),
         help="Default: turns (env CLAUDE_HISTORY). How a conversation's earlier turns reach the "
         "CLI: `turns`, as the API's own messages (read from the prompt cache: see the README), or "
@@ -7468,7 +7751,10 @@ def parse_args(argv=None):
             parser.error("--%s must be 0 or more" % name.replace("_", "-"))
     if args.cache_ttl not in CACHE_TTLS:  # argparse checks a flag's choices, not a default's
         parser.error("--cache-ttl / CLAUDE_CACHE_TTL must be one of %s" % ", ".join(CACHE_TTLS))
-    for name in ("timeout", "max_body", "pool_idle", "max_concurrency", "cache_gap"):
+    if args.reuse not in ("on", "off"):
+        parser.error("--reuse / CLAUDE_REUSE must be on or off")
+    for name in ("timeout", "max_body", "pool_idle", "max_concurrency", "cache_gap",
+                 "reuse_conversations", "reuse_memory_mb"):
         if getattr(args, name) <= 0:
             parser.error("--%s must be more than 0" % name.replace("_", "-"))
     return args
@@ -7504,7 +7790,8 @@ def main(argv=None):
                     args.max_concurrency, args.max_queue, loopback, args.shutdown_grace,
                     not args.no_ui, args.history, args.keepalive, args.model_aliases,
                     args.daily_budget, args.max_request_usd, state_dir(), args.cache_ttl,
-                    args.cache_gap)
+                    args.cache_gap, args.reuse == "on", args.reuse_conversations,
+                    args.reuse_memory_mb)
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:
