@@ -38,6 +38,18 @@ subscriber, for --cache-ttl 1h, 5m and auto, with turns back to back (an agent) 
 between turns longer than a 5-minute cache entry lives (a person; the fake's FAKE_CACHE_TTL
 shortens those entries to --entry-seconds so that the run takes a minute, not an hour), and
 reports each one's bill from the fake's own usage log (1-hour writes at 2x, 5-minute at 1.25x).
+
+    python3 bench_claude_proxy.py --pipeline --claude PATH --fake-api ../shared/fake_anthropic_api.py
+
+The pipeline benchmark: --requests one-shot requests (default 48, one system prompt, each a
+short text of its own) at --concurrency (default 8), three ways in one run, each way's batch
+repeated --rounds times in rotating order: `claude -p` started directly for each request, the
+proxy with --reuse on, the proxy with --reuse off (both with their default warm pool and
+--max-concurrency). It prints requests/s and CPU seconds per request (the CLI processes' and, for
+the proxy, its own), and the fake API's bill per request. It checks that every reply echoes its
+own request's text and that no model request the fake logged holds another request's text. Then
+the proxy with reuse serves --more requests (default 150) at the same concurrency and reports
+its memory and that of its CLI processes (resident, and proportional: shared pages split).
 """
 
 import argparse
@@ -375,6 +387,194 @@ def cache_ttl_benchmark(args):
     return 0
 
 
+PIPELINE_SYSTEM = ("Extract the relations between the people a sentence names, as "
+                   "subject / relation / object lines. Say nothing else.")
+PIPELINE_MARK = re.compile(r"pl(\d+)x(\d+)x")  # each request's own text: pl<way>x<number>x
+
+
+def pipeline_request(number, way):
+    return "pl%dx%dx Ann met Bob at the station." % (way, number)
+
+
+def proxy_pipeline_call(port, text):
+    """One non-streamed one-shot chat completion; returns its reply text."""
+    body = json.dumps({"model": "sonnet", "messages": [{"role": "system", "content": PIPELINE_SYSTEM},
+                                                       {"role": "user", "content": text}]})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError("proxy answered %s: %s" % (response.status, data[:300]))
+        return json.loads(data)["choices"][0]["message"]["content"]
+    finally:
+        conn.close()
+
+
+def direct_pipeline_call(claude, text, env, folder):
+    """One `claude -p` run started directly, as a pipeline script would (the proxy's flags,
+    the system prompt from a file, the text on stdin); returns its reply text."""
+    plan = {"model": "sonnet"}
+    workdir = tempfile.mkdtemp(prefix="direct-", dir=folder)
+    try:
+        prompt = os.path.join(workdir, "system-prompt.txt")
+        with open(prompt, "w") as f:
+            f.write(PIPELINE_SYSTEM)
+        proc = subprocess.Popen(cp.cli_argv(claude, plan, prompt), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir,
+                                env=cp.cli_env(env, plan))
+        out, _ = proc.communicate(cp.cli_stdin([{"type": "text", "text": text}]), timeout=300)
+        for line in out.splitlines():
+            event = json.loads(line)
+            if event.get("type") == "result":
+                return event.get("result") or ""
+        raise RuntimeError("claude -p printed no result")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cpu_seconds(pid):
+    """CPU seconds a process and its reaped children used (Linux /proc), or 0."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def tree_cpu(pid):
+    """CPU seconds of a process, its live descendants and everything they reaped."""
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in descendants(pid))
+
+
+def pss_mb(pid):
+    """Proportional memory of a process in MB (shared pages split among their users), or None."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def batch(call, count, concurrency, way):
+    """`count` calls at `concurrency`: (seconds, [(request text, reply)])."""
+    from concurrent.futures import ThreadPoolExecutor
+    texts = [pipeline_request(n, way) for n in range(count)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as workers:
+        replies = list(workers.map(call, texts))
+    return time.perf_counter() - start, list(zip(texts, replies))
+
+
+def mixed_requests(log, start, end):
+    """Model requests (fake log lines [start, end)) whose messages hold more than one request's
+    own text, and how many requests were checked."""
+    mixed = checked = 0
+    with open(log) as f:
+        for number, line in enumerate(f):
+            if not start <= number < end:
+                continue
+            entry = json.loads(line)
+            if "body" not in entry:
+                continue
+            checked += 1
+            marks = set(PIPELINE_MARK.findall(json.dumps(entry["body"].get("messages"))))
+            mixed += len(marks) > 1
+    return mixed, checked
+
+
+def pipeline_benchmark(args):
+    if not args.claude or not args.fake_api:
+        raise SystemExit("--pipeline needs --claude (the real CLI) and --fake-api")
+    tmp = tempfile.mkdtemp(prefix="bench-claude-proxy-")
+    log = os.path.join(tmp, "fake.log")
+    env = dict(os.environ)
+    fake, fake_port = start_fake_api(args.fake_api, log, env)
+    env.update(ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % fake_port, ANTHROPIC_API_KEY="sk-fake",
+               HOME=os.path.join(tmp, "home"), TMPDIR=tmp)
+    env.pop("CLAUDE_CONFIG_DIR", None)
+    os.makedirs(env["HOME"])
+    names = ["claude -p directly", "proxy, --reuse on", "proxy, --reuse off"]
+    results = {name: [] for name in names}  # [(seconds, cpu seconds, bill, wrong replies)]
+    mixed = checked = 0
+    proxies = {}
+    try:
+        proxies[names[1]] = start_proxy(args.claude, 2, env, "--reuse", "on")
+        proxies[names[2]] = start_proxy(args.claude, 2, env, "--reuse", "off")
+        for name in names[1:]:  # the pool learns the shape; not counted
+            proxy_pipeline_call(proxies[name][1], "warm up")
+        time.sleep(2)
+        memory_before = rss_mb(proxies[names[1]][0].pid)
+        for round_ in range(args.rounds):
+            for offset in range(3):
+                way = (round_ + offset) % 3
+                name = names[way]
+                if way == 0:
+                    call = lambda text: direct_pipeline_call(args.claude, text, env, tmp)
+                    cpu = lambda: sum(os.times()[2:4])  # the reaped `claude -p` runs
+                else:
+                    proc, port = proxies[name]
+                    call = lambda text, port=port: proxy_pipeline_call(port, text)
+                    cpu = lambda pid=proc.pid: tree_cpu(pid)
+                first_line, cpu_before = log_lines(log), cpu()
+                seconds, replies = batch(call, args.requests, args.concurrency, way * 100 + round_)
+                time.sleep(0.5)  # the fake's last log lines
+                cpu_used, last_line = cpu() - cpu_before, log_lines(log)
+                wrong = sum(1 for text, reply in replies if text not in reply)
+                bill, _, _ = billed(log, first_line, last_line)
+                found, seen = mixed_requests(log, first_line, last_line)
+                mixed, checked = mixed + found, checked + seen
+                results[name].append((seconds, cpu_used, bill, wrong))
+                time.sleep(1)
+        proc, port = proxies[names[1]]
+        first_line = log_lines(log)
+        seconds, replies = batch(lambda text: proxy_pipeline_call(port, text), args.more,
+                                 args.concurrency, 999)
+        time.sleep(0.5)
+        found, seen = mixed_requests(log, first_line, log_lines(log))
+        mixed, checked = mixed + found, checked + seen
+        more_wrong = sum(1 for text, reply in replies if text not in reply)
+        children = descendants(proc.pid)
+        memory = (rss_mb(proc.pid), pss_mb(proc.pid), [rss_mb(p) for p in children],
+                  [pss_mb(p) for p in children])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        health = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        for proc, _ in proxies.values():
+            stop_proxy(proc)
+        fake.terminate()
+        fake.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("claude_proxy.py %s pipeline benchmark: CLI %s against the fake Anthropic API"
+          % (cp.__version__, args.claude))
+    print("%d one-shot requests at concurrency %d, %d rounds per way (medians; all rounds in brackets)"
+          % (args.requests, args.concurrency, args.rounds))
+    print("%-22s %12s %10s %14s %16s %8s" % ("", "requests/s", "/ direct", "CPU s/request",
+                                             "billed/request", "wrong"))
+    rate = lambda runs: median([args.requests / r[0] for r in runs])
+    for name, runs in results.items():
+        print("%-22s %12.2f %10.2f %14.3f %16.1f %8d   [%s]" % (
+            name, rate(runs), rate(runs) / rate(results[names[0]]),
+            median([r[1] / args.requests for r in runs]), median([r[2] / args.requests for r in runs]),
+            sum(r[3] for r in runs), " ".join("%.2f/s" % (args.requests / r[0]) for r in runs)))
+    print("model requests checked: %d; holding another request's text: %d" % (checked, mixed))
+    proxy_rss, proxy_pss, rss, pss = memory
+    print("after %d more requests with --reuse on (%.2f/s, %d wrong replies): proxy %.0f MB RSS "
+          "(%.0f MB after warm-up, grew %.0f MB); proxy and its %d CLI processes %.0f MB RSS, "
+          "%.0f MB PSS in all" % (args.more, args.more / seconds, more_wrong, proxy_rss, memory_before,
+                                   proxy_rss - memory_before, len(rss),
+                                   proxy_rss + sum(m for m in rss if m), (proxy_pss or 0) + sum(m for m in pss if m)))
+    print("reuse: %s" % json.dumps(health.get("reuse")))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claude", action="append",
@@ -398,7 +598,22 @@ def main(argv=None):
     parser.add_argument("--entry-seconds", type=float, default=4.0,
                         help="Default: 4. With --cache-ttl-bench: how long the fake keeps a "
                         "5-minute cache entry (a person's pause is 1.5 s longer).")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="Run the pipeline benchmark instead (needs --claude and --fake-api).")
+    parser.add_argument("--requests", type=int, default=48,
+                        help="Default: 48. With --pipeline: one-shot requests per batch.")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="Default: 8. With --pipeline: requests at once.")
+    parser.add_argument("--more", type=int, default=150,
+                        help="Default: 150. With --pipeline: requests after the batches, then memory.")
     args = parser.parse_args(argv)
+    if args.pipeline:
+        if args.claude and len(args.claude) > 1:
+            raise SystemExit("--pipeline measures one CLI: give --claude once")
+        args.claude = args.claude[0] if args.claude else None
+        if "--rounds" not in (argv if argv is not None else sys.argv):
+            args.rounds = 2
+        return pipeline_benchmark(args)
     if args.conversation or args.cache_ttl_bench:
         if args.claude and len(args.claude) > 1:
             raise SystemExit("--conversation and --cache-ttl-bench measure one CLI: give --claude once")

@@ -3388,21 +3388,25 @@ class CliRunner:
                         "tool results go as a transcript")
         else:
             deferred = "on"
-        if self.reuse:
-            reuse = "on" if self.prime_line() else (
-                "off: the CLI made a model call of %s" % WARM_PRIME_TEXT
-                if self._prime_failed is not None and self._prime_failed == stamp
-                else "off: the CLI is older than %s, or its version is unknown"
-                % ".".join(map(str, WARM_PRIME_SINCE)))
-        else:
-            reuse = ("off: --reuse off" if self.continuations else
-                     "off: --history transcript" if not self.real_turns else "off: --pool-size 0")
         return {"session_files": session_files, "deferred_tool_results": deferred,
-                "process_reuse": reuse,
                 "warm_pool": "on" if self.pool else "off: --pool-size 0",
                 "kept_processes": ("on" if self.continuations else
                                    "off: --history transcript" if not self.real_turns
                                    else "off: --pool-size 0")}
+
+    def reuse_report(self):
+        """/health's account of reusing processes (ReusePool): whether it is on, else why not,
+        and its counts."""
+        if self.reuse:
+            stamp = self.binary_stamp()
+            status = "on" if self.prime_line() else (
+                "off: the CLI made a model call of %s" % WARM_PRIME_TEXT
+                if self._prime_failed is not None and self._prime_failed == stamp
+                else "off: the CLI is older than %s, or its version is unknown"
+                % ".".join(map(str, WARM_PRIME_SINCE)))
+            return dict(self.reuse.stats(), status=status)
+        return {"status": "off: --reuse off" if self.continuations else
+                "off: --history transcript" if not self.real_turns else "off: --pool-size 0"}
 
     def prime_line(self):
         """What a warm process of the CLI on disk is primed with, or None (WARM_PRIME_SINCE;
@@ -6517,7 +6521,7 @@ class Proxy:
             "active_runs": runner.active(),
             "pool": runner.pool.stats() if runner.pool else None,
             "conversations": runner.continuations.stats() if runner.continuations else None,
-            "reuse": runner.reuse.stats() if runner.reuse else None,
+            "reuse": runner.reuse_report(),
             "limits": {"max_concurrency": self.admission.concurrency,
                        "max_queue": self.admission.queue,
                        "running": self.admission.running,
