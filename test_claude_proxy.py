@@ -7742,6 +7742,151 @@ class SubscriberTest(ServerTestCase):
                 self.assertIn("retry-after", headers)
 
 
+# Pipelines: one process, many conversations ################################################
+#: A kept process whose conversation is over is reset (/clear) and serves the same client's next
+#: new conversation of its shape (--reuse; CLI 2.1.332 and newer, as the stub says here).
+
+
+class ReuseTest(ServerTestCase):
+    """Reusing processes, each test on a server of its own (a pool of one, so that a second
+    one-shot pushes the first one's process out of Continuations and into the ReusePool)."""
+
+    def reuse_server(self, **config):
+        config.setdefault("pool_size", 1)
+        config.setdefault("reuse", True)
+        config.setdefault("claude_version", "2.1.332 (Claude Code)")
+        server = self.serve(**config)
+        return server, server.server_address[1]
+
+    def ok(self, body, port, key=None):
+        status, headers, raw = self.chat(body, port=port, headers={"Authorization": "Bearer " + key} if key else None)
+        self.assertEqual(status, 200, raw)
+        return headers, json.loads(raw)
+
+    def served(self, text):
+        [record] = [r for r in self.records() if any(text in line for line in r.get("lines", []))]
+        return record
+
+    def two_one_shots(self, port, key=None):
+        """Two one-shot conversations: the first one's process is reset and waits (ReusePool)."""
+        self.ok(user("apple-one"), port, key)
+        self.ok(user("banana-two"), port, key)
+        return self.served("apple-one")
+
+    def test_run_states_move_only_as_the_table_says(self):
+        self.assertEqual(set(cp.RUN_MOVES), {cp.RUN_WARM, cp.RUN_SERVING, cp.RUN_KEPT, cp.RUN_RESETTING, cp.RUN_STOPPED})
+        runner = cp.CliRunner(self.stub, 30)
+        self.addCleanup(runner.stop_all)
+        plan = cp.parse_chat_request(user("x"))
+        run = runner.spawn(plan, cp.run_shape(plan))
+        self.assertEqual((run.state, run.conversations, run.scope), (cp.RUN_WARM, 0, None))
+        with self.assertRaises(ValueError):
+            runner.move(run, cp.RUN_KEPT)  # a warm process has no conversation to keep
+        self.assertTrue(runner.move(run, cp.RUN_SERVING, "scope-a"))
+        self.assertEqual((run.state, run.conversations, run.scope), (cp.RUN_SERVING, 1, "scope-a"))
+        self.assertEqual(runner.active(), 1)
+        for state in (cp.RUN_KEPT, cp.RUN_RESETTING, cp.RUN_WARM):
+            self.assertTrue(runner.move(run, state))
+        with self.assertRaises(ValueError):
+            runner.move(run, cp.RUN_SERVING, "scope-b")  # never another client's conversation
+        self.assertTrue(runner.move(run, cp.RUN_SERVING, "scope-a"))
+        self.assertEqual(run.conversations, 2)
+        run.stop()
+        self.assertEqual(run.state, cp.RUN_STOPPED)
+        self.assertFalse(runner.move(run, cp.RUN_KEPT), "a stop wins over any move")
+        self.assertEqual((run.state, runner.active()), (cp.RUN_STOPPED, 0))
+
+    def test_a_finished_one_shot_s_process_serves_the_next_new_conversation(self):
+        text = lambda t: {"type": "text", "text": t}
+        server, port = self.reuse_server()
+        first = self.two_one_shots(port)
+        reuse = server.runner.reuse
+        self.assertTrue(wait_until(lambda: reuse.count() == 1), "reset and waiting")
+        headers, reply = self.ok(user("cherry-three"), port)
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Echo: cherry-three [images: 0]")
+        again = self.served("cherry-three")
+        self.assertEqual(again["pid"], first["pid"], "the same process")
+        self.assertEqual([json.loads(line)["message"]["content"] for line in again["primes"]], [[text("/clear")]])
+        # The model saw this conversation alone: the CLI's /clear blocks, then the message (README).
+        seen = json.dumps(again["history"])
+        self.assertNotIn("apple-one", seen)
+        self.assertNotIn("banana-two", seen)
+        self.assertEqual(again["history"][0]["content"][1], text("<command-name>/clear</command-name>\n"))
+        self.assertEqual(again["history"][0]["content"][-1], text("cherry-three"))
+        # Its cost is this conversation's alone: the CLI's totals start again after /clear.
+        self.assertEqual(headers["x-claude-cost-usd"], "0.000460")
+        health = json.loads(self.request("GET", "/health", port=port)[2])["reuse"]
+        self.assertEqual((health["status"], health["reused"], health["resets"]), ("on", 1, 2))
+        metrics = self.request("GET", "/metrics", port=port)[2].decode()
+        self.assertIn("claude_proxy_reuse_conversations_total 1\n", metrics)
+        self.assertIn("claude_proxy_reuse_resets_total 2\n", metrics)
+        self.assertIn('claude_proxy_reuse_recycled_total{reason="memory"} 0\n', metrics)
+
+    def test_a_kept_conversation_still_continues_in_its_own_process(self):
+        server, port = self.reuse_server(pool_size=2)
+        _, reply = self.ok(user("SAY[one]"), port)
+        self.ok(user("another"), port)
+        _, reply = self.ok({"messages": [{"role": "user", "content": "SAY[one]"}, {"role": "assistant", "content": "one"},
+                                         {"role": "user", "content": "two"}]}, port)
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Echo: two [images: 0]")
+        self.assertEqual(len(self.served("SAY[one]")["lines"]), 2, "the next turn went to its kept process")
+        self.assertEqual(server.runner.reuse.reused, 0)
+
+    def test_a_process_serves_one_client_only(self):
+        server, port = self.reuse_server(api_keys=["key-one", "key-two"])
+        first = self.two_one_shots(port, "key-one")
+        self.assertTrue(wait_until(lambda: server.runner.reuse.count() == 1))
+        self.ok(user("other-client"), port, "key-two")
+        self.assertNotEqual(self.served("other-client")["pid"], first["pid"], "never another key's process")
+        self.ok(user("same-client"), port, "key-one")
+        self.assertIn(self.served("same-client")["pid"], (first["pid"], self.served("banana-two")["pid"]))
+        self.assertEqual(server.runner.reuse.reused, 1)
+
+    def test_a_process_is_recycled_after_its_conversations(self):
+        server, port = self.reuse_server(reuse_conversations=1)
+        first = self.two_one_shots(port)
+        self.assertTrue(wait_until(lambda: not pid_alive(first["pid"])), "stopped, not reset")
+        stats = server.runner.reuse.stats()
+        self.assertEqual((stats["recycled"], stats["resets"], stats["waiting"]),
+                         ({"conversations": 1, "memory": 0}, 0, 0))
+
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "resident memory is read from /proc")
+    def test_a_process_is_recycled_above_its_memory_threshold(self):
+        server, port = self.reuse_server(reuse_memory_mb=0.5)
+        first = self.two_one_shots(port)
+        self.assertTrue(wait_until(lambda: not pid_alive(first["pid"])))
+        self.assertEqual(server.runner.reuse.stats()["recycled"], {"conversations": 0, "memory": 1})
+
+    def test_expired_kept_processes_are_retired_through_the_runner(self):
+        retired = []
+        kept = cp.Continuations(2, 0.05, retire=retired.append)
+        self.addCleanup(kept.close)
+        run = types.SimpleNamespace(alive=lambda: True)
+        kept.park("key", run)
+        self.assertTrue(wait_until(lambda: retired == [run]), "its wait expired: retired, not stopped")
+        self.assertEqual(kept.count(), 0)
+
+    def test_what_cannot_be_reused_is_stopped_as_before(self):
+        for config, body in (({"reuse": False}, user("x")),
+                             ({"claude_version": "2.1.197 (Claude Code)"}, user("x")),  # no /clear
+                             ({}, dict(user("CALLTOOL x"), tools=[WEATHER]))):  # waits on a tool call
+            with self.subTest(config=config, body=body):
+                self.setUp()
+                server, port = self.reuse_server(**config)
+                self.ok(body, port)
+                [first] = self.records()
+                self.ok(dict(body, messages=[{"role": "user", "content": "next"}]), port)
+                self.assertTrue(wait_until(lambda: not pid_alive(first["pid"])), "stopped, not reset")
+                self.assertEqual(json.loads(self.request("GET", "/health", port=port)[2])["reuse"].get("resets", 0), 0)
+        # A per-run budget (--max-request-usd) would start its count again after a reset.
+        runner = cp.CliRunner(self.stub, 30)
+        self.addCleanup(runner.stop_all)
+        shape = [None] * len(cp.SHAPE_FIELDS)
+        shape[cp.SHAPE_FIELDS.index("max_budget_usd")] = 1.0
+        budgeted = types.SimpleNamespace(sessions=None, pending_calls=[], shape=json.dumps(shape))
+        self.assertEqual(runner.reusable(budgeted), "budget")
+
+
 # Real CLI ###################################################################################
 #: The real `claude` binary named by CLAUDE_PROXY_REAL_CLI, driven by the proxy against a fake
 #: Anthropic Messages API that these tests serve on loopback: what the stub above imitates,
