@@ -8203,6 +8203,39 @@ class RealCliTestCase(ServerTestCase):
 class RealCliTest(RealCliTestCase):
     """What the proxy relies on, with an API key: the events, tools, sessions, errors."""
 
+    def test_two_conversations_in_one_reused_process_do_not_see_each_other(self):
+        """Pipelines (ReusePool): a process reset with /clear serves the next new conversation;
+        the model request of that conversation holds none of the earlier one's text, and its
+        cost is its own (the CLI's totals start again)."""
+        if (cp.parse_cli_version(self.version) or (0,)) < cp.WARM_PRIME_SINCE:
+            self.skipTest("processes are reused with CLI %s and newer" % ".".join(map(str, cp.WARM_PRIME_SINCE)))
+        config = cp.Config(REAL_CLI, claude_version=self.version, timeout=self.timeout, pool_size=1, reuse=True)
+        runner = cp.CliRunner(REAL_CLI, config.timeout, env=self.cli_env(), pool_size=1,
+                              pool_idle=config.pool_idle, reuse=cp.ReuseLimits())
+        server = cp.ProxyServer(("127.0.0.1", 0), config, runner=runner)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        self.addCleanup(lambda: (server.stop(), thread.join(10)))
+        port = server.server_address[1]
+        costs = {}
+        for word in ("apple-one", "banana-two", "cherry-three"):
+            if word == "cherry-three":  # the first conversation's process, reset
+                self.assertTrue(wait_until(lambda: runner.reuse.count() == 1, 30))
+            status, headers, raw = self.chat(user(word), port=port)
+            self.assertEqual(status, 200, raw)
+            self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "Echo: " + word)
+            costs[word] = headers["x-claude-cost-usd"]
+        self.assertEqual(runner.reuse.stats()["reused"], 1)
+        [cherry] = [body for body in self.api.model_calls() if "cherry-three" in json.dumps(body["messages"])]
+        seen = json.dumps(cherry["messages"])
+        self.assertNotIn("apple-one", seen)
+        self.assertNotIn("banana-two", seen)
+        # The blocks the CLI adds after /clear (README), as after a warm process's prime.
+        first = self.texts(self.turns(cherry)[0])
+        self.assertTrue(first[0].startswith("<local-command-caveat>"), first)
+        self.assertEqual(first[-1], "cherry-three")
+        self.assertEqual(costs["cherry-three"], costs["banana-two"], "a primed process's first conversation costs the same")
+
     def test_stream_json_events_the_translator_reads(self):
         code, events = self.run_cli("THINK hello", "--include-partial-messages")
         self.assertEqual(code, 0, events)
