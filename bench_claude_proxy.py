@@ -461,6 +461,17 @@ def pss_mb(pid):
     return None
 
 
+def streamed_conversation(port, tag, turns=3):
+    """A conversation's turns, streamed one after another: the first token of each."""
+    messages, firsts = [{"role": "system", "content": "You chat. [%s]" % tag}], []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": "turn %d of the %s chat" % (turn, tag)})
+        first, _, arrivals = via_proxy(port, None, messages)
+        firsts.append(first)
+        messages.append({"role": "assistant", "content": "".join(a[1] for a in arrivals)})
+    return firsts
+
+
 def batch(call, count, concurrency, way):
     """`count` calls at `concurrency`: (seconds, [(request text, reply)])."""
     from concurrent.futures import ThreadPoolExecutor
@@ -533,8 +544,16 @@ def pipeline_benchmark(args):
                 time.sleep(1)
         proc, port = proxies[names[1]]
         first_line = log_lines(log)
+        # Alongside the batch, a streamed conversation of another shape goes on turn by turn:
+        # its first tokens, set beside the same conversation's alone afterwards.
+        import threading
+        alongside = []
+        chat = threading.Thread(target=lambda: alongside.extend(streamed_conversation(port, "busy")))
+        chat.start()
         seconds, replies = batch(lambda text: proxy_pipeline_call(port, text), args.more,
                                  args.concurrency, 999)
+        chat.join()
+        alone = streamed_conversation(port, "idle")
         time.sleep(0.5)
         found, seen = mixed_requests(log, first_line, log_lines(log))
         mixed, checked = mixed + found, checked + seen
@@ -571,6 +590,9 @@ def pipeline_benchmark(args):
           "%.0f MB PSS in all" % (args.more, args.more / seconds, more_wrong, proxy_rss, memory_before,
                                    proxy_rss - memory_before, len(rss),
                                    proxy_rss + sum(m for m in rss if m), (proxy_pss or 0) + sum(m for m in pss if m)))
+    print("a streamed 3-turn conversation alongside those requests: first token of each turn %s; "
+          "alone afterwards: %s" % (" ".join("%.3f s" % t for t in alongside),
+                                    " ".join("%.3f s" % t for t in alone)))
     print("reuse: %s" % json.dumps(health.get("reuse")))
     return 0
 
