@@ -3823,9 +3823,11 @@ class Continuations:
     (conversation_key: the client's key, the process shape and the turns, as clients change
     them smoothed out), so the next turn starts warm and the CLI sends the API the whole
     conversation as real turns, its own earlier messages as the model wrote them: the prompt
-    cache reads it all. At most `size` are kept, the oldest going first; one waits at most
-    `idle_seconds` (the API's cache lives 5 minutes: older, it buys little). A key is taken
-    once: two requests can never share a process."""
+    cache reads it all. At most `size` are kept; to make room, the oldest of the client and
+    shape that holds the most goes first (so a pipeline's one-shot conversations push out each
+    other, not another conversation that is going on); one waits at most `idle_seconds` (the
+    API's cache lives 5 minutes: older, it buys little). A key is taken once: two requests can
+    never share a process."""
 
     def __init__(self, size, idle_seconds, retire=None):
         self.size = size
@@ -3849,7 +3851,7 @@ class Continuations:
             if key in self._kept:
                 victims.append(self._kept.pop(key)[0])
             while len(self._kept) >= self.size:
-                victims.append(self._kept.popitem(last=False)[1][0])
+                victims.append(self._kept.pop(self._victim(run))[0])
                 self.retired += 1
             self._kept[key] = (run, time.monotonic())
             self.kept += 1
@@ -3857,6 +3859,15 @@ class Continuations:
         for victim in victims:
             self.retire(victim)
         return True
+
+    def _victim(self, coming):
+        """The key of the kept run to push out for `coming`: the oldest of the client and shape
+        with the most kept runs, `coming` counted. Call with the lock held."""
+        group = lambda run: (run.scope, run.shape)
+        counts = collections.Counter(group(run) for run, _ in self._kept.values())
+        counts[group(coming)] += 1
+        most = max(counts[group(run)] for run, _ in self._kept.values())
+        return next(key for key, (run, _) in self._kept.items() if counts[group(run)] == most)
 
     def take(self, key):
         """The run kept for this conversation, or None."""
@@ -3900,8 +3911,12 @@ class Continuations:
                 self.retired += len(expired)
                 if not expired:
                     self._cond.wait(1.0)
-            for run in expired:
-                self.retire(run)
+            # At once, as stop_runs does: a stop may take STOP_GRACE_SECONDS.
+            retiring = [threading.Thread(target=self.retire, args=(run,)) for run in expired]
+            for thread in retiring:
+                thread.start()
+            for thread in retiring:
+                thread.join()
 
 
 #: Measured with CLI 2.1.332 (API key, one process, a one-shot conversation after each /clear):

@@ -7832,6 +7832,19 @@ class ReuseTest(ServerTestCase):
         self.assertEqual(len(self.served("SAY[one]")["lines"]), 2, "the next turn went to its kept process")
         self.assertEqual(server.runner.reuse.reused, 0)
 
+    def test_one_shots_push_out_each_other_not_a_conversation_going_on(self):
+        server, port = self.reuse_server(pool_size=2)
+        chat = [{"role": "system", "content": "You chat."}, {"role": "user", "content": "SAY[one]"}]
+        self.ok({"messages": chat}, port)
+        for n in range(4):
+            self.ok(user("one-shot-%d" % n), port)
+        _, reply = self.ok({"messages": chat + [{"role": "assistant", "content": "one"},
+                                                {"role": "user", "content": "two"}]}, port)
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Echo: two [images: 0]")
+        self.assertEqual(len(self.served("SAY[one]")["lines"]), 2, "its kept process was not pushed out")
+        self.assertEqual(server.runner.continuations.hits, 1)
+        self.assertGreaterEqual(server.runner.reuse.reused, 1)
+
     def test_a_process_serves_one_client_only(self):
         server, port = self.reuse_server(api_keys=["key-one", "key-two"])
         first = self.two_one_shots(port, "key-one")
