@@ -7488,7 +7488,7 @@ def parse_args(argv=None):
     add("--no-ui", action="store_true",
         default=env("CLAUDE_PROXY_UI", "").strip().lower() in ("0", "false", "no", "off"),
         help="Default: the chat page is on (env CLAUDE_PROXY_UI=0 turns it off). Serve no page "
-        "at /: a 404, as any unknown path.")
+        "at /: it answers a small JSON instead (for Claude Code's HEAD / probe).")
     add("--keepalive", type=float, default=env("CLAUDE_KEEPALIVE", str(DEFAULT_KEEPALIVE)),
         help="Default: %g (env CLAUDE_KEEPALIVE). Seconds a stream may stay silent before a "
         "keep-alive is sent (the headers too, if not sent yet); 0 sends none." % DEFAULT_KEEPALIVE)
