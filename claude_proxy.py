@@ -227,7 +227,7 @@ class ProxyError(Exception):
     """An error with its HTTP status and OpenAI error envelope; raised anywhere, sent once."""
 
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None,
-                 headers=None):
+                 headers=None, api_message=None, plan_window=None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -235,17 +235,19 @@ class ProxyError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
-        self.api_message = None  # the Messages API's own wording, for the Anthropic dialect
+        self.api_message = api_message  # the Messages API's own wording, for the Anthropic dialect
+        # A plan limit's (window, when it resets, the CLI's words): what PlanLimits refuses by.
+        self.plan_window = plan_window
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
 
-def invalid(message, param=None, code=None):
+def invalid(message, param=None, code=None, api_message=None):
     """A 400 for a request the client must change; the SDKs must not retry it."""
     return ProxyError(400, message, "invalid_request_error", param, code,
-                      {"x-should-retry": "false"})
+                      {"x-should-retry": "false"}, api_message)
 
 
 def rate_limited(retry_after, message):
@@ -389,10 +391,8 @@ def plan_limit_reached(window, resets_at, now, detail=""):
     headers = {"Retry-After": str(wait)}
     if wait > PLAN_NO_RETRY_SECONDS:
         headers["x-should-retry"] = "false"
-    error = ProxyError(429, message, "rate_limit_error", None, "plan_limit_reached", headers)
-    # What PlanLimits refuses by until the reset: the window, when it resets, the CLI's words.
-    error.plan_window = (window, resets_at, detail)
-    return error
+    return ProxyError(429, message, "rate_limit_error", None, "plan_limit_reached", headers,
+                      plan_window=(window, resets_at, detail))
 
 
 def credits_spent(detail):
@@ -441,9 +441,7 @@ def context_length_exceeded(detail):
                    "CLI said: %s); shorten the messages." % detail)
         said = re.sub(r"^(API Error: \d+ )?prompt is too long\W*", "", detail, flags=re.I)
         api_message = "prompt is too long" + (": " + said if said else "")
-    error = invalid(message, "messages", "context_length_exceeded")
-    error.api_message = api_message
-    return error
+    return invalid(message, "messages", "context_length_exceeded", api_message)
 
 
 def api_refused(result, detail):
@@ -6140,7 +6138,7 @@ class PlanLimits:
             was = self._refusal
             self._last_try = now
             if code == "plan_limit_reached":
-                window, reset, said = getattr(error, "plan_window", (None, None, error.message))
+                window, reset, said = error.plan_window or (None, None, error.message)
                 self._refusal = {"kind": "limit", "window": window, "resets_at": reset,
                                  "detail": said, "since": (was or {}).get("since", now)}
             elif code == "insufficient_quota":
@@ -6278,6 +6276,24 @@ class AnswerLog:
         self.model, self.usage, self.error, self.cost = "-", None, None, None
         self.headers = headers
 
+    def ran(self, requested, model):
+        """The model a request ran on, and the alias it asked for if it asked for one."""
+        self.model = model or "default"
+        if requested and requested != model:
+            self.model = "%s(%s)" % (requested, model)
+
+    def failed(self, error):
+        self.error = error.code or error.type
+
+    def billed(self, usage, cost, in_header):
+        """The reply's usage and cost; a cost known before the body also goes in a header."""
+        if usage is not None:
+            self.usage = usage
+        if cost is not None:
+            self.cost = cost
+            if in_header:
+                self.headers["x-claude-cost-usd"] = "%.6f" % cost
+
 
 class Proxy:
     """Owns every request's life after parsing, and the stateful parts it needs, built once by
@@ -6411,7 +6427,7 @@ class Proxy:
                 raise  # nothing committed: a real HTTP status
             # Keep-alives committed the 200 (a long wait for a run slot): the error event.
             log("request failed: %s %s" % (error.status, error.message))
-            record.error = error.code or error.type
+            record.failed(error)
             sink.fail(error)
         finally:
             if stream is not None:
@@ -6419,9 +6435,7 @@ class Proxy:
 
     def _answer(self, plan, sink, requested, admitted, client, record):
         config, limits = self.config, self.plan_limits
-        record.model = plan.model or "default"
-        if requested and requested != plan.model:
-            record.model = "%s(%s)" % (requested, plan.model)  # an alias, and what it ran
+        record.ran(requested, plan.model)
         admission, metrics = self.admission, self.metrics
         run = translator = error = None
         with ClientWatch(client.connection) as watch:
@@ -6503,10 +6517,10 @@ class Proxy:
             stream.stop_keep_alive()  # the reply's end is written by the sink alone
         if error:
             log("request failed: %s %s" % (error.status, error.message))
-            record.error = error.code or error.type  # a stream's status is already 200
+            record.failed(error)  # a stream's status is already 200
             sink.fail(error)
             return
-        record.usage = chat_usage(translator.usage)
+        record.billed(chat_usage(translator.usage), None, False)
         sink.finish(translator)
 
     def _account(self, plan, sink, translator, run, record):
@@ -6514,10 +6528,7 @@ class Proxy:
         cost = translator.cost_usd
         self.spend.record(translator.model or run.model or plan.model or "claude",
                           cost, translator.usage)
-        if cost is not None:
-            record.cost = cost
-            if getattr(sink, "stream", None) is None:  # known before the body: a header
-                record.headers["x-claude-cost-usd"] = "%.6f" % cost
+        record.billed(None, cost, getattr(sink, "stream", None) is None)
 
 
 # HTTP connections ###########################################################################
