@@ -2696,8 +2696,20 @@ class CliRun:
             self._timer.daemon = True
             self._timer.start()
 
-    def end_turn(self):
-        """The request is answered and the run is kept: no timeout while it waits."""
+    def end_turn(self, reply):
+        """The request is answered and the run is kept: no timeout while it waits. Its totals
+        go on from this reply's (a ReplySummary): the CLI's result adds up over its life."""
+        self.model = reply.model or self.model
+        self.pending_calls = list(reply.call_names)
+        if reply.total_cost_usd is not None:
+            self.cost_seen = reply.total_cost_usd
+        if reply.model_usage_total is not None:
+            self.model_usage_seen = reply.model_usage_total
+        if reply.stop_reason == "tool_use":  # the message goes on when the results come
+            self.usage_before = {k: self.usage_before.get(k, 0) + v
+                                 for k, v in reply.usage.items() if isinstance(v, int)}
+        else:
+            self.usage_before = {}
         with self._lock:
             self.serving = False
             if self._timer:
@@ -3617,7 +3629,7 @@ class CliRunner:
     def finish(self, run, plan, reply, scope=""):
         """After a request: keep its run for the conversation's next turn if it can serve it
         (a live process whose reply was complete and sent as the CLI holds it), else stop it.
-        reply: the run's translator; None when the reply could not be read or sent whole."""
+        reply: the run's ReplySummary; None when the reply could not be read or sent whole."""
         if reply is None:
             run.stop()
             return
@@ -3626,26 +3638,9 @@ class CliRunner:
             # only from a run that resumed none, which runs the model its session names.
             self.default_model = reply.model
         # A run that reached --max-budget-usd would refuse its next turn: not kept.
-        if (self.continuations is not None and run.live and reply.done and not reply.error
-                and not reply.budget_reached
-                and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
-                and not (reply.calls and reply.stop_reason == "max_tokens")  # a call cut short
-                and not reply.skipped_calls and run.alive()):
-            run.model = reply.model or run.model
-            run.pending_calls = [(call_id(tool_id, n), name)
-                                 for n, (tool_id, name, _) in enumerate(reply.calls)]
-            if reply.total_cost_usd is not None:
-                run.cost_seen = reply.total_cost_usd
-            if reply.model_usage_total is not None:
-                run.model_usage_seen = reply.model_usage_total
-            if reply.stop_reason == "tool_use":  # the message goes on when the results come
-                run.usage_before = {k: run.usage_before.get(k, 0) + v
-                                    for k, v in (reply.usage or {}).items() if isinstance(v, int)}
-            else:
-                run.usage_before = {}
-            turns = plan.conversation["turns"] + [{"role": "assistant",
-                                                      "content": reply.reply_blocks()}]
-            run.end_turn()
+        if self.continuations is not None and run.live and reply.complete and run.alive():
+            turns = plan.conversation["turns"] + [{"role": "assistant", "content": reply.blocks}]
+            run.end_turn(reply)
             if self.continuations.park(conversation_key(scope, run.shape, turns), run):
                 return
         run.stop()
@@ -4116,6 +4111,19 @@ def call_id(tool_use_id, number):
     return "call_" + (suffix or str(number))
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplySummary:
+    """A finished reply, as ReplyTranslator.summary() gives it to the runner."""
+    complete: bool           # read whole, no error, ended as the CLI holds it: a run may be kept
+    stop_reason: Optional[str]
+    model: Optional[str]     # the model the CLI named
+    call_names: tuple        # ((call id, client function name), ...) the client must answer
+    total_cost_usd: Optional[float]   # the CLI's running totals at this reply's result
+    model_usage_total: Optional[dict]
+    usage: dict              # this reply's usage (a tool-call turn's adds to the next)
+    blocks: list             # the reply as an assistant turn
+
+
 class ReplyTranslator:
     """CLI stream-json events -> neutral reply events, plus how the reply finished.
 
@@ -4408,6 +4416,18 @@ class ReplyTranslator:
             return [{"revised": json.dumps(value, ensure_ascii=False)}]
         self._add_content("text", self._structured_sent)
         return []
+
+    def summary(self):
+        """How the reply ended, fixed: what the runner decides a process's next life by."""
+        return ReplySummary(
+            complete=self.done and not self.error and not self.budget_reached
+            and self.stop_reason in ("end_turn", "max_tokens", "tool_use")
+            and not (self.calls and self.stop_reason == "max_tokens")  # a call cut short
+            and not self.skipped_calls,
+            stop_reason=self.stop_reason, model=self.model,
+            call_names=tuple((call_id(tool_id, n), name) for n, (tool_id, name, _) in enumerate(self.calls)),
+            total_cost_usd=self.total_cost_usd, model_usage_total=self.model_usage_total,
+            usage=dict(self.usage or {}), blocks=self.reply_blocks())
 
     def reply_blocks(self):
         """The reply as the assistant turn a client will send back: text and tool calls."""
@@ -6491,8 +6511,8 @@ class Proxy:
                         holding[0] = False
                         if translator is not None:
                             # Kept for the next turn, or stopped; unread or unreadable, stopped.
-                            self.runner.finish(run, plan, translator if error is None else None,
-                                               client.scope)
+                            self.runner.finish(run, plan, translator.summary() if error is None
+                                               else None, client.scope)
                             self._account(plan, sink, translator, run, record)
                             if translator.done and error is None:
                                 limits.after_run(translator.error)
