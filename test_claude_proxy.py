@@ -637,17 +637,46 @@ def wait_until(condition, seconds=10.0):
     return condition()
 
 
-def sse_payloads(raw):
-    """The data payloads of an SSE body, asserting the exact framing clients need."""
-    assert raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
+#: Each dialect's stream framing: whether an `event: <type>` line names each event's data type
+#: (Anthropic's and OpenAI's Responses SDKs dispatch on it), whether `sequence_number` counts from
+#: 0, whether `data: [DONE]` ends the body (and is kept in what sse_events returns, as Chat's
+#: clients see it).
+SSE_FRAMING = {"chat": dict(named=False, numbered=False, done=True, keep_done=True),
+               "messages": dict(named=True, numbered=False, done=False, keep_done=False),
+               "responses": dict(named=True, numbered=True, done=True, keep_done=False)}
+
+
+def sse_events(raw, dialect):
+    """The data of each event of an SSE body, asserting the exact framing the dialect's clients
+    need (SSE_FRAMING); the one SSE parser of these tests. dialect "any" asserts nothing: the
+    JSON objects of every data line, with keep-alives, comments and [DONE] left out."""
+    if dialect == "any":
+        return [json.loads(line[6:]) for line in raw.decode().split("\n")
+                if line.startswith("data: {")]
+    framing = SSE_FRAMING[dialect]
+    if dialect == "chat":
+        assert raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
     events = raw.split(b"\n\n")
     assert events[-1] == b"", "the body must end right after an event"
+    events = events[:-1]
+    if framing["done"]:
+        assert events and events[-1] == b"data: [DONE]", "the body must end with data: [DONE]"
+        events = events[:-1]
     out = []
-    for event in events[:-1]:
-        assert event.startswith(b"data: ") and b"\n" not in event, event
-        payload = event[len(b"data: "):]
-        out.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
-    return out
+    for n, event in enumerate(events):
+        if framing["named"]:
+            name, data = event.split(b"\n")
+            assert name.startswith(b"event: ") and data.startswith(b"data: "), event
+        else:
+            name, data = None, event
+            assert event.startswith(b"data: ") and b"\n" not in event, event
+        obj = json.loads(data[len(b"data: "):])
+        if framing["named"]:
+            assert obj["type"] == name[len(b"event: "):].decode(), event
+        if framing["numbered"]:
+            assert obj["sequence_number"] == n, event
+        out.append(obj)
+    return out + ["[DONE]"] if framing["keep_done"] else out
 
 
 LOG_LINES = []  # what the proxy logged during the tests (kept off the test output)
@@ -843,19 +872,6 @@ def user(text):
     return {"messages": [{"role": "user", "content": text}]}
 
 
-def anthropic_sse(raw):
-    """The data objects of an Anthropic SSE body, asserting each has an `event:` line naming
-    its type (the SDKs dispatch on it) and the exact framing."""
-    events = raw.split(b"\n\n")
-    assert events[-1] == b"", "the body must end right after an event"
-    out = []
-    for event in events[:-1]:
-        name, data = event.split(b"\n")
-        assert name.startswith(b"event: ") and data.startswith(b"data: "), event
-        obj = json.loads(data[len(b"data: "):])
-        assert obj["type"] == name[len(b"event: "):].decode(), event
-        out.append(obj)
-    return out
 
 
 def anthropic_user(text, **fields):
@@ -897,26 +913,8 @@ RS_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather
 STR, INT, NUM, BOOL, OBJ, LIST, NULL = "string", "integer", "number", "boolean", "object", "array", "null"
 
 
-def responses_sse(raw):
-    """The events of a Responses stream, asserting its framing: `event: <type>` then one data
-    line whose type is the same, sequence numbers counting from 0, and `data: [DONE]` right
-    after the last (response.completed, .incomplete or .failed), ending the body."""
-    blocks = raw.split(b"\n\n")
-    assert blocks[-2:] == [b"data: [DONE]", b""], "the body must end with data: [DONE]"
-    events = []
-    for n, block in enumerate(blocks[:-2]):
-        head, data = block.split(b"\n")
-        assert head.startswith(b"event: ") and data.startswith(b"data: "), block
-        event = json.loads(data[len(b"data: "):])
-        assert event["type"] == head[len(b"event: "):].decode() and event["sequence_number"] == n, event
-        events.append(event)
-    return events
 
 
-def data_lines(raw):
-    """The JSON objects of a Chat Completions stream's data lines ([DONE] left out)."""
-    return [json.loads(line[6:]) for line in raw.decode().split("\n")
-            if line.startswith("data: {")]
 
 
 # OpenAI's published OpenAPI description, distilled: what its CreateChatCompletionResponse and
@@ -2153,13 +2151,13 @@ class StructuredOutputTest(ServerTestCase):
 
     def test_json_object_and_streaming(self):
         status, _, raw = self.chat(dict(user("CHATTY give json"), response_format={"type": "json_object"}, stream=True))
-        chunks = sse_payloads(raw)[:-1]
+        chunks = sse_events(raw, "chat")[:-1]
         content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
         self.assertEqual(json.loads(content), {})
         self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
         status, _, raw = self.chat(dict(user("extract"), stream=True, response_format={
             "type": "json_schema", "json_schema": {"name": "p", "schema": self.schema}}))
-        chunks = sse_payloads(raw)[:-1]
+        chunks = sse_events(raw, "chat")[:-1]
         pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
         self.assertEqual(len(pieces), 2, "the JSON streams as the model writes it")
         self.assertEqual(json.loads("".join(pieces)), {"name": "x", "age": 1})
@@ -2331,7 +2329,7 @@ class ErrorTest(ServerTestCase):
         status, _, raw = self.chat(dict(user("CALLTOOL2"), tools=[WEATHER, TIME], stream=True,
                                         stream_options={"include_usage": True}))
         self.assertEqual(status, 200, raw)
-        chunks = sse_payloads(raw)[:-1]
+        chunks = sse_events(raw, "chat")[:-1]
         deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
         self.assertEqual(deltas[0], {"role": "assistant", "content": ""})
         call_deltas = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
@@ -3408,7 +3406,7 @@ class PoolTest(ServerTestCase):
         status, _, raw = self.chat(dict(user("second"), stream=True), port=port)
         self.assertEqual(status, 200, raw)
         text = "".join(chunk["choices"][0]["delta"].get("content") or ""
-                       for chunk in sse_payloads(raw) if isinstance(chunk, dict) and chunk.get("choices"))
+                       for chunk in sse_events(raw, "chat") if isinstance(chunk, dict) and chunk.get("choices"))
         self.assertEqual(text, "Echo: second [images: 0]", "nothing of the prime's answer reaches the client")
         [served] = [r for r in self.records() if "second" in r["stdin"]]
         self.assertEqual(served["pid"], warm["pid"])
@@ -3617,7 +3615,7 @@ class CutOffUpstreamTest(ServerTestCase):
         self.assertEqual((body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]), (19, 7),
                          "usage from the result's modelUsage when its usage is all zeros, as after a retry")
         status, _, raw = self.chat(dict(user(text), stream=True))
-        chunks = sse_payloads(raw)
+        chunks = sse_events(raw, "chat")
         content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if isinstance(c, dict) and c.get("choices"))
         self.assertEqual(content, "The whole answer, in three parts, all of it.")
 
@@ -3740,7 +3738,7 @@ class KeepAliveTest(ServerTestCase):
         status, headers, raw = self.chat({"model": "sonnet", "stream": True, "messages": [
             {"role": "user", "content": "PAUSE[1] hi"}]})
         self.assertEqual(status, 200)
-        chunks = data_lines(raw)
+        chunks = sse_events(raw, "any")
         deltas = [c["choices"][0]["delta"] if c["choices"] else None for c in chunks]
         self.assertEqual(deltas[0], {"role": "assistant", "content": ""})
         idle = 0
@@ -3760,7 +3758,7 @@ class KeepAliveTest(ServerTestCase):
             "model": "sonnet", "max_tokens": 10, "stream": True,
             "messages": [{"role": "user", "content": "PAUSE[1] hi"}]})
         self.assertEqual(status, 200)
-        kinds = [e["type"] for e in anthropic_sse(raw)]
+        kinds = [e["type"] for e in sse_events(raw, "messages")]
         pings = kinds.index("message_start")
         self.assertGreaterEqual(pings, 2)
         self.assertEqual(kinds[:pings], ["ping"] * pings)
@@ -3774,7 +3772,7 @@ class KeepAliveTest(ServerTestCase):
         while raw.startswith(b": keep-alive\n\n"):
             raw, comments = raw[len(b": keep-alive\n\n"):], comments + 1
         self.assertGreaterEqual(comments, 2)
-        events = responses_sse(raw)  # the rest: framing and sequence numbers from 0 as ever
+        events = sse_events(raw, "responses")  # the rest: framing and sequence numbers from 0 as ever
         self.assertEqual(events[0]["type"], "response.created")
         self.assertEqual(events[-1]["type"], "response.completed")
 
@@ -3782,15 +3780,15 @@ class KeepAliveTest(ServerTestCase):
         status, _, raw = self.chat({"model": "sonnet", "stream": True, "messages": [
             {"role": "user", "content": "PAUSE[0.6] LATEFAIL"}]})
         self.assertEqual(status, 200)
-        self.assertEqual(data_lines(raw)[-1]["error"]["code"], "upstream_error")
+        self.assertEqual(sse_events(raw, "any")[-1]["error"]["code"], "upstream_error")
         status, _, raw = self.request("POST", "/v1/messages", {
             "model": "sonnet", "max_tokens": 10, "stream": True,
             "messages": [{"role": "user", "content": "PAUSE[0.6] LATEFAIL"}]})
-        events = anthropic_sse(raw)
+        events = sse_events(raw, "messages")
         self.assertEqual((status, events[0]["type"], events[-1]["type"]), (200, "ping", "error"))
         status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "stream": True,
                                                                 "input": "PAUSE[0.6] LATEFAIL"})
-        events = responses_sse(raw.replace(b": keep-alive\n\n", b""))
+        events = sse_events(raw.replace(b": keep-alive\n\n", b""), "responses")
         self.assertEqual([e["type"] for e in events], ["response.created", "response.in_progress", "response.failed"])
 
     def test_error_before_any_keepalive_is_a_real_status(self):
@@ -3968,7 +3966,7 @@ class StreamTest(ServerTestCase):
         self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
         self.assertEqual(headers["cache-control"], "no-cache")
         self.assertEqual(headers["x-accel-buffering"], "no")
-        return sse_payloads(raw)
+        return sse_events(raw, "chat")
 
     def test_stream_format(self):
         payloads = self.stream(user("SAY[Hello there, friend]"))
@@ -4043,7 +4041,7 @@ class ConformanceServerTest(ServerTestCase):
                 self.assertEqual(chat_schema_violations(json.loads(raw), chunk=False), [])
                 for extra in ({}, {"stream_options": {"include_usage": True}}):
                     status, _, raw = self.chat(dict(body, stream=True, **extra))
-                    chunks = data_lines(raw)
+                    chunks = sse_events(raw, "any")
                     self.assertGreater(len(chunks), 1)
                     for chunk in chunks:
                         self.assertEqual(chat_schema_violations(chunk, chunk=True), [], chunk)
@@ -4076,7 +4074,7 @@ class ConformanceServerTest(ServerTestCase):
         self.assertEqual(response["tools"], [dict(tool, strict=None, description=None)])
         self.assertEqual(set(response["usage"]["input_tokens_details"]), {"cached_tokens", "cache_write_tokens"})
         status, _, raw = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "hello", "stream": True})
-        events = responses_sse(raw)
+        events = sse_events(raw, "responses")
         self.assertIsNone(events[0]["response"]["usage"])  # null until known, as OpenAI sends it
         self.assertIn("input_tokens", events[-1]["response"]["usage"])
 
@@ -4370,7 +4368,7 @@ class ResponsesSchemaTest(unittest.TestCase):
             writer.fail(cp.timed_out(5))
         else:
             writer.finish(translator)
-        return responses_sse(handler.body) if stream else json.loads(handler.body)
+        return sse_events(handler.body, "responses") if stream else json.loads(handler.body)
 
     SCENARIOS = [
         ("text", text_events("Hel", "lo"), False, "response.completed"),
@@ -4484,7 +4482,7 @@ class ResponsesWireTest(unittest.TestCase):
                 self.assertEqual(handler.body, b"", "nothing of the summary goes out as it comes")
                 writer.event({"revised": "Whole summary."})
                 writer.finish(types.SimpleNamespace(stop_reason=stop_reason, usage={}))
-                final = responses_sse(handler.body)[-1]["response"]
+                final = sse_events(handler.body, "responses")[-1]["response"]
                 self.assertEqual([cp.compaction_summary(i["encrypted_content"]) for i in final["output"]], want)
 
     def test_error_after_the_stream_began_is_response_failed(self):
@@ -4493,7 +4491,7 @@ class ResponsesWireTest(unittest.TestCase):
             writer.fail(cp.timed_out(5))  # nothing sent yet: a real HTTP status
         writer.event({"text": "Hal"})
         writer.fail(cp.timed_out(5))
-        events = responses_sse(handler.body)
+        events = sse_events(handler.body, "responses")
         self.assertEqual([e["type"] for e in events][-2:], ["response.output_item.done", "response.failed"])
         self.assertEqual(events[-2]["item"]["status"], "incomplete")
         failed = events[-1]["response"]
@@ -4510,7 +4508,7 @@ class ResponsesServerTest(ServerTestCase):
         self.assertEqual(status, 200, raw)
         if body.get("stream"):
             self.assertEqual(got_headers["content-type"], "text/event-stream; charset=utf-8")
-            events = responses_sse(raw)
+            events = sse_events(raw, "responses")
             self.assertEqual(events[-1]["type"], "response.completed")
             return accumulate(self, events)
         self.assertEqual(got_headers["content-type"], "application/json")
@@ -4678,7 +4676,7 @@ class ResponsesServerTest(ServerTestCase):
         compaction, then response.completed with usage."""
         status, _, raw = self.request("POST", "/v1/responses", {"stream": True, "store": False, "tools": [RS_WEATHER], "input": [
             {"role": "user", "content": "CALLTOOL fix the bug"}, {"type": "compaction_trigger"}]})
-        events = responses_sse(raw)
+        events = sse_events(raw, "responses")
         self.assertEqual([e["type"] for e in events], ["response.created", "response.in_progress", "response.output_item.added",
                                                        "response.output_item.done", "response.completed"])
         self.assertEqual([e for e in events for e in event_schema_errors(e)], [])
@@ -4728,11 +4726,11 @@ class ResponsesServerTest(ServerTestCase):
         for stream in (False, True):
             with self.subTest(stream=stream):
                 status, _, raw = self.request("POST", "/v1/responses", {"input": "MAXTOKENS", "max_output_tokens": 5, "stream": stream})
-                response = responses_sse(raw)[-1]["response"] if stream else json.loads(raw)
+                response = sse_events(raw, "responses")[-1]["response"] if stream else json.loads(raw)
                 self.assertEqual((response["status"], response["incomplete_details"]),
                                  ("incomplete", {"reason": "max_output_tokens"}))
                 if stream:
-                    self.assertEqual(responses_sse(raw)[-1]["type"], "response.incomplete")
+                    self.assertEqual(sse_events(raw, "responses")[-1]["type"], "response.incomplete")
 
     def test_errors(self):
         headers, _ = self.assert_error(self.request("POST", "/v1/responses", {"input": "RATE429", "stream": True}),
@@ -4744,7 +4742,7 @@ class ResponsesServerTest(ServerTestCase):
     def test_failure_mid_stream_is_response_failed(self):
         port = self.serve(timeout=1.0).server_address[1]
         status, _, raw = self.request("POST", "/v1/responses", {"input": "SLOW", "stream": True}, port=port)
-        events = responses_sse(raw)
+        events = sse_events(raw, "responses")
         self.assertEqual(status, 200)
         self.assertEqual([e["type"] for e in events][-2:], ["response.output_item.done", "response.failed"])
         self.assertEqual(events[-1]["response"]["error"]["code"], "timeout")
@@ -4981,7 +4979,7 @@ class AnthropicEventsTest(unittest.TestCase):
             sink.fail(cp.timed_out(5))  # nothing sent yet: a real HTTP status
         sink.event({"text": "Hi"})
         sink.fail(cp.timed_out(5))
-        events = anthropic_sse(handler.wfile.getvalue())
+        events = sse_events(handler.wfile.getvalue(), "messages")
         self.assertEqual(events[-1], {"type": "error", "error": {
             "type": "api_error", "message": "The claude CLI did not finish within 5 s (CLAUDE_TIMEOUT)."},
             "request_id": "req_test"})
@@ -5000,7 +4998,7 @@ class AnthropicServerTest(ServerTestCase):
         self.assertEqual(status, 200, raw)
         self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
         self.assertTrue(headers["request-id"].startswith("req_"))
-        return anthropic_sse(raw)
+        return sse_events(raw, "messages")
 
     def assert_anthropic_error(self, status_and_body, status, kind):
         got_status, headers, raw = status_and_body
@@ -5141,7 +5139,7 @@ class AnthropicServerTest(ServerTestCase):
     def test_error_after_the_stream_started(self):
         port = self.serve(timeout=1.0).server_address[1]
         status, _, raw = self.messages(dict(anthropic_user("FLOOD"), stream=True), port=port)
-        events = anthropic_sse(raw)
+        events = sse_events(raw, "messages")
         self.assertEqual(status, 200)
         self.assertEqual(events[0]["type"], "message_start")
         self.assertEqual(events[-1]["type"], "error")
@@ -5625,7 +5623,7 @@ class ModelAliasTest(ServerTestCase):
                 status, _, raw = self.chat({"model": "gpt-4o-mini", "stream": stream,
                                             "messages": [{"role": "user", "content": "hi"}]})
                 self.assertEqual(status, 200, raw)
-                models = {c["model"] for c in data_lines(raw)} if stream else {json.loads(raw)["model"]}
+                models = {c["model"] for c in sse_events(raw, "any")} if stream else {json.loads(raw)["model"]}
                 self.assertEqual(models, {"gpt-4o-mini"})
                 argv = self.runs()[-1]["argv"]
                 self.assertEqual(argv[argv.index("--model") + 1], "haiku")
@@ -6348,7 +6346,7 @@ class SubscriberTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: server.runner.continuations.count() == 1))
         messages += [{"role": "assistant", "content": "Echo: hello [images: 0]"}, {"role": "user", "content": "again"}]
         status, _, raw = self.chat({"messages": messages, "stream": True}, port=port)
-        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_payloads(raw) if isinstance(c, dict))
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_events(raw, "chat") if isinstance(c, dict))
         self.assertEqual(content, "Echo: again [images: 0]")
         self.assertEqual(len(self.records()), 1, "the kept process took the next turn")
         status, _, raw = self.chat(dict(user("CALLTOOL weather?"), tools=[WEATHER]), port=port)
@@ -8153,10 +8151,10 @@ class RealCliTest(RealCliTestCase):
         self.assertEqual((message["content"], message["reasoning_content"]), ("Echo: THINK hello", "Let me think about this."))
         self.assertEqual((reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]), (19, 7))
         status, _, raw = self.chat(dict(user("hello"), stream=True, stream_options={"include_usage": True}))
-        chunks = [c for c in sse_payloads(raw) if isinstance(c, dict)]
+        chunks = [c for c in sse_events(raw, "chat") if isinstance(c, dict)]
         self.assertEqual("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]), "Echo: hello")
         self.assertEqual(chunks[-1]["usage"]["prompt_tokens"], 19)
-        events = anthropic_sse(self.messages(dict(anthropic_user("THINK hello"), stream=True, thinking={"type": "adaptive"})))
+        events = sse_events(self.messages(dict(anthropic_user("THINK hello"), stream=True, thinking={"type": "adaptive"})), "messages")
         deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
         self.assertEqual([d.get("thinking") for d in deltas if d["type"] == "thinking_delta"], ["Let me think about this."])
         self.assertEqual([d["signature"] for d in deltas if d["type"] == "signature_delta"], ["c2ln"],
