@@ -776,43 +776,73 @@ FN_TOOLS = [{"name": "get_weather", "mcp_name": "get_weather"}, {"name": "b" * 6
 
 
 class ServerTestCase(unittest.TestCase):
-    """A real proxy on port 0 in a thread, over a stub CLI in a temp dir."""
+    """Real proxies on port 0 in threads, over a stub CLI in a temp dir: the class's own
+    (self.server on self.port, made with server_config) and any a test makes with serve(). The one
+    way these tests make a proxy: make_server() builds it, start() serves it; a subclass changes
+    the class attributes (RealCliTestCase: the real CLI, its version, its environment)."""
 
     timeout = 30.0
+    claude_version = "2.1.197 (Claude Code)"  # as if the CLI check had found it
+    pool_size = 0
+    server_config = {}  # the class's proxy's settings (cp.Config's keywords)
 
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
         cls.stub, cls.record_dir = write_stub(cls.tmp)
-        cls.server = cls.make_server()
-        cls.thread = threading.Thread(target=cls.server.serve_forever, args=(0.05,), daemon=True)
-        cls.thread.start()
+        cls.serve_class()
+
+    @classmethod
+    def serve_class(cls):
+        """The class's proxy, over cls.cli, serving until tearDownClass."""
+        cls.server = cls.make_server(**cls.server_config)
+        cls.stop_server = cls.start(cls.server)
         cls.port = cls.server.server_address[1]
 
     @classmethod
-    def make_server(cls, claude=None, **config):
-        """A proxy over the stub (or over `claude`; "" for none at all), not yet serving."""
-        config.setdefault("timeout", cls.timeout)
-        config.setdefault("claude_version", "2.1.197 (Claude Code)")
-        return cp.ProxyServer(("127.0.0.1", 0), cp.Config(cls.stub if claude is None else claude or None,
-                                                          **config))
+    def cli_path(cls):
+        """The CLI the proxies run unless told otherwise."""
+        return cls.stub
 
-    def serve(self, claude=None, **config):
-        """A proxy of this test's own, serving in a thread, stopped at cleanup; returns it."""
-        server = self.make_server(claude, **config)
+    @classmethod
+    def cli_env(cls):
+        """The CLI's environment unless told otherwise; None: the tests' own."""
+        return None
+
+    @classmethod
+    def make_server(cls, claude=None, env=None, **config):
+        """A proxy over cls.cli_path() (or over `claude`; "" for none at all), not yet serving;
+        its CLI runs in `env` (say, a login of its own) or else cls.cli_env()."""
+        config.setdefault("timeout", cls.timeout)
+        config.setdefault("claude_version", cls.claude_version)
+        config.setdefault("pool_size", cls.pool_size)
+        config = cp.Config(cls.cli_path() if claude is None else claude or None, **config)
+        env = cls.cli_env() if env is None else env
+        runner = None if env is None else cp.CliRunner(
+            config.claude_path, config.timeout, env=env, log_prompts=config.log_prompts,
+            pool_size=config.pool_size, pool_idle=config.pool_idle, history=config.history)
+        return cp.ProxyServer(("127.0.0.1", 0), config, runner=runner)
+
+    @staticmethod
+    def start(server):
+        """Serves `server` in a thread; returns what stops it (after a test's own stop too)."""
         thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
 
         def stop():
             server.stop()  # a second stop, after a test's own, does nothing more
             thread.join(10)
-        self.addCleanup(stop)
+        return stop
+
+    def serve(self, claude=None, env=None, **config):
+        """A proxy of this test's own (make_server's arguments), serving, stopped at cleanup."""
+        server = self.make_server(claude, env, **config)
+        self.addCleanup(self.start(server))
         return server
 
     @classmethod
     def tearDownClass(cls):
-        cls.server.stop()
-        cls.thread.join(10)
+        cls.stop_server()
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def setUp(self):
@@ -973,22 +1003,10 @@ class Clock:
         return self.now
 
 
-def serve_subscriber(test, env=None, **config):
-    """A proxy of a test's own, over its stub logged in with an OAuth token (as a subscriber's
-    CLI is), serving in a thread and stopped at cleanup; returns (server, port)."""
-    config.setdefault("timeout", test.timeout)
-    runner = cp.CliRunner(test.stub, test.timeout, pool_size=config.get("pool_size", 0),
-                          env=dict(os.environ, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-x", **(env or {})))
-    server = cp.ProxyServer(("127.0.0.1", 0), cp.Config(test.stub, claude_version="2.1.332 (Claude Code)", **config),
-                            runner=runner)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-
-    def stop():
-        server.stop()
-        thread.join(10)
-    test.addCleanup(stop)
-    return server, server.server_address[1]
+def subscriber_env(**extra):
+    """The stub's environment logged in with an OAuth token, as a subscriber's CLI is."""
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    return dict(env, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-stub", **extra)
 
 # Errors #####################################################################################
 
@@ -3723,16 +3741,15 @@ class WireFormatTest(unittest.TestCase):
 class KeepAliveTest(ServerTestCase):
     """Keep-alives while a run is silent (a stub that pauses before anything), in each dialect."""
 
+    server_config = {"keepalive": 0.1}
+
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
         cls.record_dir = os.path.join(cls.tmp, "records")
         os.makedirs(cls.record_dir)
         cls.stub, cls.runs_log = write_spend_stub(cls.tmp)
-        cls.server = cls.make_server(keepalive=0.1)
-        cls.thread = threading.Thread(target=cls.server.serve_forever, args=(0.05,), daemon=True)
-        cls.thread.start()
-        cls.port = cls.server.server_address[1]
+        cls.serve_class()
 
     def test_chat_keepalive_is_the_role_chunk_then_empty_deltas(self):
         status, headers, raw = self.chat({"model": "sonnet", "stream": True, "messages": [
@@ -5219,11 +5236,8 @@ class AdmissionTest(unittest.TestCase):
 class AccessTest(ServerTestCase):
     """API keys, Host and Origin checks, content types, CORS."""
 
-    def server_with(self, **config):
-        return self.serve(**config).server_address[1]
-
     def test_api_keys(self):
-        port = self.server_with(api_keys=["key-one", "key-two"])
+        port = self.serve(api_keys=["key-one", "key-two"]).server_address[1]
         cases = [
             ("GET", "/v1/models", {}, 401),
             ("GET", "/v1/models", {"Authorization": "Bearer wrong"}, 401),
@@ -5302,7 +5316,7 @@ class AccessTest(ServerTestCase):
         self.assertFalse(cp.is_loopback_host("0.0.0.0") or cp.is_loopback_host("::") or cp.is_loopback_host("192.168.1.2"))
 
     def test_host_check_is_off_when_bound_beyond_loopback(self):
-        port = self.server_with(loopback_only=False, api_keys=["k"])
+        port = self.serve(loopback_only=False, api_keys=["k"]).server_address[1]
         got, _, _ = self.request("GET", "/v1/models", headers={"Host": "proxy.lan:8082", "x-api-key": "k"}, port=port)
         self.assertEqual(got, 200)
 
@@ -5318,7 +5332,7 @@ class AccessTest(ServerTestCase):
 
     def test_cors_on(self):
         origin = "http://localhost:3000"
-        port = self.server_with(cors_origins=[origin])
+        port = self.serve(cors_origins=[origin]).server_address[1]
         got, headers, raw = self.request("OPTIONS", "/v1/chat/completions", port=port, headers={
             "Origin": origin, "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"})
@@ -5335,7 +5349,7 @@ class AccessTest(ServerTestCase):
                 self.assertEqual(headers.get("access-control-allow-origin"), origin, got)
         got, headers, _ = self.request("GET", "/v1/models", headers={"Origin": "http://localhost:4000"}, port=port)
         self.assertEqual(got, 403)
-        port = self.server_with(cors_origins=["*"])
+        port = self.serve(cors_origins=["*"]).server_address[1]
         got, headers, _ = self.request("GET", "/v1/models", headers={"Origin": "https://any.example"}, port=port)
         self.assertEqual((got, headers["access-control-allow-origin"]), (200, "*"))
 
@@ -5350,11 +5364,8 @@ class AccessTest(ServerTestCase):
 class LoadTest(ServerTestCase):
     """Back-pressure, fuzzing, abandoned streams, a short soak, metrics."""
 
-    def server_with(self, **config):
-        return self.serve(**config).server_address[1]
-
     def test_saturation_gets_429_with_retry_after(self):
-        port = self.server_with(max_concurrency=1, max_queue=1)
+        port = self.serve(max_concurrency=1, max_queue=1).server_address[1]
         gate = os.path.join(self.tmp, "gate-saturation")
         results = {}
 
@@ -5380,7 +5391,7 @@ class LoadTest(ServerTestCase):
         self.assertEqual(len(self.records()), 2, "the refused ones never started a CLI")
 
     def test_queued_client_that_leaves_is_dropped(self):
-        port = self.server_with(max_concurrency=1, max_queue=4)
+        port = self.serve(max_concurrency=1, max_queue=4).server_address[1]
         gate = os.path.join(self.tmp, "gate-queue")
         first = threading.Thread(target=lambda: self.chat(user("WAITFOR[%s]" % gate), port=port))
         first.start()
@@ -5551,7 +5562,7 @@ class LoadTest(ServerTestCase):
                         (before, counts()))
 
     def test_metrics(self):
-        port = self.server_with()  # counts of its own
+        port = self.serve().server_address[1]  # counts of its own
         self.chat(user("hi"), port=port)
         self.chat({"messages": []}, port=port)
         self.chat(dict(user("RATE429")), port=port)
@@ -5586,11 +5597,11 @@ def contextlib_redirect_stderr():
 class ModelAliasTest(ServerTestCase):
     """Aliases, and a model Claude's API does not know (the stub answers as the real CLI)."""
 
+    server_config = {"model_aliases": {"gpt-4o": "sonnet", "gpt-4o-mini": "haiku"}, "keepalive": 0}
+
     @classmethod
     def setUpClass(cls):
         KeepAliveTest.setUpClass.__func__(cls)
-        cls.server.config.model_aliases = {"gpt-4o": "sonnet", "gpt-4o-mini": "haiku"}
-        cls.server.config.keepalive = 0
 
     def runs(self):
         with open(self.runs_log) as f:
@@ -5772,10 +5783,11 @@ class SpendTest(unittest.TestCase):
 class SpendServerTest(ServerTestCase):
     """Spend through the server: metrics, /health, the header, the log, the budget's refusal."""
 
+    server_config = {"keepalive": 0}
+
     @classmethod
     def setUpClass(cls):
         KeepAliveTest.setUpClass.__func__(cls)
-        cls.server.config.keepalive = 0
 
     def runs(self):
         try:
@@ -6177,7 +6189,8 @@ class PlanServerTest(ServerTestCase):
     """End to end over the stub logged in as a subscriber: what each dialect and endpoint says."""
 
     def subscriber(self, **config):
-        return serve_subscriber(self, **config)
+        server = self.serve(env=subscriber_env(), claude_version="2.1.332 (Claude Code)", **config)
+        return server, server.server_address[1]
 
     def test_an_api_key_login_shows_no_plan(self):
         self.assertEqual(self.chat(user("hi"))[0], 200)
@@ -6322,17 +6335,7 @@ class SubscriberTest(ServerTestCase):
     through them, and a reached limit is a 429."""
 
     def subscriber(self, **config):
-        config.setdefault("timeout", self.timeout)
-        config = cp.Config(self.stub, claude_version="2.1.197 (Claude Code)", **config)
-        env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-        runner = cp.CliRunner(self.stub, config.timeout, pool_size=config.pool_size,
-                              env=dict(env, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-stub"))
-        server = cp.ProxyServer(("127.0.0.1", 0), config, runner=runner)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 10)
-        self.addCleanup(server.stop)
-        return server
+        return self.serve(env=subscriber_env(), **config)
 
     def test_replies_go_through_the_plan_events(self):
         server = self.subscriber(pool_size=2)
@@ -7768,7 +7771,9 @@ class BrowserTest(ServerTestCase):
         self.until(lambda d: not self.find("#sidebar").is_displayed())
 
     def test_the_status_bar_shows_the_plans_windows(self):
-        server, port = serve_subscriber(self, env={"STUB_PLAN_5H": "0.85", "STUB_PLAN_7D": "0.3"})
+        server = self.serve(env=subscriber_env(STUB_PLAN_5H="0.85", STUB_PLAN_7D="0.3"),
+                            claude_version="2.1.332 (Claude Code)")
+        port = server.server_address[1]
         self.assertEqual(self.chat(user("hi"), port=port)[0], 200)
         self.open_page(port, fresh=True)
         self.until(lambda d: "5-hour 85%" in self.find("#status-text").text, "the 5-hour window")
@@ -8017,15 +8022,12 @@ class RealCliTestCase(ServerTestCase):
         cls.record_dir = os.path.join(cls.tmp, "records")  # empty: the real CLI records nothing
         os.makedirs(cls.home)
         os.makedirs(cls.record_dir)
-        cls.version = cp.cli_version(REAL_CLI)
+        cls.version = cls.claude_version = cp.cli_version(REAL_CLI)
         try:
-            cls.server = cls.make_server()
+            cls.serve_class()
         except BaseException:
             cls.api.close()
             raise
-        cls.thread = threading.Thread(target=cls.server.serve_forever, args=(0.05,), daemon=True)
-        cls.thread.start()
-        cls.port = cls.server.server_address[1]
 
     @classmethod
     def tearDownClass(cls):
@@ -8042,13 +8044,8 @@ class RealCliTestCase(ServerTestCase):
         return env
 
     @classmethod
-    def make_server(cls, claude=None, env=None, **config):
-        config.setdefault("timeout", cls.timeout)
-        config.setdefault("pool_size", cls.pool_size)
-        config = cp.Config(REAL_CLI, claude_version=cls.version, **config)
-        runner = cp.CliRunner(REAL_CLI, config.timeout, env=env or cls.cli_env(), pool_size=config.pool_size,
-                              pool_idle=config.pool_idle, history=config.history)
-        return cp.ProxyServer(("127.0.0.1", 0), config, runner=runner)
+    def cli_path(cls):
+        return REAL_CLI
 
     def setUp(self):
         with self.api.lock:
@@ -8373,14 +8370,9 @@ class RealCliTest(RealCliTestCase):
         with open(wrapper, "w") as f:
             f.write("#!/bin/sh\nHOME=%s CLAUDE_CONFIG_DIR=%s/.claude exec %s \"$@\"\n" % (other, other, REAL_CLI))
         os.chmod(wrapper, 0o755)
-        config = cp.Config(wrapper, claude_version=self.version, timeout=self.timeout, pool_size=0)
-        server = cp.ProxyServer(("127.0.0.1", 0), config, runner=cp.CliRunner(
-            wrapper, self.timeout, env=self.cli_env(), pool_size=0))
+        server = self.make_server(wrapper, pool_size=0)
         server.runner.check_cli()  # as main() does before it serves
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 10)
-        self.addCleanup(server.stop)
+        self.addCleanup(self.start(server))
         port = server.server_address[1]
         self.assertEqual(json.loads(self.request("GET", "/health", port=port)[2])["cli"]["sessions"]["from"], "the CLI")
         first = self.ok(user("My name is Ada."), port)["choices"][0]["message"]["content"]
