@@ -6,10 +6,13 @@ three layers: tables for the pure functions first, then exact wire checks, then 
 through a real server on port 0 with a stub `claude` CLI that these tests write to a temp dir.
 An end-to-end test lives with the section whose behaviour it checks. The tests of the real CLI
 come last; new tests go to their section's banner.
+
 The stub behaves like the real CLI (the repository's shared CLI-FACTS notes): same flags, same
-stream-json events and error results, chosen by words in the prompt; it records the argv, stdin,
-working directory and environment it got, so tests can assert on what the proxy sent.
+stream-json events and error results, chosen by words in the prompt (its WORDS table, the one
+list of them); it records the argv, stdin, working directory and environment it got, so tests
+can assert on what the proxy sent.
 """
+
 import collections
 import http.client
 import http.server
@@ -35,45 +38,9 @@ import claude_proxy as cp
 
 
 STUB_CLI = r'''#!%(python)s
-"""A stand-in for `claude -p` with stream-json in and out. Words in the last user text choose
-the behaviour:
-  SAY[text]   reply exactly `text`          THINK      a thinking block first
-  SLOW        20 deltas, 0.2 s apart         MAXTOKENS  stop_reason max_tokens
-  RATE429 / OVERLOAD / AUTH401   api_retry notices (CLAUDE_CODE_MAX_RETRIES of them), then an
-              error result with api_error_status 429 / 529 / 401, exit 1
-  BADREQ400   an error result with api_error_status 400 at once, exit 1
-  NOTLOGGEDIN the not-logged-in error result      CRASH   stderr text, exit 3, no result
-  GARBAGE     lines that are not JSON, exit 0     HANG    init, then sleep (with a child process)
-  CALLTOOL / CALLTOOL2 (anywhere in the message)  one / two tool_use blocks for the first MCP
-              tools offered, with "Let me check." before them; with --max-turns 1 the run ends
-              as error_max_turns, exit 1, like the real CLI
-  NOARGS      with CALLTOOL: a call with no input_json_delta at all
-  RESULT-     once the message holds it, "Final answer using RESULT-..." instead of a call
-  CHATTY      with --json-schema: prose before the StructuredOutput call
-  WAITFOR[path]  reply only once that file exists (a test holds a run slot with it)
-  FLOOD       text deltas every 2 ms, without end
-  STAMP       ten deltas 20 ms apart, each "<t=TIME>" with the time it was written (benchmark)
-  DROPPED     only the first third of the reply streamed, the whole in the result (the real CLI
-              after a dropped API connection: it asks again without streaming)
-  REVISED     a different text streamed than the result holds
-  TOOLFIRST   with --json-schema and client tools: a call of the first tool before any answer
-  TOOLONG     the CLI's own refusal of a prompt over the context window ("Prompt is too long",
-              is_error, no API status, terminal_reason blocking_limit), exit 1
-  TOOLONGAPI  the API's refusal of it, as 2.1.197 and 2.1.332 pass it on (api_error_status 400,
-              terminal_reason prompt_too_long, "Prompt is too long · the request is ~N tokens
-              (limit 200000)..."), exit 1
-  BIGFLOOD    text deltas of 32 KiB each, without end (fills a socket that is not read)
-  BIGLINE[n]  first one stream_event line of n MiB, then the usual reply
-  STDERRFLOOD 100 stderr lines and then one of 4 MiB, then exit 3 with no result
-  Logged in as a subscriber (CLAUDE_CODE_OAUTH_TOKEN set), each reply is followed, after its
-  message_stop, by a rate_limit_event (a kept process prints one only when the figures change),
-  as 2.1.332 prints it; STUB_PLAN_5H / STUB_PLAN_7D set the windows' use (0.12, 0.30), and:
-  PLAN<n>     the 5-hour window at n %%
-  LIMIT5H / LIMITWEEK  the 5-hour / weekly limit reached: a rejected rate_limit_event, the
-              synthetic "You've hit your limit · resets ..." message, a 429 result, exit 1
-              (with an API key, as the fake API answers it: RATE429)
-  NOCREDIT    spent usage credits: "API Error: 400 You're out of extra usage...", a 400 result
-  (none)      "Echo: <last 200 chars of the last user text> [images: N]"
+"""A stand-in for `claude -p` with stream-json in and out, as the real CLI behaves (CLI-FACTS).
+What it does for a message is chosen by words in it: WORDS below, the one list of them (the
+stub refuses a word missing from it); SETTINGS, its environment variables. Beyond them:
 --help lists the flags it knows, less those named in STUB_HELP_DROP (comma-separated), and
 never --system-prompt-file or --max-turns (the real CLI's --help lists neither). A message that
 is `/clear` is answered without a model call, as the real CLI does: an init event (with
@@ -83,8 +50,99 @@ record is removed (it is the proxy's check of the CLI, not a run).
 With --mcp-config it starts each stdio MCP server, does the initialize / tools/list handshake
 and offers those tools as mcp__<server>__<tool>; with a --json-schema whose root is an object it
 answers through a StructuredOutput call, as the real CLI does.
+Each process records what it got (argv, stdin, working directory, environment, ...) as
+<pid>.json in the record folder, for the tests to assert on.
 """
 import json, os, re, subprocess, sys, time, uuid
+
+#: The words that script a reply: word -> (where it is looked for, what the stub does). Where:
+#: "last", the last user text; "all", every text of the conversation, tool results too;
+#: "resumed", the earlier turns a --resume loads. A word is found anywhere in that text, also
+#: inside a longer word (FLOOD in BIGFLOOD); [..] marks an argument.
+WORDS = {
+    "SAY[text]": ("last", "reply exactly `text` (else: \"Echo: <last 200 chars of the last user text> [images: N]\")"),
+    "THINK": ("last", "a thinking block first"),
+    "SLOW": ("last", "20 deltas, 0.2 s apart"),
+    "MAXTOKENS": ("last", "stop_reason max_tokens"),
+    "WAITFOR[path]": ("last", "reply only once that file exists (a test holds a run slot with it; 30 s at most)"),
+    "FLOOD": ("last", "text deltas every 2 ms, without end"),
+    "BIGFLOOD": ("last", "text deltas of 32 KiB each, without end (fills a socket that is not read)"),
+    "STAMP": ("last", "ten deltas 20 ms apart, each \"<t=TIME>\" with the time it was written (benchmark)"),
+    "DROPPED": ("last", "only the first third of the reply streamed, the whole in the result (the real CLI "
+                "after a dropped API connection: it asks again without streaming)"),
+    "REVISED": ("last", "a different text streamed than the result holds"),
+    "RATE429": ("last", "api_retry notices (CLAUDE_CODE_MAX_RETRIES of them), then an error result with "
+                "api_error_status 429, exit 1"),
+    "OVERLOAD": ("last", "as RATE429, with 529"),
+    "AUTH401": ("last", "as RATE429, with 401"),
+    "BADREQ400": ("last", "an error result with api_error_status 400 at once (not retried), exit 1"),
+    "NOTLOGGEDIN": ("last", "the not-logged-in error result"),
+    "CRASH": ("last", "stderr text, exit 3, no result"),
+    "GARBAGE": ("last", "lines that are not JSON, exit 0"),
+    "HANG": ("last", "init, then sleep (with a child process)"),
+    "HANGONRESUME": ("resumed", "hang, silent, at start, as the real CLI does on a session it cannot load "
+                     "(so does an assistant turn without a model)"),
+    "TOOLONG": ("last", "the CLI's own refusal of a prompt over the context window (\"Prompt is too long\", "
+                "is_error, no API status, terminal_reason blocking_limit), exit 1"),
+    "TOOLONGAPI": ("last", "the API's refusal of it, as 2.1.197 and 2.1.332 pass it on (api_error_status 400, "
+                   "terminal_reason prompt_too_long, \"Prompt is too long \u00b7 the request is ~N tokens "
+                   "(limit 200000)...\"), exit 1"),
+    "BIGLINE[n]": ("last", "first one stream_event line of n MiB, then the usual reply"),
+    "STDERRFLOOD": ("last", "100 stderr lines and then one of 4 MiB, then exit 3 with no result"),
+    "CALLTOOL": ("all", "a tool_use block for the first MCP tool offered, with \"Let me check.\" before it; "
+                 "with --max-turns 1 the run ends as error_max_turns, exit 1, like the real CLI"),
+    "CALLTOOL2": ("all", "as CALLTOOL, two calls (the first two tools)"),
+    "NOARGS": ("all", "with CALLTOOL: a call with no input_json_delta at all"),
+    "RESULT-": ("all", "once the conversation holds it, \"Final answer using RESULT-...\" instead of a call"),
+    "TOOLFIRST": ("all", "with --json-schema and client tools: a call of the first tool before any answer"),
+    "CHATTY": ("last", "with --json-schema: prose before the StructuredOutput call"),
+    # Logged in as a subscriber (CLAUDE_CODE_OAUTH_TOKEN set, no ANTHROPIC_API_KEY), each reply
+    # is followed, after its message_stop, by a rate_limit_event (a kept process prints one only
+    # when the figures change), as 2.1.332 prints it; STUB_PLAN_5H / STUB_PLAN_7D set the use.
+    "PLAN[n]": ("last", "the 5-hour window at n %% (written PLAN85, no brackets)"),
+    "LIMIT5H": ("last", "the 5-hour limit reached: a rejected rate_limit_event, the synthetic \"You've hit "
+                "your limit \u00b7 resets ...\" message, a 429 result, exit 1 (with an API key, as the fake "
+                "API answers it: RATE429)"),
+    "LIMITWEEK": ("last", "as LIMIT5H, the weekly limit"),
+    "NOCREDIT": ("last", "spent usage credits: \"API Error: 400 You're out of extra usage...\", a 400 result"),
+    # The priced flavour (write_stub(..., priced=True): the spend and keep-alive tests) answers
+    # one message with the events CLI 2.1.197 prints for it: "Hello there", total_cost_usd 0.25
+    # (no other word but these counts), and a --model the API would not know gets what the real
+    # CLI prints for one (a synthetic error message and a 404 result).
+    "PAUSE[s]": ("last", "priced: silence for s seconds before anything"),
+    "COST[usd]": ("last", "priced: the run's total_cost_usd"),
+    "FAILMID": ("last", "priced: text, then an API error result (with its cost)"),
+    "CAPCROSS": ("last", "priced: a whole answer, then the result of a run that crossed --max-budget-usd"),
+    "CAPSTOP": ("last", "priced: that result at once, no model call"),
+    "LATEFAIL": ("last", "priced: an error result after the init (after a PAUSE, with one)"),
+}
+#: Its environment variables.
+SETTINGS = {
+    "STUB_VERSION": "what --version says (2.1.197)",
+    "STUB_HELP_DROP": "flags --help leaves out, comma-separated",
+    "STUB_START_DELAY": "seconds of start-up before it reads stdin (the real CLI: ~0.5-1.3 s)",
+    "STUB_NO_MEMORY_PATHS": "no memory_paths in init",
+    "STUB_PLAN_5H": "a subscriber's 5-hour window's use (0.12)",
+    "STUB_PLAN_7D": "a subscriber's weekly window's use (0.30)",
+    "STUB_IGNORE_DEFERRED": "a CLI that no longer runs a session's deferred tool call",
+    "STUB_CLEAR_IS_A_PROMPT": "a CLI that sends /clear to the model as a prompt",
+}
+TEXTS = {"last": "", "all": "", "resumed": ""}  # what each word is looked for in, for this message
+
+
+def found(word):
+    """The match of a word of WORDS (by its name, as "SAY") in the text it is looked for in."""
+    (key, (where, _)), = [(k, v) for k, v in WORDS.items() if k.split("[")[0] == word]
+    pattern = re.escape(word) + (r"\[(.*?)\]" if key.endswith("]") else "")
+    if key == "PLAN[n]":
+        pattern = r"PLAN(\d{1,3})"
+    return re.search(pattern, TEXTS[where], re.S)
+
+
+def setting(name, default=None):
+    assert name in SETTINGS, name
+    return os.environ.get(name, default)
+
 
 RECORD_DIR = %(record_dir)r
 VALUE_FLAGS = {"--resume", "--input-format", "--output-format", "--tools", "--mcp-config", "--max-turns",
@@ -118,15 +176,76 @@ def example(schema):
 
 argv = sys.argv[1:]
 if argv == ["--version"]:
-    print(os.environ.get("STUB_VERSION", "2.1.197") + " (Claude Code)")
+    print(setting("STUB_VERSION", "2.1.197") + " (Claude Code)")
     sys.exit(0)
 if argv == ["--help"]:
-    dropped = set(os.environ.get("STUB_HELP_DROP", "").split(",")) | {"--system-prompt-file", "--max-turns"}
+    dropped = set(setting("STUB_HELP_DROP", "").split(",")) | {"--system-prompt-file", "--max-turns"}
     print("Usage: claude [options] [command] [prompt]\n\nOptions:")
     for name in sorted((VALUE_FLAGS | BARE_FLAGS | {"--max-budget-usd"}) - dropped):
         print("  %%s%%s" %% ("-p, --print" if name in ("-p", "--print") else name,
                         " <value>" if name in VALUE_FLAGS else ""))
     sys.exit(0)
+def priced_run():
+    """The priced flavour: one message, the events CLI 2.1.197 prints for it (WORDS)."""
+    def flag(name):
+        return argv[argv.index(name) + 1] if name in argv else None
+    content = json.loads(sys.stdin.readline())["message"]["content"]
+    text = content if isinstance(content, str) else " ".join(b.get("text", "") for b in content if b.get("type") == "text")
+    with open(RUNS_LOG, "a") as f:
+        f.write(json.dumps({"argv": argv, "text": text}) + "\n")
+    TEXTS["last"] = text
+    def emit(obj):
+        sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
+    def stream(event):
+        emit({"type": "stream_event", "event": event})
+    asked = flag("--model") or "sonnet"
+    model = {"sonnet": "claude-sonnet-5", "haiku": "claude-haiku-5", "opus": "claude-opus-5"}.get(asked, asked)
+    emit({"type": "system", "subtype": "init", "model": model})
+    pause = found("PAUSE")
+    if pause:
+        time.sleep(float(pause.group(1)))
+    priced = found("COST")
+    cost = float(priced.group(1)) if priced else 0.25
+    zero = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
+    def result(**fields):
+        emit(dict({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None,
+                   "stop_reason": "end_turn", "total_cost_usd": cost, "usage": zero}, **fields))
+    if not model.startswith("claude"):
+        message = ("There's an issue with the selected model (%%s). It may not exist or you may not have "
+                   "access to it. Run --model to pick a different model." %% asked)
+        emit({"type": "assistant", "message": {"model": "<synthetic>", "role": "assistant", "stop_reason": "stop_sequence",
+              "content": [{"type": "text", "text": message}]}, "error": "model_not_found"})
+        cost = 0
+        result(is_error=True, api_error_status=404, result=message, stop_reason="stop_sequence")
+        sys.exit(1)
+    if found("CAPSTOP"):
+        result(subtype="error_max_budget_usd", is_error=True, stop_reason=None, errors=["Reached maximum budget ($0.01)"])
+        sys.exit(1)
+    if found("LATEFAIL"):
+        result(is_error=True, api_error_status=500, result="API Error: 500 internal")
+        sys.exit(1)
+    usage = {"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 30, "output_tokens": 1}
+    stream({"type": "message_start", "message": {"model": model, "usage": usage}})
+    stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    for piece in ("Hello", " there"):
+        stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+    if found("FAILMID"):
+        result(is_error=True, api_error_status=500, result="API Error: 500 internal",
+               usage=dict(usage, output_tokens=2))
+        sys.exit(1)
+    stream({"type": "content_block_stop", "index": 0})
+    stream({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})
+    stream({"type": "message_stop"})
+    if found("CAPCROSS"):
+        result(subtype="error_max_budget_usd", is_error=True, errors=["Reached maximum budget ($0.01)"])
+        sys.exit(1)
+    result(result="Hello there", usage=dict(usage, output_tokens=4))
+    sys.exit(0)
+
+
+RUNS_LOG = %(runs_log)r  # set: the priced flavour, each run's {argv, text} logged to it
+if RUNS_LOG:
+    priced_run()
 flags, i = {}, 0
 while i < len(argv):
     a = argv[i]
@@ -196,7 +315,7 @@ session = str(uuid.uuid4())
 model = ALIASES.get(flags.get("--model"), flags.get("--model") or "claude-sonnet-5")
 config_home = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.environ.get("HOME", ""), ".claude")
 def memory_paths():
-    if os.environ.get("CLAUDE_CODE_DISABLE_AUTO_MEMORY") == "1" or os.environ.get("STUB_NO_MEMORY_PATHS"):
+    if os.environ.get("CLAUDE_CODE_DISABLE_AUTO_MEMORY") == "1" or setting("STUB_NO_MEMORY_PATHS"):
         return {}
     folder = os.path.join(config_home, "projects", re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd())))
     os.makedirs(os.path.join(folder, "memory"), exist_ok=True)  # as the real CLI does
@@ -265,11 +384,14 @@ if flags.get("--resume"):
                     f.write(json.dumps({"type": "attachment", "attachment": attachment, "uuid": str(uuid.uuid4()),
                                         "parentUuid": entries[-1].get("uuid")}) + "\n")
     save()
-    if any(m["role"] == "assistant" and "model" not in m for m in history) or "HANGONRESUME" in json.dumps(history):
+    def resumed_hang():
+        TEXTS["resumed"] = json.dumps(history)
+        return found("HANGONRESUME")
+    if any(m["role"] == "assistant" and "model" not in m for m in history) or resumed_hang():
         time.sleep(600)  # the real CLI hangs, silent, on a session it cannot load
 
 # The real CLI spends ~0.5-1.3 s starting up (CLI-FACTS); STUB_START_DELAY imitates that.
-time.sleep(float(os.environ.get("STUB_START_DELAY", "0")))
+time.sleep(float(setting("STUB_START_DELAY", "0")))
 record["ready_at"] = time.time()
 save()
 # Like the real CLI, nothing is printed (not even init) until the first message arrives.
@@ -283,6 +405,7 @@ def reply_once(first):
   images = sum(1 for b in message["content"] if b.get("type") == "image")
   text = texts[-1] if texts else ""
   everything = "\n".join(all_texts(history))
+  TEXTS.update(last=text, all=everything)
 
   def api_error(status, kind, message, retried=True):
       retries = int(os.environ.get("CLAUDE_CODE_MAX_RETRIES", "10")) if retried else 0
@@ -299,19 +422,19 @@ def reply_once(first):
       result(error_text, True, status, stop_reason="stop_sequence", terminal_reason="api_error")
       sys.exit(1)
 
-  waiting_for = re.search(r"WAITFOR\[(.*?)\]", text)
+  waiting_for = found("WAITFOR")
   if waiting_for:  # hold the run until the test creates that file (bounded)
       deadline = time.time() + 30
       while not os.path.exists(waiting_for.group(1)) and time.time() < deadline:
           time.sleep(0.01)
-  if "FLOOD" in text and "STDERRFLOOD" not in text:  # writes deltas without end, until it is stopped
-      piece = "x" * 32768 if "BIGFLOOD" in text else "flood "
+  if found("FLOOD") and not found("STDERRFLOOD"):  # writes deltas without end, until it is stopped
+      piece = "x" * 32768 if found("BIGFLOOD") else "flood "
       stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
       while True:
           stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
           time.sleep(0.002)
-  if "TOOLONG" in text:  # the CLI's local refusal: no API call, no API status; or the API's
-      api = "TOOLONGAPI" in text
+  if found("TOOLONG"):  # the CLI's local refusal: no API call, no API status; or the API's
+      api = found("TOOLONGAPI")
       said = ("Prompt is too long \u00b7 the request is ~%%d tokens (limit 200000) and this "
               "conversation's own content is most of it." %% (len(text) // 4 + 200000)) if api else "Prompt is too long"
       emit({"type": "assistant", "message": {"id": str(uuid.uuid4()), "type": "message", "role": "assistant",
@@ -323,40 +446,40 @@ def reply_once(first):
             "terminal_reason": "prompt_too_long" if api else "blocking_limit",
             "usage": {"input_tokens": 0, "output_tokens": 0}, "uuid": str(uuid.uuid4())})
       sys.exit(1)
-  big_line = re.search(r"BIGLINE\[(\d+)\]", text)
+  big_line = found("BIGLINE")
   if big_line:  # one enormous event line, written in pieces
       sys.stdout.write('{"type": "stream_event", "event": {"type": "ping"}, "pad": "')
       for _ in range(int(big_line.group(1)) * 16):
           sys.stdout.write("x" * 65536)
       sys.stdout.write('"}\n'); sys.stdout.flush()
-  if "STDERRFLOOD" in text:
+  if found("STDERRFLOOD"):
       for n in range(100):
           sys.stderr.write("line %%d of a crashing CLI\n" %% n)
       sys.stderr.write("E" * (4 << 20) + "\n")
       sys.exit(3)
-  if "HANG" in text:
+  if found("HANG"):
       child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
       record["child_pid"] = child.pid
       save()
       time.sleep(600)
-  if "CRASH" in text:
+  if found("CRASH"):
       sys.stderr.write("TypeError: something broke inside the CLI\n"); sys.exit(3)
-  if "GARBAGE" in text:
+  if found("GARBAGE"):
       print("this is not json"); print("{neither is this"); sys.exit(0)
-  if "NOTLOGGEDIN" in text:
+  if found("NOTLOGGEDIN"):
       result("Not logged in \u00b7 Please run /login", True, None); sys.exit(1)
-  if "RATE429" in text or ("LIMIT5H" in text or "LIMITWEEK" in text) and not SUBSCRIBER:
+  if found("RATE429") or (found("LIMIT5H") or found("LIMITWEEK")) and not SUBSCRIBER:
       api_error(429, "rate_limit", "Number of request tokens has exceeded your per-minute rate limit")
-  if "OVERLOAD" in text:
+  if found("OVERLOAD"):
       api_error(529, "overloaded", "Overloaded")
-  if "AUTH401" in text:
+  if found("AUTH401"):
       api_error(401, "authentication_failed", '{"type":"error","error":{"type":"authentication_error"}}')
   def plan_info(rejected=None):
       now = time.time()
       reset5, reset7 = int(now + 3600), int(now + 259200)
-      u5 = float(os.environ.get("STUB_PLAN_5H", "0.12"))
-      u7 = float(os.environ.get("STUB_PLAN_7D", "0.30"))
-      word = re.search(r"PLAN(\d{1,3})", text)
+      u5 = float(setting("STUB_PLAN_5H", "0.12"))
+      u7 = float(setting("STUB_PLAN_7D", "0.30"))
+      word = found("PLAN")
       if word:
           u5 = int(word.group(1)) / 100.0
       status, claim, reset = "allowed", "five_hour", reset5
@@ -376,8 +499,8 @@ def reply_once(first):
                 "session_id": session})
           record.setdefault("rate_limit_events", []).append(info["status"])
           save()
-  limit = "five_hour" if "LIMIT5H" in text else "seven_day" if "LIMITWEEK" in text else None
-  if limit or "NOCREDIT" in text:
+  limit = "five_hour" if found("LIMIT5H") else "seven_day" if found("LIMITWEEK") else None
+  if limit or found("NOCREDIT"):
       emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": session,
             "uuid": str(uuid.uuid4())})
       if limit:
@@ -395,20 +518,20 @@ def reply_once(first):
             "total_cost_usd": 0, "usage": {"input_tokens": 0, "output_tokens": 0}, "modelUsage": {},
             "permission_denials": [], "terminal_reason": "api_error", "uuid": str(uuid.uuid4())})
       sys.exit(1)
-  if "BADREQ400" in text:  # not retried by the CLI
+  if found("BADREQ400"):  # not retried by the CLI
       api_error(400, "unknown", '{"type":"error","error":{"type":"invalid_request_error","message":"messages: text content blocks must be non-empty"}}', False)
 
-  said = re.search(r"SAY\[(.*?)\]", text, re.S)
+  said = found("SAY")
   reply = said.group(1) if said else "Echo: %%s [images: %%d]" %% (text[-200:], images)
   calls = []
-  if schema is not None and not ("TOOLFIRST" in everything and mcp_tools and "RESULT-" not in everything):
+  if schema is not None and not (found("TOOLFIRST") and mcp_tools and not found("RESULT-")):
       calls = [("StructuredOutput", example(schema))]
-  elif ("CALLTOOL" in everything or "TOOLFIRST" in everything) and mcp_tools and "RESULT-" not in everything:
-      for n in range(2 if "CALLTOOL2" in everything else 1):
+  elif (found("CALLTOOL") or found("TOOLFIRST")) and mcp_tools and not found("RESULT-"):
+      for n in range(2 if found("CALLTOOL2") else 1):
           tool = mcp_tools[n %% len(mcp_tools)]
           props = list(tool["inputSchema"].get("properties", {})) or ["input"]
-          calls.append((tool["name"], {} if "NOARGS" in everything else {props[0]: ["Paris", "Rome"][n]}))
-  if "RESULT-" in everything and not calls:
+          calls.append((tool["name"], {} if found("NOARGS") else {props[0]: ["Paris", "Rome"][n]}))
+  if found("RESULT-") and not calls:
       reply = "Final answer using " + everything[everything.index("RESULT-"):][:16]
   emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": session,
         "uuid": str(uuid.uuid4())})
@@ -422,7 +545,7 @@ def reply_once(first):
             "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4())})
   index = 0
   said_text = None
-  if "THINK" in text:
+  if found("THINK"):
       stream({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
       emit({"type": "system", "subtype": "thinking_tokens", "estimated_tokens": 6, "estimated_tokens_delta": 6,
             "session_id": session, "uuid": str(uuid.uuid4())})
@@ -432,13 +555,13 @@ def reply_once(first):
       assistant({"type": "thinking", "thinking": "Let me think about this.", "signature": "c2ln"})
       stream({"type": "content_block_stop", "index": 0})
       index = 1
-  if not calls or calls[0][0] != "StructuredOutput" or "CHATTY" in text:
+  if not calls or calls[0][0] != "StructuredOutput" or found("CHATTY"):
       said_text = reply if not calls else "Let me check."
-      slow = "SLOW" in text
+      slow = found("SLOW")
       pieces = 20 if slow else 3
       size = max(1, -(-len(said_text) // pieces))
       stream({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
-      if "STAMP" in text:  # for the benchmark: each delta says when it was written
+      if found("STAMP"):  # for the benchmark: each delta says when it was written
           said_text = ""
           for _ in range(10):
               time.sleep(0.02)
@@ -446,11 +569,11 @@ def reply_once(first):
               said_text += piece
               stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}})
       streamed = said_text
-      if "DROPPED" in text:  # the API connection dropped after a part: the CLI asked again
+      if found("DROPPED"):  # the API connection dropped after a part: the CLI asked again
           streamed = said_text[:len(said_text) // 3]  # without streaming; only its result has it all
-      elif "REVISED" in text:
+      elif found("REVISED"):
           streamed = "A first draft that the retry did not keep."
-      for start in range(0, len(streamed) if "STAMP" not in text else 0, size):
+      for start in range(0, len(streamed) if not found("STAMP") else 0, size):
           if slow:
               time.sleep(0.2)
           stream({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": streamed[start:start + size]}})
@@ -475,7 +598,7 @@ def reply_once(first):
                 "is_error": name != "StructuredOutput", "tool_use_id": tool_id}]}, "parent_tool_use_id": None,
                 "session_id": session, "uuid": str(uuid.uuid4())})
       index += 1
-  stop_reason = "max_tokens" if "MAXTOKENS" in text else "tool_use" if calls else "end_turn"
+  stop_reason = "max_tokens" if found("MAXTOKENS") else "tool_use" if calls else "end_turn"
   stream({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
           "usage": {"output_tokens": 7}})
   stream({"type": "message_stop"})
@@ -511,7 +634,7 @@ def reply_once(first):
       return True
   else:
       history.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
-      if "DROPPED" in text:  # like the real CLI after a retry: zeros, the truth in modelUsage
+      if found("DROPPED"):  # like the real CLI after a retry: zeros, the truth in modelUsage
           result(reply, stop_reason=stop_reason, usage=dict.fromkeys(usage, 0), model_usage={model: {
               "inputTokens": usage["input_tokens"], "outputTokens": usage["output_tokens"],
               "cacheReadInputTokens": usage["cache_read_input_tokens"],
@@ -538,7 +661,7 @@ PLAN_SEEN = {}  # the figures of the last rate_limit_event this process printed
 # A live process: one user line after another, each answered with the whole history, as the
 # real CLI does; after a call of the client's tools, the next model call once the bridge answers.
 first = True
-if deferred_call and os.environ.get("STUB_IGNORE_DEFERRED"):  # a CLI that no longer runs it
+if deferred_call and setting("STUB_IGNORE_DEFERRED"):  # a CLI that no longer runs it
     history.append({"role": "user", "content": [{"type": "text", "text": "Continue from where you left off."}]})
     while reply_once(first):
         first = False
@@ -560,7 +683,7 @@ local_output = []  # what the real CLI (2.1.332) puts before the next message af
 while True:
     line = sys.stdin.readline()
     if line and json.loads(line)["message"]["content"] in ("/clear", [{"type": "text", "text": "/clear"}]) \
-            and not os.environ.get("STUB_CLEAR_IS_A_PROMPT"):
+            and not setting("STUB_CLEAR_IS_A_PROMPT"):
         # A command the CLI runs itself: no model call, the conversation starts again.
         history[:] = []
         if not flags.get("--system-prompt-file"):  # the proxy's check of the CLI: not a run
@@ -601,13 +724,16 @@ while True:
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 
 
-def write_stub(directory):
-    """The stub CLI as an executable script; returns (its path, the folder it records into)."""
+def write_stub(directory, priced=False):
+    """The stub CLI as an executable script; returns (its path, the folder it records into).
+    priced: its flavour for the spend tests (its WORDS), which logs each run to
+    <directory>/runs.jsonl instead."""
     record_dir = os.path.join(directory, "records")
     os.makedirs(record_dir, exist_ok=True)
     path = os.path.join(directory, "claude")
+    runs_log = os.path.join(directory, "runs.jsonl") if priced else None
     with open(path, "w") as f:
-        f.write(STUB_CLI % {"python": sys.executable, "record_dir": record_dir})
+        f.write(STUB_CLI % {"python": sys.executable, "record_dir": record_dir, "runs_log": runs_log})
     os.chmod(path, 0o755)
     return path, record_dir
 
@@ -1008,6 +1134,7 @@ def subscriber_env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
     return dict(env, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-stub", **extra)
 
+
 # Errors #####################################################################################
 
 
@@ -1151,6 +1278,7 @@ class AnthropicErrorEnvelopeTest(unittest.TestCase):
                     self.assertTrue(headers["Retry-After"].isdigit())
                 if status >= 500:
                     self.assertNotIn("x-should-retry", headers)
+
 
 # Conversation ###############################################################################
 
@@ -1894,6 +2022,7 @@ class DocumentServerTest(ServerTestCase):
                                                             "content": [pdf_document()]}])
         self.assertTrue(wait_until(lambda: session_files() == []))
 
+
 # OpenAI Chat Completions request ############################################################
 
 
@@ -2439,6 +2568,7 @@ class ErrorTest(ServerTestCase):
                 self.assert_error(self.chat(dict(user("hi"), tools=tools)), 400, param)
         self.assertEqual(self.records(), [])
 
+
 # OpenAI Responses request ###################################################################
 
 
@@ -2676,6 +2806,7 @@ class ResponsesRequestTest(unittest.TestCase):
         self.assertEqual(len(previous["turns"]), 2, "the stored conversation is not changed")
         self.assertEqual(request["system_parts"], ["Be brief."])
 
+
 # Anthropic Messages request #################################################################
 
 
@@ -2867,6 +2998,7 @@ class ClaudeCodeSystemPromptTest(unittest.TestCase):
             {"type": "text", "text": "You are Claude Code."}]})
         self.assertEqual(plan["system_prompt"], "You are Claude Code.")
 
+
 # CLI run: argv, environment, stdin ##########################################################
 
 
@@ -2957,6 +3089,7 @@ class CmdSafeJsonTest(unittest.TestCase):
         with self.assertRaises(cp.ProxyError) as caught:
             cp.parse_chat_request(dict(user("hi"), response_format={"type": "json_schema", "json_schema": {"schema": schema}}))
         self.assertEqual(caught.exception.param, "response_format.json_schema.schema")
+
 
 # CLI run: the tool bridge ###################################################################
 
@@ -3081,6 +3214,7 @@ class DeferredToolTest(ServerTestCase):
         [record] = self.records()
         self.assertNotIn("resumed", record, "only one call can be deferred")
 
+
 # CLI run: the process #######################################################################
 
 
@@ -3153,6 +3287,7 @@ class LifecycleTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: not pid_alive(record["child_pid"])))
         client.join(10)
         self.assertEqual(results[0][0], 503)
+
 
 # CLI run: reuse #############################################################################
 
@@ -3482,6 +3617,7 @@ class PoolTest(ServerTestCase):
         hung = [r for r in self.records() if "child_pid" in r][0]
         self.assertTrue(wait_until(lambda: not pid_alive(hung["pid"]) and not pid_alive(hung["child_pid"])))
 
+
 # CLI events #################################################################################
 
 
@@ -3648,80 +3784,9 @@ class CutOffUpstreamTest(ServerTestCase):
         self.assertFalse(any(isinstance(c, dict) and c.get("choices") and c["choices"][0].get("finish_reason")
                              for c in chunks), "no finish_reason: the stream did not end cleanly")
 
+
 # Server-sent events #########################################################################
 
-
-# A stub CLI of these tests' own: one message, the events the real CLI (2.1.197) prints for it.
-# Words in the message: PAUSE[s] silence before anything; COST[usd] the run's total_cost_usd;
-# FAILMID text, then an API error result (with its cost); CAPCROSS a whole answer, then the
-# result of a run that crossed --max-budget-usd; CAPSTOP that result at once, no model call;
-# LATEFAIL a PAUSE, then an error result. A --model the API would not know gets what the real
-# CLI prints for one (a synthetic error message and a 404 result).
-SPEND_STUB = r'''#!%(python)s
-import json, re, sys, time
-argv = sys.argv[1:]
-def flag(name):
-    return argv[argv.index(name) + 1] if name in argv else None
-content = json.loads(sys.stdin.readline())["message"]["content"]
-text = content if isinstance(content, str) else " ".join(b.get("text", "") for b in content if b.get("type") == "text")
-with open(%(log)r, "a") as f:
-    f.write(json.dumps({"argv": argv, "text": text}) + "\n")
-def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
-def stream(event):
-    emit({"type": "stream_event", "event": event})
-asked = flag("--model") or "sonnet"
-model = {"sonnet": "claude-sonnet-5", "haiku": "claude-haiku-5", "opus": "claude-opus-5"}.get(asked, asked)
-emit({"type": "system", "subtype": "init", "model": model})
-pause = re.search(r"PAUSE\[([0-9.]+)\]", text)
-if pause:
-    time.sleep(float(pause.group(1)))
-priced = re.search(r"COST\[([0-9.]+)\]", text)
-cost = float(priced.group(1)) if priced else 0.25
-zero = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
-def result(**fields):
-    emit(dict({"type": "result", "subtype": "success", "is_error": False, "api_error_status": None,
-               "stop_reason": "end_turn", "total_cost_usd": cost, "usage": zero}, **fields))
-if not model.startswith("claude"):
-    message = ("There's an issue with the selected model (%%s). It may not exist or you may not have "
-               "access to it. Run --model to pick a different model." %% asked)
-    emit({"type": "assistant", "message": {"model": "<synthetic>", "role": "assistant", "stop_reason": "stop_sequence",
-          "content": [{"type": "text", "text": message}]}, "error": "model_not_found"})
-    cost = 0
-    result(is_error=True, api_error_status=404, result=message, stop_reason="stop_sequence")
-    sys.exit(1)
-if "CAPSTOP" in text:
-    result(subtype="error_max_budget_usd", is_error=True, stop_reason=None, errors=["Reached maximum budget ($0.01)"])
-    sys.exit(1)
-if "LATEFAIL" in text:
-    result(is_error=True, api_error_status=500, result="API Error: 500 internal")
-    sys.exit(1)
-usage = {"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 30, "output_tokens": 1}
-stream({"type": "message_start", "message": {"model": model, "usage": usage}})
-stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-for piece in ("Hello", " there"):
-    stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
-if "FAILMID" in text:
-    result(is_error=True, api_error_status=500, result="API Error: 500 internal",
-           usage=dict(usage, output_tokens=2))
-    sys.exit(1)
-stream({"type": "content_block_stop", "index": 0})
-stream({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})
-stream({"type": "message_stop"})
-if "CAPCROSS" in text:
-    result(subtype="error_max_budget_usd", is_error=True, errors=["Reached maximum budget ($0.01)"])
-    sys.exit(1)
-result(result="Hello there", usage=dict(usage, output_tokens=4))
-'''
-
-
-def write_spend_stub(directory):
-    path = os.path.join(directory, "claude-spend-stub")
-    log_path = os.path.join(directory, "runs.jsonl")
-    with open(path, "w") as f:
-        f.write(SPEND_STUB % {"python": sys.executable, "log": log_path})
-    os.chmod(path, 0o755)
-    return path, log_path
 
 
 class WireFormatTest(unittest.TestCase):
@@ -3746,9 +3811,8 @@ class KeepAliveTest(ServerTestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="claude-proxy-test-")
-        cls.record_dir = os.path.join(cls.tmp, "records")
-        os.makedirs(cls.record_dir)
-        cls.stub, cls.runs_log = write_spend_stub(cls.tmp)
+        cls.stub, cls.record_dir = write_stub(cls.tmp, priced=True)
+        cls.runs_log = os.path.join(cls.tmp, "runs.jsonl")
         cls.serve_class()
 
     def test_chat_keepalive_is_the_role_chunk_then_empty_deltas(self):
@@ -3824,6 +3888,7 @@ class KeepAliveTest(ServerTestCase):
         threads = lambda: [t for t in threading.enumerate() if t.name == "sse-keepalive"]
         self.chat({"model": "sonnet", "stream": True, "messages": [{"role": "user", "content": "PAUSE[0.3] hi"}]})
         self.assertTrue(wait_until(lambda: not threads()), threads())
+
 
 # OpenAI Chat Completions response ###########################################################
 
@@ -4094,6 +4159,7 @@ class ConformanceServerTest(ServerTestCase):
         events = sse_events(raw, "responses")
         self.assertIsNone(events[0]["response"]["usage"])  # null until known, as OpenAI sends it
         self.assertIn("input_tokens", events[-1]["response"]["usage"])
+
 
 # OpenAI Responses response ##################################################################
 
@@ -4767,6 +4833,7 @@ class ResponsesServerTest(ServerTestCase):
         pid = self.records()[0]["pid"]
         self.assertTrue(wait_until(lambda: not pid_alive(pid)), "the run is stopped")
 
+
 # Stored responses ###########################################################################
 
 
@@ -4846,6 +4913,7 @@ class ResponseStoreTest(unittest.TestCase):
         now[0] += 30
         self.assertIsNone(store.get("k", "new"))
         self.assertEqual((len(store), store.bytes), (0, 0))
+
 
 # Anthropic Messages response ################################################################
 
@@ -5183,6 +5251,7 @@ class AnthropicServerTest(ServerTestCase):
         self.assertEqual(json.loads(raw)["type"], "model")
         status, _, raw = self.request("GET", "/v1/models", headers={"x-api-key": "sk-right"}, port=port)
         self.assertEqual(json.loads(raw)["object"], "list", "OpenAI's shape without anthropic-version")
+
 
 # Access, limits and metrics #################################################################
 
@@ -5586,6 +5655,7 @@ class LoadTest(ServerTestCase):
                 float(value)
                 self.assertRegex(name, r'^claude_proxy_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})?$')
 
+
 # Model aliases ##############################################################################
 
 
@@ -5661,6 +5731,7 @@ class ModelAliasTest(ServerTestCase):
         _, error = self.assert_error(self.chat({"model": "broken", "messages": [{"role": "user", "content": "hi"}]}),
                                      404, "model", "model_not_found")
         self.assertIn("alias of 'gpt-9'", error["message"])
+
 
 # Spend and budgets ##########################################################################
 
@@ -5868,6 +5939,7 @@ class SpendServerTest(ServerTestCase):
             {"role": "user", "content": "CAPSTOP"}]}, port=port), 400, None, "request_budget_exceeded")
         self.assertEqual(headers["x-should-retry"], "false")
         self.assertIn("CLAUDE_MAX_REQUEST_USD", error["message"])
+
 
 # Your plan's limits #########################################################################
 
@@ -6364,6 +6436,7 @@ class SubscriberTest(ServerTestCase):
                 self.assertIn("5-hour limit", error["message"])
                 self.assertIn("retry-after", headers)
 
+
 # HTTP connections ###########################################################################
 
 
@@ -6792,8 +6865,8 @@ class HostileTest(ServerTestCase):
         self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.197 (Claude Code)")
         self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], [])
         with open(claude) as f:
-            text = f.read().replace('os.environ.get("STUB_VERSION", "2.1.197")', '"2.1.198"')  # updated
-            text = text.replace('os.environ.get("STUB_HELP_DROP", "")', '"--effort"')
+            text = f.read().replace('setting("STUB_VERSION", "2.1.197")', '"2.1.198"')  # updated
+            text = text.replace('setting("STUB_HELP_DROP", "")', '"--effort"')
         with open(claude + ".new", "w") as f:
             f.write(text)
         os.chmod(claude + ".new", 0o755)
@@ -6803,6 +6876,7 @@ class HostileTest(ServerTestCase):
         os.remove(claude)
         status, _, raw = health()
         self.assertEqual((status, json.loads(raw)["status"], json.loads(raw)["cli"]["found"]), (503, "cli_not_found", False))
+
 
 # HTTP handler ###############################################################################
 
@@ -6855,6 +6929,7 @@ class EndpointsTest(ServerTestCase):
         self.assertIn(b"application/json", head)
         self.assertIn("error", json.loads(body))
         self.assertEqual(self.records(), [])
+
 
 # Main #######################################################################################
 
@@ -7253,6 +7328,7 @@ class MainTest(unittest.TestCase):
                 proc.kill()
                 proc.wait()
             proc.stderr.close()
+
 
 # Web page ###################################################################################
 
@@ -7782,6 +7858,7 @@ class BrowserTest(ServerTestCase):
         self.assertRegex(text, r"weekly 30% \(resets [^)]+\)")
         self.assertEqual(self.find("#status").get_attribute("class"), "warn", "85 % is past 80 %")
         self.screenshot("page-plan-status.png")
+
 
 # Real CLI ###################################################################################
 
