@@ -282,7 +282,7 @@ record = {"pid": os.getpid(), "started_at": time.time(), "argv": sys.argv, "cwd"
 if flags.get("--system-prompt-file"):
     with open(flags["--system-prompt-file"]) as f:
         record["system_prompt"] = f.read()
-# MCP servers start before any message arrives, as with the real CLI.
+#: MCP servers start before any message arrives, as with the real CLI.
 mcp_tools, mcp_servers, mcp_rpc = [], [], {}
 if flags.get("--mcp-config"):
     raw = flags["--mcp-config"]
@@ -348,7 +348,7 @@ def synthetic(text, error):
           "model": "<synthetic>", "content": [{"type": "text", "text": text}], "stop_reason": "stop_sequence"},
           "parent_tool_use_id": None, "session_id": session, "uuid": str(uuid.uuid4()), "error": error})
 
-# --resume: the earlier turns from the session file the proxy wrote, as the real CLI reads it.
+#: --resume: the earlier turns from the session file the proxy wrote, as the real CLI reads it.
 history, deferred_call = [], None
 if flags.get("--resume"):
     home = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.environ.get("HOME", ""), ".claude")
@@ -390,11 +390,11 @@ if flags.get("--resume"):
     if any(m["role"] == "assistant" and "model" not in m for m in history) or resumed_hang():
         time.sleep(600)  # the real CLI hangs, silent, on a session it cannot load
 
-# The real CLI spends ~0.5-1.3 s starting up (CLI-FACTS); STUB_START_DELAY imitates that.
+#: The real CLI spends ~0.5-1.3 s starting up (CLI-FACTS); STUB_START_DELAY imitates that.
 time.sleep(float(setting("STUB_START_DELAY", "0")))
 record["ready_at"] = time.time()
 save()
-# Like the real CLI, nothing is printed (not even init) until the first message arrives.
+#: Like the real CLI, nothing is printed (not even init) until the first message arrives.
 def reply_once(first):
   """One model call: the reply to the history so far, as the real CLI streams it. Returns the
   client tool calls it made ([(tool_use id, name, input)]), after adding the reply to history."""
@@ -658,8 +658,8 @@ def all_texts(messages):
 
 
 PLAN_SEEN = {}  # the figures of the last rate_limit_event this process printed
-# A live process: one user line after another, each answered with the whole history, as the
-# real CLI does; after a call of the client's tools, the next model call once the bridge answers.
+#: A live process: one user line after another, each answered with the whole history, as the
+#: real CLI does; after a call of the client's tools, the next model call once the bridge answers.
 first = True
 if deferred_call and setting("STUB_IGNORE_DEFERRED"):  # a CLI that no longer runs it
     history.append({"role": "user", "content": [{"type": "text", "text": "Continue from where you left off."}]})
@@ -809,7 +809,7 @@ LOG_LINES = []  # what the proxy logged during the tests (kept off the test outp
 
 _real_log = cp.log
 
-# Made when the tests start, not on import: the benchmark imports this module for its stub.
+#: Made when the tests start, not on import: the benchmark imports this module for its stub.
 CONFIG_DIR = STATE_DIR = None
 
 
@@ -1028,8 +1028,6 @@ def user(text):
     return {"messages": [{"role": "user", "content": text}]}
 
 
-
-
 def anthropic_user(text, **fields):
     return dict({"model": "claude-sonnet-4-6", "max_tokens": 1024,
                  "messages": [{"role": "user", "content": text}]}, **fields)
@@ -1062,20 +1060,13 @@ def stop(index):
 RS_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
-#: The Open Responses schema (openresponses/openresponses, its OpenAPI document), distilled:
-#: every field it requires, with the JSON types it allows (NULL: nullable). Where it and
-#: OpenAI's own OpenAPI document disagree, what OpenAI's server sends decides (README: The
-#: response); these rules hold for both.
+#: JSON Schema's type names, for the distilled schemas of the dialects' replies.
 STR, INT, NUM, BOOL, OBJ, LIST, NULL = "string", "integer", "number", "boolean", "object", "array", "null"
 
 
-
-
-
-
-# OpenAI's published OpenAPI description, distilled: what its CreateChatCompletionResponse and
-# CreateChatCompletionStreamResponse schemas require of each reply and chunk (checked against
-# the document itself with a JSON Schema validator; the suite stays stdlib only).
+#: OpenAI's published OpenAPI description, distilled: what its CreateChatCompletionResponse and
+#: CreateChatCompletionStreamResponse schemas require of each reply and chunk (checked against
+#: the document itself with a JSON Schema validator; the suite stays stdlib only).
 def chat_schema_violations(obj, chunk):
     problems = []
     def need(condition, message):
@@ -1278,6 +1269,157 @@ class AnthropicErrorEnvelopeTest(unittest.TestCase):
                     self.assertTrue(headers["Retry-After"].isdigit())
                 if status >= 500:
                     self.assertNotIn("x-should-retry", headers)
+
+
+class ErrorTest(ServerTestCase):
+    """Errors end to end: malformed requests and bodies, the CLI's errors, a CLI missing, an
+    error after the stream began."""
+
+    def test_malformed_requests_are_400_and_start_nothing(self):
+        cases = [
+            ("not json", b"{nope", None),
+            ("empty body", b"", None),
+            ("array", b"[]", None),
+            ("deep", b"[" * 100000 + b"]" * 100000, None),
+            ("bad utf-8", b'{"messages": "\xff\xfe"}', None),
+            ("no messages", json.dumps({"model": "sonnet"}), "messages"),
+            ("empty messages", json.dumps({"messages": []}), "messages"),
+            ("unknown role", json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "messages[0].role"),
+            ("n=2", json.dumps(dict(user("x"), n=2)), "n"),
+            ("effort as a list", json.dumps(dict(user("x"), reasoning_effort=[])), "reasoning_effort"),
+            ("effort as an object", json.dumps(dict(user("x"), reasoning_effort={})), "reasoning_effort"),
+            ("lone surrogate", '{"messages": [{"role": "user", "content": "\\ud800"}]}', None),
+            ("lone surrogate in system", '{"messages": [{"role": "system", "content": "\\udfff"}, {"role": "user", "content": "x"}]}', None),
+            ("huge max_tokens", json.dumps(dict(user("x"), max_tokens=10 ** 30)), "max_tokens"),
+            ("audio", json.dumps({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}),
+             "messages[0].content[0].type"),
+            ("tool without id", json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}),
+             "messages[1].tool_call_id"),
+            ("responses api", json.dumps({"model": "sonnet", "input": "hi"}), "input"),
+            ("flag as model", json.dumps(dict(user("x"), model="--dangerously-skip-permissions")), "model"),
+            ("http image", json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}),
+             "messages[0].content[0].image_url.url"),
+        ]
+        for name, body, param in cases:
+            with self.subTest(name):
+                headers, error = self.assert_error(self.chat(body), 400, param)
+                self.assertEqual(error["type"], "invalid_request_error")
+                self.assertEqual(headers.get("x-should-retry"), "false")
+        self.assertEqual(self.records(), [], "no CLI run for a bad request")
+
+    def test_body_too_large(self):
+        server = self.serve(max_body=1000)
+        # Bodies far larger than the socket buffers: the answer must still reach the client.
+        for size in (2000, 4 * 1024 * 1024):
+            with self.subTest(size=size):
+                self.assert_error(self.chat(user("x" * size), port=server.server_address[1]), 413,
+                                  code="request_too_large")
+        self.assertEqual(self.request("GET", "/health", port=server.server_address[1])[0], 200)
+
+    def test_early_answers_reach_clients_that_send_large_bodies(self):
+        big = user("x" * (4 * 1024 * 1024))
+        self.assert_error(self.chat(json.dumps(big), headers={"Content-Type": "text/plain"}), 415)
+        self.assert_error(self.chat(big, headers={"Host": "evil.example"}), 403)
+        self.assert_error(self.request("PUT", "/v1/chat/completions", big), 405)
+
+    def test_chunked_bodies(self):
+        def send(chunks):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+                if not chunks.endswith(b"0\r\n\r\n"):
+                    sock.shutdown(socket.SHUT_WR)  # (a half-closed client counts as gone once it is read)
+                reply = b"".join(iter(lambda: sock.recv(65536), b""))
+            return int(reply.split(b" ", 2)[1]), reply
+        body = json.dumps(user("chunked")).encode()
+        status, reply = send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.assertEqual(status, 200, reply)
+        for bad in (b"-1\r\n" + body, b"+5\r\nabcde\r\n0\r\n\r\n", b"0x5\r\nabcde\r\n0\r\n\r\n",
+                    b"ffffffffff\r\nab", b"10\r\nshort\r\n"):
+            with self.subTest(bad[:12]):
+                status, reply = send(bad)
+                self.assertEqual(status, 400, reply)
+
+    def test_upstream_errors(self):
+        cases = [
+            ("RATE429", 429, "rate_limit_exceeded", "1"),
+            ("OVERLOAD", 503, "overloaded", "1"),
+            ("AUTH401", 503, "cli_not_logged_in", None),
+            ("NOTLOGGEDIN", 503, "cli_not_logged_in", None),
+            ("BADREQ400", 400, "upstream_rejected", None),
+            ("CRASH", 502, "cli_crashed", None),
+            ("GARBAGE", 502, "cli_bad_output", None),
+        ]
+        for word, status, code, retry_after in cases:
+            for stream in (False, True):
+                with self.subTest(word=word, stream=stream):
+                    headers, error = self.assert_error(self.chat(dict(user(word), stream=stream)), status, code=code)
+                    self.assertEqual(headers.get("retry-after"), retry_after)
+                    if code == "cli_not_logged_in":
+                        self.assertEqual(headers["x-should-retry"], "false")
+                        self.assertIn("log in", error["message"])
+        for record in self.records():
+            self.assertFalse(pid_alive(record["pid"]))
+
+    def test_cli_missing_is_502(self):
+        port = self.serve(os.path.join(self.tmp, "no-such-claude")).server_address[1]
+        self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
+        self.assertEqual(self.request("GET", "/health", port=port)[0], 503, "/health looks at the disk")
+        port = self.serve("").server_address[1]  # no CLI found at all
+        self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
+        status, _, raw = self.request("GET", "/health", port=port)
+        self.assertEqual((status, json.loads(raw)["cli"]["found"]), (503, False))
+
+    def test_error_after_stream_began(self):
+        """Once 200 and some chunks are out, an error is a data: {"error"} event, then the end."""
+        translator = cp.ReplyTranslator()
+        self.assertIsNone(translator.error)
+        # A CLI that crashes mid-reply: the stub says its first words, then dies.
+        stub = os.path.join(self.tmp, "claude-dies")
+        with open(stub, "w") as f:
+            f.write("#!%s\nimport json,sys\nsys.stdin.readline()\n" % sys.executable
+                    + "print(json.dumps({'type':'stream_event','event':{'type':'content_block_delta','index':0,'delta':{'type':'text_delta','text':'Hel'}}}), flush=True)\n"
+                    + "sys.stderr.write('segfault'); sys.exit(139)\n")
+        os.chmod(stub, 0o755)
+        status, _, raw = self.chat(dict(user("hi"), stream=True), port=self.serve(stub).server_address[1])
+        self.assertEqual(status, 200)
+        events = raw.split(b"\n\n")
+        self.assertEqual(events[-1], b"")
+        last = json.loads(events[-2][len(b"data: "):])
+        self.assertEqual(last["error"]["code"], "cli_crashed")
+        self.assertNotIn(b"[DONE]", raw)
+
+    def test_names_with_a_final_newline_are_refused(self):
+        tool = {"type": "function", "function": {"name": "evil\n", "parameters": {"type": "object"}}}
+        self.assert_error(self.chat(dict(user("CALLTOOL"), tools=[tool])), 400, "tools[0].function.name",
+                          "invalid_function_name")
+        self.assert_error(self.chat(dict(user("hi"), model="sonnet\n")), 400, "model", "model_not_found")
+        self.assertEqual(self.request("GET", "/v1/models/claude-x%0A")[0], 404)
+        self.assertEqual(self.records(), [])
+
+    def test_prompt_too_long_is_context_length_exceeded(self):
+        headers, error = self.assert_error(self.chat(user("TOOLONG")), 400, "messages", "context_length_exceeded")
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assertIn("Prompt is too long", error["message"])
+        # The API's refusal, as the CLI passes it on: the same code, OpenAI's wording; the
+        # Anthropic dialect gets the API's own.
+        headers, error = self.assert_error(self.chat(user("TOOLONGAPI")), 400, "messages", "context_length_exceeded")
+        self.assertIn("maximum context length is 200000 tokens", error["message"])
+        status, _, raw = self.request("POST", "/v1/messages", {
+            "model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "TOOLONGAPI"}]},
+            headers={"anthropic-version": "2023-06-01"})
+        body = json.loads(raw)
+        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"))
+        self.assertRegex(body["error"]["message"], r"^prompt is too long: \d+ tokens > 200000 maximum$")
+
+    def test_the_apis_prompt_too_long_is_a_400(self):
+        # Sent by the CLI and refused by the API (what 2.1.197 and 2.1.332 print for it).
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                headers, error = self.assert_error(self.chat(dict(user("TOOLONGAPI"), stream=stream)), 400,
+                                                   "messages", "context_length_exceeded")
+                self.assertEqual(headers["x-should-retry"], "false")
+                self.assertIn("maximum context length", error["message"])
 
 
 # Conversation ###############################################################################
@@ -2320,121 +2462,19 @@ class StructuredOutputTest(ServerTestCase):
                                     port=self.serve(stub).server_address[1]), 400,
                           "response_format.json_schema.schema", "invalid_json_schema")
 
+    def test_schema_measured_in_its_argv_form(self):
+        """30,000 `&` are 30 KB of JSON but 180 KB once each is a \\u0026 escape: past Linux's
+        128 KiB per argument."""
+        schema = {"type": "object", "description": "&" * 30000}
+        self.assertLess(len(json.dumps(schema)), cp.MAX_SCHEMA_BYTES)
+        reply = self.chat(dict(user("hi"), response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
+        self.assert_error(reply, 400, "response_format.json_schema.schema", "invalid_json_schema")
+        self.assertEqual(self.records(runs_only=False), [])
 
-class ErrorTest(ServerTestCase):
-    def test_malformed_requests_are_400_and_start_nothing(self):
-        cases = [
-            ("not json", b"{nope", None),
-            ("empty body", b"", None),
-            ("array", b"[]", None),
-            ("deep", b"[" * 100000 + b"]" * 100000, None),
-            ("bad utf-8", b'{"messages": "\xff\xfe"}', None),
-            ("no messages", json.dumps({"model": "sonnet"}), "messages"),
-            ("empty messages", json.dumps({"messages": []}), "messages"),
-            ("unknown role", json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "messages[0].role"),
-            ("n=2", json.dumps(dict(user("x"), n=2)), "n"),
-            ("effort as a list", json.dumps(dict(user("x"), reasoning_effort=[])), "reasoning_effort"),
-            ("effort as an object", json.dumps(dict(user("x"), reasoning_effort={})), "reasoning_effort"),
-            ("lone surrogate", '{"messages": [{"role": "user", "content": "\\ud800"}]}', None),
-            ("lone surrogate in system", '{"messages": [{"role": "system", "content": "\\udfff"}, {"role": "user", "content": "x"}]}', None),
-            ("huge max_tokens", json.dumps(dict(user("x"), max_tokens=10 ** 30)), "max_tokens"),
-            ("audio", json.dumps({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}),
-             "messages[0].content[0].type"),
-            ("tool without id", json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}),
-             "messages[1].tool_call_id"),
-            ("responses api", json.dumps({"model": "sonnet", "input": "hi"}), "input"),
-            ("flag as model", json.dumps(dict(user("x"), model="--dangerously-skip-permissions")), "model"),
-            ("http image", json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}),
-             "messages[0].content[0].image_url.url"),
-        ]
-        for name, body, param in cases:
-            with self.subTest(name):
-                headers, error = self.assert_error(self.chat(body), 400, param)
-                self.assertEqual(error["type"], "invalid_request_error")
-                self.assertEqual(headers.get("x-should-retry"), "false")
-        self.assertEqual(self.records(), [], "no CLI run for a bad request")
 
-    def test_body_too_large(self):
-        server = self.serve(max_body=1000)
-        # Bodies far larger than the socket buffers: the answer must still reach the client.
-        for size in (2000, 4 * 1024 * 1024):
-            with self.subTest(size=size):
-                self.assert_error(self.chat(user("x" * size), port=server.server_address[1]), 413,
-                                  code="request_too_large")
-        self.assertEqual(self.request("GET", "/health", port=server.server_address[1])[0], 200)
-
-    def test_early_answers_reach_clients_that_send_large_bodies(self):
-        big = user("x" * (4 * 1024 * 1024))
-        self.assert_error(self.chat(json.dumps(big), headers={"Content-Type": "text/plain"}), 415)
-        self.assert_error(self.chat(big, headers={"Host": "evil.example"}), 403)
-        self.assert_error(self.request("PUT", "/v1/chat/completions", big), 405)
-
-    def test_chunked_bodies(self):
-        def send(chunks):
-            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
-                if not chunks.endswith(b"0\r\n\r\n"):
-                    sock.shutdown(socket.SHUT_WR)  # (a half-closed client counts as gone once it is read)
-                reply = b"".join(iter(lambda: sock.recv(65536), b""))
-            return int(reply.split(b" ", 2)[1]), reply
-        body = json.dumps(user("chunked")).encode()
-        status, reply = send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-        self.assertEqual(status, 200, reply)
-        for bad in (b"-1\r\n" + body, b"+5\r\nabcde\r\n0\r\n\r\n", b"0x5\r\nabcde\r\n0\r\n\r\n",
-                    b"ffffffffff\r\nab", b"10\r\nshort\r\n"):
-            with self.subTest(bad[:12]):
-                status, reply = send(bad)
-                self.assertEqual(status, 400, reply)
-
-    def test_upstream_errors(self):
-        cases = [
-            ("RATE429", 429, "rate_limit_exceeded", "1"),
-            ("OVERLOAD", 503, "overloaded", "1"),
-            ("AUTH401", 503, "cli_not_logged_in", None),
-            ("NOTLOGGEDIN", 503, "cli_not_logged_in", None),
-            ("BADREQ400", 400, "upstream_rejected", None),
-            ("CRASH", 502, "cli_crashed", None),
-            ("GARBAGE", 502, "cli_bad_output", None),
-        ]
-        for word, status, code, retry_after in cases:
-            for stream in (False, True):
-                with self.subTest(word=word, stream=stream):
-                    headers, error = self.assert_error(self.chat(dict(user(word), stream=stream)), status, code=code)
-                    self.assertEqual(headers.get("retry-after"), retry_after)
-                    if code == "cli_not_logged_in":
-                        self.assertEqual(headers["x-should-retry"], "false")
-                        self.assertIn("log in", error["message"])
-        for record in self.records():
-            self.assertFalse(pid_alive(record["pid"]))
-
-    def test_cli_missing_is_502(self):
-        port = self.serve(os.path.join(self.tmp, "no-such-claude")).server_address[1]
-        self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
-        self.assertEqual(self.request("GET", "/health", port=port)[0], 503, "/health looks at the disk")
-        port = self.serve("").server_address[1]  # no CLI found at all
-        self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
-        status, _, raw = self.request("GET", "/health", port=port)
-        self.assertEqual((status, json.loads(raw)["cli"]["found"]), (503, False))
-
-    def test_error_after_stream_began(self):
-        """Once 200 and some chunks are out, an error is a data: {"error"} event, then the end."""
-        translator = cp.ReplyTranslator()
-        self.assertIsNone(translator.error)
-        # A CLI that crashes mid-reply: the stub says its first words, then dies.
-        stub = os.path.join(self.tmp, "claude-dies")
-        with open(stub, "w") as f:
-            f.write("#!%s\nimport json,sys\nsys.stdin.readline()\n" % sys.executable
-                    + "print(json.dumps({'type':'stream_event','event':{'type':'content_block_delta','index':0,'delta':{'type':'text_delta','text':'Hel'}}}), flush=True)\n"
-                    + "sys.stderr.write('segfault'); sys.exit(139)\n")
-        os.chmod(stub, 0o755)
-        status, _, raw = self.chat(dict(user("hi"), stream=True), port=self.serve(stub).server_address[1])
-        self.assertEqual(status, 200)
-        events = raw.split(b"\n\n")
-        self.assertEqual(events[-1], b"")
-        last = json.loads(events[-2][len(b"data: "):])
-        self.assertEqual(last["error"]["code"], "cli_crashed")
-        self.assertNotIn(b"[DONE]", raw)
+class ChatToolCallTest(ServerTestCase):
+    """Calls of the client's tools end to end: tools, tool_choice, parallel_tool_calls, the
+    legacy functions, names, an agent loop."""
 
     def reply(self, body):
         status, _, raw = self.chat(body)
@@ -3215,6 +3255,36 @@ class DeferredToolTest(ServerTestCase):
         self.assertNotIn("resumed", record, "only one call can be deferred")
 
 
+# CLI run: checking the CLI ##################################################################
+
+
+class CliCheckTest(ServerTestCase):
+    """What the proxy knows of its CLI: checked again whenever the binary changes."""
+
+    def test_health_follows_the_cli_binary(self):
+        folder = tempfile.mkdtemp(prefix="claude-proxy-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        claude, _ = write_stub(folder)
+        server = self.serve(claude=claude)
+        port = server.server_address[1]
+        server.runner.check_cli()  # as main() does: checked again whenever the binary changes
+        health = lambda: self.request("GET", "/health", port=port)
+        self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.197 (Claude Code)")
+        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], [])
+        with open(claude) as f:
+            text = f.read().replace('setting("STUB_VERSION", "2.1.197")', '"2.1.198"')  # updated
+            text = text.replace('setting("STUB_HELP_DROP", "")', '"--effort"')
+        with open(claude + ".new", "w") as f:
+            f.write(text)
+        os.chmod(claude + ".new", 0o755)
+        os.replace(claude + ".new", claude)
+        self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.198 (Claude Code)")
+        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], ["--effort"])
+        os.remove(claude)
+        status, _, raw = health()
+        self.assertEqual((status, json.loads(raw)["status"], json.loads(raw)["cli"]["found"]), (503, "cli_not_found", False))
+
+
 # CLI run: the process #######################################################################
 
 
@@ -3287,6 +3357,40 @@ class LifecycleTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: not pid_alive(record["child_pid"])))
         client.join(10)
         self.assertEqual(results[0][0], 503)
+
+    def test_an_enormous_event_line_is_bad_output_and_bounded(self):
+        import resource
+        limit = cp.MAX_EVENT_LINE
+        cp.MAX_EVENT_LINE = 1 << 20
+        self.addCleanup(setattr, cp, "MAX_EVENT_LINE", limit)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        self.assert_error(self.chat(user("BIGLINE[64]")), 502, code="cli_bad_output")
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        self.assertLess(grown, 32 * 1024, "the 64 MiB line was never held whole (peak grew %d KiB)" % grown)
+
+    def test_stderr_is_bounded_per_line_and_in_total(self):
+        del LOG_LINES[:]
+        self.assert_error(self.chat(user("STDERRFLOOD")), 502, code="cli_crashed")
+        self.assertTrue(LOG_LINES)
+        self.assertLess(max(len(line) for line in LOG_LINES), 16 * 1024)
+
+    def test_tmpdir_that_cannot_be_written_is_said_so(self):
+        port = self.serve().server_address[1]
+        not_a_dir = os.path.join(self.tmp, "tmpdir-is-a-file")
+        open(not_a_dir, "w").close()
+        saved = tempfile.tempdir
+        tempfile.tempdir = not_a_dir
+        try:
+            headers, error = self.assert_error(self.chat(user("hi"), port=port), 503, code="tmpdir_unavailable")
+        finally:
+            tempfile.tempdir = saved
+        self.assertIn("TMPDIR", error["message"])
+        free = cp.TMPDIR_MIN_FREE_BYTES
+        cp.TMPDIR_MIN_FREE_BYTES = 1 << 62  # more than any disk: "nearly full"
+        self.addCleanup(setattr, cp, "TMPDIR_MIN_FREE_BYTES", free)
+        self.assert_error(self.chat(user("hi"), port=port), 503, code="tmpdir_unavailable")
+        cp.TMPDIR_MIN_FREE_BYTES = free
+        self.assertEqual(self.chat(user("hi"), port=port)[0], 200)
 
 
 # CLI run: reuse #############################################################################
@@ -3617,6 +3721,25 @@ class PoolTest(ServerTestCase):
         hung = [r for r in self.records() if "child_pid" in r][0]
         self.assertTrue(wait_until(lambda: not pid_alive(hung["pid"]) and not pid_alive(hung["child_pid"])))
 
+    def test_pool_does_not_retry_a_shape_that_failed_to_start(self):
+        broken = os.path.join(self.tmp, "not-executable")
+        with open(broken, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(broken, 0o644)
+        server = self.serve(claude=broken, pool_size=2)
+        port = server.server_address[1]
+        spawned = []
+        real_spawn = server.runner.spawn
+
+        def counting_spawn(plan, shape=None):
+            spawned.append(shape)
+            return real_spawn(plan, shape)
+        server.runner.spawn = counting_spawn
+        for _ in range(4):
+            self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
+            self.assertTrue(wait_until(server.runner.pool.settled))
+        self.assertEqual(len(spawned), 4 + 1, "each request's own try, and one by the pool")
+
 
 # CLI events #################################################################################
 
@@ -3786,7 +3909,6 @@ class CutOffUpstreamTest(ServerTestCase):
 
 
 # Server-sent events #########################################################################
-
 
 
 class WireFormatTest(unittest.TestCase):
@@ -4213,6 +4335,10 @@ class SseRecorder:
         pass
 
 
+#: The Open Responses schema (openresponses/openresponses, its OpenAPI document), distilled:
+#: every field it requires, with the JSON types it allows (NULL: nullable). Where it and
+#: OpenAI's own OpenAPI document disagree, what OpenAI's server sends decides (README: The
+#: response); these rules hold for both.
 RESPONSE_FIELDS = {
     "id": STR, "object": STR, "created_at": INT, "completed_at": (INT, NULL), "status": STR,
     "incomplete_details": (OBJ, NULL), "model": STR, "previous_response_id": (STR, NULL),
@@ -5429,6 +5555,19 @@ class AccessTest(ServerTestCase):
         self.assertEqual(out.returncode, 2)
         self.assertIn("refusing to listen on 0.0.0.0 without an API key", out.stderr)
 
+    def test_non_ascii_api_key(self):
+        key = "cl\u00e9-\u00fc\u4e2d"
+        port = self.serve(api_keys=[key]).server_address[1]
+        for value, status in ((b"Bearer " + key.encode("utf-8"), 200), (b"Bearer " + key.encode("latin-1", "replace"), 401),
+                              (b"Bearer cl\xe9", 401)):
+            with self.subTest(value):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.putrequest("GET", "/v1/models")
+                conn.putheader("Authorization", value)
+                conn.endheaders()
+                self.assertEqual(conn.getresponse().status, status)
+                conn.close()
+
 
 class LoadTest(ServerTestCase):
     """Back-pressure, fuzzing, abandoned streams, a short soak, metrics."""
@@ -6508,7 +6647,9 @@ class HeadParsingTest(unittest.TestCase):
 
 
 class HostileTest(ServerTestCase):
-    """Issue 8: what an attacker or a broken CLI must not be able to do."""
+    """What a hostile or broken client must not be able to do through a connection: heads,
+    bodies, deadlines, readers that stop, the log. Issue 8's other checks live with their
+    sections (a CLI's output, names, the prompt's length, the pool, the key, TMPDIR)."""
 
     def raw(self, data, port=None, half_close=True):
         """Send raw bytes (then half-close: a request that runs the CLI must not, as the proxy
@@ -6662,83 +6803,7 @@ class HostileTest(ServerTestCase):
 
     # finding 4: client mistakes are 4xx
 
-    def test_schema_measured_in_its_argv_form(self):
-        """30,000 `&` are 30 KB of JSON but 180 KB once each is a \\u0026 escape: past Linux's
-        128 KiB per argument."""
-        schema = {"type": "object", "description": "&" * 30000}
-        self.assertLess(len(json.dumps(schema)), cp.MAX_SCHEMA_BYTES)
-        reply = self.chat(dict(user("hi"), response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
-        self.assert_error(reply, 400, "response_format.json_schema.schema", "invalid_json_schema")
-        self.assertEqual(self.records(runs_only=False), [])
-
-    def test_names_with_a_final_newline_are_refused(self):
-        tool = {"type": "function", "function": {"name": "evil\n", "parameters": {"type": "object"}}}
-        self.assert_error(self.chat(dict(user("CALLTOOL"), tools=[tool])), 400, "tools[0].function.name",
-                          "invalid_function_name")
-        self.assert_error(self.chat(dict(user("hi"), model="sonnet\n")), 400, "model", "model_not_found")
-        self.assertEqual(self.request("GET", "/v1/models/claude-x%0A")[0], 404)
-        self.assertEqual(self.records(), [])
-
-    def test_prompt_too_long_is_context_length_exceeded(self):
-        headers, error = self.assert_error(self.chat(user("TOOLONG")), 400, "messages", "context_length_exceeded")
-        self.assertEqual(headers["x-should-retry"], "false")
-        self.assertIn("Prompt is too long", error["message"])
-        # The API's refusal, as the CLI passes it on: the same code, OpenAI's wording; the
-        # Anthropic dialect gets the API's own.
-        headers, error = self.assert_error(self.chat(user("TOOLONGAPI")), 400, "messages", "context_length_exceeded")
-        self.assertIn("maximum context length is 200000 tokens", error["message"])
-        status, _, raw = self.request("POST", "/v1/messages", {
-            "model": "sonnet", "max_tokens": 10, "messages": [{"role": "user", "content": "TOOLONGAPI"}]},
-            headers={"anthropic-version": "2023-06-01"})
-        body = json.loads(raw)
-        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"))
-        self.assertRegex(body["error"]["message"], r"^prompt is too long: \d+ tokens > 200000 maximum$")
-
-    def test_the_apis_prompt_too_long_is_a_400(self):
-        # Sent by the CLI and refused by the API (what 2.1.197 and 2.1.332 print for it).
-        for stream in (False, True):
-            with self.subTest(stream=stream):
-                headers, error = self.assert_error(self.chat(dict(user("TOOLONGAPI"), stream=stream)), 400,
-                                                   "messages", "context_length_exceeded")
-                self.assertEqual(headers["x-should-retry"], "false")
-                self.assertIn("maximum context length", error["message"])
-
-    def test_pool_does_not_retry_a_shape_that_failed_to_start(self):
-        broken = os.path.join(self.tmp, "not-executable")
-        with open(broken, "w") as f:
-            f.write("#!/bin/sh\n")
-        os.chmod(broken, 0o644)
-        server = self.serve(claude=broken, pool_size=2)
-        port = server.server_address[1]
-        spawned = []
-        real_spawn = server.runner.spawn
-
-        def counting_spawn(plan, shape=None):
-            spawned.append(shape)
-            return real_spawn(plan, shape)
-        server.runner.spawn = counting_spawn
-        for _ in range(4):
-            self.assert_error(self.chat(user("hi"), port=port), 502, code="cli_not_found")
-            self.assertTrue(wait_until(server.runner.pool.settled))
-        self.assertEqual(len(spawned), 4 + 1, "each request's own try, and one by the pool")
-
     # finding 6: a broken CLI
-
-    def test_an_enormous_event_line_is_bad_output_and_bounded(self):
-        import resource
-        limit = cp.MAX_EVENT_LINE
-        cp.MAX_EVENT_LINE = 1 << 20
-        self.addCleanup(setattr, cp, "MAX_EVENT_LINE", limit)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        self.assert_error(self.chat(user("BIGLINE[64]")), 502, code="cli_bad_output")
-        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-        self.assertLess(grown, 32 * 1024, "the 64 MiB line was never held whole (peak grew %d KiB)" % grown)
-
-    def test_stderr_is_bounded_per_line_and_in_total(self):
-        del LOG_LINES[:]
-        self.assert_error(self.chat(user("STDERRFLOOD")), 502, code="cli_crashed")
-        self.assertTrue(LOG_LINES)
-        self.assertLess(max(len(line) for line in LOG_LINES), 16 * 1024)
 
     # finding 7: a client that stops reading
 
@@ -6822,60 +6887,6 @@ class HostileTest(ServerTestCase):
         self.assertNotIn("Set-Cookie", head)
         allowed = [line for line in head.split("\r\n") if line.lower().startswith("access-control-allow-headers:")]
         self.assertEqual(allowed, ["Access-Control-Allow-Headers: authorization, x-evil"])
-
-    def test_non_ascii_api_key(self):
-        key = "cl\u00e9-\u00fc\u4e2d"
-        port = self.serve(api_keys=[key]).server_address[1]
-        for value, status in ((b"Bearer " + key.encode("utf-8"), 200), (b"Bearer " + key.encode("latin-1", "replace"), 401),
-                              (b"Bearer cl\xe9", 401)):
-            with self.subTest(value):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.putrequest("GET", "/v1/models")
-                conn.putheader("Authorization", value)
-                conn.endheaders()
-                self.assertEqual(conn.getresponse().status, status)
-                conn.close()
-
-    def test_tmpdir_that_cannot_be_written_is_said_so(self):
-        port = self.serve().server_address[1]
-        not_a_dir = os.path.join(self.tmp, "tmpdir-is-a-file")
-        open(not_a_dir, "w").close()
-        saved = tempfile.tempdir
-        tempfile.tempdir = not_a_dir
-        try:
-            headers, error = self.assert_error(self.chat(user("hi"), port=port), 503, code="tmpdir_unavailable")
-        finally:
-            tempfile.tempdir = saved
-        self.assertIn("TMPDIR", error["message"])
-        free = cp.TMPDIR_MIN_FREE_BYTES
-        cp.TMPDIR_MIN_FREE_BYTES = 1 << 62  # more than any disk: "nearly full"
-        self.addCleanup(setattr, cp, "TMPDIR_MIN_FREE_BYTES", free)
-        self.assert_error(self.chat(user("hi"), port=port), 503, code="tmpdir_unavailable")
-        cp.TMPDIR_MIN_FREE_BYTES = free
-        self.assertEqual(self.chat(user("hi"), port=port)[0], 200)
-
-    def test_health_follows_the_cli_binary(self):
-        folder = tempfile.mkdtemp(prefix="claude-proxy-test-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        claude, _ = write_stub(folder)
-        server = self.serve(claude=claude)
-        port = server.server_address[1]
-        server.runner.check_cli()  # as main() does: checked again whenever the binary changes
-        health = lambda: self.request("GET", "/health", port=port)
-        self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.197 (Claude Code)")
-        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], [])
-        with open(claude) as f:
-            text = f.read().replace('setting("STUB_VERSION", "2.1.197")', '"2.1.198"')  # updated
-            text = text.replace('setting("STUB_HELP_DROP", "")', '"--effort"')
-        with open(claude + ".new", "w") as f:
-            f.write(text)
-        os.chmod(claude + ".new", 0o755)
-        os.replace(claude + ".new", claude)
-        self.assertEqual(json.loads(health()[2])["cli"]["version"], "2.1.198 (Claude Code)")
-        self.assertEqual(json.loads(health()[2])["cli"]["flags_missing"], ["--effort"])
-        os.remove(claude)
-        status, _, raw = health()
-        self.assertEqual((status, json.loads(raw)["status"], json.loads(raw)["cli"]["found"]), (503, "cli_not_found", False))
 
 
 # HTTP handler ###############################################################################
@@ -7351,7 +7362,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 BROWSER_MISSING = ", ".join(name for name, found in (("selenium", webdriver), ("chromium", CHROMIUM),
                                                       ("chromedriver", CHROMEDRIVER)) if not found)
 
-# .ci/run sets this: there a missing browser is a failure, not a skip.
+#: .ci/run sets this: there a missing browser is a failure, not a skip.
 BROWSER_REQUIRED = os.environ.get("CLAUDE_PROXY_BROWSER_TESTS") == "required"
 
 
