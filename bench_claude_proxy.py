@@ -139,7 +139,7 @@ def direct(claude, text, env):
     prompt = os.path.join(workdir, "system-prompt.txt")
     with open(prompt, "w") as f:
         f.write(cp.DEFAULT_SYSTEM_PROMPT)
-    plan = {}
+    plan = cp.Plan({"system": None, "turns": []})
     start = time.perf_counter()
     proc = subprocess.Popen(cp.cli_argv(claude, plan, prompt), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir,
@@ -415,7 +415,7 @@ def proxy_pipeline_call(port, text):
 def direct_pipeline_call(claude, text, env, folder):
     """One `claude -p` run started directly, as a pipeline script would (the proxy's flags,
     the system prompt from a file, the text on stdin); returns its reply text."""
-    plan = {"model": "sonnet"}
+    plan = cp.Plan({"system": None, "turns": []}, model="sonnet")
     workdir = tempfile.mkdtemp(prefix="direct-", dir=folder)
     try:
         prompt = os.path.join(workdir, "system-prompt.txt")
