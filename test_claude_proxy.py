@@ -8015,6 +8015,32 @@ class ReuseTest(ServerTestCase):
         self.assertTrue(wait_until(lambda: retired == [run]), "its wait expired: retired, not stopped")
         self.assertEqual(kept.count(), 0)
 
+    def test_reset_processes_wait_bounded_and_expire(self):
+        stopped = []
+
+        class Fake:  # a reset run, as the pool sees one
+            def __init__(self, name, scope="k"):
+                self.name, self.scope, self.shape = name, scope, "s"
+
+            def alive(self):
+                return True
+
+            def stop(self):
+                stopped.append(self.name)
+        fake = Fake
+        reuse = cp.ReusePool(cp.ReuseLimits(size=2), 60)
+        self.addCleanup(reuse.close)
+        for name in ("a", "b", "c"):
+            self.assertTrue(reuse.offer(fake(name)))
+        self.assertEqual((stopped, reuse.count(), reuse.retired), (["a"], 2, 1), "the oldest went")
+        self.assertIsNone(reuse.take("other key", "s"))
+        self.assertIsNone(reuse.take("k", "other shape"))
+        expiring = cp.ReusePool(cp.ReuseLimits(), 0.05)
+        self.addCleanup(expiring.close)
+        expiring.offer(fake("idle"))
+        self.assertTrue(wait_until(lambda: "idle" in stopped), "an idle one expires")
+        self.assertEqual((expiring.count(), expiring.retired), (0, 1))
+
     def test_what_cannot_be_reused_is_stopped_as_before(self):
         for config, body in (({"reuse": False}, user("x")),
                              ({"claude_version": "2.1.197 (Claude Code)"}, user("x")),  # no /clear
