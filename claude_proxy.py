@@ -2106,13 +2106,18 @@ def log_activity(workspace, activity):
     log("workspace %s: %s" % (workspace.name or "(default)", printable(activity_text(activity).strip())))
 
 
-def tool_target(name, tool_input):
-    """What a tool call acts on, in a line: its file, pattern, command or URL."""
+def tool_target(name, tool_input, root=None):
+    """What a tool call acts on, in a line: its file (relative to the workspace's folder
+    `root` when inside it), pattern, command or URL."""
     tool_input = tool_input if isinstance(tool_input, dict) else {}
-    value = tool_input.get(TOOL_TARGETS.get(name, ""))
+    field = TOOL_TARGETS.get(name, "")
+    value = tool_input.get(field)
     if value is None:
         value = next((v for v in tool_input.values() if isinstance(v, str)), "")
-    text = " ".join(str(value).split())
+    value = str(value)
+    if root and field.endswith("_path") and value.startswith(os.path.join(root, "")):
+        value = value[len(os.path.join(root, "")):]
+    text = " ".join(value.split())
     if name == "Grep" and tool_input.get("path"):
         text += " in " + str(tool_input["path"])
     return text[:200] + ("..." if len(text) > 200 else "")
@@ -4291,11 +4296,11 @@ class ReplyTranslator:
     live_structured: stream that call's JSON as it comes (else the checked result, at the end).
     A reply whose tool calls end the turn is done at message_stop: the CLI then waits for the
     results (see Continuations), and no result event comes.
-    workspace: the run uses the CLI's own tools (Workspace mode): each call and each refusal is
+    workspace: the run's Workspace: it uses the CLI's own tools (Workspace mode): each call and each refusal is
     an activity event, and the text of each model call is the answer's next paragraph."""
 
     def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
-                 live_structured=False, rate_limit=None, totals=None, workspace=False):
+                 live_structured=False, rate_limit=None, totals=None, workspace=None):
         self.stop = list(stop)
         # The subscriber's plan as the CLI last reported it (a rate_limit_event's info): a kept
         # process prints one only when the figures change, so the proxy's last one stands in.
@@ -4367,7 +4372,7 @@ class ReplyTranslator:
         for block in message.get("content") or []:
             if isinstance(block, dict) and block.get("type") == "tool_use":
                 tool, tool_id = str(block.get("name") or "?"), str(block.get("id") or "")
-                target = tool_target(tool, block.get("input"))
+                target = tool_target(tool, block.get("input"), self.workspace.root)
                 self._tool_uses[tool_id] = (tool, target)
                 out.append({"activity": {"kind": "call", "tool": tool, "target": target, "id": tool_id}})
         self.activity += out
@@ -4394,7 +4399,7 @@ class ReplyTranslator:
         self._refused.add(tool_id)
         known = self._tool_uses.get(tool_id)
         tool = tool or (known[0] if known else "?")
-        target = known[1] if known else tool_target(tool, tool_input)
+        target = known[1] if known else tool_target(tool, tool_input, self.workspace.root)
         # The CLI's refusal goes on to tell the model how to work around it: its first sentence.
         reason = " ".join(reason.split()).split(". ", 1)[0].rstrip(".")[:300]
         activity = {"activity": {"kind": kind, "tool": tool, "target": target, "id": tool_id,
@@ -6653,7 +6658,7 @@ class Proxy:
                 translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
                                              bool(plan["json_schema"]), live_structured=plan["stream"],
                                              rate_limit=limits.last_info(), totals=run.totals(),
-                                             workspace=bool(plan.get("workspace")))
+                                             workspace=plan.get("workspace"))
                 sink.use(translator)  # a sink may read the usage as it goes (message_start)
                 metrics.cli_run()
                 # Only while this request holds the run: once kept for the next turn, it is not
