@@ -275,8 +275,8 @@ def tmpdir_unavailable(reason):
                       "server_error", None, "tmpdir_unavailable", {"Retry-After": "5"})
 
 
-def timed_out(seconds):
-    return ProxyError(504, "The claude CLI did not finish within %g s (CLAUDE_TIMEOUT)." % seconds,
+def timed_out(seconds, setting="CLAUDE_TIMEOUT"):
+    return ProxyError(504, "The claude CLI did not finish within %g s (%s)." % (seconds, setting),
                       "server_error", None, "timeout")
 
 
@@ -2009,7 +2009,8 @@ def parse_workspaces(values, grants=(), timeout=DEFAULT_WORKSPACE_TIMEOUT, home=
         if sep and WORKSPACE_NAME.match(head) and not os.path.isdir(value):
             name, folder = head, tail
         if name == "v1":
-            raise ValueError("%r: a workspace cannot be named v1 (its URL would be /workspace/v1)" % value)
+            raise ValueError("%r: a workspace cannot be named v1 (its URL would be "
+                             "/workspace/v1)" % value)
         if name in found:
             raise ValueError("%r: a second workspace named %s" % (value, repr(name) if name else
                                                                   "by no name (the default one)"))
@@ -2103,7 +2104,8 @@ def workspace_prompt(workspace):
 def log_activity(workspace, activity):
     """The proxy's log line for a tool call in a workspace: the tool and its target (never
     what it read or wrote, nor the prompt)."""
-    log("workspace %s: %s" % (workspace.name or "(default)", printable(activity_text(activity).strip())))
+    log("workspace %s: %s" % (workspace.name or "(default)",
+                              printable(activity_text(activity).strip())))
 
 
 def tool_target(name, tool_input, root=None):
@@ -4296,8 +4298,9 @@ class ReplyTranslator:
     live_structured: stream that call's JSON as it comes (else the checked result, at the end).
     A reply whose tool calls end the turn is done at message_stop: the CLI then waits for the
     results (see Continuations), and no result event comes.
-    workspace: the run's Workspace: it uses the CLI's own tools (Workspace mode): each call and each refusal is
-    an activity event, and the text of each model call is the answer's next paragraph."""
+    workspace: the run's Workspace, whose folder has the CLI's own tools (Workspace mode):
+    each call and each refusal is an activity event, and the text of each model call is the
+    answer's next paragraph."""
 
     def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
                  live_structured=False, rate_limit=None, totals=None, workspace=None):
@@ -4664,7 +4667,8 @@ def run_failure(run, plan):
                        % " ".join(run.stderr_tail)[:300], "response_format.json_schema.schema",
                        "invalid_json_schema")
     if run.cancelled == "timeout":
-        return timed_out(run.timeout)
+        return timed_out(run.timeout, "CLAUDE_WORKSPACE_TIMEOUT" if plan.get("workspace")
+                         else "CLAUDE_TIMEOUT")
     if run.cancelled == "shutdown":
         return overloaded(5, "The proxy is shutting down; the run was stopped.")
     run.runner.note_refused_flag(list(run.stderr_tail))

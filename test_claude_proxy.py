@@ -8160,6 +8160,8 @@ class FakeAnthropicApi:
       LIMIT5H  429 with a subscriber's rejected five-hour window   THINK  a thinking block first
       CALLTOOL (anywhere in the conversation, until a text holds RESULT-) a tool_use of the
                first mcp__ tool offered;  RESULT-  then "Final answer using RESULT-..."
+      USETOOL:<Name>:<path>  a tool_use of the CLI's own tool <Name> (Read: file_path, Glob:
+               pattern), if offered; the reply to its result echoes the result's text
       (none)   "Echo: <the last user text>"
     A StructuredOutput tool, when offered, is called with a value built from its schema. A model
     that does not start with "claude" is 404 not_found_error; a request over FAKE_CONTEXT tokens
@@ -8271,11 +8273,18 @@ class FakeAnthropicApi:
         calls = []
         if structured and not answered:
             calls = [("StructuredOutput", FakeAnthropicApi.example(structured[0].get("input_schema")))]
+        elif re.search(r"USETOOL:(\w+):(\S+)", last) and not answered and any(
+                t.get("name") == re.search(r"USETOOL:(\w+)", last).group(1) for t in tools):
+            name, arg = re.search(r"USETOOL:(\w+):(\S+)", last).groups()
+            calls = [(name, {"file_path": arg} if name == "Read" else {"pattern": arg})]
         elif "CALLTOOL" in everything and "RESULT-" not in everything and offered and not answered:
             properties = list((offered[0].get("input_schema") or {}).get("properties") or {}) or ["input"]
             calls = [(offered[0]["name"], {properties[0]: "Paris"})]
+        results = [b.get("content") for b in (blocks[-1] if blocks else []) if b.get("type") == "tool_result"]
         if "RESULT-" in everything and not calls:
             reply = "Final answer using " + re.search(r"RESULT-\w*", everything).group()
+        elif "USETOOL:" in last and answered and isinstance(results[-1], str):
+            reply = "Echo: " + results[-1][-200:]
         else:
             reply = "Let me check." if calls else "Echo: " + last[-200:]
         if calls and calls[0][0] == "StructuredOutput":
@@ -8796,3 +8805,58 @@ class RealCliSubscriberTest(RealCliTestCase):
         status, headers, _ = self.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 20, "messages": [
             {"role": "user", "content": "hi"}]}, headers={"anthropic-version": "2023-06-01"}, port=port)
         self.assertEqual((status, headers["anthropic-ratelimit-unified-5h-utilization"]), (200, "0.12"))
+
+
+# Workspace mode, with the real CLI ###########################################################
+
+
+@unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
+class RealCliWorkspaceTest(RealCliTestCase):
+    """A workspace over the real CLI: it reads in the folder, and refuses a read outside it."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.folder = os.path.realpath(os.path.join(cls.tmp, "project"))
+        os.makedirs(cls.folder)
+        with open(os.path.join(cls.folder, "notes.txt"), "w") as f:
+            f.write("hello from the workspace\n")
+        cls.secret = os.path.join(cls.tmp, "secret.txt")
+        with open(cls.secret, "w") as f:
+            f.write("not for the model\n")
+        cls.ws_server = cls.make_server(workspaces=cp.parse_workspaces([cls.folder], (), 60))
+        cls.ws_thread = threading.Thread(target=cls.ws_server.serve_forever, args=(0.05,), daemon=True)
+        cls.ws_thread.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.ws_server.stop()
+        cls.ws_thread.join(10)
+        super().tearDownClass()
+
+    def ask(self, text, **body):
+        status, _, raw = self.request("POST", "/workspace/v1/chat/completions", dict(user(text), **body),
+                                      port=self.ws_server.server_address[1])
+        self.assertEqual(status, 200, raw)
+        return raw
+
+    def test_a_read_in_the_workspace(self):
+        raw = self.ask("USETOOL:Read:notes.txt", stream=True)
+        deltas = [p["choices"][0]["delta"] for p in sse_payloads(raw)[:-1] if p["choices"]]
+        first = next(n for n, d in enumerate(deltas) if d.get("reasoning_content"))
+        self.assertEqual(deltas[first]["reasoning_content"], "[Read] notes.txt\n")
+        self.assertNotIn("hello", "".join(d.get("content", "") for d in deltas[:first]))
+        self.assertIn("hello from the workspace", "".join(d.get("content", "") for d in deltas[first:]))
+        offered = [t["name"] for t in self.api.model_calls()[0].get("tools", [])]
+        self.assertTrue({"Read", "Glob", "Grep"} <= set(offered), offered)
+        self.assertFalse({"Bash", "Write", "Edit", "WebFetch"} & set(offered), offered)
+
+    def test_a_read_outside_is_refused(self):
+        message = json.loads(self.ask("USETOOL:Read:" + self.secret))["choices"][0]["message"]
+        self.assertIn("[Read refused] %s: Permission to use Read has been denied" % self.secret,
+                      message["reasoning_content"])
+        self.assertNotIn("not for the model", json.dumps(self.api.model_calls()))
+
+    def test_no_tool_is_offered_without_a_workspace(self):
+        self.ok(user("USETOOL:Read:" + self.secret))
+        self.assertEqual([body.get("tools") or [] for body in self.api.model_calls()], [[]])
