@@ -7807,9 +7807,12 @@ def parse_args(argv=None):
     folders = args.workspace or [f for f in (env("CLAUDE_WORKSPACE") or "").split(os.pathsep) if f]
     try:
         grants = parse_workspace_grants(args.workspace_tools)
+    except ValueError as e:
+        parser.error("--workspace-tools / CLAUDE_WORKSPACE_TOOLS: %s" % e)
+    try:
         args.workspaces = parse_workspaces(folders, grants, args.workspace_timeout)
     except ValueError as e:
-        parser.error("--workspace-tools / --workspace: %s" % e)
+        parser.error("--workspace / CLAUDE_WORKSPACE: %s" % e)
     if grants and not args.workspaces:
         parser.error("--workspace-tools needs --workspace DIR")
     return args
