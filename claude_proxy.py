@@ -4373,7 +4373,9 @@ class ReplyTranslator:
         call's whole input, unlike the stream's fragments), as activity."""
         out = []
         for block in message.get("content") or []:
-            if isinstance(block, dict) and block.get("type") == "tool_use":
+            # (StructuredOutput is the answer itself, with response_format: not an activity.)
+            if isinstance(block, dict) and block.get("type") == "tool_use" \
+                    and block.get("name") != STRUCTURED_OUTPUT_TOOL:
                 tool, tool_id = str(block.get("name") or "?"), str(block.get("id") or "")
                 target = tool_target(tool, block.get("input"), self.workspace.root)
                 self._tool_uses[tool_id] = (tool, target)

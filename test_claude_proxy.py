@@ -7957,6 +7957,10 @@ class WorkspaceTablesTest(unittest.TestCase):
             "kind": "failed", "tool": "?", "target": "", "id": "toolu_5", "reason": "File does not exist"}}])
         plain = cp.ReplyTranslator()
         self.assertEqual([e for event in REFUSED_READ_EVENTS for e in plain.feed(event)], [])
+        # With response_format, the StructuredOutput call is the answer, not an activity.
+        structured = cp.ReplyTranslator(structured=True, workspace=cp.Workspace("", "/w", (), 60))
+        self.assertEqual(structured.feed({"type": "assistant", "message": {"content": [
+            {"type": "tool_use", "id": "toolu_6", "name": "StructuredOutput", "input": {"a": "x"}}]}}), [])
 
     def test_each_model_call_is_a_paragraph_and_the_result_checks_the_last(self):
         translator = cp.ReplyTranslator(workspace=cp.Workspace("", "/w", (), 60))
