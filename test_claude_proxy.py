@@ -8023,6 +8023,7 @@ class WorkspaceServerTest(ServerTestCase):
         cls.workspaces = cp.parse_workspaces([cls.folder, "ro=" + cls.folder], (), 60)
         edit = cp.parse_workspaces(["rw=" + cls.folder], ("Edit", "Bash(echo:*)"), 60)
         cls.workspaces.update(edit)
+        cls.workspaces.update(cp.parse_workspaces(["quick=" + cls.folder], (), 0.5))
         cls.ws_server = cls.make_server(workspaces=cls.workspaces)
         cls.ws_thread = threading.Thread(target=cls.ws_server.serve_forever, args=(0.05,), daemon=True)
         cls.ws_thread.start()
@@ -8128,6 +8129,11 @@ class WorkspaceServerTest(ServerTestCase):
                            and e["delta"]["type"] == "thinking_delta")
         self.assertEqual(thinking, "[Read] %s\n[Read refused] %s: Permission to use Read has been denied because "
                          "Claude Code is running in don't ask mode\n" % (self.secret, self.secret))
+
+    def test_a_workspace_run_has_its_own_timeout(self):
+        _, error = self.assert_error(self.post("/workspace/quick/v1/chat/completions", user("HANG")), 504,
+                                     code="timeout")
+        self.assertEqual(error["message"], "The claude CLI did not finish within 0.5 s (CLAUDE_WORKSPACE_TIMEOUT).")
 
     def test_the_clients_own_tools_do_not_combine(self):
         body = dict(user("hi"), tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
