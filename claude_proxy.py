@@ -2627,7 +2627,8 @@ OLDEST_SUPPORTED_CLI = (2, 1, 197)
 CLI_LISTED_FLAGS = ("--print", "--input-format", "--output-format", "--verbose",
                     "--include-partial-messages", "--no-session-persistence", "--tools",
                     "--strict-mcp-config", "--resume", "--mcp-config", "--allowedTools",
-                    "--json-schema", "--model", "--effort", "--max-budget-usd")
+                    "--json-schema", "--model", "--effort", "--max-budget-usd",
+                    "--permission-mode", "--setting-sources")  # the last two: workspace mode
 UNKNOWN_OPTION = re.compile(r"unknown option '(--?[A-Za-z][\w-]*)'")
 CLI_CHECK_SECONDS = 30.0
 
@@ -6554,6 +6555,9 @@ class Proxy:
             "spend": self.spend.summary(),
             "plan": self.plan_limits.snapshot(),
             "cache_ttl": {"mode": self.rhythm.mode, "conversations_given_1h": self.rhythm.slow},
+            "workspaces": [{"name": w.name or None, "folder": w.root,
+                            "tools": list(WORKSPACE_READ_TOOLS) + list(w.grants),
+                            "timeout": w.timeout} for _, w in sorted(config.workspaces.items())],
         }
 
     def metrics_text(self):

@@ -8062,6 +8062,11 @@ class WorkspaceServerTest(ServerTestCase):
                                      code="workspace_not_found")
         self.assertIn("/workspace/ro/v1", error["message"])
         self.assertEqual(self.request("GET", "/workspace/v1/health", port=self.ws_port)[0], 404)
+        workspaces = json.loads(self.request("GET", "/health", port=self.ws_port)[2])["workspaces"]
+        self.assertEqual(workspaces[0], {"name": None, "folder": self.folder, "tools": ["Read", "Glob", "Grep"],
+                                         "timeout": 60})
+        self.assertEqual([w["name"] for w in workspaces], [None, "quick", "ro", "rw"])
+        self.assertEqual(json.loads(self.request("GET", "/health")[2])["workspaces"], [])
         # An Anthropic client's error is in its own shape.
         status, _, raw = self.post("/workspace/nope/v1/messages", {"model": "sonnet", "max_tokens": 10,
                                                                    "messages": [{"role": "user", "content": "hi"}]})
