@@ -2098,7 +2098,8 @@ def workspace_prompt(workspace):
     granted = ", ".join(workspace.grants)
     return ("\n\nYou are working in the folder %s (the current directory) with Claude Code's "
             "tools: you may read and search files in it%s. Anything else is refused: say so "
-            "rather than working around it." % (workspace.root, ", and use " + granted if granted else ""))
+            "rather than working around it." % (workspace.root,
+                                                ", and use " + granted if granted else ""))
 
 
 def log_activity(workspace, activity):
@@ -4289,7 +4290,8 @@ class ReplyTranslator:
                                        streamed text was not all of it (see _result)
       {"activity": {"kind": "call", "tool", "target", "id"}}   workspace mode: the CLI runs one
                                        of its own tools (activity_text renders it)
-      {"activity": {"kind": "refused", "tool", "target", "id", "reason"}}   ... or refused it
+      {"activity": {"kind": "refused" | "failed", "tool", "target", "id", "reason"}}   ... or
+                                       refused it (a permission), or it failed (no such file)
     After `done`, look at `error`, `stop_reason` (end_turn, max_tokens, stop_sequence,
     tool_use), `stop_sequence`, `usage` (the CLI's, Anthropic-shaped), `model`, `cost_usd`.
 
