@@ -127,7 +127,7 @@ def direct(claude, text, env):
     prompt = os.path.join(workdir, "system-prompt.txt")
     with open(prompt, "w") as f:
         f.write(cp.DEFAULT_SYSTEM_PROMPT)
-    plan = {}
+    plan = cp.Plan({"system": None, "turns": []})
     start = time.perf_counter()
     proc = subprocess.Popen(cp.cli_argv(claude, plan, prompt), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir,

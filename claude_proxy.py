@@ -26,6 +26,7 @@ import base64
 import binascii
 import calendar
 import collections
+import dataclasses
 import hashlib
 import errno
 import hmac
@@ -47,6 +48,7 @@ import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler
+from typing import Optional
 try:
     import fcntl  # POSIX: the owner lock of the proxy's folder (see ProxyFolder)
 except ImportError:
@@ -225,7 +227,7 @@ class ProxyError(Exception):
     """An error with its HTTP status and OpenAI error envelope; raised anywhere, sent once."""
 
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None,
-                 headers=None):
+                 headers=None, api_message=None, plan_window=None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -233,17 +235,19 @@ class ProxyError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
-        self.api_message = None  # the Messages API's own wording, for the Anthropic dialect
+        self.api_message = api_message  # the Messages API's own wording, for the Anthropic dialect
+        # A plan limit's (window, when it resets, the CLI's words): what PlanLimits refuses by.
+        self.plan_window = plan_window
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
 
-def invalid(message, param=None, code=None):
+def invalid(message, param=None, code=None, api_message=None):
     """A 400 for a request the client must change; the SDKs must not retry it."""
     return ProxyError(400, message, "invalid_request_error", param, code,
-                      {"x-should-retry": "false"})
+                      {"x-should-retry": "false"}, api_message)
 
 
 def rate_limited(retry_after, message):
@@ -387,10 +391,8 @@ def plan_limit_reached(window, resets_at, now, detail=""):
     headers = {"Retry-After": str(wait)}
     if wait > PLAN_NO_RETRY_SECONDS:
         headers["x-should-retry"] = "false"
-    error = ProxyError(429, message, "rate_limit_error", None, "plan_limit_reached", headers)
-    # What PlanLimits refuses by until the reset: the window, when it resets, the CLI's words.
-    error.plan_window = (window, resets_at, detail)
-    return error
+    return ProxyError(429, message, "rate_limit_error", None, "plan_limit_reached", headers,
+                      plan_window=(window, resets_at, detail))
 
 
 def credits_spent(detail):
@@ -439,9 +441,7 @@ def context_length_exceeded(detail):
                    "CLI said: %s); shorten the messages." % detail)
         said = re.sub(r"^(API Error: \d+ )?prompt is too long\W*", "", detail, flags=re.I)
         api_message = "prompt is too long" + (": " + said if said else "")
-    error = invalid(message, "messages", "context_length_exceeded")
-    error.api_message = api_message
-    return error
+    return invalid(message, "messages", "context_length_exceeded", api_message)
 
 
 def api_refused(result, detail):
@@ -810,6 +810,11 @@ def conversation_key(scope, shape, turns):
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
+# Shared request fields ######################################################################
+#: What every dialect's parser shares: the model and stream fields, function definitions and
+#: tool choice, output formats, and the plan each parser hands on.
+
+
 def request_model(body, default_model):
     """A request's `model` (every dialect's), checked: it goes into argv; else the default."""
     model = body.get("model")
@@ -825,6 +830,97 @@ def request_stream(body):
     stream = body.get("stream", False)
     _require(stream is None or isinstance(stream, bool), "`stream` must be a boolean", "stream")
     return bool(stream)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One request, in no dialect: what its parser understood and the run must do. Made by
+    the dialect's parser; where the proxy's settings change it (an alias, a budget, a cache
+    lifetime) a new plan is made with dataclasses.replace, so a plan never changes under a
+    part that holds it."""
+    conversation: dict                   # the neutral conversation (see Conversation)
+    model: Optional[str] = None          # as asked: Proxy.answer() resolves aliases
+    effort: Optional[str] = None         # --effort
+    system_prompt: Optional[str] = None  # with any tool-choice instruction added
+    stream: bool = False
+    include_usage: bool = False          # Chat's stream_options.include_usage
+    max_tokens: Optional[int] = None
+    stop: list = dataclasses.field(default_factory=list)   # stop sequences, cut by the proxy
+    tools: list = dataclasses.field(default_factory=list)  # the client's functions (parse_function)
+    single_tool_call: bool = False       # parallel_tool_calls: false, or its dialect's equal
+    legacy_functions: bool = False       # Chat's functions/function_call: reply in that form
+    json_schema: Optional[dict] = None   # structured output (--json-schema)
+    show_thinking: bool = False          # Messages' thinking enabled: thinking blocks shown
+    max_budget_usd: Optional[float] = None  # --max-budget-usd, from CLAUDE_MAX_REQUEST_USD
+    cache_ttl: Optional[str] = None      # the prompt cache's lifetime (TurnRhythm)
+    workspace: "Optional[Workspace]" = None  # Workspace mode: the folder and its tools (route)
+
+
+def mcp_tool_name(name):
+    """The name the MCP server gives a client function: the same, unless mcp__fn__<name> would
+    pass the API's 64-character limit; then a shortened name with a hash keeps it unique."""
+    if len(MCP_PREFIX) + len(name) <= API_TOOL_NAME_MAX:
+        return name
+    room = API_TOOL_NAME_MAX - len(MCP_PREFIX) - 9
+    return "%s_%s" % (name[:room], hashlib.sha1(name.encode("utf-8")).hexdigest()[:8])
+
+
+def parse_function(function, param):
+    """One OpenAI function definition -> {name, mcp_name, description, input_schema}."""
+    _require(isinstance(function, dict), "a function definition must be an object", param)
+    name = function.get("name")
+    _require(isinstance(name, str) and TOOL_NAME.match(name),
+             "function names must match ^[a-zA-Z0-9_-]{1,64}$", param + ".name", "invalid_function_name")
+    description = function.get("description")
+    _require(description is None or isinstance(description, str), "description must be a string",
+             param + ".description")
+    schema = function.get("parameters")
+    if schema is None:
+        schema = {"type": "object", "properties": {}}
+    _require(isinstance(schema, dict) and schema.get("type", "object") == "object",
+             "parameters must be a JSON Schema object with \"type\": \"object\"", param + ".parameters")
+    schema = dict(schema, type="object")
+    return {"name": name, "mcp_name": mcp_tool_name(name), "description": description or "",
+            "input_schema": schema}
+
+
+def offered_tools(functions, mode, wanted, single, tools_param, choice_param):
+    """What every dialect's tool choice comes to: (the functions the model is offered, the
+    instruction for the system prompt). The CLI has no tool_choice: "required" and a named
+    function are instructions, and a named function is the only one offered; "none" offers
+    none. mode: auto, none, required (one call or more) or named (`wanted`)."""
+    if mode == "none":
+        return [], None  # nothing offered: the model can only answer in text
+    if mode == "auto":
+        instruction = None
+    elif mode == "required":
+        instruction = "You must answer by calling %s of the tools you are given." % (
+            "exactly one" if single else "one or more")
+    else:
+        _require(wanted in [f["name"] for f in functions], "tool_choice names a function that is "
+                 "not in `%s`" % tools_param, choice_param)
+        functions = [f for f in functions if f["name"] == wanted]
+        instruction = "You must answer by calling the tool %s%s." % (MCP_PREFIX, functions[0]["mcp_name"])
+    if single:
+        instruction = ((instruction + " ") if instruction else "") + "Call at most one tool in this reply."
+    return functions, instruction
+
+
+def output_format(form, param, schema_of):
+    """An OpenAI output format (Chat's response_format, Responses' text.format) -> the JSON
+    schema the CLI must fill (--json-schema), or None for text. schema_of(form) finds the
+    schema where the dialect keeps it, as (schema, its param)."""
+    if form is None:
+        return None
+    _require(isinstance(form, dict), "%s must be an object" % param, param)
+    kind = form.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    _require(kind == "json_schema", "%s.type must be text, json_object or json_schema" % param,
+             param + ".type")
+    return cli_schema(*schema_of(form))
 
 
 # OpenAI Chat Completions request ############################################################
@@ -958,34 +1054,6 @@ def messages_to_prompt(messages):
     return conv["system"], transcript_prompt(conv)
 
 
-def mcp_tool_name(name):
-    """The name the MCP server gives a client function: the same, unless mcp__fn__<name> would
-    pass the API's 64-character limit; then a shortened name with a hash keeps it unique."""
-    if len(MCP_PREFIX) + len(name) <= API_TOOL_NAME_MAX:
-        return name
-    room = API_TOOL_NAME_MAX - len(MCP_PREFIX) - 9
-    return "%s_%s" % (name[:room], hashlib.sha1(name.encode("utf-8")).hexdigest()[:8])
-
-
-def parse_function(function, param):
-    """One OpenAI function definition -> {name, mcp_name, description, input_schema}."""
-    _require(isinstance(function, dict), "a function definition must be an object", param)
-    name = function.get("name")
-    _require(isinstance(name, str) and TOOL_NAME.match(name),
-             "function names must match ^[a-zA-Z0-9_-]{1,64}$", param + ".name", "invalid_function_name")
-    description = function.get("description")
-    _require(description is None or isinstance(description, str), "description must be a string",
-             param + ".description")
-    schema = function.get("parameters")
-    if schema is None:
-        schema = {"type": "object", "properties": {}}
-    _require(isinstance(schema, dict) and schema.get("type", "object") == "object",
-             "parameters must be a JSON Schema object with \"type\": \"object\"", param + ".parameters")
-    schema = dict(schema, type="object")
-    return {"name": name, "mcp_name": mcp_tool_name(name), "description": description or "",
-            "input_schema": schema}
-
-
 def parse_tools(body):
     """tools / tool_choice / parallel_tool_calls (or legacy functions / function_call) ->
     (the functions to offer, the instruction for the system prompt, whether one call at most,
@@ -1025,45 +1093,6 @@ def parse_tools(body):
                       "{\"type\": \"function\", \"function\": {\"name\": ...}}", choice_param)
     functions, instruction = offered_tools(functions, mode, wanted, single, param, choice_param)
     return functions, instruction, single and bool(functions), legacy
-
-
-def offered_tools(functions, mode, wanted, single, tools_param, choice_param):
-    """What every dialect's tool choice comes to: (the functions the model is offered, the
-    instruction for the system prompt). The CLI has no tool_choice: "required" and a named
-    function are instructions, and a named function is the only one offered; "none" offers
-    none. mode: auto, none, required (one call or more) or named (`wanted`)."""
-    if mode == "none":
-        return [], None  # nothing offered: the model can only answer in text
-    if mode == "auto":
-        instruction = None
-    elif mode == "required":
-        instruction = "You must answer by calling %s of the tools you are given." % (
-            "exactly one" if single else "one or more")
-    else:
-        _require(wanted in [f["name"] for f in functions], "tool_choice names a function that is "
-                 "not in `%s`" % tools_param, choice_param)
-        functions = [f for f in functions if f["name"] == wanted]
-        instruction = "You must answer by calling the tool %s%s." % (MCP_PREFIX, functions[0]["mcp_name"])
-    if single:
-        instruction = ((instruction + " ") if instruction else "") + "Call at most one tool in this reply."
-    return functions, instruction
-
-
-def output_format(form, param, schema_of):
-    """An OpenAI output format (Chat's response_format, Responses' text.format) -> the JSON
-    schema the CLI must fill (--json-schema), or None for text. schema_of(form) finds the
-    schema where the dialect keeps it, as (schema, its param)."""
-    if form is None:
-        return None
-    _require(isinstance(form, dict), "%s must be an object" % param, param)
-    kind = form.get("type")
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    _require(kind == "json_schema", "%s.type must be text, json_object or json_schema" % param,
-             param + ".type")
-    return cli_schema(*schema_of(form))
 
 
 def chat_format_schema(response_format):
@@ -1148,20 +1177,20 @@ def parse_chat_request(body, default_model=None, default_effort=None):
     if tool_instruction:
         system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
 
-    return {
-        "model": model,
-        "effort": effort,
-        "system_prompt": system_prompt,
-        "conversation": conv,
-        "stream": bool(stream),
-        "include_usage": include_usage,
-        "max_tokens": max_tokens,
-        "stop": stop,
-        "tools": tools,
-        "single_tool_call": single_tool_call,
-        "legacy_functions": legacy_functions and bool(tools),
-        "json_schema": json_schema,
-    }
+    return Plan(
+        model=model,
+        effort=effort,
+        system_prompt=system_prompt,
+        conversation=conv,
+        stream=bool(stream),
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        stop=stop,
+        tools=tools,
+        single_tool_call=single_tool_call,
+        legacy_functions=legacy_functions and bool(tools),
+        json_schema=json_schema,
+    )
 
 
 # OpenAI Responses request ###################################################################
@@ -1504,20 +1533,20 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     if tool_instruction:
         system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
 
-    plan = {
-        "model": model,
-        "effort": effort,
-        "system_prompt": system_prompt,
-        "conversation": conv,
-        "stream": bool(stream),
-        "include_usage": False,
-        "max_tokens": max_tokens,
-        "stop": [],
-        "tools": tools,
-        "single_tool_call": single_tool_call,
-        "legacy_functions": False,
-        "json_schema": json_schema,
-    }
+    plan = Plan(
+        model=model,
+        effort=effort,
+        system_prompt=system_prompt,
+        conversation=conv,
+        stream=bool(stream),
+        include_usage=False,
+        max_tokens=max_tokens,
+        stop=[],
+        tools=tools,
+        single_tool_call=single_tool_call,
+        legacy_functions=False,
+        json_schema=json_schema,
+    )
     text = body.get("text") if isinstance(body.get("text"), dict) else {}
     request = {
         "store": store is not False,
@@ -1901,21 +1930,21 @@ def parse_messages_request(body, default_model=None, default_effort=None):
     system_prompt = conv["system"]
     if tool_instruction:
         system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
-    return {
-        "model": model,
-        "effort": effort,
-        "system_prompt": system_prompt,
-        "conversation": conv,
-        "stream": bool(stream),
-        "include_usage": False,
-        "max_tokens": max_tokens,
-        "stop": [s for s in stop or [] if s],
-        "tools": tools,
-        "single_tool_call": single_tool_call,
-        "legacy_functions": False,
-        "json_schema": anthropic_output_schema(body),
-        "show_thinking": show_thinking,
-    }
+    return Plan(
+        model=model,
+        effort=effort,
+        system_prompt=system_prompt,
+        conversation=conv,
+        stream=bool(stream),
+        include_usage=False,
+        max_tokens=max_tokens,
+        stop=[s for s in stop or [] if s],
+        tools=tools,
+        single_tool_call=single_tool_call,
+        legacy_functions=False,
+        json_schema=anthropic_output_schema(body),
+        show_thinking=show_thinking,
+    )
 
 
 #: A PDF's page objects, counted for an estimate: pages kept in compressed object streams are
@@ -1930,7 +1959,7 @@ def estimate_tokens(plan):
     tool results and tool definitions, 1,600 per image (Anthropic's figure for a large image),
     3,000 per PDF page (the top of Anthropic's 1,500-3,000 for a page's text: each page is also
     read as an image), and 4 per turn."""
-    characters, images, pages = len(plan["system_prompt"] or ""), 0, 0
+    characters, images, pages = len(plan.system_prompt or ""), 0, 0
     def walk(blocks):
         nonlocal characters, images, pages
         for block in blocks:
@@ -1950,10 +1979,10 @@ def estimate_tokens(plan):
                 characters += len(block["name"]) + len(json.dumps(block["input"], ensure_ascii=False))
             elif block["type"] == "tool_result":
                 walk(block["content"])
-    turns = plan["conversation"]["turns"]
+    turns = plan.conversation["turns"]
     for turn in turns:
         walk(turn["content"])
-    for tool in plan["tools"]:
+    for tool in plan.tools:
         characters += len(json.dumps({"name": tool["name"], "description": tool["description"],
                                       "input_schema": tool["input_schema"]}, ensure_ascii=False))
     return -(-characters // 4) + 1600 * images + PDF_PAGE_TOKENS * pages + 4 * len(turns)
@@ -2157,13 +2186,13 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
         # the CLI adds there is how the proxy learns the run context it says (session_context).
         argv.remove("--no-session-persistence")
         argv += ["--resume", resume]
-    if plan.get("workspace"):
+    if plan.workspace:
         # Workspace mode (the client asked for it by its base URL): the CLI's own tools in the
         # folder, for as many model calls as the work takes. Never a client's functions too.
         tools = argv.index("--tools")
-        argv[tools:tools + 2] = workspace_argv(plan["workspace"])
+        argv[tools:tools + 2] = workspace_argv(plan.workspace)
         argv += ["--max-turns", str(TOOL_LOOP_MAX_TURNS)]
-    elif plan.get("tools"):
+    elif plan.tools:
         # The client's functions, through this file's MCP mode. A reply that calls them is
         # complete for the client at once; the CLI meanwhile waits in the bridge for the
         # results, which the client's next request brings (see Continuations). Turns are
@@ -2172,18 +2201,18 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
                  # Without this the CLI refuses the call itself ("Claude requested permissions
                  # to use ...") and asks the model again: only our server's tools, no others.
                  "--allowedTools", MCP_PREFIX.rstrip("_")]
-    elif plan.get("json_schema"):
+    elif plan.json_schema:
         argv += ["--max-turns", str(STRUCTURED_OUTPUT_MAX_TURNS)]
     else:
         argv += ["--max-turns", "1"]
-    if plan.get("json_schema"):
-        argv += ["--json-schema", cli_safe_json(plan["json_schema"])]
-    if plan.get("model"):
-        argv += ["--model", plan["model"]]
-    if plan.get("effort"):
-        argv += ["--effort", plan["effort"]]
-    if plan.get("max_budget_usd"):  # CLAUDE_MAX_REQUEST_USD (see Spend and budgets)
-        argv += ["--max-budget-usd", repr(float(plan["max_budget_usd"]))]
+    if plan.json_schema:
+        argv += ["--json-schema", cli_safe_json(plan.json_schema)]
+    if plan.model:
+        argv += ["--model", plan.model]
+    if plan.effort:
+        argv += ["--effort", plan.effort]
+    if plan.max_budget_usd:  # CLAUDE_MAX_REQUEST_USD (see Spend and budgets)
+        argv += ["--max-budget-usd", repr(float(plan.max_budget_usd))]
     return argv
 
 
@@ -2219,8 +2248,9 @@ def cli_schema(schema, param):
     return schema
 
 
-def cli_env(base_env, plan):
-    """The child's environment: the proxy's own, minus what would stop or distract the CLI."""
+def cli_env(base_env, plan=None):
+    """The child's environment: the proxy's own, minus what would stop or distract the CLI;
+    with a plan, what its run needs (output limit, cache lifetime)."""
     env = dict(base_env)
     # The CLI refuses to start "nested" inside another Claude Code session.
     for name in ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"):
@@ -2244,9 +2274,11 @@ def cli_env(base_env, plan):
     # of a warm process's first message on them (2.1.197's requests are the same either way).
     env.setdefault("CLAUDE_CODE_DISABLE_ATTACHMENTS", "1")
     env.setdefault("CLAUDE_CODE_MAX_RETRIES", DEFAULT_CLI_MAX_RETRIES)
-    if plan.get("max_tokens"):
-        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan["max_tokens"])
-    ttl = plan.get("cache_ttl")
+    if plan is None:
+        return env
+    if plan.max_tokens:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(plan.max_tokens)
+    ttl = plan.cache_ttl
     if ttl in ("5m", "1h"):  # None: the CLI's own choice, as the environment gives it
         # The CLI writes a subscriber's prompt cache for 1 hour (a write costs 2x the input
         # price, a 5-minute one 1.25x), an API key's for 5 minutes. FORCE_PROMPT_CACHING_5M
@@ -2450,7 +2482,7 @@ def deferrable_call(plan, turns):
         return None
     if cli_tool_id(calls[0]["id"]) != cli_tool_id(last[0]["tool_use_id"]):
         return None
-    if calls[0]["name"] not in {t["name"] for t in plan.get("tools") or ()}:
+    if calls[0]["name"] not in {t["name"] for t in plan.tools or ()}:
         return None
     if not bridgeable(last[0]):
         return None
@@ -2610,7 +2642,7 @@ def cli_version(claude_path, timeout=15.0):
     try:
         done = subprocess.run([claude_path, "--version"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              timeout=timeout, env=cli_env(os.environ, {}))
+                              timeout=timeout, env=cli_env(os.environ))
     except (OSError, subprocess.SubprocessError):
         return None
     text = done.stdout.decode("utf-8", "replace").strip()
@@ -2645,7 +2677,7 @@ def cli_help(claude_path, env):
     try:
         done = subprocess.run([claude_path, "--help"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              timeout=CLI_CHECK_SECONDS, env=cli_env(env, {}))
+                              timeout=CLI_CHECK_SECONDS, env=cli_env(env))
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
@@ -2661,7 +2693,7 @@ def cli_sessions_root(claude_path, env, cwd):
     its init event names its auto-memory folder, <config>/projects/<cwd's name>/memory/ (2.1.197
     and 2.1.332), when auto memory is on, which this run alone asks for. What the CLI makes
     there for `cwd` is removed."""
-    env = dict(cli_env(env, {}), CLAUDE_CODE_DISABLE_AUTO_MEMORY="0", TMPDIR=cwd, TEMP=cwd, TMP=cwd)
+    env = dict(cli_env(env), CLAUDE_CODE_DISABLE_AUTO_MEMORY="0", TMPDIR=cwd, TEMP=cwd, TMP=cwd)
     argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--no-session-persistence", "--tools", "", "--strict-mcp-config",
             "--max-turns", "1"]
@@ -2852,8 +2884,20 @@ class CliRun:
             self._timer.daemon = True
             self._timer.start()
 
-    def end_turn(self):
-        """The request is answered and the run is kept: no timeout while it waits."""
+    def end_turn(self, reply):
+        """The request is answered and the run is kept: no timeout while it waits. Its totals
+        go on from this reply's (a ReplySummary): the CLI's result adds up over its life."""
+        self.model = reply.model or self.model
+        self.pending_calls = list(reply.call_names)
+        if reply.total_cost_usd is not None:
+            self.cost_seen = reply.total_cost_usd
+        if reply.model_usage_total is not None:
+            self.model_usage_seen = reply.model_usage_total
+        if reply.stop_reason == "tool_use":  # the message goes on when the results come
+            self.usage_before = {k: self.usage_before.get(k, 0) + v
+                                 for k, v in reply.usage.items() if isinstance(v, int)}
+        else:
+            self.usage_before = {}
         with self._lock:
             self.serving = False
             if self._timer:
@@ -3328,16 +3372,16 @@ def run_files(plan, wait_seconds=DEFAULT_TIMEOUT, folders=None):
             raise OSError(errno.ENOSPC, "only %d KiB free" % (free // 1024))
         prompt_path = os.path.join(workdir, "system-prompt.txt")
         with open(prompt_path, "w", encoding="utf-8") as f:
-            f.write(plan.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
-            if plan.get("workspace"):
-                f.write(workspace_prompt(plan["workspace"]))
+            f.write(plan.system_prompt or DEFAULT_SYSTEM_PROMPT)
+            if plan.workspace:
+                f.write(workspace_prompt(plan.workspace))
         config_path = None
-        if plan.get("tools"):
+        if plan.tools:
             tools_path = os.path.join(workdir, "tools.json")
             config_path = os.path.join(workdir, "mcp-config.json")
             os.mkdir(os.path.join(workdir, MCP_RESULTS_DIR))
             with open(tools_path, "w", encoding="utf-8") as f:
-                json.dump({"tools": plan["tools"], "wait_seconds": wait_seconds,
+                json.dump({"tools": plan.tools, "wait_seconds": wait_seconds,
                            "owner_files": folders.owner_files() if folders else []}, f)
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(mcp_config(tools_path), f)
@@ -3568,7 +3612,7 @@ class CliRunner:
             env[name] = workdir
         session_id = path = model = None
         try:
-            workspace = plan.get("workspace")
+            workspace = plan.workspace
             # A workspace's runs work in its folder; every other run in the proxy's empty one.
             cwd = workspace.root if workspace else self.folders.cli_folder()
             if history:
@@ -3579,7 +3623,7 @@ class CliRunner:
                 path = os.path.join(sessions, session_id + ".jsonl")
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 # The model the session names: the one the CLI runs, given no --model.
-                model = plan.get("model") or self.default_model or DEFAULT_SESSION_MODEL
+                model = plan.model or self.default_model or DEFAULT_SESSION_MODEL
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(session_lines(history, session_id, os.path.realpath(cwd), model,
                                           deferred, *self.context_for(model)))
@@ -3648,8 +3692,8 @@ class CliRunner:
            conversation that starts with the assistant, or ends with it or with tool results
            and has no live process), or when the CLI could not load the session."""
         shape = run_shape(plan)
-        turns = plan["conversation"]["turns"]
-        live = self.continuations is not None and not plan.get("json_schema")
+        turns = plan.conversation["turns"]
+        live = self.continuations is not None and not plan.json_schema
         if self.continuations and len(turns) >= 3 and turns[-1]["role"] == "user":
             run = self.continuations.take(conversation_key(scope, shape, turns[:-1]))
             if run is not None and self._continue(run, turns[-1]["content"]):
@@ -3657,9 +3701,9 @@ class CliRunner:
             if run is not None:
                 run.stop()
         real_turns = self.real_turns and turns[0]["role"] == "user" and turns[-1]["role"] == "user"
-        if len(turns) == 1 and real_turns and not ends_with_tool_results(plan["conversation"]):
+        if len(turns) == 1 and real_turns and not ends_with_tool_results(plan.conversation):
             return self._fresh(plan, shape, turns[0]["content"], live)
-        if real_turns and not ends_with_tool_results(plan["conversation"]):
+        if real_turns and not ends_with_tool_results(plan.conversation):
             run = self._resumed(plan, shape, turns, live)
             if run is not None:
                 return run
@@ -3668,7 +3712,7 @@ class CliRunner:
             run = self._resumed(plan, shape, turns, live, deferred)
             if run is not None:
                 return run
-        return self._fresh(plan, shape, transcript_prompt(plan["conversation"]), live)
+        return self._fresh(plan, shape, transcript_prompt(plan.conversation), live)
 
     def _fresh(self, plan, shape, content, live):
         run = self.pool.take(shape, plan) if self.pool else None
@@ -3778,35 +3822,18 @@ class CliRunner:
     def finish(self, run, plan, reply, scope=""):
         """After a request: keep its run for the conversation's next turn if it can serve it
         (a live process whose reply was complete and sent as the CLI holds it), else stop it.
-        reply: the run's translator; None when the reply could not be read or sent whole."""
+        reply: the run's ReplySummary; None when the reply could not be read or sent whole."""
         if reply is None:
             run.stop()
             return
-        if reply.model and not plan.get("model") and not run.sessions:
+        if reply.model and not plan.model and not run.sessions:
             # The CLI's default model, for the session files of later runs (DEFAULT_SESSION_MODEL):
             # only from a run that resumed none, which runs the model its session names.
             self.default_model = reply.model
         # A run that reached --max-budget-usd would refuse its next turn: not kept.
-        if (self.continuations is not None and run.live and reply.done and not reply.error
-                and not reply.budget_reached
-                and reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
-                and not (reply.calls and reply.stop_reason == "max_tokens")  # a call cut short
-                and not reply.skipped_calls and run.alive()):
-            run.model = reply.model or run.model
-            run.pending_calls = [(call_id(tool_id, n), name)
-                                 for n, (tool_id, name, _) in enumerate(reply.calls)]
-            if reply.total_cost_usd is not None:
-                run.cost_seen = reply.total_cost_usd
-            if reply.model_usage_total is not None:
-                run.model_usage_seen = reply.model_usage_total
-            if reply.stop_reason == "tool_use":  # the message goes on when the results come
-                run.usage_before = {k: run.usage_before.get(k, 0) + v
-                                    for k, v in (reply.usage or {}).items() if isinstance(v, int)}
-            else:
-                run.usage_before = {}
-            turns = plan["conversation"]["turns"] + [{"role": "assistant",
-                                                      "content": reply.reply_blocks()}]
-            run.end_turn()
+        if self.continuations is not None and run.live and reply.complete and run.alive():
+            turns = plan.conversation["turns"] + [{"role": "assistant", "content": reply.blocks}]
+            run.end_turn(reply)
             if self.continuations.park(conversation_key(scope, run.shape, turns), run):
                 return
         run.stop()
@@ -3814,7 +3841,7 @@ class CliRunner:
     def retire_kept(self, plan, scope):
         """Stop the process kept for this conversation's next turn under this plan's shape, if
         any: the conversation goes on in another shape (see TurnRhythm)."""
-        turns = plan["conversation"]["turns"]
+        turns = plan.conversation["turns"]
         if self.continuations is not None and len(turns) >= 3:
             run = self.continuations.take(conversation_key(scope, run_shape(plan), turns[:-1]))
             if run is not None:
@@ -3867,12 +3894,13 @@ SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max
 
 def run_shape(plan):
     """The key of a plan's process shape (everything that goes into argv, files or env)."""
-    return json.dumps([plan.get(field) for field in SHAPE_FIELDS], sort_keys=True)
+    return json.dumps([getattr(plan, field) for field in SHAPE_FIELDS], sort_keys=True)
 
 
 def shape_plan(plan):
     """The part of a plan that a process is started with: no conversation."""
-    return {field: plan.get(field) for field in SHAPE_FIELDS}
+    return Plan(conversation={"system": None, "turns": []},
+                **{field: getattr(plan, field) for field in SHAPE_FIELDS})
 
 
 def shape_label(shape):
@@ -4022,7 +4050,7 @@ class TurnRhythm:
 
     @staticmethod
     def _key(scope, plan, turns):
-        return conversation_key(scope, run_shape(dict(plan, cache_ttl=None)), turns)
+        return conversation_key(scope, run_shape(dataclasses.replace(plan, cache_ttl=None)), turns)
 
     def ttl_for(self, scope, plan, subscriber):
         """(the cache lifetime a request's run gets, whether its conversation just turned slow):
@@ -4033,7 +4061,7 @@ class TurnRhythm:
             return self.mode, False
         if self.operator_set or subscriber is False:  # an API key's: nothing to remember either
             return None, False
-        turns = plan["conversation"]["turns"]
+        turns = plan.conversation["turns"]
         if len(turns) >= 3:
             with self._lock:
                 began, ttl = self._seen.get(self._key(scope, plan, turns[:-1]), (None, None))
@@ -4051,11 +4079,11 @@ class TurnRhythm:
         next turn will follow these turns."""
         if self.mode != "auto" or self.operator_set or subscriber is False:
             return
-        turns = plan["conversation"]["turns"] + [{"role": "assistant", "content": reply_blocks}]
+        turns = plan.conversation["turns"] + [{"role": "assistant", "content": reply_blocks}]
         key = self._key(scope, plan, turns)
         now = self.clock()
         with self._lock:
-            self._seen[key] = (began, plan.get("cache_ttl"))
+            self._seen[key] = (began, plan.cache_ttl)
             self._seen.move_to_end(key)
             while self._seen and (len(self._seen) > self.size
                                   or now - next(iter(self._seen.values()))[0] > 3600):
@@ -4274,6 +4302,19 @@ def call_id(tool_use_id, number):
     if suffix.startswith("toolu_"):
         suffix = suffix[len("toolu_"):]
     return "call_" + (suffix or str(number))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplySummary:
+    """A finished reply, as ReplyTranslator.summary() gives it to the runner."""
+    complete: bool           # read whole, no error, ended as the CLI holds it: a run may be kept
+    stop_reason: Optional[str]
+    model: Optional[str]     # the model the CLI named
+    call_names: tuple        # ((call id, client function name), ...) the client must answer
+    total_cost_usd: Optional[float]   # the CLI's running totals at this reply's result
+    model_usage_total: Optional[dict]
+    usage: dict              # this reply's usage (a tool-call turn's adds to the next)
+    blocks: list             # the reply as an assistant turn
 
 
 class ReplyTranslator:
@@ -4652,6 +4693,18 @@ class ReplyTranslator:
         self._add_content("text", self._structured_sent)
         return []
 
+    def summary(self):
+        """How the reply ended, fixed: what the runner decides a process's next life by."""
+        return ReplySummary(
+            complete=self.done and not self.error and not self.budget_reached
+            and self.stop_reason in ("end_turn", "max_tokens", "tool_use")
+            and not (self.calls and self.stop_reason == "max_tokens")  # a call cut short
+            and not self.skipped_calls,
+            stop_reason=self.stop_reason, model=self.model,
+            call_names=tuple((call_id(tool_id, n), name) for n, (tool_id, name, _) in enumerate(self.calls)),
+            total_cost_usd=self.total_cost_usd, model_usage_total=self.model_usage_total,
+            usage=dict(self.usage or {}), blocks=self.reply_blocks())
+
     def reply_blocks(self):
         """The reply as the assistant turn a client will send back: text and tool calls."""
         blocks = [dict(b) for b in self.content]
@@ -4667,12 +4720,12 @@ class ReplyTranslator:
 
 def run_failure(run, plan):
     """Why a run that ended without a usable result failed, as a ProxyError."""
-    if plan.get("json_schema") and any("--json-schema" in line for line in run.stderr_tail):
+    if plan.json_schema and any("--json-schema" in line for line in run.stderr_tail):
         return invalid("The claude CLI refused the response_format schema: %s"
                        % " ".join(run.stderr_tail)[:300], "response_format.json_schema.schema",
                        "invalid_json_schema")
     if run.cancelled == "timeout":
-        return timed_out(run.timeout, "CLAUDE_WORKSPACE_TIMEOUT" if plan.get("workspace")
+        return timed_out(run.timeout, "CLAUDE_WORKSPACE_TIMEOUT" if plan.workspace
                          else "CLAUDE_TIMEOUT")
     if run.cancelled == "shutdown":
         return overloaded(5, "The proxy is shutting down; the run was stopped.")
@@ -4687,12 +4740,46 @@ def run_failure(run, plan):
                       "error output." % run.returncode, "cli_crashed")
 
 
+# Writing a reply ############################################################################
+#: A reply leaves through a sink (one per dialect and kind: stream writer or collector), which
+#: writes through a ReplyChannel: the three things a sink may do to the HTTP exchange. Server-
+#: sent events are the streams' framing.
+
+
+class ReplyChannel:
+    """The narrow writer a sink gets instead of the HTTP handler: send one whole JSON reply, or
+    open a stream and write its bytes. The handler adds its own headers (request-id, CORS, the
+    plan's headers) on the way out; a sink sees none of its other state."""
+
+    def __init__(self, handler):
+        self._handler = handler
+        self.request_id = handler.request_id
+
+    def send_json(self, status, obj):
+        self._handler.send_json(status, obj)
+
+    def open_stream(self):
+        """200 and the event-stream headers: sent at a stream's first write, so that errors
+        before any output are still real HTTP statuses."""
+        handler = self._handler
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("X-Accel-Buffering", "no")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+
+    def write(self, data):
+        self._handler.wfile.write(data)
+        self._handler.wfile.flush()
+
+
 class ReplySink:
     """What a dialect's writer or collector is to Proxy.answer: it takes one reply's neutral
-    events and writes them in its dialect. A sink implements event(reply event),
-    finish(translator) and fail(ProxyError), and says whether anything was written
-    (`started`); a stream writer also has `stream` (its SseStream) and keepalive(), the bytes
-    that keep a silent stream alive. The proxy tells it the run's translator and the model to
+    events and writes them in its dialect, through its ReplyChannel. A sink implements
+    event(reply event), finish(translator) and fail(ProxyError), and says whether anything was
+    written (`started`); a stream writer also has `stream` (its SseStream) and keepalive(), the
+    bytes that keep a silent stream alive. The proxy tells it the run's translator and the model to
     name through use() and name_model(), not by setting its fields."""
 
     model = None
@@ -4708,7 +4795,7 @@ class ReplySink:
         self.model = model
 
 
-# Server-sent events #########################################################################
+
 
 
 def sse_event(obj, event=None):
@@ -4729,8 +4816,8 @@ class SseStream:
     up on a read timeout. Every write holds `lock`, so a sink that also holds it while it
     decides what to write (ChatStreamWriter) never interleaves with a heartbeat."""
 
-    def __init__(self, handler):
-        self.handler = handler
+    def __init__(self, channel):
+        self.channel = channel
         self.started = False
         self.lock = threading.RLock()
         self.last_write = time.monotonic()
@@ -4741,18 +4828,12 @@ class SseStream:
         if self.started:
             return
         self.started = True
-        self.handler.send_response(200)
-        self.handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.handler.send_header("Cache-Control", "no-cache")
-        self.handler.send_header("X-Accel-Buffering", "no")
-        self.handler.send_header("Connection", "close")
-        self.handler.end_headers()
+        self.channel.open_stream()
 
     def write(self, data):
         with self.lock:
             self.begin()
-            self.handler.wfile.write(data)
-            self.handler.wfile.flush()
+            self.channel.write(data)
             self.last_write = time.monotonic()
 
     def keep_alive(self, seconds, keepalive):
@@ -4890,8 +4971,8 @@ class ChatStreamWriter(ReplySink):
     """Writes one streamed completion: the role chunk with the first delta, then chunks,
     finish, usage, [DONE]."""
 
-    def __init__(self, handler, completion_id, created, model, include_usage, structured=False):
-        self.stream = SseStream(handler)
+    def __init__(self, channel, completion_id, created, model, include_usage, structured=False):
+        self.stream = SseStream(channel)
         self.id, self.created, self.model = completion_id, created, model
         self.include_usage = include_usage
         self.structured = structured
@@ -4953,8 +5034,8 @@ class ChatMessageCollector(ReplySink):
 
     started = False
 
-    def __init__(self, handler, completion_id, created, model, legacy_functions=False):
-        self.handler = handler
+    def __init__(self, channel, completion_id, created, model, legacy_functions=False):
+        self.channel = channel
         self.id, self.created, self.model = completion_id, created, model
         self.legacy_functions = legacy_functions
         # refusal: required (nullable) by OpenAI's schema; the CLI reports no refusals apart.
@@ -4975,7 +5056,7 @@ class ChatMessageCollector(ReplySink):
         if calls and self.legacy_functions:
             # A client that sent legacy `functions` reads message.function_call.
             self.message["function_call"] = dict(calls[0]["function"])
-        self.handler.send_json(200, chat_completion(
+        self.channel.send_json(200, chat_completion(
             self.id, self.created, self.model, self.message,
             CHAT_FINISH_REASONS.get(reply.stop_reason, "stop"), chat_usage(reply.usage)))
 
@@ -4983,12 +5064,12 @@ class ChatMessageCollector(ReplySink):
         raise error
 
 
-def chat_sink(handler, plan, completion_id, created):
+def chat_sink(channel, plan, completion_id, created):
     """The sink a Chat Completions request is answered into: a stream writer or a collector."""
-    if plan["stream"]:
-        return ChatStreamWriter(handler, completion_id, created, plan["model"], plan["include_usage"],
-                                bool(plan["json_schema"]))
-    return ChatMessageCollector(handler, completion_id, created, plan["model"], plan["legacy_functions"])
+    if plan.stream:
+        return ChatStreamWriter(channel, completion_id, created, plan.model, plan.include_usage,
+                                bool(plan.json_schema))
+    return ChatMessageCollector(channel, completion_id, created, plan.model, plan.legacy_functions)
 
 
 # OpenAI Responses response ##################################################################
@@ -5211,9 +5292,9 @@ class ResponsesStreamWriter(ResponsesSink):
     event, then the builder's events, then response.completed (or .incomplete / .failed).
     Every event is `event: <type>` and `data: {"type", ..., "sequence_number"}`."""
 
-    def __init__(self, handler, *args, **kwargs):
+    def __init__(self, channel, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.stream = SseStream(handler)
+        self.stream = SseStream(channel)
         self.sequence = 0
         self.opened = False  # response.created went out
 
@@ -5275,9 +5356,9 @@ class ResponsesCollector(ResponsesSink):
 
     started = False
 
-    def __init__(self, handler, *args, **kwargs):
+    def __init__(self, channel, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.handler = handler
+        self.channel = channel
 
     def event(self, event):
         if "revised" in event:
@@ -5288,7 +5369,7 @@ class ResponsesCollector(ResponsesSink):
     def finish(self, reply):
         status, _ = responses_outcome(reply)
         self.output.close(status)
-        self.handler.send_json(200, self.final(reply))
+        self.channel.send_json(200, self.final(reply))
 
     def fail(self, error):
         raise error
@@ -5298,8 +5379,8 @@ class CompactCollector(ResponsesCollector):
     """POST /v1/responses/compact: the compacted conversation, as OpenAI answers it: the
     input's user messages, then the one `compaction` item."""
 
-    def __init__(self, handler, retained, *args, **kwargs):
-        super().__init__(handler, *args, compacting=True, **kwargs)
+    def __init__(self, channel, retained, *args, **kwargs):
+        super().__init__(channel, *args, compacting=True, **kwargs)
         self.retained = retained
 
     def finish(self, reply):
@@ -5308,7 +5389,7 @@ class CompactCollector(ResponsesCollector):
             raise cli_failed("The summary was cut off (the model's output limit); the "
                              "conversation was not compacted.", "compaction_incomplete")
         self.output.close(status)
-        self.handler.send_json(200, {"id": self.id, "object": "response.compaction",
+        self.channel.send_json(200, {"id": self.id, "object": "response.compaction",
                                      "created_at": self.created_at,
                                      "output": self.retained + self.output.items,
                                      "usage": responses_usage(reply.usage)})
@@ -5422,7 +5503,7 @@ class ResponseStore:
 
 def stored_record(plan, request, response, reply):
     """What previous_response_id continues from: the conversation with the reply as its turn."""
-    turns = list(plan["conversation"]["turns"])
+    turns = list(plan.conversation["turns"])
     add_turn(turns, "assistant", reply.reply_blocks())
     items = {item["id"]: item for item in request.get("input_items", ())}
     items.update((item["id"], item) for item in response["output"])
@@ -5548,9 +5629,9 @@ class AnthropicStreamWriter(ReplySink):
     block, the content block events, one message_delta with the stop reason and the whole
     usage, message_stop. Every data line has its `event:` line: the SDKs dispatch on it."""
 
-    def __init__(self, handler, message_id, model, show_thinking, structured=False):
-        self.stream = SseStream(handler)
-        self.handler = handler
+    def __init__(self, channel, message_id, model, show_thinking, structured=False):
+        self.stream = SseStream(channel)
+        self.channel = channel
         self.id, self.model = message_id, model
         self.blocks = AnthropicBlocks(show_thinking)
         self.structured = structured
@@ -5595,7 +5676,7 @@ class AnthropicStreamWriter(ReplySink):
         """After message_start, an error is one `event: error`, then the end."""
         if not self.stream.started:
             raise error
-        self._send([anthropic_error(error, self.handler.request_id)[1]])
+        self._send([anthropic_error(error, self.channel.request_id)[1]])
 
 
 class AnthropicMessageCollector(ReplySink):
@@ -5603,8 +5684,8 @@ class AnthropicMessageCollector(ReplySink):
 
     started = False
 
-    def __init__(self, handler, message_id, model, show_thinking):
-        self.handler = handler
+    def __init__(self, channel, message_id, model, show_thinking):
+        self.channel = channel
         self.id, self.model = message_id, model
         self.blocks = AnthropicBlocks(show_thinking)
         self.content = []
@@ -5633,7 +5714,7 @@ class AnthropicMessageCollector(ReplySink):
             except ValueError:
                 value = {}
             self.content[index]["input"] = value if isinstance(value, dict) else {}
-        self.handler.send_json(200, anthropic_message(
+        self.channel.send_json(200, anthropic_message(
             self.id, self.model, self.content, anthropic_stop_reason(reply), reply.stop_sequence,
             anthropic_usage(reply.usage)))
 
@@ -5647,12 +5728,12 @@ def anthropic_model_entry(model_id, created):
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))}
 
 
-def anthropic_sink(handler, plan, message_id):
+def anthropic_sink(channel, plan, message_id):
     """The sink a Messages API request is answered into: a stream writer or a collector."""
-    if plan["stream"]:
-        return AnthropicStreamWriter(handler, message_id, plan["model"], plan["show_thinking"],
-                                     bool(plan["json_schema"]))
-    return AnthropicMessageCollector(handler, message_id, plan["model"], plan["show_thinking"])
+    if plan.stream:
+        return AnthropicStreamWriter(channel, message_id, plan.model, plan.show_thinking,
+                                     bool(plan.json_schema))
+    return AnthropicMessageCollector(channel, message_id, plan.model, plan.show_thinking)
 
 
 # Access, limits and metrics #################################################################
@@ -6372,7 +6453,7 @@ class PlanLimits:
             was = self._refusal
             self._last_try = now
             if code == "plan_limit_reached":
-                window, reset, said = getattr(error, "plan_window", (None, None, error.message))
+                window, reset, said = error.plan_window or (None, None, error.message)
                 self._refusal = {"kind": "limit", "window": window, "resets_at": reset,
                                  "detail": said, "since": (was or {}).get("since", now)}
             elif code == "insufficient_quota":
@@ -6413,17 +6494,17 @@ class PlanLimits:
         with self._lock:
             if self._updated_at is None and self._refusal is None:
                 return None
-            plan = {name: dict(window) for name, window in self._windows.items()}
-            plan["overage"] = self._overage
-            plan["updated_at"] = iso_utc(self._updated_at) if self._updated_at else None
+            snapshot = {name: dict(window) for name, window in self._windows.items()}
+            snapshot["overage"] = self._overage
+            snapshot["updated_at"] = iso_utc(self._updated_at) if self._updated_at else None
             refusal = self._refusal
-            plan["limit_reached"] = refusal and {
+            snapshot["limit_reached"] = refusal and {
                 "kind": refusal["kind"], "window": refusal["window"],
                 "resets_at": iso_utc(refusal["resets_at"]) if refusal["resets_at"] else None,
                 "since": iso_utc(refusal["since"]), "message": refusal["detail"]}
             if self._other:
-                plan["other"] = dict(self._other)
-            return plan
+                snapshot["other"] = dict(self._other)
+            return snapshot
 
     def headers(self):
         """The anthropic-ratelimit-unified-* headers Claude's API sends a subscriber's client,
@@ -6509,6 +6590,24 @@ class AnswerLog:
     def __init__(self, headers):
         self.model, self.usage, self.error, self.cost = "-", None, None, None
         self.headers = headers
+
+    def ran(self, requested, model):
+        """The model a request ran on, and the alias it asked for if it asked for one."""
+        self.model = model or "default"
+        if requested and requested != model:
+            self.model = "%s(%s)" % (requested, model)
+
+    def failed(self, error):
+        self.error = error.code or error.type
+
+    def billed(self, usage, cost, in_header):
+        """The reply's usage and cost; a cost known before the body also goes in a header."""
+        if usage is not None:
+            self.usage = usage
+        if cost is not None:
+            self.cost = cost
+            if in_header:
+                self.headers["x-claude-cost-usd"] = "%.6f" % cost
 
 
 class Proxy:
@@ -6625,15 +6724,15 @@ class Proxy:
         The sink is a ReplySink. Model aliases and the daily budget are applied here. A
         ProxyError raised from here is the HTTP answer (nothing was written yet)."""
         config = self.config
-        requested = plan["model"]  # what the client asked for: the response says this name
-        plan["model"] = config.model_aliases.get(requested, requested)
-        if config.max_request_usd:
-            plan["max_budget_usd"] = config.max_request_usd
+        requested = plan.model  # what the client asked for: the response says this name
+        plan = dataclasses.replace(plan, model=config.model_aliases.get(requested, requested),
+                                   max_budget_usd=config.max_request_usd or plan.max_budget_usd)
         self.spend.check()  # a spent daily budget: 429 before any run or wait
         admitted = self.plan_limits.admit()  # a reached plan limit: 429 without a run, but probes
-        plan["cache_ttl"], slowed = self.rhythm.ttl_for(client.scope, plan, self.plan_limits.subscriber())
+        cache_ttl, slowed = self.rhythm.ttl_for(client.scope, plan, self.plan_limits.subscriber())
+        plan = dataclasses.replace(plan, cache_ttl=cache_ttl)
         if slowed:  # its process, kept with 5-minute entries, will not serve it again
-            self.runner.retire_kept(dict(plan, cache_ttl="5m"), client.scope)
+            self.runner.retire_kept(dataclasses.replace(plan, cache_ttl="5m"), client.scope)
         stream = getattr(sink, "stream", None)
         if stream is not None and config.keepalive:
             stream.keep_alive(config.keepalive, sink.keepalive)
@@ -6646,7 +6745,7 @@ class Proxy:
                 raise  # nothing committed: a real HTTP status
             # Keep-alives committed the 200 (a long wait for a run slot): the error event.
             log("request failed: %s %s" % (error.status, error.message))
-            record.error = error.code or error.type
+            record.failed(error)
             sink.fail(error)
         finally:
             if stream is not None:
@@ -6654,9 +6753,7 @@ class Proxy:
 
     def _answer(self, plan, sink, requested, admitted, client, record):
         config, limits = self.config, self.plan_limits
-        record.model = plan["model"] or "default"
-        if requested and requested != plan["model"]:
-            record.model = "%s(%s)" % (requested, plan["model"])  # an alias, and what it ran
+        record.ran(requested, plan.model)
         admission, metrics = self.admission, self.metrics
         run = translator = error = None
         with ClientWatch(client.connection) as watch:
@@ -6667,10 +6764,10 @@ class Proxy:
                 limits.still_admitted(admitted)  # a limit reached while this one waited
                 run = self.runner.start(plan, client.scope)
                 # The run's totals so far: a kept run's result adds up over its life.
-                translator = ReplyTranslator(plan["stop"], plan["tools"], plan["single_tool_call"],
-                                             bool(plan["json_schema"]), live_structured=plan["stream"],
+                translator = ReplyTranslator(plan.stop, plan.tools, plan.single_tool_call,
+                                             bool(plan.json_schema), live_structured=plan.stream,
                                              rate_limit=limits.last_info(), totals=run.totals(),
-                                             workspace=plan.get("workspace"))
+                                             workspace=plan.workspace)
                 sink.use(translator)  # a sink may read the usage as it goes (message_start)
                 metrics.cli_run()
                 # Only while this request holds the run: once kept for the next turn, it is not
@@ -6699,7 +6796,7 @@ class Proxy:
                         metrics.first_token(time.monotonic() - client.started)
                     for reply_event in reply_events:
                         if "activity" in reply_event:
-                            log_activity(plan["workspace"], reply_event["activity"])
+                            log_activity(plan.workspace, reply_event["activity"])
                         sink.event(reply_event)
                     if translator.done:
                         break
@@ -6715,8 +6812,8 @@ class Proxy:
                         holding[0] = False
                         if translator is not None:
                             # Kept for the next turn, or stopped; unread or unreadable, stopped.
-                            self.runner.finish(run, plan, translator if error is None else None,
-                                               client.scope)
+                            self.runner.finish(run, plan, translator.summary() if error is None
+                                               else None, client.scope)
                             self._account(plan, sink, translator, run, record)
                             if translator.done and error is None:
                                 limits.after_run(translator.error)
@@ -6734,28 +6831,25 @@ class Proxy:
                 raise ClientGone()
             error = run_failure(run, plan)
         if error and error.code == "model_not_found":
-            error = unknown_model(requested, config, "" if requested == plan["model"]
-                                  else "it is an alias of %r" % plan["model"])
+            error = unknown_model(requested, config, "" if requested == plan.model
+                                  else "it is an alias of %r" % plan.model)
         stream = getattr(sink, "stream", None)
         if stream is not None:
             stream.stop_keep_alive()  # the reply's end is written by the sink alone
         if error:
             log("request failed: %s %s" % (error.status, error.message))
-            record.error = error.code or error.type  # a stream's status is already 200
+            record.failed(error)  # a stream's status is already 200
             sink.fail(error)
             return
-        record.usage = chat_usage(translator.usage)
+        record.billed(chat_usage(translator.usage), None, False)
         sink.finish(translator)
 
     def _account(self, plan, sink, translator, run, record):
         """Count what the run cost for this request (also when it failed, if the CLI said)."""
         cost = translator.cost_usd
-        self.spend.record(translator.model or run.model or plan["model"] or "claude",
+        self.spend.record(translator.model or run.model or plan.model or "claude",
                           cost, translator.usage)
-        if cost is not None:
-            record.cost = cost
-            if getattr(sink, "stream", None) is None:  # known before the body: a header
-                record.headers["x-claude-cost-usd"] = "%.6f" % cost
+        record.billed(None, cost, getattr(sink, "stream", None) is None)
 
 
 # HTTP connections ###########################################################################
@@ -7482,22 +7576,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
         CLI's own tools; the client's own functions are not combined with them (a 400): the
         CLI's tool loop runs inside one request, a client's across requests."""
         if self.workspace is not None:
-            _require(not plan["tools"], "Workspace mode runs Claude Code's own tools; a "
+            _require(not plan.tools, "Workspace mode runs Claude Code's own tools; a "
                      "request under %s cannot also offer its own `tools` (send them to /v1)"
                      % WORKSPACE_PREFIX, "tools", "workspace_tools_conflict")
-            plan["workspace"] = self.workspace
+            plan = dataclasses.replace(plan, workspace=self.workspace)
         return plan
 
     def chat_completions(self):
         config = self.server.config
         plan = self.in_workspace(parse_chat_request(self.read_json(), config.model, config.effort))
-        self.answer(plan, chat_sink(self, plan, "chatcmpl-" + uuid.uuid4().hex, int(time.time())))
+        self.answer(plan, chat_sink(ReplyChannel(self), plan, "chatcmpl-" + uuid.uuid4().hex, int(time.time())))
 
     def messages(self):
         """POST /v1/messages: the Anthropic Messages API over the same runs."""
         config = self.server.config
         plan = self.in_workspace(parse_messages_request(self.read_json(), config.model, config.effort))
-        self.answer(plan, anthropic_sink(self, plan, "msg_" + uuid.uuid4().hex[:24]))
+        self.answer(plan, anthropic_sink(ReplyChannel(self), plan, "msg_" + uuid.uuid4().hex[:24]))
 
     def create_response(self):
         """POST /v1/responses: the Responses API over the same runs as Chat Completions."""
@@ -7505,9 +7599,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         plan, request, keep = self.server.proxy.responses_request(self.read_json(), self.client_scope(),
                                                                   response_id)
         plan = self.in_workspace(plan)
-        sink_type = ResponsesStreamWriter if plan["stream"] else ResponsesCollector
-        self.answer(plan, sink_type(self, response_id, int(time.time()), plan["model"], request["echo"],
-                                    request["namespaces"], keep, bool(plan["json_schema"]),
+        sink_type = ResponsesStreamWriter if plan.stream else ResponsesCollector
+        self.answer(plan, sink_type(ReplyChannel(self), response_id, int(time.time()), plan.model, request["echo"],
+                                    request["namespaces"], keep, bool(plan.json_schema),
                                     compacting=request["compacting"]))
 
     def compact_response(self):
@@ -7515,8 +7609,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         input) compacted into its user messages and one `compaction` item (see
         COMPACTION_PREFIX). Nothing is stored."""
         plan, request, retained = self.server.proxy.compaction_request(self.read_json(), self.client_scope())
-        self.answer(plan, CompactCollector(self, retained, "resp_" + uuid.uuid4().hex, int(time.time()),
-                                           plan["model"], request["echo"]))
+        self.answer(plan, CompactCollector(ReplyChannel(self), retained, "resp_" + uuid.uuid4().hex, int(time.time()),
+                                           plan.model, request["echo"]))
 
     def stored_response(self, response_id):
         """GET or DELETE /v1/responses/{id}: a stored response of this API key's."""
@@ -7754,7 +7848,7 @@ def parse_args(argv=None):
     add("--no-ui", action="store_true",
         default=env("CLAUDE_PROXY_UI", "").strip().lower() in ("0", "false", "no", "off"),
         help="Default: the chat page is on (env CLAUDE_PROXY_UI=0 turns it off). Serve no page "
-        "at /: a 404, as any unknown path.")
+        "at /: it answers a small JSON instead (for Claude Code's HEAD / probe).")
     add("--keepalive", type=float, default=env("CLAUDE_KEEPALIVE", str(DEFAULT_KEEPALIVE)),
         help="Default: %g (env CLAUDE_KEEPALIVE). Seconds a stream may stay silent before a "
         "keep-alive is sent (the headers too, if not sent yet); 0 sends none." % DEFAULT_KEEPALIVE)

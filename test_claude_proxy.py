@@ -8,6 +8,7 @@ working directory and environment it got, so tests can assert on what the proxy 
 """
 
 import collections
+import dataclasses
 import http.client
 import http.server
 import io
@@ -864,11 +865,11 @@ class ParseChatRequestTest(unittest.TestCase):
             with self.subTest(fields):
                 plan = self.parse(**fields)
                 for key, value in want.items():
-                    self.assertEqual(plan[key], value, key)
+                    self.assertEqual(getattr(plan, key), value, key)
 
     def test_defaults_apply_when_the_request_is_silent(self):
         plan = cp.parse_chat_request(self.base, default_model="haiku", default_effort="high")
-        self.assertEqual((plan["model"], plan["effort"]), ("haiku", "high"))
+        self.assertEqual((plan.model, plan.effort), ("haiku", "high"))
 
     def test_rejections(self):
         cases = [
@@ -934,21 +935,21 @@ class CliCommandTest(unittest.TestCase):
     def test_env(self):
         base = {"PATH": "/bin", "CLAUDECODE": "1", "CLAUDE_CODE_ENTRYPOINT": "cli",
                 "CLAUDE_PROXY_API_KEY": "secret", "CLAUDE_PROXY_CORS_ORIGINS": "*"}
-        env = cp.cli_env(base, {"max_tokens": 64})
+        env = cp.cli_env(base, cp.Plan({}, max_tokens=64))
         self.assertFalse([name for name in env if name.startswith("CLAUDE_PROXY_")], "the proxy's keys stay with it")
         self.assertNotIn("CLAUDECODE", env)
         self.assertNotIn("CLAUDE_CODE_ENTRYPOINT", env)
         self.assertEqual(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
         self.assertEqual(env["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "1", "the user's CLAUDE.md stays out")
-        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_CLAUDE_MDS="0"), {})["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "0")
+        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_CLAUDE_MDS="0"), cp.Plan({}))["CLAUDE_CODE_DISABLE_CLAUDE_MDS"], "0")
         self.assertEqual(env["CLAUDE_CODE_DISABLE_ATTACHMENTS"], "1", "no token-count reminders, a faster first message")
-        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_ATTACHMENTS="0"), {})["CLAUDE_CODE_DISABLE_ATTACHMENTS"], "0")
+        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_DISABLE_ATTACHMENTS="0"), cp.Plan({}))["CLAUDE_CODE_DISABLE_ATTACHMENTS"], "0")
         self.assertEqual(env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "64")
-        self.assertEqual(cp.cli_env(dict(base, DISABLE_AUTO_COMPACT="0"), {})["DISABLE_AUTO_COMPACT"], "1",
+        self.assertEqual(cp.cli_env(dict(base, DISABLE_AUTO_COMPACT="0"), cp.Plan({}))["DISABLE_AUTO_COMPACT"], "1",
                          "a history over the window is never summarised behind the client's back")
         self.assertEqual(env["CLAUDE_CODE_MAX_RETRIES"], cp.DEFAULT_CLI_MAX_RETRIES)
-        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_MAX_RETRIES="7"), {})["CLAUDE_CODE_MAX_RETRIES"], "7")
-        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", cp.cli_env(base, {}))
+        self.assertEqual(cp.cli_env(dict(base, CLAUDE_CODE_MAX_RETRIES="7"), cp.Plan({}))["CLAUDE_CODE_MAX_RETRIES"], "7")
+        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", cp.cli_env(base, cp.Plan({})))
         self.assertEqual(base["CLAUDECODE"], "1", "the proxy's own environment is left alone")
 
     def test_stdin_is_one_stream_json_line(self):
@@ -1225,14 +1226,14 @@ class ToolParsingTest(unittest.TestCase):
         for name, fields, offered, instruction, single in cases:
             with self.subTest(name):
                 plan = self.parse(**fields)
-                self.assertEqual([t["name"] for t in plan["tools"]], offered)
-                self.assertEqual(plan["single_tool_call"], single)
-                system = plan["system_prompt"] or ""
+                self.assertEqual([t["name"] for t in plan.tools], offered)
+                self.assertEqual(plan.single_tool_call, single)
+                system = plan.system_prompt or ""
                 if instruction:
                     self.assertIn(instruction, system)
                 else:
                     self.assertEqual(system, "")
-                self.assertEqual(plan["legacy_functions"], "functions" in fields and bool(offered))
+                self.assertEqual(plan.legacy_functions, "functions" in fields and bool(offered))
 
     def test_mcp_names_fit_the_api_limit_and_stay_unique(self):
         names = ["get_weather", "x" * 55, "x" * 56, "y" * 64, "y" * 63 + "z", "A-b_9"]
@@ -1275,7 +1276,7 @@ class ToolParsingTest(unittest.TestCase):
         ]
         for response_format, want in cases:
             with self.subTest(response_format):
-                self.assertEqual(self.parse(response_format=response_format)["json_schema"], want)
+                self.assertEqual(self.parse(response_format=response_format).json_schema, want)
 
     def test_argv_with_tools_and_schema(self):
         plan = self.parse(tools=[WEATHER])
@@ -4227,7 +4228,7 @@ class AnthropicRequestTest(unittest.TestCase):
         for name, messages, system, turns in cases:
             with self.subTest(name):
                 plan = self.parse(messages=messages)
-                self.assertEqual(plan["conversation"]["turns"], turns)
+                self.assertEqual(plan.conversation["turns"], turns)
 
     def test_system_prompt(self):
         cases = [
@@ -4242,18 +4243,18 @@ class AnthropicRequestTest(unittest.TestCase):
         for name, fields, system in cases:
             with self.subTest(name):
                 fields.setdefault("messages", [{"role": "user", "content": "hi"}])
-                self.assertEqual(self.parse(**fields)["system_prompt"], system)
+                self.assertEqual(self.parse(**fields).system_prompt, system)
 
     def test_fields(self):
         plan = self.parse(messages=[{"role": "user", "content": "hi"}], stream=True, stop_sequences=["END", ""],
                           temperature=0.2, top_p=0.9, top_k=5, metadata={"user_id": "u"},
                           cache_control={"type": "ephemeral"}, service_tier="auto")
-        self.assertEqual((plan["model"], plan["max_tokens"], plan["stream"], plan["stop"]),
+        self.assertEqual((plan.model, plan.max_tokens, plan.stream, plan.stop),
                          ("claude-sonnet-4-6", 100, True, ["END"]))
-        self.assertEqual((plan["tools"], plan["json_schema"], plan["show_thinking"], plan["effort"]),
+        self.assertEqual((plan.tools, plan.json_schema, plan.show_thinking, plan.effort),
                          ([], None, False, None))
         self.assertEqual(self.parse(messages=[{"role": "user", "content": "hi"}],
-                                    model="claude-opus-4-8[1m]")["model"], "claude-opus-4-8[1m]")
+                                    model="claude-opus-4-8[1m]").model, "claude-opus-4-8[1m]")
 
     def test_thinking_and_effort(self):
         cases = [
@@ -4275,7 +4276,7 @@ class AnthropicRequestTest(unittest.TestCase):
                 if effort:
                     fields["output_config"] = {"effort": effort}
                 plan = self.parse(**fields)
-                self.assertEqual((plan["effort"], plan["show_thinking"]), (want_effort, shown))
+                self.assertEqual((plan.effort, plan.show_thinking), (want_effort, shown))
 
     def test_tools(self):
         server_tool = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
@@ -4283,9 +4284,9 @@ class AnthropicRequestTest(unittest.TestCase):
                      "cache_control": {"type": "ephemeral"}}
         base = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL, server_tool, time_tool]}
         plan = self.parse(**base)
-        self.assertEqual([t["name"] for t in plan["tools"]], ["get_weather", "get_time"], "server tools left out")
-        self.assertEqual(plan["tools"][0]["input_schema"], WEATHER_TOOL["input_schema"])
-        self.assertEqual((plan["system_prompt"], plan["single_tool_call"]), (None, False))
+        self.assertEqual([t["name"] for t in plan.tools], ["get_weather", "get_time"], "server tools left out")
+        self.assertEqual(plan.tools[0]["input_schema"], WEATHER_TOOL["input_schema"])
+        self.assertEqual((plan.system_prompt, plan.single_tool_call), (None, False))
         cases = [
             ({"type": "auto"}, ["get_weather", "get_time"], None, False),
             ({"type": "auto", "disable_parallel_tool_use": True}, ["get_weather", "get_time"],
@@ -4297,12 +4298,12 @@ class AnthropicRequestTest(unittest.TestCase):
         for choice, names, instruction, single in cases:
             with self.subTest(choice):
                 plan = self.parse(tool_choice=choice, **base)
-                self.assertEqual([t["name"] for t in plan["tools"]], names)
-                self.assertEqual(plan["single_tool_call"], single)
+                self.assertEqual([t["name"] for t in plan.tools], names)
+                self.assertEqual(plan.single_tool_call, single)
                 if instruction:
-                    self.assertIn(instruction, plan["system_prompt"])
+                    self.assertIn(instruction, plan.system_prompt)
                 else:
-                    self.assertIsNone(plan["system_prompt"])
+                    self.assertIsNone(plan.system_prompt)
 
     def test_structured_output(self):
         schema = {"type": "object", "properties": {"a": {"type": "string"}}}
@@ -4310,7 +4311,7 @@ class AnthropicRequestTest(unittest.TestCase):
                        {"output_format": {"type": "json_schema", "schema": schema}}):
             with self.subTest(fields):
                 plan = self.parse(messages=[{"role": "user", "content": "hi"}], **fields)
-                self.assertEqual(plan["json_schema"], schema)
+                self.assertEqual(plan.json_schema, schema)
 
     def test_malformed_requests(self):
         user_msg = [{"role": "user", "content": "hi"}]
@@ -4471,7 +4472,7 @@ class AnthropicEventsTest(unittest.TestCase):
 
     def test_collected_message(self):
         handler = FakeHandler()
-        sink = cp.AnthropicMessageCollector(handler, "msg_1", "claude-sonnet-4-6", True)
+        sink = cp.AnthropicMessageCollector(cp.ReplyChannel(handler), "msg_1", "claude-sonnet-4-6", True)
         for event in [{"thinking": "Hm"}, {"signature": "c2"}, {"signature": "ln"}, {"text": "Let me "}, {"text": "check."},
                       {"call": 0, "id": "call_abc", "name": "get_weather"}, {"call": 0, "arguments": '{"city":'},
                       {"call": 0, "arguments": '"Paris"}'}, {"call": 1, "id": "call_def", "name": "get_time"},
@@ -4490,18 +4491,18 @@ class AnthropicEventsTest(unittest.TestCase):
 
     def test_revised_answer(self):
         handler = FakeHandler()
-        sink = cp.AnthropicMessageCollector(handler, "msg_1", "m", False)
+        sink = cp.AnthropicMessageCollector(cp.ReplyChannel(handler), "msg_1", "m", False)
         sink.event({"text": "Hel"})
         sink.event({"revised": "Hello, world"})
         sink.finish(FakeReply())
         self.assertEqual(handler.sent[1]["content"], [{"type": "text", "text": "Hello, world"}])
-        stream = cp.AnthropicStreamWriter(FakeHandler(), "msg_1", "m", False)
+        stream = cp.AnthropicStreamWriter(cp.ReplyChannel(FakeHandler()), "msg_1", "m", False)
         with self.assertRaises(cp.ProxyError):
             stream.event({"revised": "Hello, world"})
 
     def test_exact_stream_bytes(self):
         handler = FakeHandler()
-        sink = cp.AnthropicStreamWriter(handler, "msg_1", "claude-sonnet-4-6", False)
+        sink = cp.AnthropicStreamWriter(cp.ReplyChannel(handler), "msg_1", "claude-sonnet-4-6", False)
         sink.translator = FakeReply()
         for event in ({"text": "Hi"}, {"text": "!"}):
             sink.event(event)
@@ -4528,7 +4529,7 @@ class AnthropicEventsTest(unittest.TestCase):
 
     def test_error_after_the_start(self):
         handler = FakeHandler()
-        sink = cp.AnthropicStreamWriter(handler, "msg_1", "m", False)
+        sink = cp.AnthropicStreamWriter(cp.ReplyChannel(handler), "msg_1", "m", False)
         with self.assertRaises(cp.ProxyError):
             sink.fail(cp.timed_out(5))  # nothing sent yet: a real HTTP status
         sink.event({"text": "Hi"})
@@ -4817,8 +4818,8 @@ class ResponsesRequestTest(unittest.TestCase):
         for name, items, system, turns in cases:
             with self.subTest(name):
                 plan, _ = responses_plan({"input": items, "instructions": "I" if system else None})
-                self.assertEqual(plan["conversation"]["turns"], turns)
-                self.assertEqual(plan["system_prompt"], system)
+                self.assertEqual(plan.conversation["turns"], turns)
+                self.assertEqual(plan.system_prompt, system)
 
     def test_plan_fields(self):
         plan, request = responses_plan({"model": "opus", "input": "x", "stream": True, "max_output_tokens": 50,
@@ -4826,7 +4827,7 @@ class ResponsesRequestTest(unittest.TestCase):
                                         "temperature": 0.2, "metadata": {"k": "v"}, "user": "u", "prompt_cache_key": "p",
                                         "include": ["reasoning.encrypted_content"], "truncation": "auto",
                                         "service_tier": "auto", "background": False, "client_metadata": {}})
-        self.assertEqual({k: plan[k] for k in ("model", "effort", "stream", "max_tokens", "stop", "tools", "json_schema")},
+        self.assertEqual({k: getattr(plan, k) for k in ("model", "effort", "stream", "max_tokens", "stop", "tools", "json_schema")},
                          {"model": "opus", "effort": "low", "stream": True, "max_tokens": 50, "stop": [], "tools": [],
                           "json_schema": None})
         self.assertFalse(request["store"])
@@ -4840,10 +4841,10 @@ class ResponsesRequestTest(unittest.TestCase):
                           {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {}}},
                           {"type": "custom", "name": "freeform"}]}]
         plan, request = responses_plan({"input": "x", "tools": codex_like})
-        self.assertEqual([(t["name"], t["mcp_name"]) for t in plan["tools"]],
+        self.assertEqual([(t["name"], t["mcp_name"]) for t in plan.tools],
                          [("get_weather", "get_weather"), ("agents__spawn", "agents__spawn")])
         self.assertEqual(request["namespaces"], {"agents__spawn": ("agents", "spawn")})
-        self.assertIsNone(plan["system_prompt"])
+        self.assertIsNone(plan.system_prompt)
         cases = [
             ({"tool_choice": "required", "parallel_tool_calls": False},
              "You must answer by calling exactly one of the tools you are given. Call at most one tool in this reply.", 2),
@@ -4857,8 +4858,8 @@ class ResponsesRequestTest(unittest.TestCase):
         for fields, instruction, offered in cases:
             with self.subTest(fields):
                 plan, _ = responses_plan(dict({"input": "x", "tools": codex_like}, **fields))
-                self.assertEqual(len(plan["tools"]), offered)
-                self.assertEqual(plan["system_prompt"], instruction and cp.DEFAULT_SYSTEM_PROMPT + "\n\n" + instruction)
+                self.assertEqual(len(plan.tools), offered)
+                self.assertEqual(plan.system_prompt, instruction and cp.DEFAULT_SYSTEM_PROMPT + "\n\n" + instruction)
 
     def test_text_format(self):
         schema = {"type": "object", "properties": {"a": {"type": "string"}}}
@@ -4867,7 +4868,7 @@ class ResponsesRequestTest(unittest.TestCase):
                  ({"format": {"type": "text"}, "verbosity": "low"}, None), (None, None)]
         for text, want in cases:
             with self.subTest(text):
-                self.assertEqual(responses_plan({"input": "x", "text": text})[0]["json_schema"], want)
+                self.assertEqual(responses_plan({"input": "x", "text": text})[0].json_schema, want)
 
     def test_refused(self):
         cases = [
@@ -4927,7 +4928,7 @@ class ResponsesRequestTest(unittest.TestCase):
         body = {"input": [{"role": "user", "content": "Weather?"}] + refs
                 + [{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]}
         plan, request = cp.parse_responses_request(body, find_item=stored.get)
-        self.assertEqual(plan["conversation"]["turns"], [
+        self.assertEqual(plan.conversation["turns"], [
             {"role": "user", "content": [cp.text_block("Weather?")]},
             {"role": "assistant", "content": [cp.text_block("Let me check."),
                                               {"type": "tool_use", "id": "call_1", "name": "ns__f", "input": {"city": "Paris"}}]},
@@ -4954,8 +4955,8 @@ class ResponsesRequestTest(unittest.TestCase):
                 "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}
         plan, request = responses_plan(body)
         self.assertTrue(request["compacting"])
-        self.assertEqual(plan["conversation"]["turns"][-1]["content"][-1], cp.text_block(cp.COMPACTION_PROMPT))
-        self.assertEqual((plan["tools"], plan["json_schema"]), ([], None))
+        self.assertEqual(plan.conversation["turns"][-1]["content"][-1], cp.text_block(cp.COMPACTION_PROMPT))
+        self.assertEqual((plan.tools, plan.json_schema), ([], None))
         self.assertEqual(request["echo"]["tools"][0]["name"], "get_weather", "still echoed")
         self.assertFalse(responses_plan({"input": "x"})[1]["compacting"])
         with self.assertRaises(cp.ProxyError) as caught:
@@ -4971,7 +4972,7 @@ class ResponsesRequestTest(unittest.TestCase):
         plan, _ = responses_plan({"input": [{"role": "user", "content": "Fix the bug"}, item,
                                             {"type": "compaction", "encrypted_content": "gAAAAABo-openai-opaque"},
                                             {"role": "user", "content": "go on"}]})
-        self.assertEqual(plan["conversation"]["turns"], [{"role": "user", "content": [
+        self.assertEqual(plan.conversation["turns"], [{"role": "user", "content": [
             cp.text_block("Fix the bug"), cp.text_block(cp.COMPACTION_SUMMARY_HEADER + "The user wants X; done: Y."),
             cp.text_block("go on")]}], "OpenAI's own compaction is opaque: dropped")
 
@@ -4988,9 +4989,9 @@ class ResponsesRequestTest(unittest.TestCase):
                     "system_parts": ["Be brief."]}
         plan, request = responses_plan({"input": [{"type": "function_call_output", "call_id": "call_1", "output": "done"}],
                                         "instructions": "New rules."}, previous)
-        self.assertEqual(plan["system_prompt"], "New rules.\n\nBe brief.", "instructions are not carried over")
-        self.assertEqual([t["role"] for t in plan["conversation"]["turns"]], ["user", "assistant", "user"])
-        self.assertEqual(plan["conversation"]["turns"][2]["content"][0]["tool_use_id"], "call_1")
+        self.assertEqual(plan.system_prompt, "New rules.\n\nBe brief.", "instructions are not carried over")
+        self.assertEqual([t["role"] for t in plan.conversation["turns"]], ["user", "assistant", "user"])
+        self.assertEqual(plan.conversation["turns"][2]["content"][0]["tool_use_id"], "call_1")
         self.assertEqual(len(previous["turns"]), 2, "the stored conversation is not changed")
         self.assertEqual(request["system_parts"], ["Be brief."])
 
@@ -5093,6 +5094,8 @@ class ResponsesEventsTest(unittest.TestCase):
 class SseRecorder:
     """Just what SseStream writes to."""
 
+    request_id = "req_test"
+
     def __init__(self):
         self.wfile = self
         self.head, self.body = [], b""
@@ -5117,7 +5120,7 @@ class ResponsesWireTest(unittest.TestCase):
     def writer(self, **options):
         handler = SseRecorder()
         ids = iter(range(100))
-        writer = cp.ResponsesStreamWriter(handler, "resp_1", 7, "m", {"store": False}, None, None, False,
+        writer = cp.ResponsesStreamWriter(cp.ReplyChannel(handler), "resp_1", 7, "m", {"store": False}, None, None, False,
                                           lambda prefix: "%s_%d" % (prefix, next(ids)), lambda: 9.5)
         return handler, writer
 
@@ -5156,7 +5159,7 @@ class ResponsesWireTest(unittest.TestCase):
         for stop_reason, want in (("end_turn", ["Whole summary."]), ("max_tokens", [])):
             with self.subTest(stop_reason):
                 handler = SseRecorder()
-                writer = cp.ResponsesStreamWriter(handler, "resp_1", 7, "m", {}, compacting=True)
+                writer = cp.ResponsesStreamWriter(cp.ReplyChannel(handler), "resp_1", 7, "m", {}, compacting=True)
                 writer.event({"text": "Half"})
                 self.assertEqual(handler.body, b"", "nothing of the summary goes out as it comes")
                 writer.event({"revised": "Whole summary."})
@@ -5297,7 +5300,7 @@ class ResponsesSchemaTest(unittest.TestCase):
         kind = cp.ResponsesStreamWriter if stream else cp.ResponsesCollector
         if not stream:
             handler.send_json = lambda status, obj: handler.write(json.dumps(obj).encode())
-        writer = kind(handler, "resp_1", 7, "sonnet", self.ECHO, None, None, False, compacting=compacting)
+        writer = kind(cp.ReplyChannel(handler), "resp_1", 7, "sonnet", self.ECHO, None, None, False, compacting=compacting)
         for event in cli_events:
             for reply_event in translator.feed(event):
                 writer.event(reply_event)
@@ -5975,11 +5978,11 @@ class ConformanceServerTest(ServerTestCase):
             status, _, raw = self.request("POST", "/v1/responses", body)
             self.assertEqual(status, 200, raw)
         conv = cp.parse_chat_request({"messages": [{"role": "developer", "content": "A"},
-                                                   {"role": "system", "content": "B"}]})["conversation"]
+                                                   {"role": "system", "content": "B"}]}).conversation
         self.assertEqual(conv, {"system": None, "turns": [{"role": "user", "content": [
             {"type": "text", "text": "A\n\nB"}]}]})
         self.assertEqual(cp.parse_chat_request({"messages": [{"role": "system", "content": "S"},
-                                                             {"role": "user", "content": "U"}]})["system_prompt"], "S")
+                                                             {"role": "user", "content": "U"}]}).system_prompt, "S")
 
     def test_responses_and_messages_shapes(self):
         tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
@@ -6797,7 +6800,7 @@ class ClaudeCodeSystemPromptTest(unittest.TestCase):
         plan = cp.parse_messages_request({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], "system": [
             {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
             {"type": "text", "text": "You are Claude Code."}]})
-        self.assertEqual(plan["system_prompt"], "You are Claude Code.")
+        self.assertEqual(plan.system_prompt, "You are Claude Code.")
 
 
 class DeferredToolTest(ServerTestCase):
@@ -7184,35 +7187,36 @@ class CacheTtlTest(unittest.TestCase):
                  "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL")
         for ttl, want in cases:
             with self.subTest(ttl):
-                env = cp.cli_env(base, {"cache_ttl": ttl})
+                env = cp.cli_env(base, cp.Plan({}, cache_ttl=ttl))
                 self.assertEqual({k: env[k] for k in names if k in env}, want)
 
     def test_the_lifetime_is_part_of_the_process_shape(self):
-        self.assertNotEqual(cp.run_shape({"cache_ttl": "5m"}), cp.run_shape({"cache_ttl": "1h"}))
+        self.assertNotEqual(cp.run_shape(cp.Plan({}, cache_ttl="5m")), cp.run_shape(cp.Plan({}, cache_ttl="1h")))
 
     def plan(self, *texts):
         turns = [{"role": "user" if n % 2 == 0 else "assistant", "content": [{"type": "text", "text": t}]}
                  for n, t in enumerate(texts)]
-        return {"model": "sonnet", "conversation": {"turns": turns}}
+        return cp.Plan({"system": None, "turns": turns}, model="sonnet")
 
     def test_auto_gives_1h_once_the_turns_come_further_apart_than_the_gap(self):
         clock = Clock(1000.0)
         rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
         first = self.plan("hi")
-        first["cache_ttl"], switched = rhythm.ttl_for("k", first, True)
-        self.assertEqual((first["cache_ttl"], switched), ("5m", False))
+        ttl, switched = rhythm.ttl_for("k", first, True)
+        first = dataclasses.replace(first, cache_ttl=ttl)
+        self.assertEqual((first.cache_ttl, switched), ("5m", False))
         rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, True)
         clock.now += 60
         second = self.plan("hi", "hello", "more")
         self.assertEqual(rhythm.ttl_for("k", second, True), ("5m", False), "a minute apart: 5-minute entries")
         self.assertEqual(rhythm.ttl_for("other key", second, True), ("5m", False), "another client's is not this one")
-        rhythm.replied("k", dict(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}], clock.now, True)
+        rhythm.replied("k", dataclasses.replace(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}], clock.now, True)
         clock.now += 200  # the reply took 200 s: the gap counts from the request
         third = self.plan("hi", "hello", "more", "ok", "and")
         self.assertEqual(rhythm.ttl_for("k", third, True), ("5m", False))
         clock.now += 100
         self.assertEqual(rhythm.ttl_for("k", third, True), ("1h", True), "300 s after the request that wrote it")
-        rhythm.replied("k", dict(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}], clock.now, True)
+        rhythm.replied("k", dataclasses.replace(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}], clock.now, True)
         clock.now += 5
         fourth = self.plan("hi", "hello", "more", "ok", "and", "sure", "then")
         self.assertEqual(rhythm.ttl_for("k", fourth, True), ("1h", False), "a slow conversation stays on 1-hour entries")
@@ -7226,12 +7230,12 @@ class CacheTtlTest(unittest.TestCase):
         self.assertEqual(len(rhythm._seen), 0, "an API key's conversations are not even remembered")
         operator = cp.TurnRhythm("auto", env={"ENABLE_PROMPT_CACHING_1H": "1"})
         self.assertEqual(operator.ttl_for("k", self.plan("hi"), True), (None, False))
-        self.assertEqual(cp.cli_env({"ENABLE_PROMPT_CACHING_1H": "1"}, {"cache_ttl": None})["ENABLE_PROMPT_CACHING_1H"], "1")
+        self.assertEqual(cp.cli_env({"ENABLE_PROMPT_CACHING_1H": "1"}, cp.Plan({}, cache_ttl=None))["ENABLE_PROMPT_CACHING_1H"], "1")
 
     def test_a_conversation_keeps_its_lifetime_until_it_turns_slow(self):
         clock = Clock(0.0)
         rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
-        first = dict(self.plan("hi"), cache_ttl=None)  # before the proxy knew it was a subscriber
+        first = dataclasses.replace(self.plan("hi"), cache_ttl=None)  # before the proxy knew it was a subscriber
         rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, None)
         clock.now += 10
         self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), (None, False),
@@ -7501,7 +7505,7 @@ class DocumentParsingTest(unittest.TestCase):
         def parse(*parts, role="user"):
             plan, _ = cp.parse_responses_request({"input": [{"role": role, "content": list(parts)},
                                                             {"role": "user", "content": "x"}]})
-            return plan["conversation"]["turns"][0]["content"]
+            return plan.conversation["turns"][0]["content"]
         cases = [
             ("a PDF", {"file_data": PDF_URL, "filename": "r.pdf"}, pdf_document("r.pdf")),
             ("a text file", {"file_data": "data:text/plain;base64," + b64("hello"), "filename": "a.txt"},
@@ -7530,7 +7534,7 @@ class DocumentParsingTest(unittest.TestCase):
             {"role": "user", "content": "x"}, {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c", "output": [
                 {"type": "input_text", "text": "read:"}, {"type": "input_file", "file_data": PDF_URL}]}]})
-        self.assertEqual(plan["conversation"]["turns"][2]["content"], [
+        self.assertEqual(plan.conversation["turns"][2]["content"], [
             {"type": "tool_result", "tool_use_id": "c", "content": [cp.text_block("read:"), pdf_document()], "is_error": False}],
             "a function's output may be a file, as an image")
 
@@ -7538,7 +7542,7 @@ class DocumentParsingTest(unittest.TestCase):
         def parse(block, role="user"):
             plan = cp.parse_messages_request({"max_tokens": 10, "messages": [
                 {"role": role, "content": [block]}, {"role": "user", "content": "x"}]})
-            return plan["conversation"]["turns"][0]["content"]
+            return plan.conversation["turns"][0]["content"]
         pdf_source = {"type": "base64", "media_type": "application/pdf", "data": PDF_B64}
         cases = [
             ("a base64 PDF", {"type": "document", "source": pdf_source}, pdf_document()),
@@ -7886,14 +7890,14 @@ class WorkspaceTablesTest(unittest.TestCase):
                 self.assertEqual(argv, ["--tools", tools] + base + (["--allowedTools", allowed] if allowed else []))
 
     def test_cli_argv_with_and_without_a_workspace(self):
-        plan = {"model": "sonnet", "tools": None}
+        plan = cp.Plan(conversation={"system": None, "turns": []}, model="sonnet")
         plain = cp.cli_argv("claude", plan, "/p")
         # Today's argv, exactly: no tool of the CLI's, no permission flags.
         self.assertEqual(plain[plain.index("--tools"):plain.index("--tools") + 2], ["--tools", ""])
         for flag in ("--permission-mode", "--allowedTools", "--setting-sources", "--add-dir",
                      "--dangerously-skip-permissions"):
             self.assertNotIn(flag, plain)
-        argv = cp.cli_argv("claude", dict(plan, workspace=cp.Workspace("", self.folder, ("Edit",), 60)), "/p")
+        argv = cp.cli_argv("claude", dataclasses.replace(plan, workspace=cp.Workspace("", self.folder, ("Edit",), 60)), "/p")
         self.assertEqual(argv[:argv.index("--tools")], plain[:plain.index("--tools")])
         self.assertIn("Read,Glob,Grep,Edit", argv)
         self.assertNotIn("", argv)
@@ -8444,7 +8448,7 @@ class RealCliTestCase(ServerTestCase):
         done = subprocess.run([REAL_CLI, "-p", "--output-format", "stream-json", "--verbose", "--tools", "",
                                "--no-session-persistence"] + list(flags), input=prompt.encode(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
-                              env=cp.cli_env(self.cli_env(TMPDIR=workdir, **env), {}), timeout=self.timeout)
+                              env=cp.cli_env(self.cli_env(TMPDIR=workdir, **env), cp.Plan({})), timeout=self.timeout)
         lines = done.stdout.decode().splitlines()
         return done.returncode, [json.loads(line) for line in lines if line.startswith("{")]
 
