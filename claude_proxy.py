@@ -3203,6 +3203,23 @@ def own_folder(path):
     return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
 
 
+#: In a workspace run's folder: where it works and the session file it resumes, both outside
+#: the proxy's folder, for the next proxy to clean up should this one be killed (see
+#: remove_leftovers): {"cwd": the workspace's folder, "session": path or null}.
+WORKSPACE_RUN_FILE = "workspace.json"
+
+
+def workspace_run_note(run_folder):
+    """(working directory, session file or None) of a dead proxy's workspace run, from its
+    WORKSPACE_RUN_FILE; None for any other run."""
+    try:
+        with open(os.path.join(run_folder, WORKSPACE_RUN_FILE), encoding="utf-8") as f:
+            note = json.load(f)
+        return str(note["cwd"]), note["session"] if isinstance(note["session"], str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def unregister_run(registry, pid, within):
     """Remove a run's entry from the CLI's registry of live sessions (<registry>/<pid>.json and
     <pid>.<hash>.key): only when the entry is that pid's and names a working directory at or
@@ -3254,7 +3271,7 @@ def remove_leftovers(tmpdir=None, registries=None):
                 roots = [line.strip() for line in f if line.strip()]
         except OSError:
             roots = []
-        pids = []
+        pids, cwds, sessions = [], {}, []
         for run in os.listdir(folder):
             if not run.endswith(CLI_PID_SUFFIX):
                 continue
@@ -3262,13 +3279,26 @@ def remove_leftovers(tmpdir=None, registries=None):
                 with open(os.path.join(folder, run), encoding="utf-8") as f:
                     pid, start = f.read().split()
                 pids.append(int(pid))
+                # A workspace run works outside this folder, and its session file is among the
+                # user's own sessions of that folder: only that file goes.
+                note = workspace_run_note(os.path.join(folder, run[:-len(CLI_PID_SUFFIX)]))
+                if note:
+                    cwds[int(pid)] = note[0]
+                    sessions += [note[1]] if note[1] else []
                 if os.name != "nt" and process_start(int(pid)) == start:
                     os.killpg(int(pid), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
         for registry in set(registries) | {os.path.join(os.path.dirname(r), "sessions") for r in roots}:
             for pid in pids:
-                unregister_run(registry, pid, folder)
+                unregister_run(registry, pid, cwds.get(pid, folder))
+        for path in sessions:
+            if path.endswith(".jsonl") and any(os.path.dirname(os.path.dirname(path)) ==
+                                               os.path.normpath(root) for root in roots):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
         prefix = session_name(folder) + "-"
         for root in roots:
             try:
@@ -3621,6 +3651,10 @@ class CliRunner:
                 self.folders.note_sessions(os.path.dirname(sessions))
                 os.makedirs(sessions, mode=0o700, exist_ok=True)
                 path = os.path.join(sessions, session_id + ".jsonl")
+            if workspace:  # before the session file: a killed proxy's successor finds it
+                with open(os.path.join(workdir, WORKSPACE_RUN_FILE), "w", encoding="utf-8") as f:
+                    json.dump({"cwd": cwd, "session": path}, f)
+            if history:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 # The model the session names: the one the CLI runs, given no --model.
                 model = plan.model or self.default_model or DEFAULT_SESSION_MODEL

@@ -8144,6 +8144,49 @@ class WorkspaceServerTest(ServerTestCase):
                                      code="timeout")
         self.assertEqual(error["message"], "The claude CLI did not finish within 0.5 s (CLAUDE_WORKSPACE_TIMEOUT).")
 
+    def test_a_killed_proxys_workspace_runs_leave_nothing(self):
+        # A workspace run works in the user's folder, and a resumed one's session file is among
+        # the user's own sessions of it: the next start removes that file and the run's entry in
+        # the CLI's registry of live sessions, and nothing else of the user's.
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        projects = tempfile.mkdtemp(prefix="cp-test-projects-")
+        self.addCleanup(shutil.rmtree, projects, True)
+        registry = os.path.join(os.path.dirname(projects), os.path.basename(projects) + "-sessions")
+        os.makedirs(registry)
+        self.addCleanup(shutil.rmtree, registry, True)
+        dead = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "dead")
+        os.makedirs(os.path.join(dead, "run-1"))
+        open(os.path.join(dead, cp.OWNER_FILE), "w").close()
+        with open(os.path.join(dead, cp.SESSION_ROOTS_FILE), "w") as f:
+            f.write(projects + "\n")
+        project = os.path.join(projects, cp.session_name(self.folder))
+        os.makedirs(project)
+        ours, users = os.path.join(project, "run.jsonl"), os.path.join(project, "users-own.jsonl")
+        for path in (ours, users):
+            open(path, "w").close()
+        with open(os.path.join(dead, "run-1" + cp.CLI_PID_SUFFIX), "w") as f:
+            f.write("999981 -")
+        with open(os.path.join(dead, "run-1", cp.WORKSPACE_RUN_FILE), "w") as f:
+            json.dump({"cwd": self.folder, "session": ours}, f)
+        for pid in (999981, 999982):  # the dead proxy's run; someone's session in the same folder
+            with open(os.path.join(registry, "%d.json" % pid), "w") as f:
+                json.dump({"pid": pid, "cwd": self.folder}, f)
+        self.assertEqual(cp.remove_leftovers(tmpdir, registries=[registry]), [dead])
+        self.assertEqual(os.listdir(project), ["users-own.jsonl"])
+        self.assertEqual(os.listdir(registry), ["999982.json"])
+
+    def test_a_workspace_run_notes_where_it_works(self):
+        plan = cp.Plan(conversation={"system": None, "turns": []}, workspace=self.workspaces[""])
+        run = self.ws_server.runner.spawn(plan, cp.run_shape(plan))
+        try:
+            with open(os.path.join(run.workdir, cp.WORKSPACE_RUN_FILE)) as f:
+                self.assertEqual(json.load(f), {"cwd": self.folder, "session": None})
+            self.assertEqual(run.cwd, self.folder)
+        finally:
+            run.stop()
+        self.assertFalse(os.path.exists(run.workdir))
+
     def test_the_clients_own_tools_do_not_combine(self):
         body = dict(user("hi"), tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
         _, error = self.assert_error(self.post("/workspace/v1/chat/completions", body), 400, "tools",
