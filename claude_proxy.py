@@ -2106,6 +2106,8 @@ def workspace_route(path, workspaces):
     name, rest = "", path[len(WORKSPACE_PREFIX):] or "/"
     if first and first != "v1":
         name, rest = first, "/" + (segments[2] if len(segments) > 2 else "")
+    if not rest.startswith("/v1/"):
+        rest = ""  # the API only: the page, /health and /metrics are the proxy's, in no workspace
     if not workspaces:
         return None, rest, ProxyError(
             404, "Workspace mode is off: start the proxy with --workspace DIR (env "
@@ -2119,6 +2121,18 @@ def workspace_route(path, workspaces):
                 repr(name) if name else "at %s/v1" % WORKSPACE_PREFIX, served),
             "invalid_request_error", None, "workspace_not_found")
     return workspaces[name], rest, None
+
+
+def in_workspace(plan, workspace):
+    """The plan of a request under /workspace (workspace_route) runs in its workspace, with the
+    CLI's own tools; the client's own functions are not combined with them (a 400): the CLI's
+    tool loop runs inside one request, a client's across requests."""
+    if workspace is None:
+        return plan
+    _require(not plan.tools, "Workspace mode runs Claude Code's own tools; a request under %s "
+             "cannot also offer its own `tools` (send them to /v1)" % WORKSPACE_PREFIX, "tools",
+             "workspace_tools_conflict")
+    return dataclasses.replace(plan, workspace=workspace)
 
 
 def workspace_prompt(workspace):
@@ -7381,21 +7395,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_any
 
     def route(self, method, path):
-        """(allowed methods, handler method, its arguments) for a path, or None. A path under
-        /workspace is the endpoint below it, answered in that workspace (self.workspace), or
-        refused once the client has shown its key (self.workspace_refusal)."""
+        """(allowed methods, handler method, its arguments) for a path, or None."""
         path = path.split("?", 1)[0].rstrip("/") or "/"
         self.workspace = self.workspace_refusal = None
         if path == WORKSPACE_PREFIX or path.startswith(WORKSPACE_PREFIX + "/"):
+            # The API below it, in that workspace; refused once the client has shown its key.
             self.workspace, path, self.workspace_refusal = workspace_route(
                 path, self.server.config.workspaces)
-            found = self.endpoint(path)
-            # The API only: the page, /health and /metrics are the proxy's, under no workspace.
-            return found if found and found[1] not in (self.health, self.metrics, self.web_page,
-                                                       self.root) else None
-        return self.endpoint(path)
-
-    def endpoint(self, path):
         if path in ("/v1/chat/completions", "/chat/completions"):
             return ("POST",), self.chat_completions, ()
         if path in ("/v1/responses", "/responses"):
@@ -7605,26 +7611,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def get_model(self, model_id):
         self.send_json(200, model_lookup(self.server.config, model_id, self.dialect))
 
-    def in_workspace(self, plan):
-        """The plan of a request under /workspace (see route) runs in its workspace, with the
-        CLI's own tools; the client's own functions are not combined with them (a 400): the
-        CLI's tool loop runs inside one request, a client's across requests."""
-        if self.workspace is not None:
-            _require(not plan.tools, "Workspace mode runs Claude Code's own tools; a "
-                     "request under %s cannot also offer its own `tools` (send them to /v1)"
-                     % WORKSPACE_PREFIX, "tools", "workspace_tools_conflict")
-            plan = dataclasses.replace(plan, workspace=self.workspace)
-        return plan
-
     def chat_completions(self):
         config = self.server.config
-        plan = self.in_workspace(parse_chat_request(self.read_json(), config.model, config.effort))
+        plan = in_workspace(parse_chat_request(self.read_json(), config.model, config.effort),
+                            self.workspace)
         self.answer(plan, chat_sink(ReplyChannel(self), plan, "chatcmpl-" + uuid.uuid4().hex, int(time.time())))
 
     def messages(self):
         """POST /v1/messages: the Anthropic Messages API over the same runs."""
         config = self.server.config
-        plan = self.in_workspace(parse_messages_request(self.read_json(), config.model, config.effort))
+        plan = in_workspace(parse_messages_request(self.read_json(), config.model, config.effort),
+                            self.workspace)
         self.answer(plan, anthropic_sink(ReplyChannel(self), plan, "msg_" + uuid.uuid4().hex[:24]))
 
     def create_response(self):
@@ -7632,7 +7629,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         response_id = "resp_" + uuid.uuid4().hex
         plan, request, keep = self.server.proxy.responses_request(self.read_json(), self.client_scope(),
                                                                   response_id)
-        plan = self.in_workspace(plan)
+        plan = in_workspace(plan, self.workspace)
         sink_type = ResponsesStreamWriter if plan.stream else ResponsesCollector
         self.answer(plan, sink_type(ReplyChannel(self), response_id, int(time.time()), plan.model, request["echo"],
                                     request["namespaces"], keep, bool(plan.json_schema),

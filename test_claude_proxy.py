@@ -7913,7 +7913,8 @@ class WorkspaceTablesTest(unittest.TestCase):
         for path, workspaces, workspace, rest, refused in [
                 ("/workspace/v1/chat/completions", served, default, "/v1/chat/completions", None),
                 ("/workspace/v1/messages", served, default, "/v1/messages", None),
-                ("/workspace/v1", served, default, "/v1", None),
+                ("/workspace/v1", served, default, "", None),  # no endpoint: 404 not_found
+                ("/workspace/docs/health", served, named, "", None),
                 ("/workspace/docs/v1/responses", served, named, "/v1/responses", None),
                 ("/workspace/docs/v1/messages", served, named, "/v1/messages", None),
                 ("/workspace/other/v1/messages", served, None, "/v1/messages", "No workspace 'other'"),
