@@ -884,6 +884,13 @@ def parse_function(function, param):
             "input_schema": schema}
 
 
+def with_instruction(system_prompt, tool_instruction):
+    """The system prompt with a tool-choice instruction after it (the CLI has no tool_choice)."""
+    if not tool_instruction:
+        return system_prompt
+    return (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
+
+
 def offered_tools(functions, mode, wanted, single, tools_param, choice_param):
     """What every dialect's tool choice comes to: (the functions the model is offered, the
     instruction for the system prompt). The CLI has no tool_choice: "required" and a named
@@ -1174,23 +1181,9 @@ def parse_chat_request(body, default_model=None, default_effort=None):
 
     tools, tool_instruction, single_tool_call, legacy_functions = parse_tools(body)
     json_schema = parse_response_format(body.get("response_format"))
-    if tool_instruction:
-        system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
-
-    return Plan(
-        model=model,
-        effort=effort,
-        system_prompt=system_prompt,
-        conversation=conv,
-        stream=bool(stream),
-        include_usage=include_usage,
-        max_tokens=max_tokens,
-        stop=stop,
-        tools=tools,
-        single_tool_call=single_tool_call,
-        legacy_functions=legacy_functions and bool(tools),
-        json_schema=json_schema,
-    )
+    return Plan(conv, model, effort, with_instruction(system_prompt, tool_instruction), stream,
+                include_usage, max_tokens, stop, tools, single_tool_call,
+                legacy_functions=legacy_functions and bool(tools), json_schema=json_schema)
 
 
 # OpenAI Responses request ###################################################################
@@ -1530,23 +1523,9 @@ def parse_responses_request(body, default_model=None, default_effort=None, previ
     json_schema = responses_text_format(body.get("text"))
     if compacting:  # a summary in words: no calls, no schema
         tools, tool_instruction, single_tool_call, json_schema = [], None, False, None
-    if tool_instruction:
-        system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
-
-    plan = Plan(
-        model=model,
-        effort=effort,
-        system_prompt=system_prompt,
-        conversation=conv,
-        stream=bool(stream),
-        include_usage=False,
-        max_tokens=max_tokens,
-        stop=[],
-        tools=tools,
-        single_tool_call=single_tool_call,
-        legacy_functions=False,
-        json_schema=json_schema,
-    )
+    plan = Plan(conv, model, effort, with_instruction(system_prompt, tool_instruction), stream,
+                max_tokens=max_tokens, tools=tools, single_tool_call=single_tool_call,
+                json_schema=json_schema)
     text = body.get("text") if isinstance(body.get("text"), dict) else {}
     request = {
         "store": store is not False,
@@ -1927,24 +1906,10 @@ def parse_messages_request(body, default_model=None, default_effort=None):
 
     effort, show_thinking = anthropic_effort(body, default_effort)
     tools, tool_instruction, single_tool_call = anthropic_tools(body.get("tools"), body.get("tool_choice"))
-    system_prompt = conv["system"]
-    if tool_instruction:
-        system_prompt = (system_prompt or DEFAULT_SYSTEM_PROMPT) + "\n\n" + tool_instruction
-    return Plan(
-        model=model,
-        effort=effort,
-        system_prompt=system_prompt,
-        conversation=conv,
-        stream=bool(stream),
-        include_usage=False,
-        max_tokens=max_tokens,
-        stop=[s for s in stop or [] if s],
-        tools=tools,
-        single_tool_call=single_tool_call,
-        legacy_functions=False,
-        json_schema=anthropic_output_schema(body),
-        show_thinking=show_thinking,
-    )
+    return Plan(conv, model, effort, with_instruction(conv["system"], tool_instruction), stream,
+                max_tokens=max_tokens, stop=[s for s in stop or [] if s], tools=tools,
+                single_tool_call=single_tool_call, json_schema=anthropic_output_schema(body),
+                show_thinking=show_thinking)
 
 
 #: A PDF's page objects, counted for an estimate: pages kept in compressed object streams are
