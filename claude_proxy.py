@@ -1966,8 +1966,10 @@ def estimate_tokens(plan):
 #: would also write anywhere: the proxy turns it into `Edit(./**)` (Edit rules cover every
 #: tool that writes files), the folder and below. Bash commands are allowed by the rules
 #: granted (`Bash(git diff:*)`); the CLI itself refuses a command that names a path outside
-#: the folder, or chains another command. A folder's own .claude/settings.json (its hooks,
-#: its allow rules) is not loaded: --setting-sources user.
+#: the folder, or chains another command. No settings file is loaded (--setting-sources ""):
+#: neither the folder's own .claude/settings.json (its hooks, its allow rules) nor the user's,
+#: whose allow rules would widen the grants (a user rule `Read` let the model read
+#: /etc/hostname). A login from the environment or the CLI's credentials works as before.
 
 #: Offered in every workspace: what reading and listing the folder takes (2.1.332 has no LS
 #: tool: Glob lists files).
@@ -2056,7 +2058,7 @@ def workspace_argv(workspace):
         if rule not in allowed:
             allowed.append(rule)
     argv = ["--tools", ",".join(offered), "--permission-mode", "dontAsk",
-            "--setting-sources", "user"]
+            "--setting-sources", ""]
     if allowed:
         argv += ["--allowedTools", ",".join(allowed)]
     return argv

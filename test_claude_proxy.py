@@ -3173,7 +3173,7 @@ class WorkspaceTablesTest(unittest.TestCase):
                 cp.parse_workspace_grants(text)
 
     def test_argv_for_each_grant(self):
-        base = ["--permission-mode", "dontAsk", "--setting-sources", "user"]
+        base = ["--permission-mode", "dontAsk", "--setting-sources", ""]
         for grants, tools, allowed in [
                 ((), "Read,Glob,Grep", None),
                 # A bare Read/Glob/Grep rule would allow every path: the mode allows the folder.
@@ -3199,7 +3199,7 @@ class WorkspaceTablesTest(unittest.TestCase):
         argv = cp.cli_argv("claude", dataclasses.replace(plan, workspace=cp.Workspace("", self.folder, ("Edit",), 60)), "/p")
         self.assertEqual(argv[:argv.index("--tools")], plain[:plain.index("--tools")])
         self.assertIn("Read,Glob,Grep,Edit", argv)
-        self.assertNotIn("", argv)
+        self.assertEqual(argv[argv.index("--setting-sources") + 1], "")  # no settings file at all
         self.assertEqual(argv[argv.index("--max-turns") + 1], str(cp.TOOL_LOOP_MAX_TURNS))
         for flag in ("--add-dir", "--dangerously-skip-permissions", "--mcp-config", "--allow-dangerously-skip-permissions"):
             self.assertNotIn(flag, argv)
@@ -9014,6 +9014,10 @@ class RealCliWorkspaceTest(RealCliTestCase):
         cls.secret = os.path.join(cls.tmp, "secret.txt")
         with open(cls.secret, "w") as f:
             f.write("not for the model\n")
+        # The user's own allow rules must not widen a workspace's grants (no settings load there).
+        os.makedirs(os.path.join(cls.home, ".claude"), exist_ok=True)
+        with open(os.path.join(cls.home, ".claude", "settings.json"), "w") as f:
+            json.dump({"permissions": {"allow": ["Read", "Bash"]}}, f)
         cls.ws_server = cls.make_server(workspaces=cp.parse_workspaces([cls.folder], (), 60))
         cls.stop_ws = cls.start(cls.ws_server)
 
