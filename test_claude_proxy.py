@@ -9049,6 +9049,16 @@ class RealCliWorkspaceTest(RealCliTestCase):
                       message["reasoning_content"])
         self.assertNotIn("not for the model", json.dumps(self.api.model_calls()))
 
+    def test_a_conversation_goes_on_in_real_turns(self):
+        first = json.loads(self.ask("USETOOL:Read:notes.txt"))["choices"][0]["message"]["content"]
+        self.ask("USETOOL:Glob:*.txt", messages=[{"role": "user", "content": "USETOOL:Read:notes.txt"},
+                                                 {"role": "assistant", "content": first},
+                                                 {"role": "user", "content": "USETOOL:Glob:*.txt"}])
+        second = self.api.model_calls()[-2]  # the call that asked for the Glob
+        self.assertEqual(self.roles(second), ["user", "assistant", "user"])
+        self.assertEqual(self.texts(self.turns(second)[1]), [first])
+        self.assertEqual(self.sessions_left(), [], "the resumed session file goes with its run")
+
     def test_no_tool_is_offered_without_a_workspace(self):
         self.ok(user("USETOOL:Read:" + self.secret))
         self.assertEqual([body.get("tools") or [] for body in self.api.model_calls()], [[]])
