@@ -279,8 +279,8 @@ def tmpdir_unavailable(reason):
                       "server_error", None, "tmpdir_unavailable", {"Retry-After": "5"})
 
 
-def timed_out(seconds):
-    return ProxyError(504, "The claude CLI did not finish within %g s (CLAUDE_TIMEOUT)." % seconds,
+def timed_out(seconds, setting="CLAUDE_TIMEOUT"):
+    return ProxyError(504, "The claude CLI did not finish within %g s (%s)." % (seconds, setting),
                       "server_error", None, "timeout")
 
 
@@ -853,6 +853,7 @@ class Plan:
     show_thinking: bool = False          # Messages' thinking enabled: thinking blocks shown
     max_budget_usd: Optional[float] = None  # --max-budget-usd, from CLAUDE_MAX_REQUEST_USD
     cache_ttl: Optional[str] = None      # the prompt cache's lifetime (TurnRhythm)
+    workspace: "Optional[Workspace]" = None  # Workspace mode: the folder and its tools (route)
 
 
 def mcp_tool_name(name):
@@ -1952,6 +1953,202 @@ def estimate_tokens(plan):
     return -(-characters // 4) + 1600 * images + PDF_PAGE_TOKENS * pages + 4 * len(turns)
 
 
+# Workspace mode #############################################################################
+#: Claude Code's own tools, for the clients that asked for them by their base URL
+#: (/workspace/v1, or /workspace/NAME/v1), in one folder the user named at start (--workspace).
+#: Everything else runs as before: no CLI tool is offered anywhere else.
+#:
+#: How the CLI confines a run (2.1.332 and 2.1.197, measured against a fake API; README,
+#: Workspace mode): in --permission-mode dontAsk a tool call that no rule allows is refused,
+#: never asked about. Read, Glob and Grep are allowed by the mode itself inside the working
+#: directory and refused outside it, so they are offered (--tools) but never given an allow
+#: rule: a bare `Read` rule allows every path on the machine. A bare `Edit` or `Write` rule
+#: would also write anywhere: the proxy turns it into `Edit(./**)` (Edit rules cover every
+#: tool that writes files), the folder and below. Bash commands are allowed by the rules
+#: granted (`Bash(git diff:*)`); the CLI itself refuses a command that names a path outside
+#: the folder, or chains another command. No settings file is loaded (--setting-sources ""):
+#: neither the folder's own .claude/settings.json (its hooks, its allow rules) nor the user's,
+#: whose allow rules would widen the grants (a user rule `Read` let the model read
+#: /etc/hostname). A login from the environment or the CLI's credentials works as before.
+
+#: Offered in every workspace: what reading and listing the folder takes (2.1.332 has no LS
+#: tool: Glob lists files).
+WORKSPACE_READ_TOOLS = ("Read", "Glob", "Grep")
+#: The tools an `Edit(...)` rule governs: a bare grant of one of them is scoped to the folder.
+WORKSPACE_EDIT_TOOLS = ("Edit", "Write", "MultiEdit", "NotebookEdit")
+WORKSPACE_EDIT_RULE = "Edit(./**)"
+DEFAULT_WORKSPACE_TIMEOUT = 1800.0  # an agent's run reads, searches and thinks for minutes
+WORKSPACE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+WORKSPACE_PREFIX = "/workspace"
+#: One rule as the CLI's --allowedTools takes it: a tool name, optionally (specifier).
+WORKSPACE_GRANT = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\([^()]*\))?\Z")
+#: What each of the CLI's own tools acts on, for the activity a client sees and the log.
+TOOL_TARGETS = {"Read": "file_path", "Write": "file_path", "Edit": "file_path",
+                "MultiEdit": "file_path", "NotebookEdit": "notebook_path", "Glob": "pattern",
+                "Grep": "pattern", "Bash": "command", "WebFetch": "url", "WebSearch": "query",
+                "Task": "description"}
+
+#: A workspace: its name ("" for the one at /workspace/v1), its folder (absolute, real), the
+#: rules granted beyond reading (as --workspace-tools gave them), a run's timeout in seconds.
+Workspace = collections.namedtuple("Workspace", "name root grants timeout")
+
+
+def parse_workspaces(values, grants=(), timeout=DEFAULT_WORKSPACE_TIMEOUT, home=None):
+    """--workspace values (DIR, or NAME=DIR) -> {name: Workspace}; ValueError says what is
+    wrong. A folder must exist; the filesystem's root and the user's home folder itself are
+    refused: every file the user has would be the model's to read."""
+    home = os.path.realpath(home or os.path.expanduser("~"))
+    found = {}
+    for value in values:
+        name, folder = "", value
+        head, sep, tail = value.partition("=")
+        if sep and WORKSPACE_NAME.match(head) and not os.path.isdir(value):
+            name, folder = head, tail
+        if name == "v1":
+            raise ValueError("%r: a workspace cannot be named v1 (its URL would be "
+                             "/workspace/v1)" % value)
+        if name in found:
+            raise ValueError("%r: a second workspace named %s" % (value, repr(name) if name else
+                                                                  "by no name (the default one)"))
+        root = os.path.realpath(os.path.expanduser(folder)) if folder else ""
+        if not root or not os.path.isdir(root):
+            raise ValueError("%r: no such folder" % folder)
+        if os.path.dirname(root) == root:
+            raise ValueError("%r is the root of a filesystem: name a project's folder" % folder)
+        if os.path.normcase(root) == os.path.normcase(home):
+            raise ValueError("%r is the home folder itself: name a project's folder" % folder)
+        found[name] = Workspace(name, root, tuple(grants), timeout)
+    return found
+
+
+def parse_workspace_grants(text):
+    """--workspace-tools (comma or space separated, the CLI's --allowedTools syntax) -> the
+    rules; ValueError for what is not one, or a grant of every command."""
+    rules, rule, depth = [], "", 0
+    for char in text or "":
+        if char in ", \t" and depth == 0:
+            if rule:
+                rules.append(rule)
+            rule = ""
+            continue
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        rule += char
+    if rule:
+        rules.append(rule)
+    for rule in rules:
+        if not WORKSPACE_GRANT.match(rule):
+            raise ValueError("%r is not a tool rule (Edit, Write, Bash(git diff:*), ...)" % rule)
+        if rule in ("Bash", "Bash(*)", "Bash(:*)", "PowerShell", "PowerShell(*)"):
+            raise ValueError("%r would allow every command, which can read and change anything "
+                             "the user can: grant commands by prefix, e.g. Bash(npm test:*)" % rule)
+    return rules
+
+
+def workspace_argv(workspace):
+    """The flags that give a run its workspace tools (see the section's comment)."""
+    offered, allowed = list(WORKSPACE_READ_TOOLS), []
+    for rule in workspace.grants:
+        tool = rule.split("(", 1)[0]
+        if tool not in offered:
+            offered.append(tool)
+        if rule in WORKSPACE_EDIT_TOOLS:
+            rule = WORKSPACE_EDIT_RULE  # the folder only, not every path
+        elif rule in WORKSPACE_READ_TOOLS:
+            continue  # the mode allows them in the folder; a rule would allow them anywhere
+        if rule not in allowed:
+            allowed.append(rule)
+    argv = ["--tools", ",".join(offered), "--permission-mode", "dontAsk",
+            "--setting-sources", ""]
+    if allowed:
+        argv += ["--allowedTools", ",".join(allowed)]
+    return argv
+
+
+def workspace_route(path, workspaces):
+    """A path under /workspace -> (its workspace or None, the path of the endpoint below it,
+    None or the ProxyError 404 for a workspace that is not there: the message names the option
+    when there is none at all)."""
+    segments = path[len(WORKSPACE_PREFIX):].split("/", 2)  # "", first segment, the rest
+    first = segments[1] if len(segments) > 1 else ""
+    name, rest = "", path[len(WORKSPACE_PREFIX):] or "/"
+    if first and first != "v1":
+        name, rest = first, "/" + (segments[2] if len(segments) > 2 else "")
+    if not rest.startswith("/v1/"):
+        rest = ""  # the API only: the page, /health and /metrics are the proxy's, in no workspace
+    if not workspaces:
+        return None, rest, ProxyError(
+            404, "Workspace mode is off: start the proxy with --workspace DIR (env "
+            "CLAUDE_WORKSPACE) to let clients at %s/v1 use Claude Code's tools in that folder."
+            % WORKSPACE_PREFIX, "invalid_request_error", None, "workspace_not_found")
+    if name not in workspaces:
+        served = ", ".join("%s/%s/v1" % (WORKSPACE_PREFIX, n) if n else WORKSPACE_PREFIX + "/v1"
+                           for n in sorted(workspaces))
+        return None, rest, ProxyError(
+            404, "No workspace %s; this proxy serves %s." % (
+                repr(name) if name else "at %s/v1" % WORKSPACE_PREFIX, served),
+            "invalid_request_error", None, "workspace_not_found")
+    return workspaces[name], rest, None
+
+
+def in_workspace(plan, workspace):
+    """The plan of a request under /workspace (workspace_route) runs in its workspace, with the
+    CLI's own tools; the client's own functions are not combined with them (a 400): the CLI's
+    tool loop runs inside one request, a client's across requests."""
+    if workspace is None:
+        return plan
+    _require(not plan.tools, "Workspace mode runs Claude Code's own tools; a request under %s "
+             "cannot also offer its own `tools` (send them to /v1)" % WORKSPACE_PREFIX, "tools",
+             "workspace_tools_conflict")
+    return dataclasses.replace(plan, workspace=workspace)
+
+
+def workspace_prompt(workspace):
+    """What the system prompt adds in a workspace: the model is told where it works and what
+    it may do there (the tools' own descriptions say how)."""
+    granted = ", ".join(workspace.grants)
+    return ("\n\nYou are working in the folder %s (the current directory) with Claude Code's "
+            "tools: you may read and search files in it%s. Anything else is refused: say so "
+            "rather than working around it." % (workspace.root,
+                                                ", and use " + granted if granted else ""))
+
+
+def log_activity(workspace, activity):
+    """The proxy's log line for a tool call in a workspace: the tool and its target (never
+    what it read or wrote, nor the prompt)."""
+    log("workspace %s: %s" % (workspace.name or "(default)",
+                              printable(activity_text(activity).strip())))
+
+
+def tool_target(name, tool_input, root=None):
+    """What a tool call acts on, in a line: its file (relative to the workspace's folder
+    `root` when inside it), pattern, command or URL."""
+    tool_input = tool_input if isinstance(tool_input, dict) else {}
+    field = TOOL_TARGETS.get(name, "")
+    value = tool_input.get(field)
+    if value is None:
+        value = next((v for v in tool_input.values() if isinstance(v, str)), "")
+    value = str(value)
+    if root and field.endswith("_path") and value.startswith(os.path.join(root, "")):
+        value = value[len(os.path.join(root, "")):]
+    text = " ".join(value.split())
+    if name == "Grep" and tool_input.get("path"):
+        text += " in " + str(tool_input["path"])
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+#: How the CLI's tool result for a refused call begins (2.1.197 and 2.1.332).
+PERMISSION_REFUSAL = "Permission to use "
+
+
+def activity_text(activity):
+    """A tool call, its refusal or its failure as a line a chat client shows among the
+    model's activity."""
+    if activity["kind"] == "call":
+        return "[%s] %s\n" % (activity["tool"], activity["target"])
+    return "[%s %s] %s: %s\n" % (activity["tool"], activity["kind"], activity["target"],
+                                  activity["reason"])
+
+
 # CLI run: argv, environment, stdin ##########################################################
 #: How a run is started: its arguments (nothing of a prompt in them), its environment, and
 #: the user message that goes on its stdin.
@@ -1970,7 +2167,13 @@ def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume
         # the CLI adds there is how the proxy learns the run context it says (session_context).
         argv.remove("--no-session-persistence")
         argv += ["--resume", resume]
-    if plan.tools:
+    if plan.workspace:
+        # Workspace mode (the client asked for it by its base URL): the CLI's own tools in the
+        # folder, for as many model calls as the work takes. Never a client's functions too.
+        tools = argv.index("--tools")
+        argv[tools:tools + 2] = workspace_argv(plan.workspace)
+        argv += ["--max-turns", str(TOOL_LOOP_MAX_TURNS)]
+    elif plan.tools:
         # The client's functions, through this file's MCP mode. A reply that calls them is
         # complete for the client at once; the CLI meanwhile waits in the bridge for the
         # results, which the client's next request brings (see Continuations). Turns are
@@ -2438,7 +2641,8 @@ OLDEST_SUPPORTED_CLI = (2, 1, 197)
 CLI_LISTED_FLAGS = ("--print", "--input-format", "--output-format", "--verbose",
                     "--include-partial-messages", "--no-session-persistence", "--tools",
                     "--strict-mcp-config", "--resume", "--mcp-config", "--allowedTools",
-                    "--json-schema", "--model", "--effort", "--max-budget-usd")
+                    "--json-schema", "--model", "--effort", "--max-budget-usd",
+                    "--permission-mode", "--setting-sources")  # the last two: workspace mode
 UNKNOWN_OPTION = re.compile(r"unknown option '(--?[A-Za-z][\w-]*)'")
 CLI_CHECK_SECONDS = 30.0
 
@@ -2609,14 +2813,14 @@ class CliRun:
     (ReusePool). Where it is in that life is its `state` (RUN_MOVES), which only the runner
     moves (CliRunner.move); a stop, wherever it comes from (a timeout, a hang-up), ends it."""
 
-    def __init__(self, runner, argv, env, workdir, shape=None, cwd=None):
+    def __init__(self, runner, argv, env, workdir, shape=None, cwd=None, timeout=None):
         self.runner = runner
         self.workdir = workdir
         self.cwd = cwd or workdir  # where the CLI runs (the proxy's one working directory)
         self.shape = shape
         self.binary = runner.binary_stamp()
         self.spawned_at = time.monotonic()
-        self.timeout = runner.timeout
+        self.timeout = timeout or runner.timeout  # a workspace's runs have their own
         self._state = RUN_WARM
         self.scope = None  # the client whose conversations it serves (set when it first serves)
         self.conversations = 0  # conversations it has begun: a reused process serves several
@@ -3029,6 +3233,23 @@ def own_folder(path):
     return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
 
 
+#: In a workspace run's folder: where it works and the session file it resumes, both outside
+#: the proxy's folder, for the next proxy to clean up should this one be killed (see
+#: remove_leftovers): {"cwd": the workspace's folder, "session": path or null}.
+WORKSPACE_RUN_FILE = "workspace.json"
+
+
+def workspace_run_note(run_folder):
+    """(working directory, session file or None) of a dead proxy's workspace run, from its
+    WORKSPACE_RUN_FILE; None for any other run."""
+    try:
+        with open(os.path.join(run_folder, WORKSPACE_RUN_FILE), encoding="utf-8") as f:
+            note = json.load(f)
+        return str(note["cwd"]), note["session"] if isinstance(note["session"], str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def unregister_run(registry, pid, within):
     """Remove a run's entry from the CLI's registry of live sessions (<registry>/<pid>.json and
     <pid>.<hash>.key): only when the entry is that pid's and names a working directory at or
@@ -3080,7 +3301,7 @@ def remove_leftovers(tmpdir=None, registries=None):
                 roots = [line.strip() for line in f if line.strip()]
         except OSError:
             roots = []
-        pids = []
+        pids, cwds, sessions = [], {}, []
         for run in os.listdir(folder):
             if not run.endswith(CLI_PID_SUFFIX):
                 continue
@@ -3088,13 +3309,26 @@ def remove_leftovers(tmpdir=None, registries=None):
                 with open(os.path.join(folder, run), encoding="utf-8") as f:
                     pid, start = f.read().split()
                 pids.append(int(pid))
+                # A workspace run works outside this folder, and its session file is among the
+                # user's own sessions of that folder: only that file goes.
+                note = workspace_run_note(os.path.join(folder, run[:-len(CLI_PID_SUFFIX)]))
+                if note:
+                    cwds[int(pid)] = note[0]
+                    sessions += [note[1]] if note[1] else []
                 if os.name != "nt" and process_start(int(pid)) == start:
                     os.killpg(int(pid), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
         for registry in set(registries) | {os.path.join(os.path.dirname(r), "sessions") for r in roots}:
             for pid in pids:
-                unregister_run(registry, pid, folder)
+                unregister_run(registry, pid, cwds.get(pid, folder))
+        for path in sessions:
+            if path.endswith(".jsonl") and any(os.path.dirname(os.path.dirname(path)) ==
+                                               os.path.normpath(root) for root in roots):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
         prefix = session_name(folder) + "-"
         for root in roots:
             try:
@@ -3199,6 +3433,8 @@ def run_files(plan, wait_seconds=DEFAULT_TIMEOUT, folders=None):
         prompt_path = os.path.join(workdir, "system-prompt.txt")
         with open(prompt_path, "w", encoding="utf-8") as f:
             f.write(plan.system_prompt or DEFAULT_SYSTEM_PROMPT)
+            if plan.workspace:
+                f.write(workspace_prompt(plan.workspace))
         config_path = None
         if plan.tools:
             tools_path = os.path.join(workdir, "tools.json")
@@ -3452,13 +3688,19 @@ class CliRunner:
             env[name] = workdir
         session_id = path = model = None
         try:
-            cwd = self.folders.cli_folder()
+            workspace = plan.workspace
+            # A workspace's runs work in its folder; every other run in the proxy's empty one.
+            cwd = workspace.root if workspace else self.folders.cli_folder()
             if history:
                 session_id = str(uuid.uuid4())
                 sessions = os.path.join(self.sessions_root(env), session_name(cwd))
                 self.folders.note_sessions(os.path.dirname(sessions))
                 os.makedirs(sessions, mode=0o700, exist_ok=True)
                 path = os.path.join(sessions, session_id + ".jsonl")
+            if workspace:  # before the session file: a killed proxy's successor finds it
+                with open(os.path.join(workdir, WORKSPACE_RUN_FILE), "w", encoding="utf-8") as f:
+                    json.dump({"cwd": cwd, "session": path}, f)
+            if history:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 # The model the session names: the one the CLI runs, given no --model.
                 model = plan.model or self.default_model or DEFAULT_SESSION_MODEL
@@ -3469,7 +3711,8 @@ class CliRunner:
                 if self._closed:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path,
-                                            session_id), env, workdir, shape, cwd)
+                                            session_id), env, workdir, shape, cwd,
+                             workspace.timeout if workspace else None)
                 run.sessions, run.session_model = path, model
                 self._runs.add(run)
             return run
@@ -3765,7 +4008,7 @@ class CliRunner:
 #: What a process must be started with, as opposed to what its message carries: requests whose
 #: plans agree on these can be served by the same kind of warm process.
 SHAPE_FIELDS = ("model", "effort", "system_prompt", "tools", "json_schema", "max_tokens",
-                "max_budget_usd", "cache_ttl")
+                "max_budget_usd", "cache_ttl", "workspace")
 
 
 def run_shape(plan):
@@ -4376,6 +4619,10 @@ class ReplyTranslator:
       {"call": n, "arguments": s}      a fragment of call n's JSON arguments
       {"revised": s}                   the whole answer, when the CLI's final result says the
                                        streamed text was not all of it (see _result)
+      {"activity": {"kind": "call", "tool", "target", "id"}}   workspace mode: the CLI runs one
+                                       of its own tools (activity_text renders it)
+      {"activity": {"kind": "refused" | "failed", "tool", "target", "id", "reason"}}   ... or
+                                       refused it (a permission), or it failed (no such file)
     After `done`, look at `error`, `stop_reason` (end_turn, max_tokens, stop_sequence,
     tool_use), `stop_sequence`, `usage` (the CLI's, Anthropic-shaped), `model`, `cost_usd`.
 
@@ -4384,10 +4631,13 @@ class ReplyTranslator:
     structured: --json-schema is on; the StructuredOutput call is the answer, prose is dropped.
     live_structured: stream that call's JSON as it comes (else the checked result, at the end).
     A reply whose tool calls end the turn is done at message_stop: the CLI then waits for the
-    results (see Continuations), and no result event comes."""
+    results (see Continuations), and no result event comes.
+    workspace: the run's Workspace, whose folder has the CLI's own tools (Workspace mode):
+    each call and each refusal is an activity event, and the text of each model call is the
+    answer's next paragraph."""
 
     def __init__(self, stop=(), tools=(), single_tool_call=False, structured=False,
-                 live_structured=False, rate_limit=None, totals=None):
+                 live_structured=False, rate_limit=None, totals=None, workspace=None):
         self.stop = list(stop)
         # The subscriber's plan as the CLI last reported it (a rate_limit_event's info): a kept
         # process prints one only when the figures change, so the proxy's last one stands in.
@@ -4421,6 +4671,12 @@ class ReplyTranslator:
         self._structured_sent = ""
         self._stream_usage = {}
         self._blocks = {}  # content block index -> ["call", n, arguments so far] | ["structured"] | ["skip"]
+        self.workspace = workspace
+        self.activity = []  # workspace mode: the activity events so far
+        self._tool_uses = {}  # tool_use id -> (tool, target) of the CLI's own calls
+        self._refused = set()  # tool_use ids whose refusal the client was told of
+        self._call_start = 0  # where the current model call's text starts in self.text
+        self._paragraph = False
 
     @property
     def call_usage(self):
@@ -4440,7 +4696,55 @@ class ReplyTranslator:
             return self._result(event)
         if kind == "rate_limit_event" and isinstance(event.get("rate_limit_info"), dict):
             self.rate_limit = event["rate_limit_info"]
+        if self.workspace and kind == "assistant":
+            return self._tool_calls(event.get("message") or {})
+        if self.workspace and kind == "user":
+            return self._tool_results(event)
         return []  # "assistant"/"user" repeat what the stream events already carried
+
+    def _tool_calls(self, message):
+        """Workspace mode: the CLI's own tool calls in an assistant event (which has each
+        call's whole input, unlike the stream's fragments), as activity."""
+        out = []
+        for block in message.get("content") or []:
+            # (StructuredOutput is the answer itself, with response_format: not an activity.)
+            if isinstance(block, dict) and block.get("type") == "tool_use" \
+                    and block.get("name") != STRUCTURED_OUTPUT_TOOL:
+                tool, tool_id = str(block.get("name") or "?"), str(block.get("id") or "")
+                target = tool_target(tool, block.get("input"), self.workspace.root)
+                self._tool_uses[tool_id] = (tool, target)
+                out.append({"activity": {"kind": "call", "tool": tool, "target": target, "id": tool_id}})
+        self.activity += out
+        return self._flush() + out if out else []
+
+    def _tool_results(self, event):
+        """Workspace mode: a tool result the CLI made of a refusal, as activity (a permission
+        refusal, or an error such as a missing file; what a tool read is never shown)."""
+        message = event.get("message") or {}
+        out = []
+        for block in message.get("content") or []:
+            if isinstance(block, dict) and block.get("type") == "tool_result" and block.get("is_error"):
+                content = block.get("content")
+                if isinstance(content, list):
+                    content = " ".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
+                content = str(content or "")
+                kind = "refused" if content.startswith(PERMISSION_REFUSAL) else "failed"
+                out += self._refusal(str(block.get("tool_use_id") or ""), None, None, content, kind)
+        return out
+
+    def _refusal(self, tool_id, tool, tool_input, reason, kind="refused"):
+        if tool_id in self._refused:
+            return []
+        self._refused.add(tool_id)
+        known = self._tool_uses.get(tool_id)
+        tool = tool or (known[0] if known else "?")
+        target = known[1] if known else tool_target(tool, tool_input, self.workspace.root)
+        # The CLI's refusal goes on to tell the model how to work around it: its first sentence.
+        reason = " ".join(reason.split()).split(". ", 1)[0].rstrip(".")[:300]
+        activity = {"activity": {"kind": kind, "tool": tool, "target": target, "id": tool_id,
+                                 "reason": reason}}
+        self.activity.append(activity)
+        return [activity]
 
     def _system(self, event):
         subtype = event.get("subtype")
@@ -4458,6 +4762,8 @@ class ReplyTranslator:
             usage = (event.get("message") or {}).get("usage") or {}
             # A new model call: in a tool loop the CLI makes one per round.
             self._stream_usage = dict(usage)
+            if self.workspace and self.text:
+                self._paragraph = True  # the next call's words start a new paragraph
         elif kind == "message_delta":
             self._stream_usage.update(event.get("usage") or {})
             reason = (event.get("delta") or {}).get("stop_reason")
@@ -4508,7 +4814,8 @@ class ReplyTranslator:
             return []
         if name not in self.tool_names or (self.single_tool_call and self.tool_calls):
             self._blocks[index] = ["skip"]
-            self.skipped_calls += 1
+            if not (self.workspace and name not in self.tool_names):
+                self.skipped_calls += 1  # (a workspace's tools are the CLI's to run: see feed)
             return []
         number = self.tool_calls
         self.tool_calls += 1
@@ -4563,6 +4870,11 @@ class ReplyTranslator:
     def _emit(self, text):
         if not text:
             return []
+        if self._paragraph:
+            # The result event holds only the last model call's words: they start here.
+            self._paragraph = False
+            self._call_start = len(self.text) + 2
+            text = "\n\n" + text
         self.text += text
         self._add_content("text", text)
         return [{"text": text}]
@@ -4600,6 +4912,17 @@ class ReplyTranslator:
             # is simply a finished reply with tool calls.
             self.stop_reason = "tool_use"
             return events
+        if self.workspace:
+            # Refusals the stream did not show (the CLI's list is the whole of them).
+            for denial in event.get("permission_denials") or []:
+                if isinstance(denial, dict):
+                    events += self._refusal(str(denial.get("tool_use_id") or ""),
+                                            str(denial.get("tool_name") or "?"),
+                                            denial.get("tool_input"), "permission denied")
+        if event.get("subtype") == "error_max_turns" and self.workspace:
+            self.error = cli_failed("The model's work in the workspace took more than %d model "
+                                    "calls and was stopped." % TOOL_LOOP_MAX_TURNS, "no_answer")
+            return events
         if event.get("subtype") == "error_max_turns":
             # No call of the client's came back: the model used a tool it was not given, or
             # (with response_format) never produced the structured output.
@@ -4631,10 +4954,13 @@ class ReplyTranslator:
         """The CLI's result text is the whole answer. When the connection to the API dropped
         mid-reply, the CLI asked again without streaming: the stream then holds a part, and
         only the result holds it all. Send what is missing, or say the text was revised."""
-        if not isinstance(final, str) or not final or final == self.text:
+        # The result holds the last model call's words (several calls: workspace mode).
+        before, said = self.text[:self._call_start], self.text[self._call_start:]
+        if not isinstance(final, str) or not final or final == said:
             return []
-        if final.startswith(self.text):
-            return self._emit(final[len(self.text):])
+        if final.startswith(said):
+            return self._emit(final[len(said):])
+        final = before + final
         self.text = final
         self.content = [b for b in self.content if b["type"] != "text"] + [text_block(final)]
         return [{"revised": final}]
@@ -4689,7 +5015,8 @@ def run_failure(run, plan):
                        % " ".join(run.stderr_tail)[:300], "response_format.json_schema.schema",
                        "invalid_json_schema")
     if run.cancelled == "timeout":
-        return timed_out(run.timeout)
+        return timed_out(run.timeout, "CLAUDE_WORKSPACE_TIMEOUT" if plan.workspace
+                         else "CLAUDE_TIMEOUT")
     if run.cancelled == "shutdown":
         return overloaded(5, "The proxy is shutting down; the run was stopped.")
     run.runner.note_refused_flag(list(run.stderr_tail))
@@ -4877,6 +5204,8 @@ def chat_delta(event):
         return {"content": event["text"]}
     if "thinking" in event:
         return {"reasoning_content": event["thinking"]}
+    if "activity" in event:  # what chat clients show as the model's activity, apart from the answer
+        return {"reasoning_content": activity_text(event["activity"])}
     if "call" in event and "id" in event:
         return {"tool_calls": [{"index": event["call"], "id": event["id"], "type": "function",
                                 "function": {"name": event["name"], "arguments": ""}}]}
@@ -5097,11 +5426,15 @@ class ResponsesOutput:
             self.open["content"][0]["text"] += event["text"]
             return out + [self._typed("response.output_text.delta", content_index=0,
                                       delta=event["text"], logprobs=[])]
-        if "thinking" in event:
+        if "thinking" in event or "activity" in event:
+            # Workspace activity, like thinking, is a reasoning item's summary: what Responses
+            # clients show of the model's work before its answer (a client sends it back, or
+            # not: either way it is dropped from the next request's input).
+            words = event["thinking"] if "thinking" in event else activity_text(event["activity"])
             out = [] if self._is_open("reasoning") else self.close() + self._open_reasoning()
-            self.open["summary"][0]["text"] += event["thinking"]
+            self.open["summary"][0]["text"] += words
             return out + [self._typed("response.reasoning_summary_text.delta", summary_index=0,
-                                      delta=event["thinking"])]
+                                      delta=words)]
         if "call" in event and "id" in event:
             out = self.close()
             namespace, name = self.namespaces.get(event["name"], (None, event["name"]))
@@ -5531,6 +5864,18 @@ class AnthropicBlocks:
         self.open = None  # the open block's kind: "text", "thinking", "call" or None
 
     def events(self, event):
+        if "activity" in event:
+            # Workspace activity: a thinking block of its own, shown whatever `thinking` says
+            # (the block clients render as the model's work). Unsigned: sent back, it is
+            # dropped from the next request (see cli_blocks).
+            kind, block = "activity", {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": activity_text(event["activity"])}
+            out = self.close() if self.open != kind else []
+            if self.open != kind:
+                self.index += 1
+                self.open = kind
+                out.append({"type": "content_block_start", "index": self.index, "content_block": block})
+            return out + [self._delta(delta)]
         if ("thinking" in event or "signature" in event) and not self.show_thinking:
             return []
         if "signature" in event:
@@ -6618,6 +6963,9 @@ class Proxy:
             "spend": self.spend.summary(),
             "plan": self.plan_limits.snapshot(),
             "cache_ttl": {"mode": self.rhythm.mode, "conversations_given_1h": self.rhythm.slow},
+            "workspaces": [{"name": w.name or None, "folder": w.root,
+                            "tools": list(WORKSPACE_READ_TOOLS) + list(w.grants),
+                            "timeout": w.timeout} for _, w in sorted(config.workspaces.items())],
         }
 
     def metrics_text(self):
@@ -6725,7 +7073,8 @@ class Proxy:
                 # The run's totals so far: a kept run's result adds up over its life.
                 translator = ReplyTranslator(plan.stop, plan.tools, plan.single_tool_call,
                                              bool(plan.json_schema), live_structured=plan.stream,
-                                             rate_limit=limits.last_info(), totals=run.totals())
+                                             rate_limit=limits.last_info(), totals=run.totals(),
+                                             workspace=plan.workspace)
                 sink.use(translator)  # a sink may read the usage as it goes (message_start)
                 metrics.cli_run()
                 # Only while this request holds the run: once kept for the next turn, it is not
@@ -6753,6 +7102,8 @@ class Proxy:
                         first_token = True
                         metrics.first_token(time.monotonic() - client.started)
                     for reply_event in reply_events:
+                        if "activity" in reply_event:
+                            log_activity(plan.workspace, reply_event["activity"])
                         sink.event(reply_event)
                     if translator.done:
                         break
@@ -7305,6 +7656,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def route(self, method, path):
         """(allowed methods, handler method, its arguments) for a path, or None."""
         path = path.split("?", 1)[0].rstrip("/") or "/"
+        self.workspace = self.workspace_refusal = None
+        if path == WORKSPACE_PREFIX or path.startswith(WORKSPACE_PREFIX + "/"):
+            # The API below it, in that workspace; refused once the client has shown its key.
+            self.workspace, path, self.workspace_refusal = workspace_route(
+                path, self.server.config.workspaces)
         if path in ("/v1/chat/completions", "/chat/completions"):
             return ("POST",), self.chat_completions, ()
         if path in ("/v1/responses", "/responses"):
@@ -7365,6 +7721,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         route[1] in (self.health, self.web_page, self.root), self.command)
             if route is not None and method == "OPTIONS":
                 return self.preflight(route[0])
+            if route is not None and self.workspace_refusal:
+                raise self.workspace_refusal
             if route is not None and route[1] == self.create_response and method == "GET" and "websocket" in (
                     self.headers.get("Upgrade") or "").lower():
                 self.protocol_version = "HTTP/1.1"  # what WebSocket clients read a refusal in
@@ -7514,13 +7872,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def chat_completions(self):
         config = self.server.config
-        plan = parse_chat_request(self.read_json(), config.model, config.effort)
+        plan = in_workspace(parse_chat_request(self.read_json(), config.model, config.effort),
+                            self.workspace)
         self.answer(plan, chat_sink(ReplyChannel(self), plan, "chatcmpl-" + uuid.uuid4().hex, int(time.time())))
 
     def messages(self):
         """POST /v1/messages: the Anthropic Messages API over the same runs."""
         config = self.server.config
-        plan = parse_messages_request(self.read_json(), config.model, config.effort)
+        plan = in_workspace(parse_messages_request(self.read_json(), config.model, config.effort),
+                            self.workspace)
         self.answer(plan, anthropic_sink(ReplyChannel(self), plan, "msg_" + uuid.uuid4().hex[:24]))
 
     def create_response(self):
@@ -7528,6 +7888,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         response_id = "resp_" + uuid.uuid4().hex
         plan, request, keep = self.server.proxy.responses_request(self.read_json(), self.client_scope(),
                                                                   response_id)
+        plan = in_workspace(plan, self.workspace)
         sink_type = ResponsesStreamWriter if plan.stream else ResponsesCollector
         self.answer(plan, sink_type(ReplyChannel(self), response_id, int(time.time()), plan.model, request["echo"],
                                     request["namespaces"], keep, bool(plan.json_schema),
@@ -7592,7 +7953,7 @@ class Config:
                  max_request_usd=None, state_dir=None, cache_ttl="auto",
                  cache_gap=CACHE_5M_SECONDS, reuse=False,
                  reuse_conversations=DEFAULT_REUSE_CONVERSATIONS,
-                 reuse_memory_mb=DEFAULT_REUSE_MEMORY_MB):
+                 reuse_memory_mb=DEFAULT_REUSE_MEMORY_MB, workspaces=None):
         self.claude_path = claude_path
         self.history = history  # "turns", or "transcript": how earlier turns reach the CLI
         self.model = model or None
@@ -7623,6 +7984,7 @@ class Config:
         self.reuse = reuse  # main() turns reusing processes on (--reuse); tests opt in
         self.reuse_conversations = reuse_conversations  # then a reused process is recycled
         self.reuse_memory_mb = reuse_memory_mb  # or past this much resident memory
+        self.workspaces = dict(workspaces or {})  # name ("" the default) -> Workspace (Workspace mode)
         self.started = int(time.time())
 
 
@@ -7817,6 +8179,18 @@ def parse_args(argv=None):
         help="Default: none (env CLAUDE_MAX_REQUEST_USD). Each CLI run's --max-budget-usd.")
     add("--log-prompts", action="store_true", default=env_flag("CLAUDE_PROXY_LOG_PROMPTS"),
         help="Default: off (env CLAUDE_PROXY_LOG_PROMPTS=1). Log each prompt to stderr.")
+    add("--workspace", action="append", default=[], metavar="[NAME=]DIR",
+        help="Default: none, workspace mode off (env CLAUDE_WORKSPACE, several separated by %r). "
+        "A folder where clients whose base URL is /workspace/v1 (NAME=DIR: /workspace/NAME/v1) "
+        "get Claude Code's own tools, read-only unless --workspace-tools; repeatable."
+        % os.pathsep)
+    add("--workspace-tools", default=env("CLAUDE_WORKSPACE_TOOLS") or "",
+        help="Default: none, reading only (env CLAUDE_WORKSPACE_TOOLS). More tools for the "
+        "workspaces, in the CLI's --allowedTools syntax: Edit, Write, Bash(git diff:*), ...")
+    add("--workspace-timeout", type=float,
+        default=env("CLAUDE_WORKSPACE_TIMEOUT", "%g" % DEFAULT_WORKSPACE_TIMEOUT),
+        help="Default: %g (env CLAUDE_WORKSPACE_TIMEOUT). Seconds one run in a workspace may "
+        "take (it reads and searches for minutes); then 504." % DEFAULT_WORKSPACE_TIMEOUT)
     add("--version", action="version", version="claude_proxy.py " + __version__)
     add("--mcp-tools", metavar="FILE", help="Internal: run as the MCP server of a request's "
         "functions (the CLI starts this itself).")
@@ -7840,9 +8214,20 @@ def parse_args(argv=None):
     if args.reuse not in ("on", "off"):
         parser.error("--reuse / CLAUDE_REUSE must be on or off")
     for name in ("timeout", "max_body", "pool_idle", "max_concurrency", "cache_gap",
-                 "reuse_conversations", "reuse_memory_mb"):
+                 "reuse_conversations", "reuse_memory_mb", "workspace_timeout"):
         if getattr(args, name) <= 0:
             parser.error("--%s must be more than 0" % name.replace("_", "-"))
+    folders = args.workspace or [f for f in (env("CLAUDE_WORKSPACE") or "").split(os.pathsep) if f]
+    try:
+        grants = parse_workspace_grants(args.workspace_tools)
+    except ValueError as e:
+        parser.error("--workspace-tools / CLAUDE_WORKSPACE_TOOLS: %s" % e)
+    try:
+        args.workspaces = parse_workspaces(folders, grants, args.workspace_timeout)
+    except ValueError as e:
+        parser.error("--workspace / CLAUDE_WORKSPACE: %s" % e)
+    if grants and not args.workspaces:
+        parser.error("--workspace-tools needs --workspace DIR")
     return args
 
 
@@ -7860,6 +8245,12 @@ def main(argv=None):
         return mcp_serve(args.mcp_tools)
     api_keys = [k.strip() for k in args.api_key.split(",") if k.strip()]
     loopback = is_loopback_host(args.host)
+    if not loopback and not api_keys and args.workspaces:
+        sys.stderr.write(
+            "claude_proxy.py: refusing to listen on %s with a workspace and no API key: anyone "
+            "who can reach it could have the model read the workspace's files (--no-auth does "
+            "not lift this).\nSet CLAUDE_PROXY_API_KEY (or --api-key).\n" % args.host)
+        return 2
     if not loopback and not api_keys and not args.no_auth:
         sys.stderr.write(
             "claude_proxy.py: refusing to listen on %s without an API key: anyone who can reach "
@@ -7877,7 +8268,7 @@ def main(argv=None):
                     not args.no_ui, args.history, args.keepalive, args.model_aliases,
                     args.daily_budget, args.max_request_usd, state_dir(), args.cache_ttl,
                     args.cache_gap, args.reuse == "on", args.reuse_conversations,
-                    args.reuse_memory_mb)
+                    args.reuse_memory_mb, args.workspaces)
     try:
         server = ProxyServer((args.host, args.port), config)
     except OSError as e:
@@ -7920,6 +8311,10 @@ def main(argv=None):
         log("chat and status page on %s/  (--no-ui turns it off)" % url[:-len("/v1")])
     if config.model_aliases:
         log("model aliases: %s" % ", ".join("%s=%s" % item for item in config.model_aliases.items()))
+    for name, workspace in sorted(config.workspaces.items()):
+        log("workspace %s/%s: %s  (tools: %s; runs up to %gs)" % (
+            url[:-len("/v1")] + WORKSPACE_PREFIX, (name + "/v1") if name else "v1", workspace.root,
+            ", ".join(list(WORKSPACE_READ_TOOLS) + list(workspace.grants)), workspace.timeout))
     if config.daily_budget or config.max_request_usd:
         log("budget: %s a day (spent today: $%.4f, kept in %s), %s a run" % (
             "$%g" % config.daily_budget if config.daily_budget else "no limit",

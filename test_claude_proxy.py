@@ -97,6 +97,10 @@ WORDS = {
     "RESULT-": ("all", "once the conversation holds it, \"Final answer using RESULT-...\" instead of a call"),
     "TOOLFIRST": ("all", "with --json-schema and client tools: a call of the first tool before any answer"),
     "CHATTY": ("last", "with --json-schema: prose before the StructuredOutput call"),
+    "USETOOL[Name:arg]": ("last", "with --permission-mode dontAsk and <Name> in --tools: first a model call "
+                          "that uses that CLI tool (builtin_tool: Read/Write file_path, Glob/Grep pattern, "
+                          "Bash command with + for spaces), run or refused as 2.1.332 does; the answer "
+                          "then echoes the tool result (written USETOOL:Read:notes.txt, no brackets)"),
     # Logged in as a subscriber (CLAUDE_CODE_OAUTH_TOKEN set, no ANTHROPIC_API_KEY), each reply
     # is followed, after its message_stop, by a rate_limit_event (a kept process prints one only
     # when the figures change), as 2.1.332 prints it; STUB_PLAN_5H / STUB_PLAN_7D set the use.
@@ -137,6 +141,8 @@ def found(word):
     pattern = re.escape(word) + (r"\[(.*?)\]" if key.endswith("]") else "")
     if key == "PLAN[n]":
         pattern = r"PLAN(\d{1,3})"
+    if key == "USETOOL[Name:arg]":
+        pattern = r"USETOOL:(\w+):(\S+)"
     return re.search(pattern, TEXTS[where], re.S)
 
 
@@ -341,7 +347,71 @@ def result(text, is_error=False, status=None, subtype="success", stop_reason="en
           "stop_reason": stop_reason, "session_id": session, "total_cost_usd": 0.00046,
           "usage": usage or {"input_tokens": 0, "cache_creation_input_tokens": 0,
                              "cache_read_input_tokens": 0, "output_tokens": 0},
-          "modelUsage": model_usage or {}, "permission_denials": [], "uuid": str(uuid.uuid4())}, **fields))
+          "modelUsage": model_usage or {}, "permission_denials": list(DENIALS), "uuid": str(uuid.uuid4())}, **fields))
+DENIALS = []  # this message's refused calls of the CLI's own tools (USETOOL)
+REFUSAL = ("Permission to use %%s has been denied because Claude Code is running in don't ask mode. "
+           "IMPORTANT: You *may* attempt to accomplish this action using other tools that might "
+           "naturally be used to accomplish this goal, e.g. using head instead of cat.")
+def builtin_tool(name, arg, session):
+  """USETOOL: one model call that uses one of the CLI's own tools, its events as 2.1.332 prints
+  them. Allowed as dontAsk allows it: Read, Glob and Grep inside the working directory, Write and
+  Edit by an Edit(./**) rule inside it, Bash by a Bash(prefix:*) rule; else refused (a
+  permission_denied event, an is_error tool result, the result's permission_denials). Returns
+  the tool result's text, or None when the tool was not offered."""
+  if name not in (flags.get("--tools") or "").split(","):
+      return None
+  tool_id = "toolu_" + uuid.uuid4().hex[:20]
+  tool_input = {"Read": {"file_path": arg}, "Write": {"file_path": arg, "content": "written\n"},
+                "Glob": {"pattern": arg}, "Grep": {"pattern": arg},
+                "Bash": {"command": arg.replace("+", " ")}}.get(name, {"input": arg})
+  def model_message(block):
+      emit({"type": "assistant", "message": {"id": "msg_tool", "type": "message", "role": "assistant",
+            "model": "claude-sonnet-5", "content": [block], "stop_reason": None}, "parent_tool_use_id": None,
+            "session_id": session, "uuid": str(uuid.uuid4())})
+  stream({"type": "message_start", "message": {"id": "msg_tool", "type": "message", "role": "assistant",
+          "model": "claude-sonnet-5", "content": [], "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}})
+  stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+  stream({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me check."}})
+  model_message({"type": "text", "text": "Let me check."})
+  stream({"type": "content_block_stop", "index": 0})
+  stream({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}})
+  stream({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": json.dumps(tool_input)}})
+  model_message({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
+  stream({"type": "content_block_stop", "index": 1})
+  stream({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})
+  stream({"type": "message_stop"})
+  here = os.path.join(os.path.realpath(os.getcwd()), "")
+  target = os.path.realpath(os.path.join(here, arg)) if name in ("Read", "Write") else here
+  rules = (flags.get("--allowedTools") or "").split(",")
+  command = tool_input.get("command", "")
+  allowed = target.startswith(here) and (name in ("Read", "Glob", "Grep") or name == "Write" and "Edit(./**)" in rules) \
+      or name == "Bash" and any(r.startswith("Bash(") and command.startswith(r[5:-1].split(":*")[0]) for r in rules)
+  if allowed:
+      if name == "Read":
+          with open(target) as f:
+              text = "\n".join("%%d\t%%s" %% (n + 1, line) for n, line in enumerate(f.read().split("\n")))
+      elif name == "Write":
+          with open(target, "w") as f:
+              f.write(tool_input["content"])
+          text = "File created successfully at: " + target
+      elif name == "Bash":
+          text = subprocess.run(command, shell=True, cwd=here, stdout=subprocess.PIPE).stdout.decode().strip()
+      else:
+          text = "\n".join(sorted(f for f in os.listdir(here) if re.match(arg.replace(".", "[.]").replace("*", ".*") + "$", f)))
+      block, meta = {"tool_use_id": tool_id, "type": "tool_result", "content": text}, "accept"
+  else:
+      text = REFUSAL %% name
+      emit({"type": "system", "subtype": "permission_denied", "tool_name": name, "tool_use_id": tool_id,
+            "decision_reason_type": "mode", "message": text, "session_id": session, "uuid": str(uuid.uuid4())})
+      block, meta = {"type": "tool_result", "content": text, "is_error": True, "tool_use_id": tool_id}, "reject"
+      DENIALS.append({"tool_name": name, "tool_use_id": tool_id, "tool_input": tool_input})
+  emit({"type": "user", "message": {"role": "user", "content": [block]}, "parent_tool_use_id": None,
+        "session_id": session, "uuid": str(uuid.uuid4()), "tool_use_result": text if allowed else "Error: " + text,
+        "tool_result_meta": [{"id": tool_id, "permission_decision": {"decision": meta, "source": "config", "reason_type": "mode"}}]})
+  history.append({"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
+                                                   {"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}]})
+  history.append({"role": "user", "content": [block]})
+  return text
 SUBSCRIBER = bool(os.environ.get("CLAUDE_CODE_OAUTH_TOKEN")) and not os.environ.get("ANTHROPIC_API_KEY")
 def synthetic(text, error):
     """The assistant message the real CLI makes up for an error (model <synthetic>)."""
@@ -407,6 +477,11 @@ def reply_once(first):
   text = texts[-1] if texts else ""
   everything = "\n".join(all_texts(history))
   TEXTS.update(last=text, all=everything)
+  DENIALS[:] = []
+  used = found("USETOOL")
+  if used and flags.get("--permission-mode") == "dontAsk":
+      said = builtin_tool(used.group(1), used.group(2), session)
+      text = text if said is None else said  # the answer echoes the tool's result
 
   def api_error(status, kind, message, retried=True):
       retries = int(os.environ.get("CLAUDE_CODE_MAX_RETRIES", "10")) if retried else 0
@@ -3041,6 +3116,380 @@ class ClaudeCodeSystemPromptTest(unittest.TestCase):
             {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.c40; cc_entrypoint=sdk-cli;"},
             {"type": "text", "text": "You are Claude Code."}]})
         self.assertEqual(plan.system_prompt, "You are Claude Code.")
+
+
+# Workspace mode #############################################################################
+#: Claude Code's own tools in a folder named at start, for clients under /workspace/v1. The stub
+#: runs USETOOL:<Name>:<arg> as the real CLI 2.1.332 does in --permission-mode dontAsk.
+
+
+#: The events of a real run (2.1.332, the fake API) that reads a file outside the workspace: the
+#: call, its refusal (permission_denied, an is_error tool result), the result's denials.
+REFUSED_READ_EVENTS = [
+    {"type": "assistant", "message": {"content": [{"type": "tool_use", "id": "toolu_1", "name": "Read",
+                                                   "input": {"file_path": "/etc/hostname"}}]},
+     "parent_tool_use_id": None},
+    {"type": "system", "subtype": "permission_denied", "tool_name": "Read", "tool_use_id": "toolu_1",
+     "decision_reason_type": "mode", "message": "Permission to use Read has been denied because Claude "
+     "Code is running in don't ask mode. IMPORTANT: You *may* attempt..."},
+    {"type": "user", "message": {"role": "user", "content": [{
+        "type": "tool_result", "content": "Permission to use Read has been denied because Claude Code is "
+        "running in don't ask mode. IMPORTANT: You *may* attempt...", "is_error": True, "tool_use_id": "toolu_1"}]},
+     "parent_tool_use_id": None, "tool_use_result": "Error: Permission to use Read has been denied...",
+     "tool_result_meta": [{"id": "toolu_1", "non_execution_kind": "permission-rule",
+                           "permission_decision": {"decision": "reject", "source": "config", "reason_type": "mode"}}]},
+]
+
+
+class WorkspaceTablesTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="claude-proxy-ws-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.home = os.path.join(self.tmp, "home")
+        self.folder = os.path.join(self.home, "project")
+        os.makedirs(self.folder)
+
+    def test_folders_named_and_refused(self):
+        found = cp.parse_workspaces([self.folder, "docs=" + self.home + "/project/"], ("Edit",), 60, home=self.home)
+        self.assertEqual(found, {"": cp.Workspace("", os.path.realpath(self.folder), ("Edit",), 60),
+                                 "docs": cp.Workspace("docs", os.path.realpath(self.folder), ("Edit",), 60)})
+        for values, message in [(["/"], "root of a filesystem"), ([self.home], "home folder itself"),
+                                ([self.home + "/./"], "home folder itself"), (["x=/"], "root of a filesystem"),
+                                ([os.path.join(self.tmp, "nothing")], "no such folder"), (["a="], "no such folder"),
+                                (["v1=" + self.folder], "cannot be named v1"),
+                                ([self.folder, self.folder], "second workspace"),
+                                (["a=" + self.folder, "a=" + self.folder], "second workspace named 'a'")]:
+            with self.subTest(values=values):
+                with self.assertRaises(ValueError) as caught:
+                    cp.parse_workspaces(values, home=self.home)
+                self.assertIn(message, str(caught.exception))
+
+    def test_grants(self):
+        self.assertEqual(cp.parse_workspace_grants("Edit, Write Bash(git diff:*),Bash(npm run test:*)"),
+                         ["Edit", "Write", "Bash(git diff:*)", "Bash(npm run test:*)"])
+        self.assertEqual(cp.parse_workspace_grants(""), [])
+        for text in ("Bash", "Bash(*)", "Edit(", "Bash(x)y", "--dangerously-skip-permissions"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                cp.parse_workspace_grants(text)
+
+    def test_argv_for_each_grant(self):
+        base = ["--permission-mode", "dontAsk", "--setting-sources", ""]
+        for grants, tools, allowed in [
+                ((), "Read,Glob,Grep", None),
+                # A bare Read/Glob/Grep rule would allow every path: the mode allows the folder.
+                (("Read", "Grep"), "Read,Glob,Grep", None),
+                # A bare Edit or Write rule would write anywhere: scoped to the folder.
+                (("Edit",), "Read,Glob,Grep,Edit", "Edit(./**)"),
+                (("Write", "Edit"), "Read,Glob,Grep,Write,Edit", "Edit(./**)"),
+                (("Edit(src/**)",), "Read,Glob,Grep,Edit", "Edit(src/**)"),
+                (("Bash(git diff:*)", "Bash(git log:*)"), "Read,Glob,Grep,Bash", "Bash(git diff:*),Bash(git log:*)"),
+                (("WebFetch(domain:example.com)",), "Read,Glob,Grep,WebFetch", "WebFetch(domain:example.com)")]:
+            with self.subTest(grants=grants):
+                argv = cp.workspace_argv(cp.Workspace("", self.folder, grants, 60))
+                self.assertEqual(argv, ["--tools", tools] + base + (["--allowedTools", allowed] if allowed else []))
+
+    def test_cli_argv_with_and_without_a_workspace(self):
+        plan = cp.Plan(conversation={"system": None, "turns": []}, model="sonnet")
+        plain = cp.cli_argv("claude", plan, "/p")
+        # Today's argv, exactly: no tool of the CLI's, no permission flags.
+        self.assertEqual(plain[plain.index("--tools"):plain.index("--tools") + 2], ["--tools", ""])
+        for flag in ("--permission-mode", "--allowedTools", "--setting-sources", "--add-dir",
+                     "--dangerously-skip-permissions"):
+            self.assertNotIn(flag, plain)
+        argv = cp.cli_argv("claude", dataclasses.replace(plan, workspace=cp.Workspace("", self.folder, ("Edit",), 60)), "/p")
+        self.assertEqual(argv[:argv.index("--tools")], plain[:plain.index("--tools")])
+        self.assertIn("Read,Glob,Grep,Edit", argv)
+        self.assertEqual(argv[argv.index("--setting-sources") + 1], "")  # no settings file at all
+        self.assertEqual(argv[argv.index("--max-turns") + 1], str(cp.TOOL_LOOP_MAX_TURNS))
+        for flag in ("--add-dir", "--dangerously-skip-permissions", "--mcp-config", "--allow-dangerously-skip-permissions"):
+            self.assertNotIn(flag, argv)
+        self.assertIn(self.folder, cp.workspace_prompt(cp.Workspace("", self.folder, (), 60)))
+
+    def test_routes(self):
+        default = cp.Workspace("", self.folder, (), 60)
+        named = cp.Workspace("docs", self.folder, (), 60)
+        served = {"": default, "docs": named}
+        for path, workspaces, workspace, rest, refused in [
+                ("/workspace/v1/chat/completions", served, default, "/v1/chat/completions", None),
+                ("/workspace/v1/messages", served, default, "/v1/messages", None),
+                ("/workspace/v1", served, default, "", None),  # no endpoint: 404 not_found
+                ("/workspace/docs/health", served, named, "", None),
+                ("/workspace/docs/v1/responses", served, named, "/v1/responses", None),
+                ("/workspace/docs/v1/messages", served, named, "/v1/messages", None),
+                ("/workspace/other/v1/messages", served, None, "/v1/messages", "No workspace 'other'"),
+                ("/workspace/v1/models", {"docs": named}, None, "/v1/models", "No workspace at /workspace/v1"),
+                ("/workspace/v1/chat/completions", {}, None, "/v1/chat/completions", "--workspace DIR"),
+                ("/workspace/docs/v1/messages", {}, None, "/v1/messages", "--workspace DIR")]:
+            with self.subTest(path=path, workspaces=sorted(workspaces)):
+                got, got_rest, error = cp.workspace_route(path, workspaces)
+                self.assertEqual((got, got_rest), (workspace, rest))
+                if refused:
+                    self.assertEqual(error.status, 404)
+                    self.assertIn(refused, error.message)
+                else:
+                    self.assertIsNone(error)
+
+    def test_activity_from_the_cli_events(self):
+        workspace = cp.Workspace("", "/w", (), 60)
+        translator = cp.ReplyTranslator(workspace=workspace)
+        read = {"type": "assistant", "message": {"content": [
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": "toolu_0", "name": "Read", "input": {"file_path": "/w/src/a.py"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "Grep", "input": {"pattern": "def  x", "path": "src"}},
+            {"type": "tool_use", "id": "toolu_3", "name": "Bash", "input": {"command": "git diff\n--stat"}}]}}
+        out = translator.feed(read)
+        for event in REFUSED_READ_EVENTS:
+            out += translator.feed(event)
+        # The result's list holds the refusal shown already, and one the stream never showed.
+        out += translator.feed({"type": "result", "subtype": "success", "is_error": False, "result": "", "permission_denials": [
+            {"tool_name": "Read", "tool_use_id": "toolu_1", "tool_input": {"file_path": "/etc/hostname"}},
+            {"tool_name": "Bash", "tool_use_id": "toolu_9", "tool_input": {"command": "rm -rf /"}}]})
+        self.assertEqual([cp.activity_text(e["activity"]) for e in out], [
+            "[Read] src/a.py\n", "[Grep] def x in src\n", "[Bash] git diff --stat\n",
+            "[Read] /etc/hostname\n",
+            "[Read refused] /etc/hostname: Permission to use Read has been denied because Claude Code "
+            "is running in don't ask mode\n",
+            "[Bash refused] rm -rf /: permission denied\n"])
+        self.assertEqual(translator.activity, out)
+        self.assertIsNone(translator.error)
+
+    def test_a_failed_tool_and_no_activity_without_a_workspace(self):
+        failed = {"type": "user", "message": {"content": [{"type": "tool_result", "tool_use_id": "toolu_5",
+                                                           "is_error": True, "content": "File does not exist. Note: x"}]}}
+        translator = cp.ReplyTranslator(workspace=cp.Workspace("", "/w", (), 60))
+        self.assertEqual(translator.feed(failed), [{"activity": {
+            "kind": "failed", "tool": "?", "target": "", "id": "toolu_5", "reason": "File does not exist"}}])
+        plain = cp.ReplyTranslator()
+        self.assertEqual([e for event in REFUSED_READ_EVENTS for e in plain.feed(event)], [])
+        # With response_format, the StructuredOutput call is the answer, not an activity.
+        structured = cp.ReplyTranslator(structured=True, workspace=cp.Workspace("", "/w", (), 60))
+        self.assertEqual(structured.feed({"type": "assistant", "message": {"content": [
+            {"type": "tool_use", "id": "toolu_6", "name": "StructuredOutput", "input": {"a": "x"}}]}}), [])
+
+    def test_each_model_call_is_a_paragraph_and_the_result_checks_the_last(self):
+        translator = cp.ReplyTranslator(workspace=cp.Workspace("", "/w", (), 60))
+        out = []
+        for words in ("Let me check.", "It says hi."):
+            out += translator.feed({"type": "stream_event", "event": {"type": "message_start", "message": {"usage": {}}}})
+            out += translator.feed({"type": "stream_event", "event": {
+                "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": words}}})
+        out += translator.feed({"type": "result", "subtype": "success", "is_error": False, "result": "It says hi.",
+                                "permission_denials": []})
+        self.assertEqual(out, [{"text": "Let me check."}, {"text": "\n\nIt says hi."}])
+        self.assertEqual(translator.text, "Let me check.\n\nIt says hi.")
+
+    def test_activity_in_each_dialect(self):
+        call = {"activity": {"kind": "call", "tool": "Read", "target": "notes.txt", "id": "toolu_1"}}
+        # Chat Completions: reasoning_content, what chat UIs show as the model's activity.
+        self.assertEqual(cp.chat_delta(call), {"reasoning_content": "[Read] notes.txt\n"})
+        # Responses: a reasoning item's summary text, before the answer's message item.
+        output = cp.ResponsesOutput(new_id=lambda prefix: prefix + "_1")
+        events = output.event(call) + output.event({"text": "hi"}) + output.close()
+        self.assertEqual([kind for kind, _ in events][:4], [
+            "response.output_item.added", "response.reasoning_summary_part.added",
+            "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done"])
+        self.assertEqual([item["type"] for item in output.items], ["reasoning", "message"])
+        self.assertEqual(output.items[0]["summary"], [{"type": "summary_text", "text": "[Read] notes.txt\n"}])
+        # Messages: a thinking block of its own, shown even when thinking was not asked for.
+        blocks = cp.AnthropicBlocks(show_thinking=False)
+        events = blocks.events(call) + blocks.events(call) + blocks.events({"thinking": "hidden"}) \
+            + blocks.events({"text": "hi"}) + blocks.close()
+        self.assertEqual(events, [
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "[Read] notes.txt\n"}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "[Read] notes.txt\n"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "hi"}},
+            {"type": "content_block_stop", "index": 1}])
+
+    def test_no_workspace_beyond_loopback_without_a_key(self):
+        from unittest import mock
+        err = io.StringIO()
+        with mock.patch.object(sys, "stderr", err), mock.patch.dict(os.environ, {"CLAUDE_PROXY_API_KEY": ""}):
+            self.assertEqual(cp.main(["--host", "0.0.0.0", "--no-auth", "--workspace", self.folder]), 2)
+        self.assertIn("with a workspace and no API key", err.getvalue())
+
+
+class WorkspaceServerTest(ServerTestCase):
+    """A proxy with a workspace (a folder with notes.txt, a secret beside it), over the stub."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.folder = os.path.realpath(os.path.join(cls.tmp, "project"))
+        os.makedirs(cls.folder)
+        with open(os.path.join(cls.folder, "notes.txt"), "w") as f:
+            f.write("hello from the workspace\n")
+        cls.secret = os.path.join(cls.tmp, "secret.txt")
+        with open(cls.secret, "w") as f:
+            f.write("not for the model\n")
+        cls.workspaces = cp.parse_workspaces([cls.folder, "ro=" + cls.folder], (), 60)
+        edit = cp.parse_workspaces(["rw=" + cls.folder], ("Edit", "Bash(echo:*)"), 60)
+        cls.workspaces.update(edit)
+        cls.workspaces.update(cp.parse_workspaces(["quick=" + cls.folder], (), 0.5))
+        cls.ws_server = cls.make_server(workspaces=cls.workspaces)
+        cls.stop_ws = cls.start(cls.ws_server)
+        cls.ws_port = cls.ws_server.server_address[1]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.stop_ws()
+        super().tearDownClass()
+
+    def post(self, path, body, port=None, **headers):
+        return self.request("POST", path, body, headers=headers, port=port or self.ws_port)
+
+    def test_without_the_option_workspace_paths_are_404_and_nothing_changes(self):
+        for method, path in [("POST", "/workspace/v1/chat/completions"), ("POST", "/workspace/v1/responses"),
+                             ("POST", "/workspace/v1/messages"), ("GET", "/workspace/v1/models"),
+                             ("POST", "/workspace/docs/v1/chat/completions")]:
+            with self.subTest(path=path):
+                status, _, raw = self.request(method, path, user("hi") if method == "POST" else None)
+                self.assertEqual(status, 404, raw)
+                self.assertIn("--workspace DIR", json.loads(raw)["error"]["message"])
+        status, _, raw = self.chat(user("USETOOL:Read:notes.txt"))
+        self.assertEqual(status, 200, raw)
+        [record] = self.records()
+        argv = record["argv"]
+        self.assertEqual(argv[argv.index("--tools") + 1], "")
+        self.assertNotIn("--permission-mode", argv)
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "Echo: USETOOL:Read:notes.txt [images: 0]")
+
+    def test_routes_with_the_option(self):
+        status, _, raw = self.request("GET", "/workspace/v1/models", port=self.ws_port)
+        self.assertEqual((status, json.loads(raw)), (200, json.loads(self.request("GET", "/v1/models", port=self.ws_port)[2])))
+        self.assertEqual(self.request("GET", "/workspace/ro/v1/models", port=self.ws_port)[0], 200)
+        _, error = self.assert_error(self.post("/workspace/nope/v1/chat/completions", user("hi")), 404,
+                                     code="workspace_not_found")
+        self.assertIn("/workspace/ro/v1", error["message"])
+        self.assertEqual(self.request("GET", "/workspace/v1/health", port=self.ws_port)[0], 404)
+        workspaces = json.loads(self.request("GET", "/health", port=self.ws_port)[2])["workspaces"]
+        self.assertEqual(workspaces[0], {"name": None, "folder": self.folder, "tools": ["Read", "Glob", "Grep"],
+                                         "timeout": 60})
+        self.assertEqual([w["name"] for w in workspaces], [None, "quick", "ro", "rw"])
+        self.assertEqual(json.loads(self.request("GET", "/health")[2])["workspaces"], [])
+        # An Anthropic client's error is in its own shape.
+        status, _, raw = self.post("/workspace/nope/v1/messages", {"model": "sonnet", "max_tokens": 10,
+                                                                   "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual((status, json.loads(raw)["type"]), (404, "error"))
+
+    def test_chat_stream_shows_the_read_before_the_answer(self):
+        status, _, raw = self.post("/workspace/v1/chat/completions", dict(user("USETOOL:Read:notes.txt"), stream=True))
+        self.assertEqual(status, 200, raw)
+        deltas = [p["choices"][0]["delta"] for p in sse_events(raw, "chat")[:-1] if p["choices"]]
+        reasoning = [n for n, d in enumerate(deltas) if d.get("reasoning_content")]
+        self.assertEqual([deltas[n]["reasoning_content"] for n in reasoning], ["[Read] notes.txt\n"])
+        # The read shows before the answer that holds what it read.
+        self.assertEqual("".join(d.get("content", "") for d in deltas[:reasoning[0]]), "Let me check.")
+        self.assertEqual("".join(d.get("content", "") for d in deltas),
+                         "Let me check.\n\nEcho: 1\thello from the workspace\n2\t [images: 0]")
+        [record] = self.records()
+        self.assertEqual(os.path.realpath(record["cwd"]), self.folder)
+        argv = record["argv"]
+        self.assertEqual(argv[argv.index("--tools") + 1], "Read,Glob,Grep")
+        self.assertEqual(argv[argv.index("--permission-mode") + 1], "dontAsk")
+        self.assertNotIn("--allowedTools", argv)
+        self.assertIn(self.folder, record["system_prompt"])
+
+    def test_a_read_outside_is_refused_and_reported(self):
+        status, _, raw = self.post("/workspace/v1/chat/completions", user("USETOOL:Read:" + self.secret))
+        self.assertEqual(status, 200, raw)
+        message = json.loads(raw)["choices"][0]["message"]
+        self.assertEqual(message["reasoning_content"], "[Read] %s\n[Read refused] %s: Permission to use Read has "
+                         "been denied because Claude Code is running in don't ask mode\n" % (self.secret, self.secret))
+        self.assertNotIn("not for the model", raw.decode())
+        self.assertTrue(any("workspace (default): [Read refused] " + self.secret in line for line in LOG_LINES))
+
+    def test_a_command_not_granted_is_refused_and_one_granted_runs(self):
+        outside = os.path.join(self.tmp, "made-by-the-model")
+        status, _, raw = self.post("/workspace/rw/v1/chat/completions", user("USETOOL:Bash:touch+" + outside))
+        self.assertEqual(status, 200, raw)
+        self.assertIn("[Bash refused] touch %s: Permission to use Bash" % outside,
+                      json.loads(raw)["choices"][0]["message"]["reasoning_content"])
+        self.assertFalse(os.path.exists(outside))
+        status, _, raw = self.post("/workspace/rw/v1/chat/completions", user("USETOOL:Bash:echo+hi"))
+        self.assertEqual(json.loads(raw)["choices"][0]["message"]["content"], "Let me check.\n\nEcho: hi [images: 0]")
+        argv = self.records()[-1]["argv"]
+        self.assertEqual(argv[argv.index("--allowedTools") + 1], "Edit(./**),Bash(echo:*)")
+        self.assertEqual(argv[argv.index("--tools") + 1], "Read,Glob,Grep,Edit,Bash")
+        # Without the grant (the read-only workspace) the model is not offered Bash at all.
+        status, _, raw = self.post("/workspace/ro/v1/chat/completions", user("USETOOL:Bash:echo+hi"))
+        self.assertNotIn("reasoning_content", json.loads(raw)["choices"][0]["message"])
+
+    def test_responses_and_messages_carry_the_activity(self):
+        status, _, raw = self.post("/workspace/v1/responses", {"model": "sonnet", "input": "USETOOL:Read:notes.txt"})
+        self.assertEqual(status, 200, raw)
+        output = json.loads(raw)["output"]
+        self.assertEqual([item["type"] for item in output], ["message", "reasoning", "message"])
+        self.assertEqual(output[1]["summary"][0]["text"], "[Read] notes.txt\n")
+        self.assertIn("hello from the workspace", json.loads(raw)["output_text"])
+        status, _, raw = self.post("/workspace/v1/responses", {"model": "sonnet", "stream": True,
+                                                               "input": "USETOOL:Read:notes.txt"})
+        kinds = [e["type"] for e in sse_events(raw, "responses")]
+        self.assertLess(kinds.index("response.reasoning_summary_text.delta"), kinds.index("response.output_text.delta", 6))
+        body = {"model": "sonnet", "max_tokens": 100, "stream": True,
+                "messages": [{"role": "user", "content": "USETOOL:Read:" + self.secret}]}
+        status, _, raw = self.post("/workspace/v1/messages", body, **{"anthropic-version": "2023-06-01"})
+        self.assertEqual(status, 200, raw)
+        thinking = "".join(e["delta"]["thinking"] for e in sse_events(raw, "messages") if e["type"] == "content_block_delta"
+                           and e["delta"]["type"] == "thinking_delta")
+        self.assertEqual(thinking, "[Read] %s\n[Read refused] %s: Permission to use Read has been denied because "
+                         "Claude Code is running in don't ask mode\n" % (self.secret, self.secret))
+
+    def test_a_workspace_run_has_its_own_timeout(self):
+        _, error = self.assert_error(self.post("/workspace/quick/v1/chat/completions", user("HANG")), 504,
+                                     code="timeout")
+        self.assertEqual(error["message"], "The claude CLI did not finish within 0.5 s (CLAUDE_WORKSPACE_TIMEOUT).")
+
+    def test_a_killed_proxys_workspace_runs_leave_nothing(self):
+        # A workspace run works in the user's folder, and a resumed one's session file is among
+        # the user's own sessions of it: the next start removes that file and the run's entry in
+        # the CLI's registry of live sessions, and nothing else of the user's.
+        tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmpdir, True)
+        projects = tempfile.mkdtemp(prefix="cp-test-projects-")
+        self.addCleanup(shutil.rmtree, projects, True)
+        registry = os.path.join(os.path.dirname(projects), os.path.basename(projects) + "-sessions")
+        os.makedirs(registry)
+        self.addCleanup(shutil.rmtree, registry, True)
+        dead = os.path.join(tmpdir, cp.PROXY_FOLDER_PREFIX + "dead")
+        os.makedirs(os.path.join(dead, "run-1"))
+        open(os.path.join(dead, cp.OWNER_FILE), "w").close()
+        with open(os.path.join(dead, cp.SESSION_ROOTS_FILE), "w") as f:
+            f.write(projects + "\n")
+        project = os.path.join(projects, cp.session_name(self.folder))
+        os.makedirs(project)
+        ours, users = os.path.join(project, "run.jsonl"), os.path.join(project, "users-own.jsonl")
+        for path in (ours, users):
+            open(path, "w").close()
+        with open(os.path.join(dead, "run-1" + cp.CLI_PID_SUFFIX), "w") as f:
+            f.write("999981 -")
+        with open(os.path.join(dead, "run-1", cp.WORKSPACE_RUN_FILE), "w") as f:
+            json.dump({"cwd": self.folder, "session": ours}, f)
+        for pid in (999981, 999982):  # the dead proxy's run; someone's session in the same folder
+            with open(os.path.join(registry, "%d.json" % pid), "w") as f:
+                json.dump({"pid": pid, "cwd": self.folder}, f)
+        self.assertEqual(cp.remove_leftovers(tmpdir, registries=[registry]), [dead])
+        self.assertEqual(os.listdir(project), ["users-own.jsonl"])
+        self.assertEqual(os.listdir(registry), ["999982.json"])
+
+    def test_a_workspace_run_notes_where_it_works(self):
+        plan = cp.Plan(conversation={"system": None, "turns": []}, workspace=self.workspaces[""])
+        run = self.ws_server.runner.spawn(plan, cp.run_shape(plan))
+        try:
+            with open(os.path.join(run.workdir, cp.WORKSPACE_RUN_FILE)) as f:
+                self.assertEqual(json.load(f), {"cwd": self.folder, "session": None})
+            self.assertEqual(run.cwd, self.folder)
+        finally:
+            run.stop()
+        self.assertFalse(os.path.exists(run.workdir))
+
+    def test_the_clients_own_tools_do_not_combine(self):
+        body = dict(user("hi"), tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+        _, error = self.assert_error(self.post("/workspace/v1/chat/completions", body), 400, "tools",
+                                     "workspace_tools_conflict")
+        self.assertIn("/v1", error["message"])
 
 
 # CLI run: argv, environment, stdin ##########################################################
@@ -8097,6 +8546,8 @@ class FakeAnthropicApi:
       LIMIT5H  429 with a subscriber's rejected five-hour window   THINK  a thinking block first
       CALLTOOL (anywhere in the conversation, until a text holds RESULT-) a tool_use of the
                first mcp__ tool offered;  RESULT-  then "Final answer using RESULT-..."
+      USETOOL:<Name>:<path>  a tool_use of the CLI's own tool <Name> (Read: file_path, Glob:
+               pattern), if offered; the reply to its result echoes the result's text
       (none)   "Echo: <the last user text>"
     A StructuredOutput tool, when offered, is called with a value built from its schema. A model
     that does not start with "claude" is 404 not_found_error; a request over FAKE_CONTEXT tokens
@@ -8208,11 +8659,18 @@ class FakeAnthropicApi:
         calls = []
         if structured and not answered:
             calls = [("StructuredOutput", FakeAnthropicApi.example(structured[0].get("input_schema")))]
+        elif re.search(r"USETOOL:(\w+):(\S+)", last) and not answered and any(
+                t.get("name") == re.search(r"USETOOL:(\w+)", last).group(1) for t in tools):
+            name, arg = re.search(r"USETOOL:(\w+):(\S+)", last).groups()
+            calls = [(name, {"file_path": arg} if name == "Read" else {"pattern": arg})]
         elif "CALLTOOL" in everything and "RESULT-" not in everything and offered and not answered:
             properties = list((offered[0].get("input_schema") or {}).get("properties") or {}) or ["input"]
             calls = [(offered[0]["name"], {properties[0]: "Paris"})]
+        results = [b.get("content") for b in (blocks[-1] if blocks else []) if b.get("type") == "tool_result"]
         if "RESULT-" in everything and not calls:
             reply = "Final answer using " + re.search(r"RESULT-\w*", everything).group()
+        elif "USETOOL:" in last and answered and isinstance(results[-1], str):
+            reply = "Echo: " + results[-1][-200:]
         else:
             reply = "Let me check." if calls else "Echo: " + last[-200:]
         if calls and calls[0][0] == "StructuredOutput":
@@ -8754,6 +9212,73 @@ class RealCliSubscriberTest(RealCliTestCase):
             {"role": "user", "content": "hi"}]}, headers={"anthropic-version": "2023-06-01"}, port=port)
         self.assertEqual((status, headers["anthropic-ratelimit-unified-5h-utilization"]), (200, "0.12"))
 
+
+
+#: Workspace mode, with the real CLI: a read in the folder, a read outside refused.
+
+
+@unittest.skipIf(REAL_CLI_MISSING and not REAL_CLI_REQUIRED, REAL_CLI_MISSING)
+class RealCliWorkspaceTest(RealCliTestCase):
+    """A workspace over the real CLI: it reads in the folder, and refuses a read outside it."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.folder = os.path.realpath(os.path.join(cls.tmp, "project"))
+        os.makedirs(cls.folder)
+        with open(os.path.join(cls.folder, "notes.txt"), "w") as f:
+            f.write("hello from the workspace\n")
+        cls.secret = os.path.join(cls.tmp, "secret.txt")
+        with open(cls.secret, "w") as f:
+            f.write("not for the model\n")
+        # The user's own allow rules must not widen a workspace's grants (no settings load there).
+        os.makedirs(os.path.join(cls.home, ".claude"), exist_ok=True)
+        with open(os.path.join(cls.home, ".claude", "settings.json"), "w") as f:
+            json.dump({"permissions": {"allow": ["Read", "Bash"]}}, f)
+        cls.ws_server = cls.make_server(workspaces=cp.parse_workspaces([cls.folder], (), 60))
+        cls.stop_ws = cls.start(cls.ws_server)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.stop_ws()
+        super().tearDownClass()
+
+    def ask(self, text, **body):
+        status, _, raw = self.request("POST", "/workspace/v1/chat/completions", dict(user(text), **body),
+                                      port=self.ws_server.server_address[1])
+        self.assertEqual(status, 200, raw)
+        return raw
+
+    def test_a_read_in_the_workspace(self):
+        raw = self.ask("USETOOL:Read:notes.txt", stream=True)
+        deltas = [p["choices"][0]["delta"] for p in sse_events(raw, "chat")[:-1] if p["choices"]]
+        first = next(n for n, d in enumerate(deltas) if d.get("reasoning_content"))
+        self.assertEqual(deltas[first]["reasoning_content"], "[Read] notes.txt\n")
+        self.assertNotIn("hello", "".join(d.get("content", "") for d in deltas[:first]))
+        self.assertIn("hello from the workspace", "".join(d.get("content", "") for d in deltas[first:]))
+        offered = [t["name"] for t in self.api.model_calls()[0].get("tools", [])]
+        self.assertTrue({"Read", "Glob", "Grep"} <= set(offered), offered)
+        self.assertFalse({"Bash", "Write", "Edit", "WebFetch"} & set(offered), offered)
+
+    def test_a_read_outside_is_refused(self):
+        message = json.loads(self.ask("USETOOL:Read:" + self.secret))["choices"][0]["message"]
+        self.assertIn("[Read refused] %s: Permission to use Read has been denied" % self.secret,
+                      message["reasoning_content"])
+        self.assertNotIn("not for the model", json.dumps(self.api.model_calls()))
+
+    def test_a_conversation_goes_on_in_real_turns(self):
+        first = json.loads(self.ask("USETOOL:Read:notes.txt"))["choices"][0]["message"]["content"]
+        self.ask("USETOOL:Glob:*.txt", messages=[{"role": "user", "content": "USETOOL:Read:notes.txt"},
+                                                 {"role": "assistant", "content": first},
+                                                 {"role": "user", "content": "USETOOL:Glob:*.txt"}])
+        second = self.api.model_calls()[-2]  # the call that asked for the Glob
+        self.assertEqual(self.roles(second), ["user", "assistant", "user"])
+        self.assertEqual(self.texts(self.turns(second)[1]), [first])
+        self.assertEqual(self.sessions_left(), [], "the resumed session file goes with its run")
+
+    def test_no_tool_is_offered_without_a_workspace(self):
+        self.ok(user("USETOOL:Read:" + self.secret))
+        self.assertEqual([body.get("tools") or [] for body in self.api.model_calls()], [[]])
 
 if __name__ == "__main__":
     unittest.main()
