@@ -2884,6 +2884,10 @@ class CliRun:
             self._state = state
             return True
 
+    def stop_for_hang_up(self):
+        """What a client's hang-up does to the run answering it (see ClientWatch)."""
+        self.cancel("client_gone")
+
     def send(self, message, live=False):
         """Hand the run a message. Unless live, stdin is closed after it, so the CLI exits
         after replying. The timeout counts from here."""
@@ -7067,7 +7071,7 @@ class Proxy:
             watch.on_gone(admission.wake)
             admission.acquire(time.monotonic() + config.timeout, watch.gone)
             try:
-                events, holding = None, [True]
+                events = None
                 limits.still_admitted(admitted)  # a limit reached while this one waited
                 run = self.runner.start(plan, client.scope)
                 # The run's totals so far: a kept run's result adds up over its life.
@@ -7078,8 +7082,8 @@ class Proxy:
                 sink.use(translator)  # a sink may read the usage as it goes (message_start)
                 metrics.cli_run()
                 # Only while this request holds the run: once kept for the next turn, it is not
-                # this client's hang-up to act on.
-                watch.on_gone(lambda: holding[0] and run.cancel("client_gone"))
+                # this client's hang-up to act on (dropped below).
+                watch.on_gone(run.stop_for_hang_up)
                 first_token = False
                 events = run.events()
                 for event in events:
@@ -7116,7 +7120,7 @@ class Proxy:
                     if run is not None:
                         if events is not None:
                             events.close()  # stdout stays open for a kept run's next turn
-                        holding[0] = False
+                        watch.drop(run.stop_for_hang_up)
                         if translator is not None:
                             # Kept for the next turn, or stopped; unread or unreadable, stopped.
                             self.runner.finish(run, plan, translator.summary() if error is None
@@ -7187,6 +7191,12 @@ class ClientWatch:
                 self._callbacks.append(callback)
                 return
         callback()
+
+    def drop(self, callback):
+        """No longer call `callback` (given to on_gone) when the client hangs up."""
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
 
     def __enter__(self):
         self._thread.start()
