@@ -272,6 +272,13 @@ def cli_failed(message, code="cli_error"):
     return ProxyError(502, message, "server_error", None, code)
 
 
+def workspace_unavailable(workspace):
+    """A workspace's folder is gone (removed or renamed since the proxy started)."""
+    return ProxyError(503, "The workspace folder %s is not there any more; create it again, or "
+                      "restart the proxy with another --workspace." % workspace.root,
+                      "server_error", None, "workspace_unavailable", {"Retry-After": "5"})
+
+
 def tmpdir_unavailable(reason):
     """The proxy cannot write a run's files: the operator must free space or set TMPDIR."""
     return ProxyError(503, "The proxy cannot write its temporary files in %s (%s); free space "
@@ -1965,8 +1972,11 @@ def estimate_tokens(plan):
 #: rule: a bare `Read` rule allows every path on the machine. A bare `Edit` or `Write` rule
 #: would also write anywhere: the proxy turns it into `Edit(./**)` (Edit rules cover every
 #: tool that writes files), the folder and below. Bash commands are allowed by the rules
-#: granted (`Bash(git diff:*)`); the CLI itself refuses a command that names a path outside
-#: the folder, or chains another command. No settings file is loaded (--setting-sources ""):
+#: granted (`Bash(git status:*)`); the CLI itself refuses a command that names a path outside
+#: the folder as an argument, or chains another command, but not one that reaches outside
+#: through its own options (`git diff --output=../x`): a Bash grant is no sandbox, so grants
+#: of every command, of shells and launchers, and of paths outside are refused at start
+#: (parse_workspace_grants), and the README says what is left. No settings file is loaded (--setting-sources ""):
 #: neither the folder's own .claude/settings.json (its hooks, its allow rules) nor the user's,
 #: whose allow rules would widen the grants (a user rule `Read` let the model read
 #: /etc/hostname). A login from the environment or the CLI's credentials works as before.
@@ -1998,6 +2008,8 @@ def parse_workspaces(values, grants=(), timeout=DEFAULT_WORKSPACE_TIMEOUT, home=
     wrong. A folder must exist; the filesystem's root and the user's home folder itself are
     refused: every file the user has would be the model's to read."""
     home = os.path.realpath(home or os.path.expanduser("~"))
+    private = [home] + [os.path.realpath(os.environ["CLAUDE_CONFIG_DIR"])
+                        for _ in (1,) if os.environ.get("CLAUDE_CONFIG_DIR")]
     found = {}
     for value in values:
         name, folder = "", value
@@ -2017,8 +2029,31 @@ def parse_workspaces(values, grants=(), timeout=DEFAULT_WORKSPACE_TIMEOUT, home=
             raise ValueError("%r is the root of a filesystem: name a project's folder" % folder)
         if os.path.normcase(root) == os.path.normcase(home):
             raise ValueError("%r is the home folder itself: name a project's folder" % folder)
+        for inner in private:  # /home, /Users: every user's keys and the CLI's credentials
+            if folder_holds(root, inner):
+                raise ValueError("%r holds %s (your files, the CLI's login): name a project's "
+                                 "folder" % (folder, inner))
         found[name] = Workspace(name, root, tuple(grants), timeout)
     return found
+
+
+def folder_holds(folder, inner):
+    """Whether `inner` is `folder` or somewhere below it."""
+    try:
+        common = os.path.commonpath([folder, inner])
+    except ValueError:  # Windows: another drive
+        return False
+    return os.path.normcase(common) == os.path.normcase(folder)
+
+
+#: Commands whose grant by prefix would still run any command: shells, launchers, interpreters
+#: (the command that follows, or the script they are given, is anything). Refused as grants.
+WORKSPACE_LAUNCHERS = frozenset(
+    "sh bash zsh dash fish ksh csh tcsh env sudo su doas xargs find eval exec command nohup "
+    "timeout nice time watch parallel python python3 python2 node deno bun perl ruby php lua "
+    "awk gawk sed npx pwsh powershell cmd ssh git".split())
+#: Shell and cmd.exe metacharacters: a grant goes into argv, through cmd.exe for claude.cmd.
+WORKSPACE_GRANT_UNSAFE = re.compile(r"[&|<>^%!\"`$;\n]")
 
 
 def parse_workspace_grants(text):
@@ -2037,11 +2072,35 @@ def parse_workspace_grants(text):
         rules.append(rule)
     for rule in rules:
         if not WORKSPACE_GRANT.match(rule):
-            raise ValueError("%r is not a tool rule (Edit, Write, Bash(git diff:*), ...)" % rule)
-        if rule in ("Bash", "Bash(*)", "Bash(:*)", "PowerShell", "PowerShell(*)"):
+            raise ValueError("%r is not a tool rule (Edit, Write, Bash(git status:*), ...)" % rule)
+        if WORKSPACE_GRANT_UNSAFE.search(rule):
+            raise ValueError("%r: a grant may not hold & | < > ^ %% ! \" ` $ ; (shell and "
+                             "cmd.exe metacharacters)" % rule)
+        tool, _, spec = rule.partition("(")
+        if tool not in ("Bash", "PowerShell") and spec and re.match(r"[/\\~]|[A-Za-z]:|.*\.\.", spec):
+            raise ValueError("%r names paths outside the workspace: a file tool's rule may only "
+                             "name paths inside it, e.g. Edit(src/**)" % rule)
+        if tool in ("Bash", "PowerShell") and not command_prefix_grant(spec[:-1]):
             raise ValueError("%r would allow every command, which can read and change anything "
-                             "the user can: grant commands by prefix, e.g. Bash(npm test:*)" % rule)
+                             "the user can: grant a command by its prefix, e.g. Bash(git "
+                             "status:*), not a shell, an interpreter or a launcher" % rule)
     return rules
+
+
+def command_prefix_grant(spec):
+    """Whether a Bash rule's specifier names commands by a literal prefix (`git status:*`,
+    `npm test`): no wildcard but a trailing `:*` or ` *`, and a first word that does not run
+    another command (WORKSPACE_LAUNCHERS; `git` alone runs hooks and aliases)."""
+    for tail in (":*", " *"):
+        if spec.endswith(tail):
+            spec = spec[:-len(tail)]
+            break
+    words = spec.split()
+    if not words or "*" in spec or "?" in spec:
+        return False
+    command = os.path.basename(words[0]).lower()
+    return command not in WORKSPACE_LAUNCHERS or (command == "git" and len(words) > 1
+                                                  and not words[1].startswith("-"))
 
 
 def workspace_argv(workspace):
@@ -2113,25 +2172,27 @@ def workspace_prompt(workspace):
 
 
 def log_activity(workspace, activity):
-    """The proxy's log line for a tool call in a workspace: the tool and its target (never
-    what it read or wrote, nor the prompt)."""
-    log("workspace %s: %s" % (workspace.name or "(default)",
-                              printable(activity_text(activity).strip())))
+    """The proxy's log line for a tool call in a workspace: the tool and its target, and
+    whether it was refused or failed, never why: the reason the CLI gives is the tool's own
+    output (a failed command's first lines), which can hold what a file says."""
+    kind = "" if activity["kind"] == "call" else " " + activity["kind"]
+    log("workspace %s: %s" % (workspace.name or "(default)", printable(
+        "[%s%s] %s" % (activity["tool"], kind, activity["target"]))))
 
 
 def tool_target(name, tool_input, root=None):
     """What a tool call acts on, in a line: its file (relative to the workspace's folder
     `root` when inside it), pattern, command or URL."""
     tool_input = tool_input if isinstance(tool_input, dict) else {}
-    field = TOOL_TARGETS.get(name, "")
+    field = TOOL_TARGETS.get(name)
+    if field is None:  # another tool's input may be a prompt (Task): its name says enough
+        return ""
     value = tool_input.get(field)
-    if value is None:
-        value = next((v for v in tool_input.values() if isinstance(v, str)), "")
-    value = str(value)
+    value = "" if value is None else str(value)
     if root and field.endswith("_path") and value.startswith(os.path.join(root, "")):
         value = value[len(os.path.join(root, "")):]
     text = " ".join(value.split())
-    if name == "Grep" and tool_input.get("path"):
+    if name in ("Grep", "Glob") and tool_input.get("path"):
         text += " in " + str(tool_input["path"])
     return text[:200] + ("..." if len(text) > 200 else "")
 
@@ -3681,6 +3742,8 @@ class CliRunner:
         with self._lock:
             if self._closed:
                 raise overloaded(5, "The proxy is shutting down.")
+        if plan.workspace and not os.path.isdir(plan.workspace.root):
+            raise workspace_unavailable(plan.workspace)
         # The bridge waits this long for a tool result, then ends its run: nothing is left
         # running even if the proxy itself is killed.
         workdir, prompt_path, config_path = run_files(plan, self.timeout + self.idle_seconds,
@@ -7213,6 +7276,9 @@ class ClientWatch:
             self.gone.set()
             callbacks = list(self._callbacks)
         for callback in callbacks:
+            with self._lock:  # dropped meanwhile (a run handed back): not this client's any more
+                if callback not in self._callbacks:
+                    continue
             callback()
 
     def _watch(self):
@@ -8196,7 +8262,8 @@ def parse_args(argv=None):
         % os.pathsep)
     add("--workspace-tools", default=env("CLAUDE_WORKSPACE_TOOLS") or "",
         help="Default: none, reading only (env CLAUDE_WORKSPACE_TOOLS). More tools for the "
-        "workspaces, in the CLI's --allowedTools syntax: Edit, Write, Bash(git diff:*), ...")
+        "workspaces, in the CLI's --allowedTools syntax: Edit, Write, Bash(git status:*), ... "
+        "(a Bash grant runs commands as you: see the README)")
     add("--workspace-timeout", type=float,
         default=env("CLAUDE_WORKSPACE_TIMEOUT", "%g" % DEFAULT_WORKSPACE_TIMEOUT),
         help="Default: %g (env CLAUDE_WORKSPACE_TIMEOUT). Seconds one run in a workspace may "
@@ -8325,6 +8392,11 @@ def main(argv=None):
         log("workspace %s/%s: %s  (tools: %s; runs up to %gs)" % (
             url[:-len("/v1")] + WORKSPACE_PREFIX, (name + "/v1") if name else "v1", workspace.root,
             ", ".join(list(WORKSPACE_READ_TOOLS) + list(workspace.grants)), workspace.timeout))
+    if any(rule.startswith(("Bash(", "PowerShell(")) for w in config.workspaces.values()
+           for rule in w.grants):
+        log("workspace: the commands granted run as you, and the CLI's checks are no sandbox "
+            "(an option of a granted command can reach outside the folder); grant only what "
+            "anyone who can reach this proxy may run there.")
     if config.daily_budget or config.max_request_usd:
         log("budget: %s a day (spent today: $%.4f, kept in %s), %s a run" % (
             "$%g" % config.daily_budget if config.daily_budget else "no limit",

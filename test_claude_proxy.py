@@ -31,6 +31,7 @@ import threading
 import time
 import types
 import unittest
+import unittest.mock
 
 import claude_proxy as cp
 
@@ -3157,6 +3158,8 @@ class WorkspaceTablesTest(unittest.TestCase):
                                 ([self.home + "/./"], "home folder itself"), (["x=/"], "root of a filesystem"),
                                 ([os.path.join(self.tmp, "nothing")], "no such folder"), (["a="], "no such folder"),
                                 (["v1=" + self.folder], "cannot be named v1"),
+                                # A folder holding the home folder (/home, /Users) holds every key.
+                                ([self.tmp], "holds " + os.path.realpath(self.home)),
                                 ([self.folder, self.folder], "second workspace"),
                                 (["a=" + self.folder, "a=" + self.folder], "second workspace named 'a'")]:
             with self.subTest(values=values):
@@ -3168,9 +3171,42 @@ class WorkspaceTablesTest(unittest.TestCase):
         self.assertEqual(cp.parse_workspace_grants("Edit, Write Bash(git diff:*),Bash(npm run test:*)"),
                          ["Edit", "Write", "Bash(git diff:*)", "Bash(npm run test:*)"])
         self.assertEqual(cp.parse_workspace_grants(""), [])
-        for text in ("Bash", "Bash(*)", "Edit(", "Bash(x)y", "--dangerously-skip-permissions"):
+        self.assertEqual(cp.parse_workspace_grants("Edit(src/**) Bash(git status:*) Bash(pytest)"),
+                         ["Edit(src/**)", "Bash(git status:*)", "Bash(pytest)"])
+        for text in ("Bash", "Bash(*)", "Edit(", "Bash(x)y", "--dangerously-skip-permissions",
+                     # Every command after all (found by review, run against CLI 2.1.332):
+                     # a wildcard, a shell or launcher, git's own -c and aliases.
+                     "Bash(**)", "Bash(*:*)", "Bash(sh:*)", "Bash(git:*)", "Bash(git -c x:*)",
+                     "Bash(env:*)", "Bash(python3 -c:*)", "Bash(xargs:*)", "Bash(git *diff:*)",
+                     # Shell and cmd.exe metacharacters (claude.cmd on Windows).
+                     "Bash(make>x:*)", "Bash(a&b:*)", "Bash(echo $HOME:*)",
+                     # File rules that name paths outside the folder.
+                     "Read(//**)", "Edit(/etc/**)", "Edit(../other/**)", "Write(~/x)", "Edit(C:/x)"):
             with self.subTest(text=text), self.assertRaises(ValueError):
                 cp.parse_workspace_grants(text)
+
+    def test_tool_targets(self):
+        root = os.path.realpath(self.folder)
+        for name, tool_input, want in [
+                ("Read", {"file_path": os.path.join(root, "a.txt")}, "a.txt"),
+                ("Read", {"file_path": "/etc/hostname"}, "/etc/hostname"),
+                ("Grep", {"pattern": "def  x", "path": "/elsewhere"}, "def x in /elsewhere"),
+                ("Glob", {"pattern": "*", "path": "/elsewhere"}, "* in /elsewhere"),
+                ("Bash", {"command": "git diff\n--stat", "description": "d"}, "git diff --stat"),
+                # Another tool's input may be a prompt: its name alone is shown and logged.
+                ("Task", {"description": "look around", "prompt": "the user's words"}, "look around"),
+                ("SomeNewTool", {"prompt": "the user's words"}, "")]:
+            with self.subTest(name=name):
+                self.assertEqual(cp.tool_target(name, tool_input, root), want)
+
+    def test_the_log_says_the_tool_and_target_never_the_reason(self):
+        """A failed command's reason is its output's first lines: what a file says."""
+        said = []
+        with unittest.mock.patch.object(cp, "log", said.append):
+            cp.log_activity(cp.Workspace("", self.folder, (), 60), {
+                "kind": "failed", "tool": "Bash", "target": "cat a.txt", "id": "t1",
+                "reason": "Exit code 1 the secret contents"})
+        self.assertEqual(said, ["workspace (default): [Bash failed] cat a.txt"])
 
     def test_argv_for_each_grant(self):
         base = ["--permission-mode", "dontAsk", "--setting-sources", ""]
@@ -3339,6 +3375,17 @@ class WorkspaceServerTest(ServerTestCase):
 
     def post(self, path, body, port=None, **headers):
         return self.request("POST", path, body, headers=headers, port=port or self.ws_port)
+
+    def test_a_workspace_folder_removed_since_the_start_is_a_503_that_names_it(self):
+        gone = os.path.join(self.tmp, "gone")
+        os.makedirs(gone)
+        port = self.serve(workspaces=cp.parse_workspaces(["gone=" + gone], (), 60)).server_address[1]
+        os.rmdir(gone)
+        status, headers, raw = self.post("/workspace/gone/v1/chat/completions", user("hi"), port=port)
+        self.assertEqual(status, 503, raw)
+        error = json.loads(raw)["error"]
+        self.assertEqual(error["code"], "workspace_unavailable")
+        self.assertIn(os.path.realpath(gone), error["message"])
 
     def test_without_the_option_workspace_paths_are_404_and_nothing_changes(self):
         for method, path in [("POST", "/workspace/v1/chat/completions"), ("POST", "/workspace/v1/responses"),
