@@ -3347,19 +3347,25 @@ class WorkspaceTablesTest(unittest.TestCase):
         self.assertIn("with a workspace and no API key", err.getvalue())
 
 
+def workspace_fixture(tmp):
+    """A workspace folder in `tmp` holding notes.txt, and a secret beside it: (folder, secret)."""
+    folder = os.path.realpath(os.path.join(tmp, "project"))
+    os.makedirs(folder)
+    with open(os.path.join(folder, "notes.txt"), "w") as f:
+        f.write("hello from the workspace\n")
+    secret = os.path.join(tmp, "secret.txt")
+    with open(secret, "w") as f:
+        f.write("not for the model\n")
+    return folder, secret
+
+
 class WorkspaceServerTest(ServerTestCase):
     """A proxy with a workspace (a folder with notes.txt, a secret beside it), over the stub."""
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.folder = os.path.realpath(os.path.join(cls.tmp, "project"))
-        os.makedirs(cls.folder)
-        with open(os.path.join(cls.folder, "notes.txt"), "w") as f:
-            f.write("hello from the workspace\n")
-        cls.secret = os.path.join(cls.tmp, "secret.txt")
-        with open(cls.secret, "w") as f:
-            f.write("not for the model\n")
+        cls.folder, cls.secret = workspace_fixture(cls.tmp)
         cls.workspaces = cp.parse_workspaces([cls.folder, "ro=" + cls.folder], (), 60)
         edit = cp.parse_workspaces(["rw=" + cls.folder], ("Edit", "Bash(echo:*)"), 60)
         cls.workspaces.update(edit)
@@ -9271,13 +9277,7 @@ class RealCliWorkspaceTest(RealCliTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.folder = os.path.realpath(os.path.join(cls.tmp, "project"))
-        os.makedirs(cls.folder)
-        with open(os.path.join(cls.folder, "notes.txt"), "w") as f:
-            f.write("hello from the workspace\n")
-        cls.secret = os.path.join(cls.tmp, "secret.txt")
-        with open(cls.secret, "w") as f:
-            f.write("not for the model\n")
+        cls.folder, cls.secret = workspace_fixture(cls.tmp)
         # The user's own allow rules must not widen a workspace's grants (no settings load there).
         os.makedirs(os.path.join(cls.home, ".claude"), exist_ok=True)
         with open(os.path.join(cls.home, ".claude", "settings.json"), "w") as f:
