@@ -3840,7 +3840,11 @@ class CliRunner:
            and has no live process), or when the CLI could not load the session."""
         shape = run_shape(plan)
         turns = plan.conversation["turns"]
-        live = self.continuations is not None and not plan.json_schema
+        # Structured output (--json-schema) is kept and reused like any run (measured with CLI
+        # 2.1.332: its result comes with stdin open, /clear resets it, the next conversation's
+        # result is its own); with the client's tools too it is not: a call under a schema
+        # comes back at once, and the run then waits on the bridge until it stops.
+        live = self.continuations is not None and not (plan.json_schema and plan.tools)
         if self.continuations and len(turns) >= 3 and turns[-1]["role"] == "user":
             run = self.continuations.take(conversation_key(scope, shape, turns[:-1]))
             if run is not None and self.move(run, RUN_SERVING) and self._continue(run, turns[-1]["content"]):

@@ -8460,6 +8460,21 @@ class ReuseTest(ServerTestCase):
         self.assertIn("claude_proxy_reuse_resets_total 2\n", metrics)
         self.assertIn('claude_proxy_reuse_recycled_total{reason="memory"} 0\n', metrics)
 
+    def test_structured_output_one_shots_are_reused_too(self):
+        """A pipeline that asks for JSON (response_format): its runs are kept and reset like
+        any other (the real CLI's result comes with stdin open: RealCli checks it)."""
+        server, port = self.reuse_server()
+        schema = {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}}}}}
+        self.ok(dict(user("apple-one"), response_format=schema), port)
+        self.ok(dict(user("banana-two"), response_format=schema), port)
+        first = self.served("apple-one")
+        self.assertTrue(wait_until(lambda: server.runner.reuse.count() == 1), "reset and waiting")
+        _, reply = self.ok(dict(user("cherry-three"), response_format=schema), port)
+        self.assertIsInstance(json.loads(reply["choices"][0]["message"]["content"]), dict)
+        self.assertEqual(self.served("cherry-three")["pid"], first["pid"], "the same process")
+        self.assertNotIn("apple-one", json.dumps(self.served("cherry-three")["history"]))
+
     def test_a_kept_conversation_still_continues_in_its_own_process(self):
         server, port = self.reuse_server(pool_size=2)
         _, reply = self.ok(user("SAY[one]"), port)
@@ -8920,6 +8935,19 @@ class RealCliTest(RealCliTestCase):
         self.assertTrue(first[0].startswith("<local-command-caveat>"), first)
         self.assertEqual(first[-1], "cherry-three")
         self.assertEqual(costs["cherry-three"], costs["banana-two"], "a primed process's first conversation costs the same")
+        # Structured output too: the result comes with stdin open, and /clear resets the run.
+        schema = {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
+        for word in ("date-four", "elder-five", "fig-six"):
+            if word == "fig-six":
+                self.assertTrue(wait_until(lambda: runner.reuse.count() >= 1, 30))
+            status, _, raw = self.chat(dict(user(word), response_format=schema), port=port)
+            self.assertEqual(status, 200, raw)
+            self.assertIsInstance(json.loads(json.loads(raw)["choices"][0]["message"]["content"]), dict)
+        self.assertEqual(runner.reuse.stats()["reused"], 2)
+        [fig] = [body for body in self.api.model_calls() if "fig-six" in json.dumps(body["messages"])]
+        self.assertNotIn("elder-five", json.dumps(fig["messages"]))
+        self.assertNotIn("date-four", json.dumps(fig["messages"]))
 
     def test_stream_json_events_the_translator_reads(self):
         code, events = self.run_cli("THINK hello", "--include-partial-messages")
