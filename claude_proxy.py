@@ -2874,7 +2874,8 @@ class CliRun:
     (ReusePool). Where it is in that life is its `state` (RUN_MOVES), which only the runner
     moves (CliRunner.move); a stop, wherever it comes from (a timeout, a hang-up), ends it."""
 
-    def __init__(self, runner, argv, env, workdir, shape=None, cwd=None, timeout=None):
+    def __init__(self, runner, argv, env, workdir, shape=None, cwd=None, timeout=None,
+                 sessions=None, session_model=None):
         self.runner = runner
         self.workdir = workdir
         self.cwd = cwd or workdir  # where the CLI runs (the proxy's one working directory)
@@ -2905,8 +2906,8 @@ class CliRun:
         self._stdout_reader = False
         self._stdout_closed = False
         self._peeked = []
-        self.sessions = None  # the session file it resumes, removed with it
-        self.session_model = None  # the model its session file names (CliRunner.learn_context)
+        self.sessions = sessions  # the session file it resumes, removed with it
+        self.session_model = session_model  # the model its session file names (CliRunner.learn_context)
         self._priming = None  # the thread reading the CLI's answer to the prime (see prime())
         kwargs = {}
         if os.name == "nt":
@@ -3779,8 +3780,7 @@ class CliRunner:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path,
                                             session_id), env, workdir, shape, cwd,
-                             workspace.timeout if workspace else None)
-                run.sessions, run.session_model = path, model
+                             workspace.timeout if workspace else None, path, model)
                 self._runs.add(run)
             return run
         except OSError as e:
