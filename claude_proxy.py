@@ -4272,7 +4272,8 @@ class ReusePool:
     started this way costs the CLI about a seventh of a new process's CPU. The CLI sends the
     model the same blocks as after a warm process's prime (README, "What the model sees").
 
-    Bounded: at most `limits.size` wait, the oldest going first; one waits at most
+    Bounded: at most `limits.size` wait, the oldest of the client and shape with the most
+    waiting going first; one waits at most
     `idle_seconds`; a process is recycled (stopped instead of reset) after
     `limits.conversations` conversations or above `limits.memory_mb` of resident memory."""
 
@@ -4314,11 +4315,21 @@ class ReusePool:
             self.resets += 1
             self._idle[run] = (run.scope, run.shape, time.monotonic())
             while len(self._idle) > self.limits.size:
-                victims.append(self._idle.popitem(last=False)[0])
+                victims.append(self._victim())
                 self.retired += 1
             self._cond.notify()
         stop_runs(victims)
         return True
+
+    def _victim(self):
+        """Remove and return the process to push out: the oldest of the client and shape with
+        the most waiting, so that one client's batch pushes out its own, not another's (as
+        Continuations._victim). Call with the lock held."""
+        counts = collections.Counter(entry[:2] for entry in self._idle.values())
+        most = max(counts.values())
+        run = next(run for run, entry in self._idle.items() if counts[entry[:2]] == most)
+        del self._idle[run]
+        return run
 
     def take(self, scope, shape):
         """The most recently reset process of this client and shape, or None."""

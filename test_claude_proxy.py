@@ -8460,6 +8460,27 @@ class ReuseTest(ServerTestCase):
         self.assertIn("claude_proxy_reuse_resets_total 2\n", metrics)
         self.assertIn('claude_proxy_reuse_recycled_total{reason="memory"} 0\n', metrics)
 
+    def test_one_clients_batch_pushes_out_its_own_waiting_processes_not_anothers(self):
+        pool = cp.ReusePool(cp.ReuseLimits(size=2), 300)
+        self.addCleanup(pool.close)
+        stopped = []
+
+        class Run:
+            def __init__(self, name, scope):
+                self.name, self.scope, self.shape = name, scope, "s"
+                self.binary, self.runner = "b", types.SimpleNamespace(binary_stamp=lambda: "b")
+
+            def alive(self):
+                return True
+
+            def stop(self):
+                stopped.append(self.name)
+        other = Run("b1", "key-b")
+        for offered in (Run("a1", "key-a"), other, Run("a2", "key-a"), Run("a3", "key-a")):
+            self.assertTrue(pool.offer(offered))
+        self.assertEqual(stopped, ["a1", "a2"], "the oldest of the client with the most waiting, each time")
+        self.assertIs(pool.take("key-b", "s"), other)
+
     def test_structured_output_one_shots_are_reused_too(self):
         """A pipeline that asks for JSON (response_format): its runs are kept and reset like
         any other (the real CLI's result comes with stdin open: RealCli checks it)."""
