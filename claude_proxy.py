@@ -7033,6 +7033,7 @@ class Proxy:
             "default_model": config.model,
             "default_effort": config.effort,
             "active_runs": runner.active(),
+            "cli_processes": runner.processes(),
             "pool": runner.pool.stats() if runner.pool else None,
             "conversations": runner.continuations.stats() if runner.continuations else None,
             "reuse": runner.reuse_report(),

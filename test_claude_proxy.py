@@ -8453,8 +8453,12 @@ class ReuseTest(ServerTestCase):
         self.assertEqual(again["history"][0]["content"][-1], text("cherry-three"))
         # Its cost is this conversation's alone: the CLI's totals start again after /clear.
         self.assertEqual(headers["x-claude-cost-usd"], "0.000460")
-        health = json.loads(self.request("GET", "/health", port=port)[2])["reuse"]
+        whole = json.loads(self.request("GET", "/health", port=port)[2])
+        health = whole["reuse"]
         self.assertEqual((health["status"], health["reused"], health["resets"]), ("on", 1, 2))
+        # Every process it holds: the one kept for cherry-three's next turn, the reset one, the pool's.
+        self.assertEqual(whole["cli_processes"], server.runner.processes())
+        self.assertGreaterEqual(whole["cli_processes"], 2)
         metrics = self.request("GET", "/metrics", port=port)[2].decode()
         self.assertIn("claude_proxy_reuse_conversations_total 1\n", metrics)
         self.assertIn("claude_proxy_reuse_resets_total 2\n", metrics)
