@@ -2149,7 +2149,7 @@ def workspace_route(path, workspaces):
     return workspaces[name], rest, None
 
 
-def in_workspace(plan, workspace):
+def with_workspace(plan, workspace):
     """The plan of a request under /workspace (workspace_route) runs in its workspace, with the
     CLI's own tools; the client's own functions are not combined with them (a 400): the CLI's
     tool loop runs inside one request, a client's across requests."""
@@ -5883,6 +5883,56 @@ def stored_record(plan, request, response, reply):
             "items": items}
 
 
+def responses_request(store, body, scope, response_id, model, effort):
+    """A POST /v1/responses body -> (plan, request, keep): previous_response_id and
+    item references are looked up among this client's stored responses in `store`; keep(response,
+    reply) stores the answer under response_id when the request asks to be stored."""
+    previous = None
+    if isinstance(body, dict) and body.get("previous_response_id") is not None:
+        previous_id = body["previous_response_id"]
+        _require(isinstance(previous_id, str), "`previous_response_id` must be a string",
+                 "previous_response_id")
+        previous = store.get(scope, previous_id)
+        if previous is None:
+            raise response_not_found(previous_id, "previous_response_id")
+    plan, request = parse_responses_request(
+        body, model, effort, previous,
+        lambda item_id: store.item(scope, item_id))
+    keep = None
+    if request["store"]:
+        def keep(response, reply):
+            store.put(scope, response_id, stored_record(plan, request, response, reply))
+    return plan, request, keep
+
+def compaction_request(store, body, scope, model, effort):
+    """A POST /v1/responses/compact body -> (plan, request, the user messages it retains):
+    the conversation, with a compaction trigger, offered no tools and never streamed."""
+    _require(isinstance(body, dict), "The request body must be a JSON object", None)
+    items = body.get("input", [])
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
+    _require(items or body.get("previous_response_id") is not None,
+             "Nothing to compact: send `input`, or `previous_response_id`", "input")
+    previous = None
+    if body.get("previous_response_id") is not None:
+        _require(isinstance(body["previous_response_id"], str),
+                 "`previous_response_id` must be a string", "previous_response_id")
+        previous = store.get(scope, body["previous_response_id"])
+        if previous is None:
+            raise response_not_found(body["previous_response_id"], "previous_response_id")
+    # Only what shapes the conversation: this endpoint offers no tools and never streams.
+    compacting = {name: body[name] for name in ("model", "instructions", "reasoning")
+                  if name in body}
+    compacting.update(input=items + [{"type": "compaction_trigger"}], store=False)
+    plan, request = parse_responses_request(
+        compacting, model, effort, previous,
+        lambda item_id: store.item(scope, item_id))
+    retained = [compacted_user_message(item) for item in items if isinstance(item, dict)
+                and item.get("type", "message") == "message" and item.get("role") == "user"]
+    return plan, request, retained
+
+
 # Anthropic Messages response ################################################################
 
 #: ProxyError status -> Anthropic's error type. The statuses the proxy answers are already the
@@ -7056,57 +7106,6 @@ class Proxy:
         return (self.metrics.render(self.admission, self.runner) + self.spend.render()
                 + self.plan_limits.render())
 
-    def responses_request(self, body, scope, response_id):
-        """A POST /v1/responses body -> (plan, request, keep): previous_response_id and
-        item references are looked up among this client's stored responses; keep(response,
-        reply) stores the answer under response_id when the request asks to be stored."""
-        config = self.config
-        previous = None
-        if isinstance(body, dict) and body.get("previous_response_id") is not None:
-            previous_id = body["previous_response_id"]
-            _require(isinstance(previous_id, str), "`previous_response_id` must be a string",
-                     "previous_response_id")
-            previous = self.response_store.get(scope, previous_id)
-            if previous is None:
-                raise response_not_found(previous_id, "previous_response_id")
-        plan, request = parse_responses_request(
-            body, config.model, config.effort, previous,
-            lambda item_id: self.response_store.item(scope, item_id))
-        keep = None
-        if request["store"]:
-            def keep(response, reply):
-                self.response_store.put(scope, response_id, stored_record(plan, request, response, reply))
-        return plan, request, keep
-
-    def compaction_request(self, body, scope):
-        """A POST /v1/responses/compact body -> (plan, request, the user messages it retains):
-        the conversation, with a compaction trigger, offered no tools and never streamed."""
-        config = self.config
-        _require(isinstance(body, dict), "The request body must be a JSON object", None)
-        items = body.get("input", [])
-        if isinstance(items, str):
-            items = [{"role": "user", "content": items}]
-        _require(isinstance(items, list), "`input` must be a string or an array of items", "input")
-        _require(items or body.get("previous_response_id") is not None,
-                 "Nothing to compact: send `input`, or `previous_response_id`", "input")
-        previous = None
-        if body.get("previous_response_id") is not None:
-            _require(isinstance(body["previous_response_id"], str),
-                     "`previous_response_id` must be a string", "previous_response_id")
-            previous = self.response_store.get(scope, body["previous_response_id"])
-            if previous is None:
-                raise response_not_found(body["previous_response_id"], "previous_response_id")
-        # Only what shapes the conversation: this endpoint offers no tools and never streams.
-        compacting = {name: body[name] for name in ("model", "instructions", "reasoning")
-                      if name in body}
-        compacting.update(input=items + [{"type": "compaction_trigger"}], store=False)
-        plan, request = parse_responses_request(
-            compacting, config.model, config.effort, previous,
-            lambda item_id: self.response_store.item(scope, item_id))
-        retained = [compacted_user_message(item) for item in items if isinstance(item, dict)
-                    and item.get("type", "message") == "message" and item.get("role") == "user"]
-        return plan, request, retained
-
     def answer(self, plan, sink, client, record):
         """Run a parsed request through the CLI and hand its reply events to a dialect's sink
         (its stream writer or message collector): the one path every dialect shares.
@@ -7962,25 +7961,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def get_model(self, model_id):
         self.send_json(200, model_lookup(self.server.config, model_id, self.dialect))
 
+    def defaults(self):
+        """The model and effort a request that names none gets (--model, --effort)."""
+        return self.server.config.model, self.server.config.effort
+
     def chat_completions(self):
-        config = self.server.config
-        plan = in_workspace(parse_chat_request(self.read_json(), config.model, config.effort),
-                            self.workspace)
+        plan = with_workspace(parse_chat_request(self.read_json(), *self.defaults()), self.workspace)
         self.answer(plan, chat_sink(ReplyChannel(self), plan, "chatcmpl-" + uuid.uuid4().hex, int(time.time())))
 
     def messages(self):
         """POST /v1/messages: the Anthropic Messages API over the same runs."""
-        config = self.server.config
-        plan = in_workspace(parse_messages_request(self.read_json(), config.model, config.effort),
-                            self.workspace)
+        plan = with_workspace(parse_messages_request(self.read_json(), *self.defaults()), self.workspace)
         self.answer(plan, anthropic_sink(ReplyChannel(self), plan, "msg_" + uuid.uuid4().hex[:24]))
 
     def create_response(self):
         """POST /v1/responses: the Responses API over the same runs as Chat Completions."""
         response_id = "resp_" + uuid.uuid4().hex
-        plan, request, keep = self.server.proxy.responses_request(self.read_json(), self.client_scope(),
-                                                                  response_id)
-        plan = in_workspace(plan, self.workspace)
+        plan, request, keep = responses_request(self.server.response_store, self.read_json(),
+                                                self.client_scope(), response_id, *self.defaults())
+        plan = with_workspace(plan, self.workspace)
         sink_type = ResponsesStreamWriter if plan.stream else ResponsesCollector
         self.answer(plan, sink_type(ReplyChannel(self), response_id, int(time.time()), plan.model, request["echo"],
                                     request["namespaces"], keep, bool(plan.json_schema),
@@ -7990,7 +7989,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """POST /v1/responses/compact: the conversation (input, or a stored response and
         input) compacted into its user messages and one `compaction` item (see
         COMPACTION_PREFIX). Nothing is stored."""
-        plan, request, retained = self.server.proxy.compaction_request(self.read_json(), self.client_scope())
+        plan, request, retained = compaction_request(self.server.response_store, self.read_json(),
+                                                     self.client_scope(), *self.defaults())
         self.answer(plan, CompactCollector(ReplyChannel(self), retained, "resp_" + uuid.uuid4().hex, int(time.time()),
                                            plan.model, request["echo"]))
 
@@ -8008,8 +8008,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def count_tokens(self):
         """POST /v1/messages/count_tokens: an estimate (see estimate_tokens); no CLI run."""
-        config = self.server.config
-        plan = parse_messages_request(self.read_json(), config.model, config.effort)
+        plan = parse_messages_request(self.read_json(), *self.defaults())
         self.send_json(200, {"input_tokens": estimate_tokens(plan)})
 
     def answer(self, plan, sink):
