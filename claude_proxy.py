@@ -16,7 +16,8 @@ Each dialect parses its requests into one neutral conversation and writes its re
 stream of neutral reply events; in between, a headless `claude -p` process gets the
 conversation as real turns (its live process kept from the previous turn, or a session file it
 resumes) and answers in stream-json events. The model is offered none of the CLI's own tools:
-only the client's functions, which the client runs.
+only the client's functions, which the client runs; except in Workspace mode (a client at
+/workspace/v1), and only in the folder named with --workspace.
 """
 
 __version__ = "0.2.0"
@@ -72,8 +73,8 @@ DEFAULT_SYSTEM_PROMPT = "You are Claude, a helpful AI assistant made by Anthropi
 #: The CLI retries 429/529/5xx by itself for minutes; the proxy answers 429/529 at the first
 #: retry notice, and bounds the others (5xx, network) to a few seconds of retrying.
 DEFAULT_CLI_MAX_RETRIES = "2"
-DEFAULT_POOL_SIZE = 2  # warm CLI processes waiting in all; each holds ~165 MB
-DEFAULT_POOL_IDLE = 300.0  # seconds a warm process may wait before it is retired
+DEFAULT_POOL_SIZE = 2  # warm processes waiting, and processes kept for a next turn; ~165 MB each
+DEFAULT_POOL_IDLE = 300.0  # seconds a warm, kept or reset process may wait before it is retired
 DEFAULT_MAX_CONCURRENCY = 4  # CLI runs at once
 DEFAULT_MAX_QUEUE = 32  # requests waiting for a run slot; more get 429
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running requests get to finish after SIGTERM/SIGHUP/SIGINT
@@ -2216,8 +2217,9 @@ def activity_text(activity):
 
 
 def cli_argv(claude_path, plan, system_prompt_path, mcp_config_path=None, resume=None):
-    """The argv of one run: headless, stream-json both ways, no built-in tools, no MCP servers
-    but ours, nothing persisted. Nothing from the prompt is ever in argv (`ps` shows argv, and
+    """The argv of one run: headless, stream-json both ways, no MCP servers but ours; by default
+    no built-in tools (Workspace mode offers its folder's) and nothing persisted (a resumed
+    session goes on in its file). Nothing from the prompt is ever in argv (`ps` shows argv, and
     argv fails past ~128 KiB): the system prompt is a file, the conversation goes on stdin or,
     for its earlier turns, in a session file the run resumes (see CliRunner.start)."""
     argv = [claude_path, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
@@ -2848,11 +2850,14 @@ def start_failure(error):
                       {"Retry-After": "5"})
 
 
-#: A CliRun's state, one at a time, moved only by its CliRunner (RUN_MOVES):
+#: A CliRun's state, one at a time, moved only by its CliRunner (RUN_MOVES), except that a stop
+#: from anywhere (a timeout, a hang-up, a failed prime) ends it:
 RUN_WARM = "warm"  # waiting for a new conversation: just started (the warm pool), or reset
 RUN_SERVING = "serving"  # answering a request
 RUN_KEPT = "kept"  # waiting for its conversation's next turn (Continuations)
-RUN_RESETTING = "resetting"  # its conversation is over: being cleared for another (ReusePool)
+RUN_RESETTING = "resetting"  # its conversation is over: /clear is being sent (CliRunner.retire);
+#   it is warm again once sent, and its answer is read in the background (totals() and events()
+#   wait for it)
 RUN_STOPPED = "stopped"  # the process group is gone; nothing moves it again
 RUN_MOVES = {RUN_WARM: (RUN_SERVING, RUN_STOPPED),
              RUN_SERVING: (RUN_KEPT, RUN_STOPPED),
@@ -2862,7 +2867,8 @@ RUN_MOVES = {RUN_WARM: (RUN_SERVING, RUN_STOPPED),
 
 
 class CliRun:
-    """One `claude -p` process: started in the runs' empty directory and its own process group,
+    """One `claude -p` process: started in its working directory (the workspace's folder, else
+    the folder every run shares: ProxyFolder.cli_folder()) and its own process group,
     given one message, read event by event, and stopped (the whole group) whatever happens.
 
     It may be started ahead of its request (the warm pool): the CLI prints nothing and calls
@@ -2878,7 +2884,7 @@ class CliRun:
                  sessions=None, session_model=None):
         self.runner = runner
         self.workdir = workdir
-        self.cwd = cwd or workdir  # where the CLI runs (the proxy's one working directory)
+        self.cwd = cwd or workdir  # where the CLI runs (CliRunner.spawn chooses it)
         self.shape = shape
         self.binary = runner.binary_stamp()
         self.spawned_at = time.monotonic()
@@ -3521,12 +3527,13 @@ def run_files(plan, wait_seconds=DEFAULT_TIMEOUT, folders=None):
 
 # CLI run: the runner ########################################################################
 #: The one owner of every CLI process: how a conversation reaches the CLI, best first, and
-#: whether a run is kept for its next turn or stopped.
+#: whether a run is kept for its next turn, reset for its client's next conversation, or stopped.
 
 
 class CliRunner:
-    """Owns every CLI process the proxy starts: cold runs, the warm pool's processes, and
-    stopping them all at shutdown."""
+    """Owns every CLI process the proxy starts: cold runs, the warm pool's, those kept for a
+    conversation's next turn (Continuations) and those reset for the next (ReusePool); it alone
+    moves their state, and stops them all at shutdown."""
 
     def __init__(self, claude_path, timeout=DEFAULT_TIMEOUT, env=None, log_prompts=False,
                  pool_size=0, pool_idle=DEFAULT_POOL_IDLE, history="turns", reuse=None):
@@ -4071,9 +4078,10 @@ class CliRunner:
 
 
 # CLI run: reuse #############################################################################
-#: Processes started ahead of their request (the warm pool, primed) and kept after a reply for
-#: the conversation's next turn, keyed by the process shape; and which prompt-cache lifetime a
-#: conversation's runs get.
+#: Processes started ahead of their request (the warm pool, primed), kept after a reply for the
+#: conversation's next turn (Continuations), and reset once it is over for the same client's
+#: next new conversation (ReusePool), keyed by the process shape; and which prompt-cache
+#: lifetime a conversation's runs get (TurnRhythm).
 
 
 #: What a process must be started with, as opposed to what its message carries: requests whose
@@ -4738,7 +4746,8 @@ class ReplyTranslator:
         self.cost_usd = None
         # A kept run's result counts more than this request: total_cost_usd adds up over the
         # process's life, and usage over one message's model calls, the calls of a tool loop
-        # answered earlier included. What those came to is taken off (see CliRunner.finish).
+        # answered earlier included. What those came to is taken off (_result); CliRun.end_turn
+        # carries the totals on to the next turn.
         # totals: the run's (cost, usage, modelUsage) so far, as CliRun.totals() gives them.
         self.cost_before, self.usage_before, self.model_usage_before = totals or (0.0, {}, {})
         self.total_cost_usd = None
@@ -5165,9 +5174,6 @@ class ReplySink:
     def name_model(self, model):
         """The model the response names: the CLI's own, when the request named none."""
         self.model = model
-
-
-
 
 
 def sse_event(obj, event=None):
@@ -7729,7 +7735,7 @@ class ReadDeadlines:
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
-    """Routes requests; every error leaves as an OpenAI error envelope, never an HTML page."""
+    """Routes requests; every error leaves in its dialect's error envelope, never an HTML page."""
 
     server_version = "claude-proxy/" + __version__
     # HTTP/1.0: one response per connection, so a stream ends when the connection closes and
@@ -8090,7 +8096,8 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, address, config, runner=None):
         self.config = config
         self.proxy = Proxy(config, runner)  # what outlives a request, and answers it
-        # Its parts, for the handler's endpoints that read them (/health, /metrics, stored responses).
+        # Its parts, for those outside Proxy that read them: the handler (metrics, plan_limits,
+        # response_store), main() (runner, spend) and the tests.
         self.runner, self.admission, self.metrics = self.proxy.runner, self.proxy.admission, self.proxy.metrics
         self.spend, self.plan_limits = self.proxy.spend, self.proxy.plan_limits
         self.rhythm, self.response_store = self.proxy.rhythm, self.proxy.response_store
@@ -8185,7 +8192,8 @@ def parse_args(argv=None):
     env = os.environ.get
     parser = argparse.ArgumentParser(
         prog="claude_proxy.py",
-        description="An OpenAI-compatible API server over the local claude CLI.")
+        description="An API server over the local claude CLI, in three dialects: OpenAI Chat "
+        "Completions, the OpenAI Responses API and the Anthropic Messages API.")
     add = parser.add_argument
     add("--host", default=env("HOST", DEFAULT_HOST),
         help="Default: %s (env HOST). Address to bind; keep it loopback." % DEFAULT_HOST)
@@ -8207,10 +8215,11 @@ def parse_args(argv=None):
         % DEFAULT_MAX_BODY)
     add("--pool-size", type=int, default=env("CLAUDE_POOL_SIZE", str(DEFAULT_POOL_SIZE)),
         help="Default: %d (env CLAUDE_POOL_SIZE). Warm CLI processes kept waiting, in all "
-        "(~165 MB each); 0 turns the pool off." % DEFAULT_POOL_SIZE)
+        "(~165 MB each), and as many kept for conversations' next turns; 0 turns off the pool, "
+        "kept processes and --reuse." % DEFAULT_POOL_SIZE)
     add("--pool-idle", type=float, default=env("CLAUDE_POOL_IDLE", str(DEFAULT_POOL_IDLE)),
-        help="Default: %g (env CLAUDE_POOL_IDLE). Seconds a warm process may wait unused."
-        % DEFAULT_POOL_IDLE)
+        help="Default: %g (env CLAUDE_POOL_IDLE). Seconds a warm process, one kept for a "
+        "conversation's next turn, or a reset one may wait unused." % DEFAULT_POOL_IDLE)
     add("--reuse", choices=("on", "off"), default=env("CLAUDE_REUSE", "on"),
         help="Default: on (env CLAUDE_REUSE). A process whose conversation is over (kept for a "
         "next turn that did not come in time, or pushed out by newer ones) is reset and serves "
@@ -8395,7 +8404,7 @@ def main(argv=None):
             "runs' files, session files and CLI processes" % (tempfile.gettempdir(), len(left)))
     if not loopback and not api_keys:
         log("WARNING: listening on %s with no API key (--no-auth)" % args.host)
-    log("serving an OpenAI-compatible API on %s  (model: %s, timeout: %gs, warm pool: %s, "
+    log("serving the OpenAI and Anthropic APIs on %s  (model: %s, timeout: %gs, warm pool: %s, "
         "API key: %s)" % (url, config.model or "CLI default", config.timeout,
                           "%d processes" % config.pool_size if config.pool_size else "off",
                           "required" if api_keys else "off"))
