@@ -781,43 +781,6 @@ def transcript_prompt(conv):
     return merge_text_blocks(blocks) + final
 
 
-def normal_turns(turns):
-    """Turns as a continuation is matched on: what clients change when they send a reply back
-    (trailing whitespace, text split into parts, arguments re-serialised, thinking dropped,
-    our call_ ids) is smoothed out; anything that changes meaning is kept."""
-    normal = []
-    for turn in turns:
-        blocks = []
-        for block in turn["content"]:
-            kind = block["type"]
-            if kind == "text":
-                if block["text"].strip():
-                    blocks.append(["text", block["text"].rstrip()])
-            elif kind == "image":
-                blocks.append(["image", hashlib.sha1(block["source"]["data"].encode()).hexdigest()])
-            elif kind == "document":
-                blocks.append(["document", hashlib.sha1(json.dumps(block, sort_keys=True).encode()).hexdigest()])
-            elif kind == "tool_use":
-                blocks.append(["tool_use", cli_tool_id(block["id"]), block["name"],
-                               json.dumps(block["input"], sort_keys=True)])
-            elif kind == "tool_result":
-                blocks.append(["tool_result", cli_tool_id(block["tool_use_id"]),
-                               normal_turns([{"role": "", "content": block["content"]}]),
-                               bool(block.get("is_error"))])
-        texts = [b for b in blocks if b[0] == "text"]
-        if len(texts) > 1:  # "a" + "b" as two parts or one: the same words
-            joined = ["text", "".join(b[1] for b in texts).rstrip()]
-            blocks = [b for b in blocks if b[0] != "text"] + [joined]
-        normal.append([turn["role"], blocks])
-    return normal
-
-
-def conversation_key(scope, shape, turns):
-    """What a continuation is found by: the client's key, the process shape and the turns."""
-    data = json.dumps([scope, shape, normal_turns(turns)], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()
-
-
 # Shared request fields ######################################################################
 #: What every dialect's parser shares: the model and stream fields, function definitions and
 #: tool choice, output formats, and the plan each parser hands on.
@@ -2881,7 +2844,7 @@ class CliRun:
     moves (CliRunner.move); a stop, wherever it comes from (a timeout, a hang-up), ends it."""
 
     def __init__(self, runner, argv, env, workdir, shape=None, cwd=None, timeout=None,
-                 sessions=None, session_model=None):
+                 session_file=None, session_model=None):
         self.runner = runner
         self.workdir = workdir
         self.cwd = cwd or workdir  # where the CLI runs (CliRunner.spawn chooses it)
@@ -2912,7 +2875,7 @@ class CliRun:
         self._stdout_reader = False
         self._stdout_closed = False
         self._peeked = []
-        self.sessions = sessions  # the session file it resumes, removed with it
+        self.session_file = session_file  # the session file it resumes, removed with it
         self.session_model = session_model  # the model its session file names (CliRunner.learn_context)
         self._priming = None  # the thread reading the CLI's answer to the prime (see prime())
         kwargs = {}
@@ -3194,14 +3157,14 @@ class CliRun:
             os.remove(self.workdir + CLI_PID_SUFFIX)
         except OSError:
             pass
-        if self.sessions:  # the session file the run resumed, once read for what it learnt
+        if self.session_file:  # the session file the run resumed, once read for what it learnt
             try:
-                with open(self.sessions, encoding="utf-8") as f:
+                with open(self.session_file, encoding="utf-8") as f:
                     self.runner.learn_context(self.session_model, session_context(f.read()))
             except (OSError, UnicodeDecodeError):
                 pass
             try:
-                os.remove(self.sessions)
+                os.remove(self.session_file)
             except OSError:
                 pass
         self.runner.unregister(self)
@@ -3787,7 +3750,8 @@ class CliRunner:
                     raise overloaded(5, "The proxy is shutting down.")
                 run = CliRun(self, cli_argv(self.claude_path, plan, prompt_path, config_path,
                                             session_id), env, workdir, shape, cwd,
-                             workspace.timeout if workspace else None, path, model)
+                             workspace.timeout if workspace else None, session_file=path,
+                             session_model=model)
                 self._runs.add(run)
             return run
         except OSError as e:
@@ -3954,7 +3918,7 @@ class CliRunner:
                        "instead, which the prompt cache cannot reuse. If CLAUDE_PATH is a wrapper "
                        "that gives the CLI another HOME or CLAUDE_CONFIG_DIR, /health shows where "
                        "the CLI said it keeps sessions." % (
-                           os.path.dirname(os.path.dirname(run.sessions or "")) or "?",
+                           os.path.dirname(os.path.dirname(run.session_file or "")) or "?",
                            str((first or {}).get("errors") or "no output in %gs"
                                % RESUME_START_SECONDS)[:200]))
         return None
@@ -3989,7 +3953,7 @@ class CliRunner:
         if reply is None:
             run.stop()
             return
-        if reply.model and not plan.model and not run.sessions:
+        if reply.model and not plan.model and not run.session_file:
             # The CLI's default model, for the session files of later runs (DEFAULT_SESSION_MODEL):
             # only from a run that resumed none, which runs the model its session names.
             self.default_model = reply.model
@@ -4023,7 +3987,7 @@ class CliRunner:
         started its conversation from stdin (a resumed one writes on in a session file), waits
         on no tool call, has no per-run budget (the reset would start its count again), and
         runs the CLI binary on disk now."""
-        if run.sessions:
+        if run.session_file:
             return "resumed"
         if run.pending_calls:
             return "tool call"
@@ -4080,8 +4044,45 @@ class CliRunner:
 # CLI run: reuse #############################################################################
 #: Processes started ahead of their request (the warm pool, primed), kept after a reply for the
 #: conversation's next turn (Continuations), and reset once it is over for the same client's
-#: next new conversation (ReusePool), keyed by the process shape; and which prompt-cache
-#: lifetime a conversation's runs get (TurnRhythm).
+#: next new conversation (ReusePool), keyed by the process shape, and a conversation by its
+#: client, shape and turns (conversation_key).
+
+
+def normal_turns(turns):
+    """Turns as a continuation is matched on: what clients change when they send a reply back
+    (trailing whitespace, text split into parts, arguments re-serialised, thinking dropped,
+    our call_ ids) is smoothed out; anything that changes meaning is kept."""
+    normal = []
+    for turn in turns:
+        blocks = []
+        for block in turn["content"]:
+            kind = block["type"]
+            if kind == "text":
+                if block["text"].strip():
+                    blocks.append(["text", block["text"].rstrip()])
+            elif kind == "image":
+                blocks.append(["image", hashlib.sha1(block["source"]["data"].encode()).hexdigest()])
+            elif kind == "document":
+                blocks.append(["document", hashlib.sha1(json.dumps(block, sort_keys=True).encode()).hexdigest()])
+            elif kind == "tool_use":
+                blocks.append(["tool_use", cli_tool_id(block["id"]), block["name"],
+                               json.dumps(block["input"], sort_keys=True)])
+            elif kind == "tool_result":
+                blocks.append(["tool_result", cli_tool_id(block["tool_use_id"]),
+                               normal_turns([{"role": "", "content": block["content"]}]),
+                               bool(block.get("is_error"))])
+        texts = [b for b in blocks if b[0] == "text"]
+        if len(texts) > 1:  # "a" + "b" as two parts or one: the same words
+            joined = ["text", "".join(b[1] for b in texts).rstrip()]
+            blocks = [b for b in blocks if b[0] != "text"] + [joined]
+        normal.append([turn["role"], blocks])
+    return normal
+
+
+def conversation_key(scope, shape, turns):
+    """What a continuation is found by: the client's key, the process shape and the turns."""
+    data = json.dumps([scope, shape, normal_turns(turns)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
 #: What a process must be started with, as opposed to what its message carries: requests whose
@@ -4394,87 +4395,6 @@ class ReusePool:
                 if not expired:
                     self._cond.wait(1.0)
             stop_runs(expired)
-
-
-class TurnRhythm:
-    """How far apart a conversation's turns come, for --cache-ttl auto: which prompt-cache
-    lifetime its runs get.
-
-    A 5-minute cache entry costs 1.25x the input price to write, a 1-hour one 2x; a read costs
-    0.1x either way, and a read refreshes the entry. Turns seconds or a few minutes apart (an
-    agent, a tool loop, a quick chat) read every earlier turn from 5-minute entries, at the lower
-    write price. A conversation whose turns come further apart than CACHE_5M_SECONDS (a person
-    who reads, thinks and comes back) would write its whole history again each turn: from the
-    first such gap on it gets 1-hour entries. Its process shape then differs (cache_ttl is a
-    SHAPE_FIELD), so its next turn resumes in a run started with the longer lifetime.
-
-    Only for a subscriber's CLI, whose own choice is 1 hour: an API key's CLI writes 5-minute
-    entries, and with an API key nothing changes. Nor where the operator set a lifetime in the
-    CLI's environment (CACHE_TTL_VARIABLES): that choice stands.
-
-    The gap is counted from when the previous turn's request began (when its model call wrote
-    or refreshed the entries), not from when its reply ended. Remembered per conversation
-    (conversation_key, without the lifetime), for an hour past its last reply, at most `size`
-    conversations."""
-
-    def __init__(self, mode="auto", gap_seconds=CACHE_5M_SECONDS, size=4096, clock=time.monotonic,
-                 env=None):
-        self.mode = mode
-        self.gap_seconds = gap_seconds
-        self.size = size
-        self.clock = clock
-        self.operator_set = sorted(name for name in CACHE_TTL_VARIABLES if (env or {}).get(name))
-        self.slow = 0  # conversations given 1-hour entries
-        self._seen = collections.OrderedDict()  # key -> (previous request began at, its lifetime)
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _key(scope, plan, turns):
-        return conversation_key(scope, run_shape(dataclasses.replace(plan, cache_ttl=None)), turns)
-
-    def ttl_for(self, scope, plan, subscriber):
-        """(the cache lifetime a request's run gets, whether its conversation just turned slow):
-        the mode's, or for auto, its rhythm's (None: the CLI's own choice). A conversation keeps
-        the lifetime its earlier turns had, so that its kept process serves it, until it turns
-        slow."""
-        if self.mode != "auto":
-            return self.mode, False
-        if self.operator_set or subscriber is False:  # an API key's: nothing to remember either
-            return None, False
-        turns = plan.conversation["turns"]
-        if len(turns) >= 3:
-            with self._lock:
-                began, ttl = self._seen.get(self._key(scope, plan, turns[:-1]), (None, None))
-                if began is not None:
-                    if ttl == "1h":
-                        return "1h", False
-                    if subscriber and self.clock() - began > self.gap_seconds:
-                        self.slow += 1
-                        return "1h", True
-                    return ttl, False
-        return ("5m" if subscriber else None), False
-
-    def replied(self, scope, plan, reply_blocks, began, subscriber):
-        """A reply was sent to a request that began at `began` (this clock): the conversation's
-        next turn will follow these turns."""
-        if self.mode != "auto" or self.operator_set or subscriber is False:
-            return
-        turns = plan.conversation["turns"] + [{"role": "assistant", "content": reply_blocks}]
-        key = self._key(scope, plan, turns)
-        now = self.clock()
-        with self._lock:
-            self._seen[key] = (began, plan.cache_ttl)
-            self._seen.move_to_end(key)
-            while self._seen and (len(self._seen) > self.size
-                                  or now - next(iter(self._seen.values()))[0] > 3600):
-                self._seen.popitem(last=False)
-
-
-#: A process taken from the pool is replaced this long after the take, not at once: a CLI starting
-#: up keeps both cores of a small machine busy for most of a second, and the process just taken
-#: needs them for the ~0.1 s before its model request. Measured with the CLI alone (2 cores): a
-#: start-up alongside added ~45 ms to the first token, with CLI 2.1.197 and with 2.1.332.
-WARM_REFILL_DELAY = 0.25
 
 
 class WarmPool:
@@ -6731,7 +6651,8 @@ class Spend:
 #: resets. PlanLimits keeps the last of them for /health, /metrics, the chat page and the
 #: Anthropic dialect's headers; and once a window is used up (the CLI's result: a 429 naming the
 #: limit) or the plan's usage credits are spent, it refuses new requests from that record,
-#: without a run, but for one probe run a minute, until a run succeeds again.
+#: without a run, but for one probe run a minute, until a run succeeds again. TurnRhythm picks
+#: the prompt cache's lifetime for a subscriber's conversations (--cache-ttl auto).
 
 #: The unified rate-limit headers' names for the windows that have them (anthropic-ratelimit-
 #: unified-5h-utilization, ...): the ones Claude's API sends a subscriber's client.
@@ -7000,6 +6921,87 @@ class PlanLimits:
                       "limit, to see whether it lifted.", "# TYPE claude_proxy_plan_probes_total counter",
                       "claude_proxy_plan_probes_total %d" % self.probes]
         return "\n".join(lines) + "\n"
+
+
+class TurnRhythm:
+    """How far apart a conversation's turns come, for --cache-ttl auto: which prompt-cache
+    lifetime its runs get.
+
+    A 5-minute cache entry costs 1.25x the input price to write, a 1-hour one 2x; a read costs
+    0.1x either way, and a read refreshes the entry. Turns seconds or a few minutes apart (an
+    agent, a tool loop, a quick chat) read every earlier turn from 5-minute entries, at the lower
+    write price. A conversation whose turns come further apart than CACHE_5M_SECONDS (a person
+    who reads, thinks and comes back) would write its whole history again each turn: from the
+    first such gap on it gets 1-hour entries. Its process shape then differs (cache_ttl is a
+    SHAPE_FIELD), so its next turn resumes in a run started with the longer lifetime.
+
+    Only for a subscriber's CLI, whose own choice is 1 hour: an API key's CLI writes 5-minute
+    entries, and with an API key nothing changes. Nor where the operator set a lifetime in the
+    CLI's environment (CACHE_TTL_VARIABLES): that choice stands.
+
+    The gap is counted from when the previous turn's request began (when its model call wrote
+    or refreshed the entries), not from when its reply ended. Remembered per conversation
+    (conversation_key, without the lifetime), for an hour past its last reply, at most `size`
+    conversations."""
+
+    def __init__(self, mode="auto", gap_seconds=CACHE_5M_SECONDS, size=4096, clock=time.monotonic,
+                 env=None):
+        self.mode = mode
+        self.gap_seconds = gap_seconds
+        self.size = size
+        self.clock = clock
+        self.operator_set = sorted(name for name in CACHE_TTL_VARIABLES if (env or {}).get(name))
+        self.slow = 0  # conversations given 1-hour entries
+        self._seen = collections.OrderedDict()  # key -> (previous request began at, its lifetime)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(scope, plan, turns):
+        return conversation_key(scope, run_shape(dataclasses.replace(plan, cache_ttl=None)), turns)
+
+    def ttl_for(self, scope, plan, subscriber):
+        """(the cache lifetime a request's run gets, whether its conversation just turned slow):
+        the mode's, or for auto, its rhythm's (None: the CLI's own choice). A conversation keeps
+        the lifetime its earlier turns had, so that its kept process serves it, until it turns
+        slow."""
+        if self.mode != "auto":
+            return self.mode, False
+        if self.operator_set or subscriber is False:  # an API key's: nothing to remember either
+            return None, False
+        turns = plan.conversation["turns"]
+        if len(turns) >= 3:
+            with self._lock:
+                began, ttl = self._seen.get(self._key(scope, plan, turns[:-1]), (None, None))
+                if began is not None:
+                    if ttl == "1h":
+                        return "1h", False
+                    if subscriber and self.clock() - began > self.gap_seconds:
+                        self.slow += 1
+                        return "1h", True
+                    return ttl, False
+        return ("5m" if subscriber else None), False
+
+    def replied(self, scope, plan, reply_blocks, began, subscriber):
+        """A reply was sent to a request that began at `began` (this clock): the conversation's
+        next turn will follow these turns."""
+        if self.mode != "auto" or self.operator_set or subscriber is False:
+            return
+        turns = plan.conversation["turns"] + [{"role": "assistant", "content": reply_blocks}]
+        key = self._key(scope, plan, turns)
+        now = self.clock()
+        with self._lock:
+            self._seen[key] = (began, plan.cache_ttl)
+            self._seen.move_to_end(key)
+            while self._seen and (len(self._seen) > self.size
+                                  or now - next(iter(self._seen.values()))[0] > 3600):
+                self._seen.popitem(last=False)
+
+
+#: A process taken from the pool is replaced this long after the take, not at once: a CLI starting
+#: up keeps both cores of a small machine busy for most of a second, and the process just taken
+#: needs them for the ~0.1 s before its model request. Measured with the CLI alone (2 cores): a
+#: start-up alongside added ~45 ms to the first token, with CLI 2.1.197 and with 2.1.332.
+WARM_REFILL_DELAY = 0.25
 
 
 # Answering a request ########################################################################

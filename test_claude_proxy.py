@@ -3902,82 +3902,6 @@ class LifecycleTest(ServerTestCase):
 # CLI run: reuse #############################################################################
 
 
-class CacheTtlTest(unittest.TestCase):
-    """--cache-ttl: the environment each lifetime gives the CLI, and auto's choice per conversation."""
-
-    def test_env_per_lifetime(self):
-        base = {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL": "1h", "HOME": "/h"}
-        cases = [
-            (None, {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL": "1h"}),
-            ("5m", {"FORCE_PROMPT_CACHING_5M": "1", "CLAUDE_CODE_PROMPT_CACHE_TTL": "5m"}),
-            ("1h", {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_PROMPT_CACHE_TTL": "1h"}),
-        ]
-        names = ("FORCE_PROMPT_CACHING_5M", "ENABLE_PROMPT_CACHING_1H", "CLAUDE_CODE_PROMPT_CACHE_TTL",
-                 "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL")
-        for ttl, want in cases:
-            with self.subTest(ttl):
-                env = cp.cli_env(base, cp.Plan({}, cache_ttl=ttl))
-                self.assertEqual({k: env[k] for k in names if k in env}, want)
-
-    def test_the_lifetime_is_part_of_the_process_shape(self):
-        self.assertNotEqual(cp.run_shape(cp.Plan({}, cache_ttl="5m")), cp.run_shape(cp.Plan({}, cache_ttl="1h")))
-
-    def plan(self, *texts):
-        turns = [{"role": "user" if n % 2 == 0 else "assistant", "content": [{"type": "text", "text": t}]}
-                 for n, t in enumerate(texts)]
-        return cp.Plan({"system": None, "turns": turns}, model="sonnet")
-
-    def test_auto_gives_1h_once_the_turns_come_further_apart_than_the_gap(self):
-        clock = Clock(1000.0)
-        rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
-        first = self.plan("hi")
-        ttl, switched = rhythm.ttl_for("k", first, True)
-        first = dataclasses.replace(first, cache_ttl=ttl)
-        self.assertEqual((first.cache_ttl, switched), ("5m", False))
-        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, True)
-        clock.now += 60
-        second = self.plan("hi", "hello", "more")
-        self.assertEqual(rhythm.ttl_for("k", second, True), ("5m", False), "a minute apart: 5-minute entries")
-        self.assertEqual(rhythm.ttl_for("other key", second, True), ("5m", False), "another client's is not this one")
-        rhythm.replied("k", dataclasses.replace(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}], clock.now, True)
-        clock.now += 200  # the reply took 200 s: the gap counts from the request
-        third = self.plan("hi", "hello", "more", "ok", "and")
-        self.assertEqual(rhythm.ttl_for("k", third, True), ("5m", False))
-        clock.now += 100
-        self.assertEqual(rhythm.ttl_for("k", third, True), ("1h", True), "300 s after the request that wrote it")
-        rhythm.replied("k", dataclasses.replace(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}], clock.now, True)
-        clock.now += 5
-        fourth = self.plan("hi", "hello", "more", "ok", "and", "sure", "then")
-        self.assertEqual(rhythm.ttl_for("k", fourth, True), ("1h", False), "a slow conversation stays on 1-hour entries")
-        self.assertEqual(rhythm.slow, 1)
-        self.assertEqual(rhythm.ttl_for("k", self.plan("new conversation"), True), ("5m", False))
-
-    def test_auto_leaves_an_api_key_and_the_operators_choice_alone(self):
-        rhythm = cp.TurnRhythm("auto", clock=Clock(0.0))
-        self.assertEqual(rhythm.ttl_for("k", self.plan("hi"), False), (None, False), "the CLI's own choice")
-        rhythm.replied("k", self.plan("hi"), [{"type": "text", "text": "a"}], 0.0, False)
-        self.assertEqual(len(rhythm._seen), 0, "an API key's conversations are not even remembered")
-        operator = cp.TurnRhythm("auto", env={"ENABLE_PROMPT_CACHING_1H": "1"})
-        self.assertEqual(operator.ttl_for("k", self.plan("hi"), True), (None, False))
-        self.assertEqual(cp.cli_env({"ENABLE_PROMPT_CACHING_1H": "1"}, cp.Plan({}, cache_ttl=None))["ENABLE_PROMPT_CACHING_1H"], "1")
-
-    def test_a_conversation_keeps_its_lifetime_until_it_turns_slow(self):
-        clock = Clock(0.0)
-        rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
-        first = dataclasses.replace(self.plan("hi"), cache_ttl=None)  # before the proxy knew it was a subscriber
-        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, None)
-        clock.now += 10
-        self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), (None, False),
-                         "its kept process was started so")
-        clock.now += 300
-        self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), ("1h", True))
-
-    def test_fixed_lifetimes(self):
-        for mode in ("5m", "1h"):
-            rhythm = cp.TurnRhythm(mode)
-            self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "a", "b"), False), (mode, False))
-
-
 class PoolTest(ServerTestCase):
     """The warm pool, each test on a server of its own so that the counts start at zero."""
 
@@ -7085,6 +7009,82 @@ class SubscriberTest(ServerTestCase):
                 self.assertIn("retry-after", headers)
 
 
+class CacheTtlTest(unittest.TestCase):
+    """--cache-ttl: the environment each lifetime gives the CLI, and auto's choice per conversation."""
+
+    def test_env_per_lifetime(self):
+        base = {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL": "1h", "HOME": "/h"}
+        cases = [
+            (None, {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL": "1h"}),
+            ("5m", {"FORCE_PROMPT_CACHING_5M": "1", "CLAUDE_CODE_PROMPT_CACHE_TTL": "5m"}),
+            ("1h", {"ENABLE_PROMPT_CACHING_1H": "1", "CLAUDE_CODE_PROMPT_CACHE_TTL": "1h"}),
+        ]
+        names = ("FORCE_PROMPT_CACHING_5M", "ENABLE_PROMPT_CACHING_1H", "CLAUDE_CODE_PROMPT_CACHE_TTL",
+                 "CLAUDE_CODE_MESSAGES_PROMPT_CACHE_TTL")
+        for ttl, want in cases:
+            with self.subTest(ttl):
+                env = cp.cli_env(base, cp.Plan({}, cache_ttl=ttl))
+                self.assertEqual({k: env[k] for k in names if k in env}, want)
+
+    def test_the_lifetime_is_part_of_the_process_shape(self):
+        self.assertNotEqual(cp.run_shape(cp.Plan({}, cache_ttl="5m")), cp.run_shape(cp.Plan({}, cache_ttl="1h")))
+
+    def plan(self, *texts):
+        turns = [{"role": "user" if n % 2 == 0 else "assistant", "content": [{"type": "text", "text": t}]}
+                 for n, t in enumerate(texts)]
+        return cp.Plan({"system": None, "turns": turns}, model="sonnet")
+
+    def test_auto_gives_1h_once_the_turns_come_further_apart_than_the_gap(self):
+        clock = Clock(1000.0)
+        rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
+        first = self.plan("hi")
+        ttl, switched = rhythm.ttl_for("k", first, True)
+        first = dataclasses.replace(first, cache_ttl=ttl)
+        self.assertEqual((first.cache_ttl, switched), ("5m", False))
+        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, True)
+        clock.now += 60
+        second = self.plan("hi", "hello", "more")
+        self.assertEqual(rhythm.ttl_for("k", second, True), ("5m", False), "a minute apart: 5-minute entries")
+        self.assertEqual(rhythm.ttl_for("other key", second, True), ("5m", False), "another client's is not this one")
+        rhythm.replied("k", dataclasses.replace(second, cache_ttl="5m"), [{"type": "text", "text": "ok"}], clock.now, True)
+        clock.now += 200  # the reply took 200 s: the gap counts from the request
+        third = self.plan("hi", "hello", "more", "ok", "and")
+        self.assertEqual(rhythm.ttl_for("k", third, True), ("5m", False))
+        clock.now += 100
+        self.assertEqual(rhythm.ttl_for("k", third, True), ("1h", True), "300 s after the request that wrote it")
+        rhythm.replied("k", dataclasses.replace(third, cache_ttl="1h"), [{"type": "text", "text": "sure"}], clock.now, True)
+        clock.now += 5
+        fourth = self.plan("hi", "hello", "more", "ok", "and", "sure", "then")
+        self.assertEqual(rhythm.ttl_for("k", fourth, True), ("1h", False), "a slow conversation stays on 1-hour entries")
+        self.assertEqual(rhythm.slow, 1)
+        self.assertEqual(rhythm.ttl_for("k", self.plan("new conversation"), True), ("5m", False))
+
+    def test_auto_leaves_an_api_key_and_the_operators_choice_alone(self):
+        rhythm = cp.TurnRhythm("auto", clock=Clock(0.0))
+        self.assertEqual(rhythm.ttl_for("k", self.plan("hi"), False), (None, False), "the CLI's own choice")
+        rhythm.replied("k", self.plan("hi"), [{"type": "text", "text": "a"}], 0.0, False)
+        self.assertEqual(len(rhythm._seen), 0, "an API key's conversations are not even remembered")
+        operator = cp.TurnRhythm("auto", env={"ENABLE_PROMPT_CACHING_1H": "1"})
+        self.assertEqual(operator.ttl_for("k", self.plan("hi"), True), (None, False))
+        self.assertEqual(cp.cli_env({"ENABLE_PROMPT_CACHING_1H": "1"}, cp.Plan({}, cache_ttl=None))["ENABLE_PROMPT_CACHING_1H"], "1")
+
+    def test_a_conversation_keeps_its_lifetime_until_it_turns_slow(self):
+        clock = Clock(0.0)
+        rhythm = cp.TurnRhythm("auto", gap_seconds=270, clock=clock)
+        first = dataclasses.replace(self.plan("hi"), cache_ttl=None)  # before the proxy knew it was a subscriber
+        rhythm.replied("k", first, [{"type": "text", "text": "hello"}], clock.now, None)
+        clock.now += 10
+        self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), (None, False),
+                         "its kept process was started so")
+        clock.now += 300
+        self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "hello", "more"), True), ("1h", True))
+
+    def test_fixed_lifetimes(self):
+        for mode in ("5m", "1h"):
+            rhythm = cp.TurnRhythm(mode)
+            self.assertEqual(rhythm.ttl_for("k", self.plan("hi", "a", "b"), False), (mode, False))
+
+
 # HTTP connections ###########################################################################
 
 
@@ -8600,7 +8600,7 @@ class ReuseTest(ServerTestCase):
         self.addCleanup(runner.stop_all)
         shape = [None] * len(cp.SHAPE_FIELDS)
         shape[cp.SHAPE_FIELDS.index("max_budget_usd")] = 1.0
-        budgeted = types.SimpleNamespace(sessions=None, pending_calls=[], shape=json.dumps(shape))
+        budgeted = types.SimpleNamespace(session_file=None, pending_calls=[], shape=json.dumps(shape))
         self.assertEqual(runner.reusable(budgeted), "budget")
 
 
