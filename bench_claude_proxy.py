@@ -168,10 +168,15 @@ def chunk_delays(arrivals):
 
 def rss_mb(pid):
     """Resident memory of a process in MB (Linux /proc), or None."""
+    return proc_mb(pid, "status", "VmRSS:")
+
+
+def proc_mb(pid, name, field):
+    """One kB figure of /proc/<pid>/<name> in MB, or None (not Linux, or the process is gone)."""
     try:
-        with open("/proc/%d/status" % pid) as f:
+        with open("/proc/%d/%s" % (pid, name)) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         return None
@@ -451,14 +456,7 @@ def tree_cpu(pid):
 
 def pss_mb(pid):
     """Proportional memory of a process in MB (shared pages split among their users), or None."""
-    try:
-        with open("/proc/%d/smaps_rollup" % pid) as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
+    return proc_mb(pid, "smaps_rollup", "Pss:")
 
 
 def streamed_conversation(port, tag, turns=3):
