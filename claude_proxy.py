@@ -3193,8 +3193,13 @@ def kill_group(proc):
 
 def stop_runs(runs, reason=None):
     """Stop several runs at once: each may take STOP_GRACE_SECONDS to end."""
-    threads = [threading.Thread(target=run.cancel if reason else run.stop,
-                                args=(reason,) if reason else ()) for run in runs]
+    at_once((lambda run: run.cancel(reason)) if reason else (lambda run: run.stop()), runs)
+
+
+def at_once(action, runs):
+    """action(run) for each run, in parallel, and back when all are done: a stop may take
+    STOP_GRACE_SECONDS."""
+    threads = [threading.Thread(target=action, args=(run,)) for run in runs]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -4130,7 +4135,57 @@ def prime_answered(events):
             and not any(e.get("type") == "stream_event" for e in events))
 
 
-class Continuations:
+class WaitingRuns:
+    """What Continuations and ReusePool share: processes waiting, each since a time, in the
+    order they came; one that waits `idle_seconds` or dies is let go (let_go) by a thread of
+    the holder's own, and close() stops all. A holder keeps them in `_waiting`, whose values
+    end with the time the run began waiting, and says how a run is found (run_of)."""
+
+    def __init__(self, idle_seconds, name):
+        self.idle_seconds = idle_seconds
+        self.retired = 0
+        self._waiting = collections.OrderedDict()  # oldest first
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._retire_idle, name=name, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def run_of(key, value):
+        raise NotImplementedError
+
+    def let_go(self, runs):
+        stop_runs(runs)
+
+    def count(self):
+        with self._cond:
+            return len(self._waiting)
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            runs = [self.run_of(key, value) for key, value in self._waiting.items()]
+            self._waiting.clear()
+            self._cond.notify()
+        self._thread.join(10)
+        stop_runs(runs)
+
+    def _retire_idle(self):
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                old = [key for key, value in self._waiting.items()
+                       if now - value[-1] >= self.idle_seconds or not self.run_of(key, value).alive()]
+                expired = [self.run_of(key, self._waiting.pop(key)) for key in old]
+                self.retired += len(expired)
+                if not expired:
+                    self._cond.wait(1.0)
+            self.let_go(expired)
+
+
+class Continuations(WaitingRuns):
     """Live CLI processes kept after a reply, each waiting for its conversation's next turn.
 
     When a reply ends, the next request of that conversation is known but for its last turn:
@@ -4146,16 +4201,18 @@ class Continuations:
 
     def __init__(self, size, idle_seconds, retire=None):
         self.size = size
-        self.idle_seconds = idle_seconds
         # What becomes of a run whose conversation is over (CliRunner.retire: reset for reuse,
         # or stopped); by default, stopped.
         self.retire = retire or CliRun.stop
-        self.hits = self.kept = self.retired = 0
-        self._kept = collections.OrderedDict()  # key -> (run, kept at), oldest first
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._retire_idle, daemon=True)
-        self._thread.start()
+        self.hits = self.kept = 0
+        super().__init__(idle_seconds, "kept")  # _waiting: key -> (run, kept at)
+
+    @staticmethod
+    def run_of(key, value):
+        return value[0]
+
+    def let_go(self, runs):
+        at_once(self.retire, runs)
 
     def park(self, key, run):
         """Keep `run` for the turn after `key`; False if closed (the caller stops it)."""
@@ -4163,12 +4220,12 @@ class Continuations:
         with self._cond:
             if self._closed:
                 return False
-            if key in self._kept:
-                victims.append(self._kept.pop(key)[0])
-            while len(self._kept) >= self.size:
-                victims.append(self._kept.pop(self._victim(run))[0])
+            if key in self._waiting:
+                victims.append(self._waiting.pop(key)[0])
+            while len(self._waiting) >= self.size:
+                victims.append(self._waiting.pop(self._victim(run))[0])
                 self.retired += 1
-            self._kept[key] = (run, time.monotonic())
+            self._waiting[key] = (run, time.monotonic())
             self.kept += 1
             self._cond.notify()
         for victim in victims:
@@ -4179,15 +4236,15 @@ class Continuations:
         """The key of the kept run to push out for `coming`: the oldest of the client and shape
         with the most kept runs, `coming` counted. Call with the lock held."""
         group = lambda run: (run.scope, run.shape)
-        counts = collections.Counter(group(run) for run, _ in self._kept.values())
+        counts = collections.Counter(group(run) for run, _ in self._waiting.values())
         counts[group(coming)] += 1
-        most = max(counts[group(run)] for run, _ in self._kept.values())
-        return next(key for key, (run, _) in self._kept.items() if counts[group(run)] == most)
+        most = max(counts[group(run)] for run, _ in self._waiting.values())
+        return next(key for key, (run, _) in self._waiting.items() if counts[group(run)] == most)
 
     def take(self, key):
         """The run kept for this conversation, or None."""
         with self._cond:
-            run, _ = self._kept.pop(key, (None, 0))
+            run, _ = self._waiting.pop(key, (None, 0))
         if run is None:
             return None
         if not run.alive() or run.binary != run.runner.binary_stamp():
@@ -4196,42 +4253,10 @@ class Continuations:
         self.hits += 1
         return run
 
-    def count(self):
-        with self._cond:
-            return len(self._kept)
-
     def stats(self):
         """For /health and /metrics: processes kept now, and what became of them."""
         return {"size": self.size, "idle_seconds": self.idle_seconds, "kept_now": self.count(),
                 "kept": self.kept, "continued": self.hits, "retired": self.retired}
-
-    def close(self):
-        with self._cond:
-            self._closed = True
-            runs = [run for run, _ in self._kept.values()]
-            self._kept.clear()
-            self._cond.notify()
-        self._thread.join(10)
-        stop_runs(runs)
-
-    def _retire_idle(self):
-        while True:
-            with self._cond:
-                if self._closed:
-                    return
-                now = time.monotonic()
-                old = [key for key, (run, since) in self._kept.items()
-                       if now - since >= self.idle_seconds or not run.alive()]
-                expired = [self._kept.pop(key)[0] for key in old]
-                self.retired += len(expired)
-                if not expired:
-                    self._cond.wait(1.0)
-            # At once, as stop_runs does: a stop may take STOP_GRACE_SECONDS.
-            retiring = [threading.Thread(target=self.retire, args=(run,)) for run in expired]
-            for thread in retiring:
-                thread.start()
-            for thread in retiring:
-                thread.join()
 
 
 #: Measured with CLI 2.1.332 (API key, one process, a one-shot conversation after each /clear):
@@ -4274,7 +4299,7 @@ def process_memory_mb(pid):
     return None
 
 
-class ReusePool:
+class ReusePool(WaitingRuns):
     """Processes whose conversation is over, reset with WARM_PRIME_TEXT (a new conversation in
     the same process, with no model request: CLI-FACTS), each waiting for the next new
     conversation of the same client (its scope: never another's) and shape. A new conversation
@@ -4288,15 +4313,14 @@ class ReusePool:
 
     def __init__(self, limits, idle_seconds):
         self.limits = limits
-        self.idle_seconds = idle_seconds
-        self.resets = self.reused = self.retired = 0
+        self.resets = self.reused = 0
         self.recycled = {"conversations": 0, "memory": 0}
         self.not_reusable = 0  # conversations over whose process could not be reset (reusable)
-        self._idle = collections.OrderedDict()  # run -> (scope, shape, reset at), oldest first
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._retire_idle, name="reuse", daemon=True)
-        self._thread.start()
+        super().__init__(idle_seconds, "reuse")  # _waiting: run -> (scope, shape, reset at)
+
+    @staticmethod
+    def run_of(key, value):
+        return key
 
     def fit(self, run, why_not):
         """Whether a run whose conversation is over may be reset for another; counts why not
@@ -4322,8 +4346,8 @@ class ReusePool:
             if self._closed:
                 return False
             self.resets += 1
-            self._idle[run] = (run.scope, run.shape, time.monotonic())
-            while len(self._idle) > self.limits.size:
+            self._waiting[run] = (run.scope, run.shape, time.monotonic())
+            while len(self._waiting) > self.limits.size:
                 victims.append(self._victim())
                 self.retired += 1
             self._cond.notify()
@@ -4334,21 +4358,21 @@ class ReusePool:
         """Remove and return the process to push out: the oldest of the client and shape with
         the most waiting, so that one client's batch pushes out its own, not another's (as
         Continuations._victim). Call with the lock held."""
-        counts = collections.Counter(entry[:2] for entry in self._idle.values())
+        counts = collections.Counter(entry[:2] for entry in self._waiting.values())
         most = max(counts.values())
-        run = next(run for run, entry in self._idle.items() if counts[entry[:2]] == most)
-        del self._idle[run]
+        run = next(run for run, entry in self._waiting.items() if counts[entry[:2]] == most)
+        del self._waiting[run]
         return run
 
     def take(self, scope, shape):
         """The most recently reset process of this client and shape, or None."""
         stale, found = [], None
         with self._cond:
-            for run in reversed(list(self._idle)):
-                owner, kind, _ = self._idle[run]
+            for run in reversed(list(self._waiting)):
+                owner, kind, _ = self._waiting[run]
                 if owner != scope or kind != shape:
                     continue
-                del self._idle[run]
+                del self._waiting[run]
                 if run.alive() and run.binary == run.runner.binary_stamp():
                     found = run
                     self.reused += 1
@@ -4358,43 +4382,16 @@ class ReusePool:
         stop_runs(stale)
         return found
 
-    def count(self):
-        with self._cond:
-            return len(self._idle)
-
     def stats(self):
         """For /health and /metrics."""
         with self._cond:
-            return {"waiting": len(self._idle), "reused": self.reused, "resets": self.resets,
+            return {"waiting": len(self._waiting), "reused": self.reused, "resets": self.resets,
                     "recycled": dict(self.recycled), "retired": self.retired,
                     "not_reusable": self.not_reusable,
                     "max_conversations": self.limits.conversations,
                     "max_memory_mb": self.limits.memory_mb, "size": self.limits.size,
                     "idle_seconds": self.idle_seconds}
 
-    def close(self):
-        with self._cond:
-            self._closed = True
-            runs = list(self._idle)
-            self._idle.clear()
-            self._cond.notify()
-        self._thread.join(10)
-        stop_runs(runs)
-
-    def _retire_idle(self):
-        while True:
-            with self._cond:
-                if self._closed:
-                    return
-                now = time.monotonic()
-                expired = [run for run, (_, _, since) in self._idle.items()
-                           if now - since >= self.idle_seconds or not run.alive()]
-                for run in expired:
-                    del self._idle[run]
-                self.retired += len(expired)
-                if not expired:
-                    self._cond.wait(1.0)
-            stop_runs(expired)
 
 
 class WarmPool:
@@ -7209,13 +7206,13 @@ class Proxy:
                         watch.drop(run.stop_for_hang_up)
                         if translator is not None:
                             # Kept for the next turn, or stopped; unread or unreadable, stopped.
-                            self.runner.finish(run, plan, translator.summary() if error is None
-                                               else None, client.scope)
+                            summary = translator.summary() if error is None else None
+                            self.runner.finish(run, plan, summary, client.scope)
                             self._account(plan, sink, translator, run, record)
-                            if translator.done and error is None:
+                            if translator.done and summary is not None:
                                 limits.after_run(translator.error)
                                 if not translator.error:
-                                    self.rhythm.replied(client.scope, plan, translator.reply_blocks(),
+                                    self.rhythm.replied(client.scope, plan, summary.blocks,
                                                         client.started, limits.subscriber())
                         else:
                             run.stop()
