@@ -3290,25 +3290,39 @@ def workspace_run_note(run_folder):
         return None
 
 
-def unregister_run(registry, pid, within):
+def unregister_run(registry, pid, within, stopped_now=False):
     """Remove a run's entry from the CLI's registry of live sessions (<registry>/<pid>.json and
     <pid>.<hash>.key): only when the entry is that pid's and names a working directory at or
-    inside `within` (the run's own, or a dead proxy's folder), so never another's."""
+    inside `within` (the run's own, or a dead proxy's folder), so never another's.
+    stopped_now: the proxy has just stopped that pid itself, so a lone <pid>.<hash>.key with
+    no .json (a run killed between the CLI writing the two; seen with 2.1.332) is its run's."""
     try:
         with open(os.path.join(registry, "%d.json" % pid), encoding="utf-8") as f:
             registered = json.load(f)
     except (OSError, ValueError):
+        if stopped_now:
+            remove_files(registry, lambda name: name.startswith("%d." % pid) and name.endswith(".key"))
         return
     if not isinstance(registered, dict) or registered.get("pid") != pid:
         return
     where, within = os.path.realpath(str(registered.get("cwd"))), os.path.realpath(within)
     if not (where == within or where.startswith(within + os.sep)):
         return
-    for name in [n for n in os.listdir(registry) if n.startswith("%d." % pid)]:
-        try:
-            os.remove(os.path.join(registry, name))
-        except OSError:
-            pass
+    remove_files(registry, lambda name: name.startswith("%d." % pid))
+
+
+def remove_files(folder, chosen):
+    """Remove the files of `folder` whose names chosen(name) picks; what cannot be, stays."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if chosen(name):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 def remove_leftovers(tmpdir=None, registries=None):
@@ -3618,7 +3632,7 @@ class CliRunner:
         this pid that name this run's working directory are removed."""
         if run.proc.pid is not None and self.claude_path:
             unregister_run(os.path.join(os.path.dirname(self.sessions_root(self.env)), "sessions"),
-                           run.proc.pid, run.cwd)
+                           run.proc.pid, run.cwd, stopped_now=True)
 
     def note_refused_flag(self, stderr_lines):
         """A run ended with `unknown option`: say so once, and in /health."""

@@ -7668,6 +7668,18 @@ class MainTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(registry)),
                          ["999992.abc.key", "999992.json", "999993.abc.key", "999993.json"])
 
+    def test_a_run_just_stopped_leaves_no_entry_even_a_lone_key(self):
+        # A run killed between the CLI writing its <pid>.<hash>.key and its <pid>.json (seen
+        # with 2.1.332) leaves the key alone: the proxy, which stopped that pid itself, removes
+        # it; for a dead proxy's pids, never checked, it stays.
+        registry = tempfile.mkdtemp(prefix="cp-test-registry-")
+        self.addCleanup(shutil.rmtree, registry, True)
+        for name in ("999981.abc.key", "999982.abc.key", "999981.json.tmp"):
+            open(os.path.join(registry, name), "w").close()
+        cp.unregister_run(registry, 999981, "/cwd", stopped_now=True)
+        cp.unregister_run(registry, 999982, "/cwd")
+        self.assertEqual(sorted(os.listdir(registry)), ["999981.json.tmp", "999982.abc.key"])
+
     def test_a_live_proxys_folder_is_left_alone(self):
         tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
         self.addCleanup(shutil.rmtree, tmpdir, True)
