@@ -3295,13 +3295,15 @@ def unregister_run(registry, pid, within, stopped_now=False):
     <pid>.<hash>.key): only when the entry is that pid's and names a working directory at or
     inside `within` (the run's own, or a dead proxy's folder), so never another's.
     stopped_now: the proxy has just stopped that pid itself, so a lone <pid>.<hash>.key with
-    no .json (a run killed between the CLI writing the two; seen with 2.1.332) is its run's."""
+    no .json, or the temporary file the CLI writes it through (<pid>.<hash>.key.tmp.<hex>),
+    is its run's: a run killed between the CLI writing them (seen with 2.1.332)."""
     try:
         with open(os.path.join(registry, "%d.json" % pid), encoding="utf-8") as f:
             registered = json.load(f)
     except (OSError, ValueError):
         if stopped_now:
-            remove_files(registry, lambda name: name.startswith("%d." % pid) and name.endswith(".key"))
+            remove_files(registry, lambda name: name.startswith("%d." % pid)
+                         and (name.endswith(".key") or ".tmp." in name))
         return
     if not isinstance(registered, dict) or registered.get("pid") != pid:
         return

@@ -7669,16 +7669,20 @@ class MainTest(unittest.TestCase):
                          ["999992.abc.key", "999992.json", "999993.abc.key", "999993.json"])
 
     def test_a_run_just_stopped_leaves_no_entry_even_a_lone_key(self):
-        # A run killed between the CLI writing its <pid>.<hash>.key and its <pid>.json (seen
-        # with 2.1.332) leaves the key alone: the proxy, which stopped that pid itself, removes
-        # it; for a dead proxy's pids, never checked, it stays.
+        # A run killed between the CLI writing its <pid>.<hash>.key and its <pid>.json, or
+        # while it wrote the key through a temporary file (both seen with 2.1.332), leaves the
+        # key or its temporary alone: the proxy, which stopped that pid itself, removes them;
+        # for a dead proxy's pids, never checked, they stay.
         registry = tempfile.mkdtemp(prefix="cp-test-registry-")
         self.addCleanup(shutil.rmtree, registry, True)
-        for name in ("999981.abc.key", "999982.abc.key", "999981.json.tmp"):
+        for name in ("999981.abc.key", "999981.abc.key.tmp.6de90e79", "999982.abc.key",
+                     "999982.abc.key.tmp.6de90e79", "999981.json.tmp", "9999810.abc.key"):
             open(os.path.join(registry, name), "w").close()
         cp.unregister_run(registry, 999981, "/cwd", stopped_now=True)
         cp.unregister_run(registry, 999982, "/cwd")
-        self.assertEqual(sorted(os.listdir(registry)), ["999981.json.tmp", "999982.abc.key"])
+        self.assertEqual(sorted(os.listdir(registry)),
+                         ["999981.json.tmp", "9999810.abc.key", "999982.abc.key",
+                          "999982.abc.key.tmp.6de90e79"])
 
     def test_a_live_proxys_folder_is_left_alone(self):
         tmpdir = tempfile.mkdtemp(prefix="claude-proxy-test-tmpdir-")
